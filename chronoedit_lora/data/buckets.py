@@ -1,0 +1,159 @@
+"""Training sizes and the shared crop of an edit pair: fixed size or aspect-ratio buckets, and batching.
+
+Both images of a pair go through one :class:`CropPlan` whose crop box is given as fractions of
+the image. Applying it to the edited image is the same as first resizing the edited image to the
+input image's size and then cropping both identically, with a single resampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ChronoEditError
+from .problems import Problem
+
+MULTIPLE = 16  # VAE factor 8 x DiT patch 2
+MAX_ASPECT = 4.0  # widest bucket; more extreme images are centre-cropped to it
+DEFAULT_MAX_PIXELS = 1024 * 1024
+ASPECT_MISMATCH = 0.01  # relative aspect difference between input and edited image that is reported
+UPSCALE_REPORTED = 1.05  # upscaling by less than 5% is not worth a warning
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Resize-to-cover then centre-crop: output ``size`` (width, height) from the region ``box``
+    (left, top, right, bottom as fractions of the image's width and height)."""
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+
+    def pixel_box(self, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The crop box in pixels of an image of ``image_size``."""
+        width, height = image_size
+        left, top, right, bottom = self.box
+        return left * width, top * height, right * width, bottom * height
+
+    def scale(self, image_size: tuple[int, int]) -> float:
+        """Output pixels per image pixel for an image of ``image_size`` (> 1 means upscaling)."""
+        left, top, right, bottom = self.pixel_box(image_size)
+        return max(self.size[0] / (right - left), self.size[1] / (bottom - top))
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """Crop and resize ``image`` in one Lanczos resampling."""
+        return image.resize(self.size, Image.Resampling.LANCZOS, box=self.pixel_box(image.size))
+
+
+def plan_crop(image_size: tuple[int, int], target_size: tuple[int, int]) -> CropPlan:
+    """The centred crop of ``image_size`` with the aspect ratio of ``target_size`` (as large as possible)."""
+    width, height = image_size
+    target_width, target_height = target_size
+    scale = max(target_width / width, target_height / height)
+    keep_x = min(1.0, target_width / scale / width)  # kept fraction of the width (min: float round-off)
+    keep_y = min(1.0, target_height / scale / height)
+    return CropPlan(target_size, ((1 - keep_x) / 2, (1 - keep_y) / 2, (1 + keep_x) / 2, (1 + keep_y) / 2))
+
+
+def plan_pair(source_size: tuple[int, int], edited_size: tuple[int, int], target_size: tuple[int, int],
+              row: int, columns: tuple[str, str] = ("input_image", "edited_image")) -> tuple[CropPlan, list[Problem]]:
+    """The crop plan shared by both images (from the source's size) and warnings: edited aspect ratio
+    off by more than 1%, or an image upscaled by more than 5%."""
+    plan = plan_crop(source_size, target_size)
+    problems = []
+    mismatch = abs(_aspect(edited_size) / _aspect(source_size) - 1)
+    if mismatch > ASPECT_MISMATCH:
+        problems.append(Problem(
+            row, columns[1], f"The edited image ({_wxh(edited_size)}) and the input image ({_wxh(source_size)}) "
+            f"differ in aspect ratio by {mismatch:.1%}; the edited image is stretched to the input's shape.",
+            "Crop or pad the edited image to the input image's aspect ratio.", fatal=False))
+    sizes = {columns[0]: source_size} | ({columns[1]: edited_size} if edited_size != source_size else {})
+    for column, size in sizes.items():
+        scale = plan.scale(size)
+        if scale > UPSCALE_REPORTED:
+            problems.append(Problem(
+                row, column, f"The image ({_wxh(size)}) is smaller than the training size {_wxh(target_size)}; "
+                f"it is upscaled {scale:.2f}x.",
+                "Use a larger image, or a smaller height/width or max_pixels.", fatal=False))
+    return plan, problems
+
+
+@functools.lru_cache(maxsize=16)
+def aspect_buckets(max_pixels: int, multiple: int = MULTIPLE,
+                   max_aspect: float = MAX_ASPECT) -> tuple[tuple[int, int], ...]:
+    """All (width, height) buckets, sides multiples of ``multiple`` and area at most ``max_pixels``:
+    for every side length the longest other side that fits, aspect ratio within ``max_aspect``.
+    Sorted by aspect ratio."""
+    if max_pixels < multiple * multiple:
+        raise ChronoEditError(f"max_pixels {max_pixels} is below the smallest size {multiple}x{multiple}.")
+    sizes = set()
+    for side in range(multiple, max_pixels // multiple + 1, multiple):
+        other = max_pixels // side // multiple * multiple
+        if 1 / max_aspect <= side / other <= max_aspect:
+            sizes |= {(side, other), (other, side)}
+    return tuple(sorted(sizes, key=lambda s: (_aspect(s), s[0])))
+
+
+def choose_bucket(image_size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket closest to ``image_size`` in aspect ratio (log scale); the larger one on a tie."""
+    target = math.log(_aspect(image_size))
+    return min(buckets, key=lambda b: (abs(math.log(_aspect(b)) - target), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class SizePolicy:
+    """Where training sizes come from: a fixed (width, height), or aspect buckets under a pixel budget."""
+
+    fixed: tuple[int, int] | None
+    buckets: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def create(cls, height: int | None = None, width: int | None = None,
+               max_pixels: int | None = None) -> SizePolicy:
+        """Height and width together select a fixed size (and win over ``max_pixels``); otherwise
+        buckets under ``max_pixels`` (default 1024x1024). Raises ChronoEditError on bad values."""
+        if (height is None) != (width is None):
+            raise ChronoEditError("Give both height and width for a fixed size, or neither for aspect buckets.")
+        if height is not None and width is not None:
+            for name, side in (("height", height), ("width", width)):
+                if side < MULTIPLE or side % MULTIPLE:
+                    raise ChronoEditError(f"{name} {side} must be a positive multiple of {MULTIPLE}.")
+            return cls((width, height), ())
+        return cls(None, aspect_buckets(max_pixels or DEFAULT_MAX_PIXELS))
+
+    def target(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Training (width, height) for a source image of ``image_size``."""
+        return self.fixed or choose_bucket(image_size, self.buckets)
+
+
+def bucket_batches(keys: Sequence[Hashable], batch_size: int, seed: int, epoch: int = 0,
+                   drop_last: bool = False) -> list[list[int]]:
+    """Shuffled batches of sample indices, each drawn within one bucket (samples with equal keys).
+
+    Deterministic for a given (seed, epoch); a new epoch reshuffles. The last batch of a bucket may
+    be smaller unless ``drop_last``.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1.")
+    rng = np.random.default_rng([seed, epoch])
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    batches = []
+    for indices in groups.values():
+        shuffled = [indices[i] for i in rng.permutation(len(indices))]
+        batches += [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)
+                    if not drop_last or i + batch_size <= len(shuffled)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _aspect(size: tuple[int, int]) -> float:
+    return size[0] / size[1]
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"

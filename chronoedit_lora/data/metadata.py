@@ -1,0 +1,249 @@
+"""Read ``metadata.csv``: edit pairs plus every problem found in the file, in one pass.
+
+Two layouts are accepted (column names are matched case-insensitively):
+
+* ``input_image,edited_image,prompt`` - two image files per row;
+* ``video,prompt`` - the original ChronoEdit repository's layout: a 2-frame MP4 per row,
+  frame 0 the source and frame 1 the edited image.
+
+Paths are relative to the CSV's folder. The file may start with a UTF-8 BOM, use CRLF line ends,
+and quote prompts that contain commas, quotes or newlines.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+from .problems import Problem, has_fatal
+
+IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
+VIDEO_COLUMNS = ("video", "prompt")
+_DELIMITERS = (",", ";", "\t")
+
+
+@dataclass(frozen=True)
+class EditPair:
+    """One training pair. For the ``video,prompt`` layout both paths name the same MP4 and the
+    frame fields say which frame is which (0 = source, 1 = edited)."""
+
+    input_image: Path
+    edited_image: Path
+    prompt: str
+    row: int
+    input_frame: int | None = None
+    edited_frame: int | None = None
+
+    @property
+    def is_video(self) -> bool:
+        """True for a ``video,prompt`` row (both images are frames of one MP4)."""
+        return self.input_frame is not None
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """CSV column names of the source and edited image, for problem reports."""
+        return ("video", "video") if self.is_video else ("input_image", "edited_image")
+
+
+def clean_prompt(text: str) -> str:
+    """The prompt as trained on: line ends normalised to ``\\n``, outer whitespace stripped."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[list[EditPair], list[Problem]]:
+    """Parse ``csv_path`` into edit pairs and the problems found.
+
+    Every row whose files were found yields a pair, even if it has another fatal problem (an
+    empty prompt, say), so that its files can be checked too: the dataset is usable only if
+    ``has_fatal(problems)`` is False. Absolute paths and paths leading out of the CSV's folder are
+    fatal unless ``allow_outside``. Files are checked for existence here, their content by :mod:`.images`.
+    """
+    csv_path = Path(os.path.abspath(csv_path))
+    if not csv_path.is_file():
+        return [], [Problem(None, None, f"{csv_path} not found.", "Pass the path of your metadata.csv.")]
+    text, problems = _decode(csv_path.read_bytes())
+    if text is None:
+        return [], problems
+    records = _records(text, problems)
+    if not records:
+        problems.append(Problem(None, None, "The CSV is empty.",
+                                "Write a header line (input_image,edited_image,prompt) and one row per pair."))
+        return [], problems
+    header = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in records[0]]
+    columns, header_problems = _match_header(header)
+    problems += header_problems
+    reader = _RowReader(csv_path.parent, columns, len(header), allow_outside, problems)
+    pairs = [pair for row, fields in enumerate(records[1:], start=2) if (pair := reader.read(row, fields))]
+    if not pairs and not has_fatal(problems):
+        problems.append(Problem(None, None, "The CSV has a header but no pairs.", "Add one row per edit pair."))
+    return pairs, problems
+
+
+def _decode(data: bytes) -> tuple[str | None, list[Problem]]:
+    """UTF-8 text (BOM dropped); bytes that are not UTF-8 stay as surrogates and are reported per field."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None, [Problem(None, None, "The CSV is saved as UTF-16.",
+                              "Save it as 'CSV UTF-8 (comma delimited)'.")]
+    return data.decode("utf-8-sig", errors="surrogateescape"), []
+
+
+def _records(text: str, problems: list[Problem]) -> list[list[str]]:
+    """All CSV records (blank lines kept as ``[]`` so row numbers match a spreadsheet)."""
+    first_line = text.split("\n", 1)[0]
+    delimiter = next((d for d in _DELIMITERS if d in first_line), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records: list[list[str]] = []
+    try:
+        for fields in reader:
+            records.append(fields)
+    except csv.Error as exc:
+        problems.append(Problem(
+            len(records) + 1, None, f"CSV syntax error: {exc}; this row and the rest of the file were not read.",
+            'Check the quotes: a value that starts with " must end with ", and a " inside it is written "".'))
+    return records
+
+
+def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
+    """Map each expected column to its field index; report missing, misspelled and extra columns.
+
+    A misspelled column is reported as fatal but still used, so that row problems are found too.
+    """
+    names = [name.strip().lower() for name in header]
+    layout = _guess_layout(names)
+    problems: list[Problem] = []
+    header_text = ",".join(layout)
+    columns: dict[str, int] = {}
+    unknown: list[int] = []
+    for index, name in enumerate(names):
+        if name in columns:
+            problems.append(Problem(1, name, f"Column '{name}' appears twice.", "Remove or rename one of them."))
+        elif name in layout:
+            columns[name] = index
+        else:
+            unknown.append(index)
+    for index in unknown:
+        name = header[index].strip()
+        missing = [c for c in layout if c not in columns]
+        if name.lower() in IMAGE_COLUMNS + VIDEO_COLUMNS:
+            problems.append(Problem(1, name, f"Column '{name}' belongs to the other layout; this header mixes "
+                                    "video,prompt with input_image,edited_image,prompt.",
+                                    "Keep one layout: a 'video' column, or 'input_image' and 'edited_image' columns."))
+            continue
+        close = difflib.get_close_matches(name.lower(), missing, n=1)
+        if close:
+            columns[close[0]] = index
+            problems.append(Problem(1, name, f"Unknown column '{name}'; did you mean '{close[0]}'?",
+                                    f"Rename the header '{name}' to '{close[0]}'."))
+        elif name:
+            similar = difflib.get_close_matches(name.lower(), layout, n=1)
+            hint = f" (or rename it to '{similar[0]}' if that is what it holds)" if similar else ""
+            problems.append(Problem(1, name, f"Column '{name}' is not used and will be ignored.",
+                                    f"Remove the column{hint}; expected columns: {header_text}.", fatal=False))
+    for column in layout:
+        if column not in columns:
+            problems.append(Problem(1, column, f"Missing column '{column}'.",
+                                    f"Add a '{column}' column; the header must be: {header_text}."))
+    return columns, problems
+
+
+def _guess_layout(names: list[str]) -> tuple[str, ...]:
+    """The layout whose path columns the header resembles most (the image layout on a tie)."""
+    def score(expected: tuple[str, ...]) -> int:
+        paths = [c for c in expected if c != "prompt"]
+        return sum(bool(difflib.get_close_matches(name, paths, n=1)) for name in names)
+
+    return VIDEO_COLUMNS if score(VIDEO_COLUMNS) > score(IMAGE_COLUMNS) else IMAGE_COLUMNS
+
+
+class _RowReader:
+    """Turns one CSV record into an :class:`EditPair`, appending problems to a shared list."""
+
+    def __init__(self, root: Path, columns: dict[str, int], header_width: int, allow_outside: bool,
+                 problems: list[Problem]):
+        self.root = Path(os.path.normpath(root))
+        self.columns = columns
+        self.header_width = header_width
+        self.is_video = "video" in columns
+        self.path_columns = ("video",) if self.is_video else ("input_image", "edited_image")
+        self.allow_outside = allow_outside
+        self.problems = problems
+        self.seen: dict[tuple, int] = {}
+        self.listings: dict[Path, list[str]] = {}
+
+    def read(self, row: int, fields: list[str]) -> EditPair | None:
+        """The pair of one record, or None for a blank line or a row whose files cannot be located."""
+        if not any(field.strip() for field in fields):
+            return None
+        if any(field.strip() for field in fields[self.header_width:]):
+            self._add(row, None, f"The row has {len(fields)} values but the header has {self.header_width} columns.",
+                      'Put values that contain commas in double quotes, e.g. "make it red, then blue".')
+            return None
+        values = {c: fields[i] if i < len(fields) else "" for c, i in self.columns.items()}
+        values = {c: v for c, v in values.items() if self._is_utf8(row, c, v)}
+        prompt = clean_prompt(values.get("prompt", ""))
+        if "prompt" in values and not prompt:
+            self._add(row, "prompt", "Empty prompt.", "Write the edit instruction for this pair.")
+        paths = [self._path(row, c, values[c]) for c in self.path_columns if c in values]
+        if None in paths or len(paths) != len(self.path_columns):
+            return None
+        if self.is_video:
+            pair = EditPair(paths[0], paths[0], prompt, row, input_frame=0, edited_frame=1)
+        else:
+            pair = EditPair(paths[0], paths[1], prompt, row)
+            if paths[0] == paths[1]:
+                self._add(row, "edited_image", "The input and edited image are the same file.",
+                          "Point edited_image at the edited version.", fatal=False)
+        key = (pair.input_image, pair.edited_image, pair.prompt)
+        if key in self.seen:
+            self._add(row, None, f"Duplicate of row {self.seen[key]} (same images and prompt).",
+                      "Remove the duplicate, or keep it on purpose to weight this pair twice.", fatal=False)
+        else:
+            self.seen[key] = row
+        return pair
+
+    def _add(self, row: int, column: str | None, reason: str, fix: str, fatal: bool = True) -> None:
+        self.problems.append(Problem(row, column, reason, fix, fatal))
+
+    def _is_utf8(self, row: int, column: str, value: str) -> bool:
+        """Undecodable bytes survive decoding as lone surrogates; report them with a likely reading."""
+        if not any("\udc80" <= ch <= "\udcff" for ch in value):
+            return True
+        raw = value.encode("utf-8", errors="surrogateescape")
+        guess = raw.decode("cp1252", errors="replace").strip()
+        self._add(row, column, f"Bytes that are not UTF-8 ({raw!r:.60}).",
+                  f"Re-save the CSV as UTF-8 (as Windows-1252 this value reads {guess[:60]!r}).")
+        return False
+
+    def _path(self, row: int, column: str, value: str) -> Path | None:
+        """Resolve a path against the CSV's folder; report empty, absolute, escaping or missing ones."""
+        text = value.strip().replace("\\", "/")
+        if not text:
+            self._add(row, column, "Empty path.", f"Write the {column} file's path relative to the CSV's folder.")
+            return None
+        path = Path(text)
+        absolute = path.is_absolute() or bool(PureWindowsPath(text).drive)
+        full = path if absolute else Path(os.path.normpath(self.root / path))
+        if not self.allow_outside and (absolute or not full.is_relative_to(self.root)):
+            kind = "an absolute path" if absolute else "outside the dataset folder"
+            self._add(row, column, f"'{value.strip()}' is {kind}; paths must lead into {self.root}.",
+                      "Move the file into the CSV's folder and write its relative path, or set allow_outside.")
+            return None
+        if not full.is_file():
+            reason = "is a folder, not a file" if full.is_dir() else "not found"
+            self._add(row, column, f"'{value.strip()}' {reason} ({full}).", self._suggest(full))
+            return None
+        return full
+
+    def _suggest(self, missing: Path) -> str:
+        """A fix naming the closest existing file in the same folder, if any."""
+        folder = missing.parent
+        if folder not in self.listings:
+            self.listings[folder] = sorted(os.listdir(folder)) if folder.is_dir() else []
+        close = difflib.get_close_matches(missing.name, self.listings[folder], n=1)
+        if close:
+            return f"Did you mean '{close[0]}' in {folder}? Fix the path in the CSV."
+        return "Fix the path (relative to the CSV's folder) or add the file."

@@ -1,0 +1,9 @@
+"""User-facing error types: the CLI prints these as one clear message, without a traceback."""
+
+
+class ChronoEditError(Exception):
+    """Base class for errors caused by user input (paths, files, options), not by bugs."""
+
+
+class CheckpointError(ChronoEditError, ValueError):
+    """A checkpoint file or folder is missing, corrupt, incomplete or of the wrong kind."""

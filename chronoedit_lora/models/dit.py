@@ -1,0 +1,156 @@
+"""Load the ChronoEdit DiT into DiffSynth's ``WanModel`` through DiffSynth's model registry.
+
+Sizes are read from the checkpoint's tensor shapes (plus the head count, which shapes cannot
+show), so the 14B files and the kit's tiny checkpoints take the same path: infer kwargs ->
+register a ``MODEL_CONFIGS`` entry for the file's hash (if DiffSynth does not know it yet) ->
+let DiffSynth's ``ModelPool`` build and fill the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffsynth.models.model_loader import ModelPool
+from diffsynth.models.wan_video_dit import WanModel
+
+from ..errors import CheckpointError
+from . import registry
+from .dit_files import resolve_dit_files
+from .safetensors_header import read_header
+
+WAN_HEAD_DIM = 128  # every released Wan2.1 / ChronoEdit DiT uses 128-wide heads
+HEADS_METADATA_KEY = "num_attention_heads"
+DEFAULT_TEMPORAL_SKIP_LEN = 8
+
+# Key of one tensor that only the given format has, and its prefix-free name.
+_FORMAT_PROBES = {
+    "diffusers": "condition_embedder.time_proj.weight",
+    "wan": "time_projection.1.weight",
+}
+_WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+
+
+@dataclass(frozen=True)
+class DiTCheckpoint:
+    """What the kit knows about one DiT checkpoint before loading it."""
+
+    files: tuple[Path, ...]
+    format: str  # "diffusers" or "wan"
+    key_prefix: str  # prefix stripped from original-format keys ("" if none)
+    kwargs: dict
+    temporal_skip_len: int
+    model_hash: str
+
+
+def detect_format(shapes: dict[str, list[int]], where: str) -> tuple[str, str]:
+    """Return ``(format, key_prefix)`` of a DiT state dict, or raise naming ``where``."""
+    if _FORMAT_PROBES["diffusers"] in shapes:
+        return "diffusers", ""
+    for prefix in ("",) + _WAN_PREFIXES:
+        if prefix + _FORMAT_PROBES["wan"] in shapes:
+            return "wan", prefix
+    sample = ", ".join(sorted(shapes)[:3])
+    raise CheckpointError(
+        f"{where} does not hold a Wan/ChronoEdit DiT (no time-embedding weights; first keys: "
+        f"{sample}). Is this the text encoder, VAE or CLIP file? Pass the transformer weights."
+    )
+
+
+def infer_dit_kwargs(shapes: dict[str, list[int]], fmt: str, prefix: str, num_heads: int | None) -> dict:
+    """``WanModel`` constructor kwargs from tensor shapes (diffusers or original key names)."""
+    def shape(wan_key: str, diffusers_key: str) -> list[int]:
+        return shapes[diffusers_key] if fmt == "diffusers" else shapes[prefix + wan_key]
+
+    patch = shape("patch_embedding.weight", "patch_embedding.weight")
+    dim, in_dim = patch[0], patch[1]
+    block_key = "blocks.{}.self_attn.q.weight" if fmt == "wan" else "blocks.{}.attn1.to_q.weight"
+    num_layers = 0
+    while (prefix + block_key.format(num_layers)) in shapes:
+        num_layers += 1
+    has_image_input = any(
+        k.endswith(("img_emb.proj.1.weight", "image_embedder.ff.net.0.proj.weight")) for k in shapes
+    )
+    head_out = shape("head.head.weight", "proj_out.weight")[0]
+    patch_size = [patch[2], patch[3], patch[4]]
+    heads = num_heads or dim // WAN_HEAD_DIM
+    if heads < 1 or dim % heads:
+        raise CheckpointError(f"Cannot split DiT width {dim} into {heads} attention heads.")
+    return {
+        "has_image_input": has_image_input,
+        "patch_size": patch_size,
+        "in_dim": in_dim,
+        "dim": dim,
+        "ffn_dim": shape("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight")[0],
+        "freq_dim": shape("time_embedding.0.weight", "condition_embedder.time_embedder.linear_1.weight")[1],
+        "text_dim": shape("text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight")[1],
+        "out_dim": head_out // (patch_size[0] * patch_size[1] * patch_size[2]),
+        "num_heads": heads,
+        "num_layers": num_layers,
+        "eps": 1e-6,
+    }
+
+
+def inspect_dit(
+    source: str | Path | Sequence[str | Path], num_heads: int | None = None
+) -> DiTCheckpoint:
+    """Resolve the files of a DiT and read everything needed to load it (headers only)."""
+    files = resolve_dit_files(source)
+    shapes: dict[str, list[int]] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        file_shapes, file_meta = read_header(f)
+        shapes.update(file_shapes)
+        metadata.update(file_meta)
+    where = str(files[0].parent if len(files) > 1 else files[0])
+    fmt, prefix = detect_format(shapes, where)
+    config = _read_config(files[0].parent) if fmt == "diffusers" else {}
+    heads = num_heads or config.get("num_attention_heads") or _int_or_none(metadata.get(HEADS_METADATA_KEY))
+    kwargs = infer_dit_kwargs(shapes, fmt, prefix, heads)
+    if not kwargs["has_image_input"] or kwargs["in_dim"] != 36:
+        raise CheckpointError(
+            f"{where} is a Wan DiT without image conditioning (in_dim {kwargs['in_dim']}); "
+            "ChronoEdit is the image-to-video architecture (in_dim 36, CLIP image tokens)."
+        )
+    skip = int(config.get("rope_temporal_skip_len", metadata.get("rope_temporal_skip_len", DEFAULT_TEMPORAL_SKIP_LEN)))
+    return DiTCheckpoint(
+        files=tuple(files),
+        format=fmt,
+        key_prefix=prefix,
+        kwargs=kwargs,
+        temporal_skip_len=skip,
+        model_hash=registry.hash_shapes(shapes),
+    )
+
+
+def load_dit(
+    source: str | Path | Sequence[str | Path] | DiTCheckpoint,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    num_heads: int | None = None,
+) -> tuple[WanModel, DiTCheckpoint]:
+    """Load a ChronoEdit DiT as DiffSynth ``WanModel`` (weights in ``dtype`` on ``device``)."""
+    ckpt = source if isinstance(source, DiTCheckpoint) else inspect_dit(source, num_heads)
+    entry = registry.ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
+    vram_config = ModelPool().default_vram_config()
+    vram_config.update(computation_dtype=dtype, computation_device=str(device))
+    paths = [str(f) for f in ckpt.files]
+    model = ModelPool().load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)
+    return model, ckpt
+
+
+def _read_config(folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config}: invalid JSON ({exc}).") from None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
