@@ -8,19 +8,18 @@ let DiffSynth's ``ModelPool`` build and fill the model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffsynth.models.model_loader import ModelPool
 from diffsynth.models.wan_video_dit import WanModel
 
 from ..errors import CheckpointError
 from . import registry
-from .dit_files import resolve_dit_files
-from .safetensors_header import read_header
+from .component_config import read_config
+from .loading import load_registered
+from .weight_files import read_shapes, resolve_weight_files
 
 WAN_HEAD_DIM = 128  # every released Wan2.1 / ChronoEdit DiT uses 128-wide heads
 HEADS_METADATA_KEY = "num_attention_heads"
@@ -43,7 +42,11 @@ class DiTCheckpoint:
     key_prefix: str  # prefix stripped from original-format keys ("" if none)
     kwargs: dict
     temporal_skip_len: int
-    model_hash: str
+    shapes: dict
+
+    @property
+    def model_hash(self) -> str:
+        return registry.hash_shapes(self.shapes)
 
 
 def detect_format(shapes: dict[str, list[int]], where: str) -> tuple[str, str]:
@@ -98,16 +101,13 @@ def inspect_dit(
     source: str | Path | Sequence[str | Path], num_heads: int | None = None
 ) -> DiTCheckpoint:
     """Resolve the files of a DiT and read everything needed to load it (headers only)."""
-    files = resolve_dit_files(source)
-    shapes: dict[str, list[int]] = {}
-    metadata: dict[str, str] = {}
-    for f in files:
-        file_shapes, file_meta = read_header(f)
-        shapes.update(file_shapes)
-        metadata.update(file_meta)
+    files = resolve_weight_files(source, "DiT")
+    if any(f.suffix != ".safetensors" for f in files):
+        raise CheckpointError(f"{files[0]}: the DiT must be .safetensors (diffusers shards or one original-format file).")
+    shapes, metadata = read_shapes(files)
     where = str(files[0].parent if len(files) > 1 else files[0])
     fmt, prefix = detect_format(shapes, where)
-    config = _read_config(files[0].parent) if fmt == "diffusers" else {}
+    config = read_config(files[0].parent) if fmt == "diffusers" else {}
     heads = num_heads or config.get("num_attention_heads") or _int_or_none(metadata.get(HEADS_METADATA_KEY))
     kwargs = infer_dit_kwargs(shapes, fmt, prefix, heads)
     if not kwargs["has_image_input"] or kwargs["in_dim"] != 36:
@@ -122,7 +122,7 @@ def inspect_dit(
         key_prefix=prefix,
         kwargs=kwargs,
         temporal_skip_len=skip,
-        model_hash=registry.hash_shapes(shapes),
+        shapes=shapes,
     )
 
 
@@ -135,21 +135,7 @@ def load_dit(
     """Load a ChronoEdit DiT as DiffSynth ``WanModel`` (weights in ``dtype`` on ``device``)."""
     ckpt = source if isinstance(source, DiTCheckpoint) else inspect_dit(source, num_heads)
     entry = registry.ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
-    vram_config = ModelPool().default_vram_config()
-    vram_config.update(computation_dtype=dtype, computation_device=str(device))
-    paths = [str(f) for f in ckpt.files]
-    model = ModelPool().load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)
-    return model, ckpt
-
-
-def _read_config(folder: Path) -> dict:
-    config = folder / "config.json"
-    if not config.is_file():
-        return {}
-    try:
-        return json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config}: invalid JSON ({exc}).") from None
+    return load_registered(ckpt.files, entry, dtype, device), ckpt
 
 
 def _int_or_none(value: str | None) -> int | None:

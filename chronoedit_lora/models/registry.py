@@ -50,25 +50,31 @@ def hash_shapes(shapes: dict[str, list[int]]) -> str:
     return hashlib.md5(convert_keys_dict_to_single_str(shapes).encode("utf-8")).hexdigest()
 
 
-def ensure_dit_entry(model_hash: str, fmt: str, prefix: str, kwargs: dict) -> dict:
-    """Return the registry entry DiffSynth will use for this DiT, adding one if none exists."""
+def ensure_entry(model_hash: str, model_name: str, model_class: str, kwargs: dict, converter: str | None) -> dict:
+    """Return the registry entry for (hash, name, class), adding it if DiffSynth has none.
+
+    Idempotent, so re-imports and every accelerate/torchrun worker see exactly one entry.
+    """
     for entry in MODEL_CONFIGS:
-        if entry["model_hash"] == model_hash and entry["model_name"] == DIT_MODEL_NAME:
-            if entry.get("extra_kwargs") != kwargs:
+        if (entry["model_hash"], entry["model_name"], entry["model_class"]) == (model_hash, model_name, model_class):
+            registered = entry.get("extra_kwargs") or {}  # {}: DiffSynth relies on the class defaults
+            if registered and registered != kwargs:
                 raise ValueError(
-                    f"DiffSynth's registry entry for DiT hash {model_hash} has kwargs "
+                    f"DiffSynth's registry entry for {model_name} hash {model_hash} has kwargs "
                     f"{entry.get('extra_kwargs')}, but the checkpoint's shapes say {kwargs}."
                 )
             return entry
-    entry = {
-        "model_hash": model_hash,
-        "model_name": DIT_MODEL_NAME,
-        "model_class": WAN_DIT_CLASS,
-        "extra_kwargs": dict(kwargs),
-        "state_dict_converter": _CONVERTERS[(fmt, prefix)],
-    }
+    entry = {"model_hash": model_hash, "model_name": model_name, "model_class": model_class,
+             "extra_kwargs": dict(kwargs)}
+    if converter:
+        entry["state_dict_converter"] = converter
     MODEL_CONFIGS.append(entry)
     return entry
+
+
+def ensure_dit_entry(model_hash: str, fmt: str, prefix: str, kwargs: dict) -> dict:
+    """The registry entry DiffSynth uses for a DiT of this hash and key format."""
+    return ensure_entry(model_hash, DIT_MODEL_NAME, WAN_DIT_CLASS, kwargs, _CONVERTERS[(fmt, prefix)])
 
 
 def register_known_checkpoints() -> None:

@@ -1,0 +1,49 @@
+"""``chronoedit-lora`` command line: one subcommand per module in ``chronoedit_lora.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ChronoEditError
+
+# subcommand -> module in chronoedit_lora.commands exposing add_arguments(parser) and run(args)
+COMMANDS = {
+    "make-tiny": "make_tiny",
+    "edit": "edit",
+}
+# commands that accept free-form `--key value` settings after their own flags
+OPEN_ENDED = {"train"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chronoedit-lora",
+        description="Train and use ChronoEdit-14B LoRAs on DiffSynth-Studio 2.x.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"chronoedit_lora.commands.{module_name}")
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        command = sub.add_parser(name, help=doc, description=module.__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in OPEN_ENDED:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return (args.run(args, extra) if args.command in OPEN_ENDED else args.run(args)) or 0
+    except ChronoEditError as exc:
+        print(f"chronoedit-lora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

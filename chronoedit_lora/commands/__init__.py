@@ -1,0 +1,1 @@
+"""Subcommands of the ``chronoedit-lora`` CLI (thin wrappers over the library)."""

@@ -1,0 +1,30 @@
+"""Write a tiny random ChronoEdit checkpoint in the real on-disk layout (for demos and tests)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ChronoEditError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", help="folder to write")
+    parser.add_argument("--layout", choices=["diffusers", "wan"], default="diffusers",
+                        help="ChronoEdit-14B-Diffusers folders, or Wan2.1 files (single DiT file + .pth encoders)")
+    parser.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise ChronoEditError(f"{output} exists and is not empty; choose a new folder.")
+    from diffusers.utils import logging as diffusers_logging
+
+    from ..tiny import write_tiny_checkpoint
+
+    diffusers_logging.set_verbosity_error()
+    write_tiny_checkpoint(output, args.layout, args.seed)
+    size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    print(f"tiny ChronoEdit checkpoint ({args.layout} layout, seed {args.seed}, {size / 2**20:.1f} MiB): {output}")
+    return 0

@@ -1,0 +1,39 @@
+"""Arguments shared by every command that loads ChronoEdit: where the weights are, device, dtype."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import ChronoEditError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="ChronoEdit-14B-Diffusers folder, or a folder of Wan2.1 files")
+    for name in COMPONENTS:
+        flag = name.replace("_", "-")
+        group.add_argument(f"--{flag}", dest=name, help=f"override: path of the {name.replace('_', ' ')}")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    group.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight and compute dtype")
+    group.add_argument("--rope", default="skip", choices=["skip", "legacy"],
+                       help="temporal positions of 2-frame clips: ChronoEdit's [0, 7] (skip) or "
+                            "[0, 1] (legacy, what the original DiffSynth scripts used)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """``from_pretrained`` keyword arguments from parsed model arguments."""
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ChronoEditError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu.")
+    return {
+        "model_dir": args.model,
+        "device": device,
+        "dtype": DTYPES[args.dtype],
+        "rope": args.rope,
+        **{name: getattr(args, name) for name in COMPONENTS},
+    }

@@ -1,0 +1,62 @@
+"""Load all of ChronoEdit's components (DiT, umT5, CLIP, VAE, tokenizer) from local files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffsynth.models.wan_video_dit import WanModel
+from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
+
+from ..errors import CheckpointError
+from .discovery import ComponentPaths, discover_components
+from .dit import DiTCheckpoint, load_dit
+from .image_encoder import VisionTowerImageEncoder, load_image_encoder
+from .text_encoder import load_text_encoder
+from .vae import SizedWanVideoVAE, load_vae
+
+TEXT_LENGTH = 512  # umT5 context length ChronoEdit was trained with
+
+
+@dataclass
+class LoadedComponents:
+    """The models ChronoEdit needs, as DiffSynth modules, plus what we know of the checkpoint."""
+
+    dit: WanModel
+    text_encoder: WanTextEncoder
+    image_encoder: VisionTowerImageEncoder
+    vae: SizedWanVideoVAE
+    tokenizer: HuggingfaceTokenizer
+    paths: ComponentPaths
+    dit_checkpoint: DiTCheckpoint
+
+    @property
+    def temporal_skip_len(self) -> int:
+        return self.dit_checkpoint.temporal_skip_len
+
+
+def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
+    """The umT5 tokenizer from a local folder (never downloaded), padding to 512 tokens."""
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer {path}: expected a folder with tokenizer files.")
+    try:
+        return HuggingfaceTokenizer(name=str(path), seq_len=TEXT_LENGTH, clean="whitespace", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"tokenizer {path}: cannot load ({exc}).") from None
+
+
+def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cpu", **overrides: str | Path | None) -> LoadedComponents:
+    """Find (``--model`` + per-component overrides) and load every component."""
+    paths = discover_components(model_dir, **overrides)
+    dit, dit_checkpoint = load_dit(paths.dit, dtype=dtype, device=device)
+    return LoadedComponents(
+        dit=dit,
+        text_encoder=load_text_encoder(paths.text_encoder, dtype, device),
+        image_encoder=load_image_encoder(paths.image_encoder, dtype, device),
+        vae=load_vae(paths.vae, dtype, device),
+        tokenizer=load_tokenizer(paths.tokenizer),
+        paths=paths,
+        dit_checkpoint=dit_checkpoint,
+    )

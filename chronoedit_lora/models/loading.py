@@ -1,0 +1,25 @@
+"""Build a model through DiffSynth's registry and loader (lazy per-tensor reads, ``assign=True``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffsynth.models.model_loader import ModelPool
+
+
+
+def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    """Let DiffSynth build ``entry``'s model class and fill it from ``files``.
+
+    ``entry`` comes from :func:`registry.ensure_entry`, so it is in ``MODEL_CONFIGS`` too.
+    """
+    pool = ModelPool()
+    vram_config = pool.default_vram_config()
+    vram_config.update(computation_dtype=dtype, computation_device=str(device))
+    paths = [str(f) for f in files]
+    with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
+        return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)

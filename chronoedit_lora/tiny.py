@@ -1,0 +1,156 @@
+"""Tiny, deterministic, random-weight ChronoEdit checkpoints in the real on-disk layouts.
+
+The 14B weights never reach our CI machines, so every code path is exercised on these: the
+ChronoEdit-14B-Diffusers layout (sharded transformer + index, text_encoder/, image_encoder/,
+image_processor/, vae/, tokenizer/, scheduler/, model_index.json), written with the libraries'
+own ``save_pretrained``, and the Wan2.1 file layout (one DiT .safetensors, Wan ``.pth`` encoders,
+``google/umt5-xxl/`` tokenizer) holding the very same weights.
+
+Sizes keep every constraint ChronoEdit has: CLIP width 1280 with 257 tokens, 16 latent channels,
+DiT input 36 channels, head dim 32 (Wan's and diffusers' RoPE splits agree), 512 text tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+CORPUS = (
+    "The user wants to transform the image into a pencil sketch while keeping the composition. "
+    "Add sunglasses to the cat's face. Replace the sky with a golden sunset over the hills. "
+    "Turn the photo into a watercolor painting with soft edges and paper texture. "
+    "Remove the car from the street and keep the houses, trees and people unchanged. "
+    "Make it night, relight the scene with warm lamps; the red house, the green tree and the blue river stay. "
+    "Enhance image clarity and resolution while keeping the content identical, super-resolution, high detail."
+)
+TINY_SHARD_SIZE = "300KB"  # forces the transformer into several shards, like the real 14 shards
+TINY_IMAGE_SIZE = 32  # CLIP input; with patch 2 -> 16 x 16 + 1 = 257 tokens, as ViT-H/14 at 224
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_tokenizer(folder: Path) -> int:
+    """Write a small Unigram tokenizer with umT5's special ids (pad 0, eos 1, unk 2); return its size.
+
+    Its pieces are the corpus's words (with SentencePiece's "▁" word-start mark) and characters,
+    scored by log frequency: fully deterministic, no training run.
+    """
+    import math
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = Counter("▁" + w for w in CORPUS.replace(".", " .").replace(",", " ,").split())
+    chars = Counter(c for w in words.elements() for c in w)
+    total = sum(words.values()) + sum(chars.values())
+    pieces = sorted(words.items()) + sorted(chars.items())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(piece, round(math.log(count / total), 6)) for piece, count in pieces if piece not in dict(vocab)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    wrapped = T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                              extra_ids=0, model_max_length=512)
+    wrapped.save_pretrained(str(folder))
+    return tokenizer.get_vocab_size()
+
+
+def _perturb_constant_parameters(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give constant-initialised tensors (norm scales, zero biases) random values, so that a key
+    mapped to the wrong place cannot go unnoticed in parity tests."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.numel() > 1 and torch.all(param == param.flatten()[0]):
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a tiny ChronoEdit-14B-Diffusers-layout checkpoint to ``root`` (deterministic per seed)."""
+    from diffusers import AutoencoderKLWan, ChronoEditPipeline, ChronoEditTransformer3DModel, UniPCMultistepScheduler
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(root / "tokenizer")
+    generator = torch.Generator().manual_seed(seed)
+
+    def seeded(offset: int):
+        torch.manual_seed(seed * 1000 + offset)
+
+    seeded(1)
+    text_dim = 32
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0))
+    seeded(2)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=256, num_hidden_layers=2, num_attention_heads=16,
+        image_size=TINY_IMAGE_SIZE, patch_size=2, hidden_act="gelu", projection_dim=1024))
+    seeded(3)
+    transformer = ChronoEditTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=36, out_channels=16,
+        text_dim=text_dim, freq_dim=256, ffn_dim=128, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=64, rope_max_seq_len=1024,
+        rope_temporal_skip_len=8)
+    seeded(4)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True])
+    for model in (text_encoder, image_encoder, transformer, vae):
+        _perturb_constant_parameters(model, generator)
+        model.to(dtype)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_center_crop=True)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
+                                        num_train_timesteps=1000)
+    pipe = ChronoEditPipeline(tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
+                              text_encoder=text_encoder, image_encoder=image_encoder, image_processor=image_processor,
+                              transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.save_config(str(root))
+    transformer.save_pretrained(str(root / "transformer"), max_shard_size=TINY_SHARD_SIZE)
+    for name, component in (("text_encoder", text_encoder), ("image_encoder", image_encoder), ("vae", vae),
+                            ("image_processor", image_processor), ("scheduler", scheduler)):
+        component.save_pretrained(str(root / name))
+    return root
+
+
+def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0) -> Path:
+    """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders)."""
+    from safetensors.torch import save_file
+
+    from .models.components import load_components
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed)
+        loaded = load_components(source, dtype=torch.bfloat16)
+        dit_state = {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
+        save_file(dit_state, str(root / "chronoedit_tiny_bf16.safetensors"), metadata={
+            "num_attention_heads": str(loaded.dit_checkpoint.kwargs["num_heads"]),
+            "rope_temporal_skip_len": str(loaded.temporal_skip_len)})
+        torch.save(loaded.text_encoder.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
+        torch.save(loaded.vae.model.state_dict(), root / "Wan2.1_VAE.pth")
+        torch.save({k.removeprefix("model."): v for k, v in loaded.image_encoder.state_dict().items()},
+                   root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+        shutil.copytree(source / "tokenizer", root / "google" / "umt5-xxl", dirs_exist_ok=True)
+        (root / "tiny_checkpoint.json").write_text(json.dumps({"layout": "wan", "seed": seed}, indent=2))
+    return root
+
+
+LAYOUTS = {"diffusers": write_tiny_diffusers_checkpoint, "wan": write_tiny_wan_checkpoint}
+
+
+def write_tiny_checkpoint(root: str | Path, layout: str = "diffusers", seed: int = 0) -> Path:
+    """Write a tiny checkpoint in ``layout`` ("diffusers" or "wan")."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    return LAYOUTS[layout](root, seed=seed)
