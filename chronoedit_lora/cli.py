@@ -12,6 +12,7 @@ from .errors import ChronoEditError
 COMMANDS = {
     "make-tiny": "make_tiny",
     "edit": "edit",
+    "train": "train",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train"}

@@ -82,6 +82,14 @@ class ChronoEditPipeline:
     def dit(self):
         return self.components.dit
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Fuse a LoRA file into the DiT (checked first: a mismatch lists what does not fit)."""
+        from .lora import check_lora_matches, fuse_lora, load_lora
+
+        weights, _ = load_lora(path)
+        check_lora_matches(weights, self.dit, str(path))
+        fuse_lora(self.dit, weights, scale)
+
     # -- conditioning -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:

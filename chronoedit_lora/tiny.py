@@ -7,7 +7,7 @@ own ``save_pretrained``, and the Wan2.1 file layout (one DiT .safetensors, Wan `
 ``google/umt5-xxl/`` tokenizer) holding the very same weights.
 
 Sizes keep every constraint ChronoEdit has: CLIP width 1280 with 257 tokens, 16 latent channels,
-DiT input 36 channels, head dim 32 (Wan's and diffusers' RoPE splits agree), 512 text tokens.
+DiT input 36 channels, width 192 > 36 x 4 patch inputs (so a LoRA can learn), head dim 48 (Wan's and diffusers' RoPE splits agree), 512 text tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CORPUS = (
     "Make it night, relight the scene with warm lamps; the red house, the green tree and the blue river stay. "
     "Enhance image clarity and resolution while keeping the content identical, super-resolution, high detail."
 )
-TINY_SHARD_SIZE = "300KB"  # forces the transformer into several shards, like the real 14 shards
+TINY_SHARD_SIZE = "1MB"  # forces the transformer into several shards, like the real 14 shards
 TINY_IMAGE_SIZE = 32  # CLIP input; with patch 2 -> 16 x 16 + 1 = 257 tokens, as ViT-H/14 at 224
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -95,9 +95,9 @@ def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torc
         image_size=TINY_IMAGE_SIZE, patch_size=2, hidden_act="gelu", projection_dim=1024))
     seeded(3)
     transformer = ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=36, out_channels=16,
-        text_dim=text_dim, freq_dim=256, ffn_dim=128, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=64, rope_max_seq_len=1024,
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=48, in_channels=36, out_channels=16,
+        text_dim=text_dim, freq_dim=256, ffn_dim=384, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=192, rope_max_seq_len=1024,
         rope_temporal_skip_len=8)
     seeded(4)
     vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],

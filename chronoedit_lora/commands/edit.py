@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ..errors import ChronoEditError
 from ..images import open_image
@@ -26,6 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temporal-reasoning-steps", type=int, default=0,
                         help="K > 0: denoise a 29-frame clip for the first K steps, then only [input, edit]")
     parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="LoRA to fuse into the DiT (repeatable), optional scale (default 1.0)")
+
+
+def parse_lora_arg(value: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` -> (path, scale); the LoRA file must exist."""
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = value
+    if not Path(path).is_file():
+        raise ChronoEditError(f"--lora {path}: file not found.")
+    return Path(path), scale
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ChronoEditError("give both --height and --width, or neither.")
     if args.steps < 1 or args.temporal_reasoning_steps < 0:
         raise ChronoEditError("--steps must be >= 1 and --temporal-reasoning-steps >= 0.")
+    loras = [parse_lora_arg(v) for v in args.lora]
     image = open_image(args.image)
     output = check_writable(args.output, (".png",))
     video = check_writable(args.video, (".mp4",)) if args.video else None
@@ -41,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     pipe = ChronoEditPipeline.from_pretrained(**model_options(args))
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     result = pipe(
         image, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
         shift=args.shift, seed=args.seed, height=args.height, width=args.width,

@@ -1,0 +1,141 @@
+"""Training configuration: a TOML file, then ``--key value`` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ChronoEditError
+
+DEFAULT_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. Field docs double as ``--help`` and the config reference."""
+
+    # data
+    dataset: str = ""  # metadata.csv of edit pairs (paths relative to its folder)
+    height: int | None = None  # fixed training size (with width); None -> aspect buckets
+    width: int | None = None
+    max_pixels: int = 1024 * 1024  # pixel budget of aspect-ratio buckets
+    repeat: int = 1  # times each pair is seen per epoch
+    batch_size: int = 1  # pairs per process per step (drawn within one bucket)
+    allow_outside: bool = False  # allow dataset paths outside the CSV's folder
+    # model
+    model: str | None = None  # ChronoEdit-14B-Diffusers folder or Wan2.1 file folder
+    dit: str | None = None
+    text_encoder: str | None = None
+    image_encoder: str | None = None
+    vae: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "bfloat16"  # base weights; LoRA weights train in float32
+    rope: str = "skip"  # "skip" (ChronoEdit [0, 7]) or "legacy" ([0, 1], original DiffSynth scripts)
+    # LoRA
+    rank: int = 32
+    alpha: float = 32.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (wins over epochs)
+    epochs: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
+    gradient_checkpointing: bool = True
+    activation_offload: bool = False  # checkpointed activations kept on CPU
+    shift: float = 5.0  # flow-matching sigma shift of the training timesteps
+    # outputs
+    output: str = "runs/lora"
+    save_every: int = 500  # optimizer steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # training-state checkpoints kept for --resume
+    log_every: int = 1
+    check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
+    resume: bool = False  # continue from the newest checkpoint in `output`
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """``{field: comment}`` from the source, for --help and generated docs."""
+        import inspect
+
+        comments: dict[str, str] = {}
+        for line in inspect.getsource(cls).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if "#" in rest and name in {f.name for f in dataclasses.fields(cls)}:
+                comments[name] = rest.split("#", 1)[1].strip()
+        return comments
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, str]) -> TrainConfig:
+    """Read ``path`` (TOML, optional) and apply string overrides, checking every key and type."""
+    values: dict[str, typing.Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ChronoEditError(f"config {path} not found.")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ChronoEditError(f"{path}: invalid TOML ({exc}).") from None
+    hints = typing.get_type_hints(TrainConfig)
+    for key in list(values) + list(overrides):
+        if key not in hints:
+            import difflib
+
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ChronoEditError(f"unknown training setting {key!r}{hint}.")
+    for key, raw in overrides.items():
+        values[key] = _parse(raw, hints[key], key)
+    for key, value in values.items():
+        values[key] = _check_type(value, hints[key], key)
+    return TrainConfig(**values)
+
+
+def _parse(raw: str, hint: typing.Any, key: str) -> typing.Any:
+    """Convert a command-line string to the field's type."""
+    base = _base_type(hint)
+    if raw.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base is list:
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        return base(raw)
+    except ValueError:
+        raise ChronoEditError(f"--{key}: cannot read {raw!r} as {base.__name__}.") from None
+
+
+def _check_type(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
+    base = _base_type(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ChronoEditError(f"setting {key!r} must be {base.__name__}, got {value!r}.")
+    return value
+
+
+def _base_type(hint: typing.Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return list
+    if args:
+        return _base_type(args[0])
+    return hint

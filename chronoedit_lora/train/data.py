@@ -1,0 +1,71 @@
+"""Training data: the preflight check, and each process's share of every epoch's batches."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..data import EditPairDataset, bucket_batches, check_dataset, format_report, has_fatal
+from ..errors import ChronoEditError
+from .config import TrainConfig
+
+MIN_FREE_BYTES = 1 << 30  # checkpoints of a rank-32 14B LoRA are ~2 GB; tiny ones far less
+
+
+def preflight(config: TrainConfig, output: Path) -> None:
+    """Everything that can be checked before loading models: the dataset and the output folder."""
+    if not config.dataset:
+        raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
+    problems = check_dataset(config.dataset, config.height, config.width, config.max_pixels,
+                             config.allow_outside)
+    if has_fatal(problems):
+        raise ChronoEditError(f"{config.dataset} cannot be used for training:\n{format_report(problems)}")
+    if problems:
+        print(format_report(problems))
+    check_output_folder(output)
+
+
+def check_output_folder(output: Path, min_free: int = MIN_FREE_BYTES) -> None:
+    """The output folder must be creatable, writable and have room for checkpoints."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ChronoEditError(f"output folder {output} is not writable ({exc.strerror}); choose another --output.") from None
+    free = shutil.disk_usage(output).free
+    if free < min_free:
+        raise ChronoEditError(
+            f"only {free / 2**20:.0f} MiB free under {output}; checkpoints need at least "
+            f"{min_free / 2**20:.0f} MiB. Free some space or choose another --output."
+        )
+
+
+class TrainingData:
+    """The dataset plus a deterministic, resumable split of each epoch's batches across processes."""
+
+    def __init__(self, config: TrainConfig):
+        self.dataset = EditPairDataset(config.dataset, config.height, config.width, config.max_pixels,
+                                       config.repeat, config.allow_outside)
+        self.batch_size = config.batch_size
+        self.seed = config.seed
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch`` (each within one size bucket), shuffled by (seed, epoch)."""
+        return bucket_batches(self.dataset.sizes, self.batch_size, self.seed, epoch)
+
+    def batches_per_rank(self, world: int) -> int:
+        count = len(self.epoch_batches(0)) // world
+        if count == 0:
+            raise ChronoEditError(
+                f"{len(self.dataset)} training items make fewer batches than the {world} processes; "
+                "add pairs, raise `repeat`, or lower `batch_size`."
+            )
+        return count
+
+    def rank_batches(self, epoch: int, rank: int, world: int) -> list[list[int]]:
+        """This process's batches: every ``world``-th one, the remainder dropped so ranks stay in step."""
+        batches = self.epoch_batches(epoch)
+        usable = len(batches) // world * world
+        return batches[rank:usable:world]

@@ -1,0 +1,29 @@
+"""Turn a batch of edit pairs into the DiT's training inputs (no gradients through encoders)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..images import tensor_to_pil
+from ..pipeline import EDIT_FRAMES, ChronoEditPipeline
+
+
+@torch.no_grad()
+def encode_pair(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+    """Inputs of one pair: target-clip latents, y conditioning, CLIP features, umT5 embeddings.
+
+    ``video`` is the (3, 5, H, W) clip [src, tgt, tgt, tgt, tgt] in [-1, 1].
+    """
+    source = tensor_to_pil(video[:, 0])
+    latents = pipe.components.vae.encode([video.to(pipe.dtype)], device=pipe.device)
+    return {
+        "input_latents": latents.to(pipe.dtype),
+        "y": pipe.condition_latents(source, EDIT_FRAMES),
+        "clip_feature": pipe.encode_image(source),
+        "context": pipe.encode_prompt(prompt),
+    }
+
+
+def collate_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-pair inputs (same bucket, so same shapes) into a batch."""
+    return {key: torch.cat([item[key] for item in items]) for key in items[0]}

@@ -1,0 +1,94 @@
+"""What the user sees while training: a progress bar, metrics CSV, TensorBoard, a loss plot, a summary."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples"]
+
+
+class TrainingLog:
+    """Logs one row per optimizer step (main process only; a no-op elsewhere)."""
+
+    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.output = output
+        if not enabled:
+            return
+        self.csv_path = output / "logs" / "metrics.csv"
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_rows_up_to(start_step)  # a resumed run redoes the steps after its checkpoint
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(output / "logs" / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+
+    def _keep_rows_up_to(self, step: int) -> None:
+        rows = []
+        if self.csv_path.is_file():
+            with self.csv_path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with self.csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, METRICS_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def step(self, step: int, loss: float, lr: float, seconds: float, samples: list[int]) -> None:
+        if not self.enabled:
+            return
+        with self.csv_path.open("a", newline="") as f:
+            csv.DictWriter(f, METRICS_FIELDS).writerow(
+                {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.4f}",
+                 "samples": " ".join(map(str, samples))})
+        self.tensorboard.add_scalar("train/loss", loss, step)
+        self.tensorboard.add_scalar("train/lr", lr, step)
+        self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
+        self.bar.update(1)
+
+    def finish(self, lora_path: Path) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.tensorboard.close()
+        plot = plot_loss(self.csv_path, self.output / "loss.png")
+        print(
+            f"\nLoRA: {lora_path}\n"
+            f"logs: {self.csv_path} (TensorBoard: tensorboard --logdir {self.output / 'logs' / 'tensorboard'})\n"
+            + (f"loss curve: {plot}\n" if plot else "")
+            + f"use it: chronoedit-lora edit --model MODEL --lora {lora_path} --image IN.png --prompt '...' --output OUT.png"
+        )
+
+
+def read_losses(csv_path: Path) -> tuple[list[int], list[float]]:
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
+    """Loss per step and its running mean, as a PNG."""
+    steps, losses = read_losses(csv_path)
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"running mean ({window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

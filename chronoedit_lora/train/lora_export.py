@@ -1,0 +1,51 @@
+"""Where the trained LoRA goes and what it says about itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..lora import from_peft_parameters, load_lora, save_lora
+from .config import TrainConfig
+
+FINAL_NAME = "lora.safetensors"
+
+
+def final_path(output: Path) -> Path:
+    return output / FINAL_NAME
+
+
+def step_path(output: Path, step: int) -> Path:
+    return output / f"lora-step{step:06d}.safetensors"
+
+
+def metadata(config: TrainConfig, step: int) -> dict[str, str]:
+    """safetensors header: enough to know what the LoRA is for and how it was made."""
+    return {
+        "format": "chronoedit-lora",
+        "base_model": "ChronoEdit",
+        "model_path": str(config.model or config.dit),
+        "rank": str(config.rank),
+        "alpha": str(config.alpha),
+        "targets": ",".join(config.targets),
+        "rope": config.rope,
+        "step": str(step),
+        "config": config.to_json(),
+    }
+
+
+def save(module, path: Path, config: TrainConfig, step: int) -> None:
+    """Write the module's LoRA in the kit's format (diffusers/ComfyUI keys) with metadata."""
+    named = {n: p.detach().float().cpu() for n, p in module.dit.named_parameters() if "lora_" in n}
+    save_lora(from_peft_parameters(named, config.alpha), path, metadata(config, step))
+
+
+def load_into(module, path: Path) -> None:
+    """Copy a saved LoRA back into the module's peft parameters (for --resume)."""
+    weights, _ = load_lora(path)
+    params = dict(module.dit.named_parameters())
+    with torch.no_grad():
+        for name, lora in weights.items():
+            params[f"{name}.lora_A.default.weight"].copy_(lora.down)
+            params[f"{name}.lora_B.default.weight"].copy_(lora.up)

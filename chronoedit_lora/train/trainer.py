@@ -1,0 +1,178 @@
+"""The LoRA training loop, readable top to bottom: preflight -> models -> LoRA -> optimizer ->
+resume -> (encode, loss, backward, step, log, checkpoint) -> final LoRA.
+
+Multi-GPU / multi-node / DeepSpeed come from ``accelerate launch`` and its config; the loop only
+talks to ``Accelerator``. Each process trains on its own shard of every epoch's batches; DDP
+averages gradients so all processes hold the same LoRA after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from ..errors import ChronoEditError
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from . import lora_export
+from .data import TrainingData, preflight
+from .inputs import collate_inputs, encode_pair
+from .logs import TrainingLog
+from .sync import assert_ranks_in_sync
+
+
+@dataclass
+class TrainResult:
+    lora: Path
+    steps: int
+    final_loss: float
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM: finish the current step, save, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then stopping "
+              "(send again to stop at once).", flush=True)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
+                              mixed_precision=config.mixed_precision)
+    output = Path(config.output)
+
+    # 1. Check the data and the output folder before loading anything heavy.
+    _on_main_then_everyone(accelerator, lambda: preflight(config, output))
+    data = TrainingData(config)
+    resume_from = ckpt.latest_checkpoint(output) if config.resume else None
+    if config.resume and resume_from is None:
+        raise ChronoEditError(f"--resume: no checkpoint under {output / ckpt.CHECKPOINTS}.")
+
+    # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank).
+    from ..pipeline import ChronoEditPipeline
+    from .lora_module import LoraTrainingModule
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.dtype]
+    pipe = ChronoEditPipeline.from_pretrained(
+        config.model, device=accelerator.device, dtype=dtype, rope=config.rope,
+        dit=config.dit, text_encoder=config.text_encoder, image_encoder=config.image_encoder,
+        vae=config.vae, tokenizer=config.tokenizer,
+    )
+    set_seed(config.seed)
+    module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
+                                config.gradient_checkpointing, config.activation_offload)
+    optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = max(config.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # Different noise/timesteps per rank; reproducible per rank.
+    set_seed(config.seed + accelerator.process_index)
+
+    # 3. Where to start: fresh, or exactly where a checkpoint left off.
+    progress = ckpt.Progress()
+    if resume_from is not None:
+        progress = ckpt.load_progress(resume_from)
+        state = ckpt.load_optimizer_state(resume_from)
+        lora_export.load_into(accelerator.unwrap_model(module), resume_from / "lora.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.load_rank_state(resume_from, accelerator.process_index)
+        accelerator.print(f"resumed from {resume_from} at step {progress.step}")
+
+    batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
+    steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
+    stop = _StopRequest()
+    loss_value = float("nan")
+
+    # 4. The loop.
+    while progress.step < total_steps and not stop.requested:
+        batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
+        for batch_indices in batches[progress.batch_in_epoch:]:
+            started = time.perf_counter()
+            with accelerator.accumulate(module):
+                items = [data.dataset[i] for i in batch_indices]
+                inputs = collate_inputs([encode_pair(pipe, item["video"], item["prompt"]) for item in items])
+                loss = module(inputs)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.step += 1
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            samples = accelerator.gather_for_metrics(torch.tensor(batch_indices, device=accelerator.device))
+            log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - started,
+                     samples.tolist())
+            if config.check_sync_every and progress.step % config.check_sync_every == 0:
+                assert_ranks_in_sync(accelerator, accelerator.unwrap_model(module).lora_parameters())
+            last = progress.step >= total_steps
+            if last or stop.requested or progress.step % config.save_every == 0:
+                _save(accelerator, module, optimizer, scheduler, progress, config, output)
+            if last or stop.requested:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+
+    lora_path = lora_export.final_path(output)
+    if accelerator.is_main_process:
+        lora_export.save(accelerator.unwrap_model(module), lora_path, config, progress.step)
+        log.finish(lora_path)
+    accelerator.wait_for_everyone()
+    if stop.requested and progress.step < total_steps:
+        accelerator.print(f"stopped at step {progress.step}/{total_steps}; continue with the same "
+                          f"command plus --resume")
+    accelerator.end_training()
+    return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value)
+
+
+def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
+    staging = ckpt.staging_dir(output, progress.step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        staging.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    ckpt.write_rank_state(staging, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(module)
+        lora_export.save(unwrapped, staging / "lora.safetensors", config, progress.step)
+        ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
+                      optimizer.state_dict(), scheduler.state_dict(), config.keep_checkpoints)
+        lora_export.save(unwrapped, lora_export.step_path(output, progress.step), config, progress.step)
+    accelerator.wait_for_everyone()
+
+
+def _on_main_then_everyone(accelerator: Accelerator, check) -> None:
+    """Run ``check`` on the main process; raise its user error on every process (no hang)."""
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            check()
+        except ChronoEditError as exc:
+            error = [str(exc)]
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list(error)
+    if error[0] is not None:
+        raise ChronoEditError(error[0])
