@@ -19,7 +19,9 @@ def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, devi
     """
     pool = ModelPool()
     vram_config = pool.default_vram_config()
-    vram_config.update(computation_dtype=dtype, computation_device=str(device))
+    device = torch.device(device)
+    # accelerate names CPU ranks "cpu:N"; safetensors only accepts "cpu"
+    vram_config.update(computation_dtype=dtype, computation_device="cpu" if device.type == "cpu" else str(device))
     paths = [str(f) for f in files]
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
         return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)

@@ -52,8 +52,10 @@ class _StopRequest:
 
 
 def train(config: TrainConfig) -> TrainResult:
+    # Without CUDA, cpu=True makes a torchrun-style launch (accelerate's --multi_gpu launcher or
+    # torchrun itself) a gloo process group instead of N unrelated single processes.
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
-                              mixed_precision=config.mixed_precision)
+                              mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
 
     # 1. Check the data and the output folder before loading anything heavy.
@@ -97,6 +99,10 @@ def train(config: TrainConfig) -> TrainResult:
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
+    accelerator.print(
+        f"training {config.rank}-rank LoRA on {len(data.dataset)} items ({accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
     log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
     stop = _StopRequest()
     loss_value = float("nan")
@@ -121,7 +127,7 @@ def train(config: TrainConfig) -> TrainResult:
                 continue
             progress.step += 1
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            samples = accelerator.gather_for_metrics(torch.tensor(batch_indices, device=accelerator.device))
+            samples = accelerator.gather(torch.tensor(batch_indices, device=accelerator.device))
             log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - started,
                      samples.tolist())
             if config.check_sync_every and progress.step % config.check_sync_every == 0:

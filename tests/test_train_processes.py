@@ -1,0 +1,105 @@
+"""Training as separate processes: two ranks over gloo, SIGKILL + --resume, SIGINT, the README demo."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chronoedit_lora.lora import load_lora
+
+from .test_train import RESUME_ATOL, make_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TRAIN_FLAGS = ["--height", "32", "--width", "32", "--dtype", "float32", "--rank", "8", "--alpha", "8",
+               "--learning_rate", "5e-3", "--gradient_checkpointing", "false"]
+
+
+def _train_cmd(model: Path, dataset: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "chronoedit_lora.cli", "train", "--model", str(model), "--dataset", str(dataset),
+            "--output", str(output), *TRAIN_FLAGS, *extra]
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_lora(a)[0], load_lora(b)[0]
+    assert wa.keys() == wb.keys()
+    return max(max((wa[k].down - wb[k].down).abs().max().item(), (wa[k].up - wb[k].up).abs().max().item()) for k in wa)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_two_processes_over_gloo(tiny_diffusers, tmp_path):
+    dataset = make_subset(tmp_path / "data", 8)
+    output = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+           str(ROOT / "scripts/train.py"), "--model", str(tiny_diffusers), "--dataset", str(dataset), "--output", str(output),
+           *TRAIN_FLAGS, "--max_steps", "6", "--save_every", "3", "--check_sync_every", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    rows = list(csv.DictReader((output / "logs" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # written once, by rank 0
+    per_step = [list(map(int, r["samples"].split())) for r in rows]
+    assert all(len(s) == 2 and s[0] != s[1] for s in per_step)  # each rank its own pair
+    first_epoch = [i for s in per_step[:4] for i in s]
+    assert sorted(first_epoch) == list(range(8))  # 8 pairs / 2 ranks = 4 steps cover the epoch once
+    # LoRA weights were compared across ranks after every step (--check_sync_every 1): a
+    # divergence would have failed the run. Each rank saved its own RNG state.
+    checkpoint = output / "checkpoints" / "step-000006"
+    assert (checkpoint / "rng-rank0.pt").is_file() and (checkpoint / "rng-rank1.pt").is_file()
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_diffusers, tmp_path):
+    dataset = make_subset(tmp_path / "data", 4)
+    steps = ["--max_steps", "8", "--save_every", "3", "--seed", "3"]
+    straight = subprocess.run(_train_cmd(tiny_diffusers, dataset, tmp_path / "straight", *steps), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_cmd(tiny_diffusers, dataset, killed, *steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(killed / "checkpoints" / "step-000003" / "progress.json", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "lora.safetensors").exists()  # it really died before the end
+    resumed = subprocess.run(_train_cmd(tiny_diffusers, dataset, killed, *steps, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert _max_diff(tmp_path / "straight" / "lora.safetensors", killed / "lora.safetensors") <= RESUME_ATOL
+
+
+def test_sigint_saves_and_says_how_to_resume(tiny_diffusers, tmp_path):
+    dataset = make_subset(tmp_path / "data", 4)
+    output = tmp_path / "run"
+    process = subprocess.Popen(_train_cmd(tiny_diffusers, dataset, output, "--max_steps", "400", "--save_every", "200"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(output / "logs" / "metrics.csv", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert "--resume" in out
+    saved = sorted((output / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400
+
+
+def test_readme_demo_command():
+    """The README's first command after setup: make-tiny, train on the example dataset, edit."""
+    env = dict(os.environ)
+    result = subprocess.run(["bash", str(ROOT / "scripts/demo.sh")], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    demo = ROOT / "runs" / "demo"
+    assert (demo / "lora" / "lora.safetensors").is_file() and (demo / "edit.png").is_file() and (demo / "edit.mp4").is_file()
