@@ -160,3 +160,12 @@ def test_config_errors_name_the_setting(tmp_path):
         load_config(None, {"max_steps": "many"})
     config = load_config(EXAMPLE.parents[1] / "configs" / "chronoedit_14b_lora.toml", {"rank": "16", "targets": "q,k"})
     assert (config.rank, config.targets, config.learning_rate, config.epochs, config.height) == (16, ["q", "k"], 1e-4, 5, 1024)
+
+
+def test_sample_grid_during_training(tiny_diffusers, four_pairs, tmp_path):
+    from PIL import Image
+
+    train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=2, sample_every=2, sample_steps=2,
+                      sample_count=2))
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
+    assert grid.size == (3 * 32, 2 * 32)  # rows: pairs; columns: input | edit with the LoRA | target

@@ -56,7 +56,10 @@ class TrainConfig:
     output: str = "runs/lora"
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # training-state checkpoints kept for --resume
-    log_every: int = 1
+    sample_every: int = 0  # > 0: every N steps, edit held-out pairs into samples/step-N.png (input | edit | target)
+    sample_dataset: str | None = None  # CSV of held-out pairs for samples (default: first pairs of `dataset`)
+    sample_count: int = 2
+    sample_steps: int = 20  # denoising steps of sample edits
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
     resume: bool = False  # continue from the newest checkpoint in `output`
 

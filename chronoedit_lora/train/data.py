@@ -16,12 +16,12 @@ def preflight(config: TrainConfig, output: Path) -> None:
     """Everything that can be checked before loading models: the dataset and the output folder."""
     if not config.dataset:
         raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
-    problems = check_dataset(config.dataset, config.height, config.width, config.max_pixels,
-                             config.allow_outside)
-    if has_fatal(problems):
-        raise ChronoEditError(f"{config.dataset} cannot be used for training:\n{format_report(problems)}")
-    if problems:
-        print(format_report(problems))
+    for csv_path in filter(None, (config.dataset, config.sample_dataset)):
+        problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside)
+        if has_fatal(problems):
+            raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
+        if problems:
+            print(format_report(problems))
     check_output_folder(output)
 
 
@@ -50,6 +50,12 @@ class TrainingData:
                                        config.repeat, config.allow_outside)
         self.batch_size = config.batch_size
         self.seed = config.seed
+        self.samples = (EditPairDataset(config.sample_dataset, config.height, config.width, config.max_pixels,
+                                        1, config.allow_outside) if config.sample_dataset else self.dataset)
+
+    def sample_items(self, count: int) -> list[dict]:
+        """The first ``count`` pairs of the sample dataset (held-out pairs if one is configured)."""
+        return [self.samples[i] for i in range(min(count, len(self.samples.pairs)))]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All batches of ``epoch`` (each within one size bucket), shuffled by (seed, epoch)."""

@@ -133,6 +133,8 @@ def train(config: TrainConfig) -> TrainResult:
             if config.check_sync_every and progress.step % config.check_sync_every == 0:
                 assert_ranks_in_sync(accelerator, accelerator.unwrap_model(module).lora_parameters())
             last = progress.step >= total_steps
+            if config.sample_every and (progress.step % config.sample_every == 0 or last):
+                _sample(accelerator, pipe, data, config, output, progress.step)
             if last or stop.requested or progress.step % config.save_every == 0:
                 _save(accelerator, module, optimizer, scheduler, progress, config, output)
             if last or stop.requested:
@@ -167,6 +169,17 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
         ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
                       optimizer.state_dict(), scheduler.state_dict(), config.keep_checkpoints)
         lora_export.save(unwrapped, lora_export.step_path(output, progress.step), config, progress.step)
+    accelerator.wait_for_everyone()
+
+
+def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path, step: int) -> None:
+    """Main process: sample edits with the live LoRA; the others wait."""
+    if accelerator.is_main_process:
+        from .samples import sample_grid
+
+        path = output / "samples" / f"step-{step:06d}.png"
+        loss = sample_grid(pipe, data.sample_items(config.sample_count), path, config.sample_steps, config.seed)
+        accelerator.print(f"\nstep {step}: validation loss {loss:.4f}, samples {path}")
     accelerator.wait_for_everyone()
 
 
