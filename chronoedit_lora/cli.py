@@ -13,6 +13,7 @@ COMMANDS = {
     "make-tiny": "make_tiny",
     "edit": "edit",
     "train": "train",
+    "lora": "lora",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train"}

@@ -18,6 +18,8 @@ from chronoedit_lora.train.config import load_config
 from chronoedit_lora.train.evaluate import validation_loss
 from chronoedit_lora.train.trainer import train
 
+from .lora_parity import PARITY_RTOL, diffusers_and_ours
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "example_dataset"
 # Exact resume in fp32 on CPU: same ops in the same order, so equal up to float noise.
 RESUME_ATOL = 1e-6
@@ -108,23 +110,9 @@ def test_outputs_and_lora_keys(tiny_diffusers, four_pairs, tmp_path):
 
 
 def test_trained_lora_loads_in_diffusers_with_the_same_effect(tiny_diffusers, four_pairs, tmp_path):
-    from diffusers import ChronoEditPipeline as ReferencePipeline
-
-    from chronoedit_lora.models.dit import load_dit
-    from chronoedit_lora.models.rope import chronoedit_model_fn
-
     result = train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=3, save_every=100))
-    reference = ReferencePipeline.from_pretrained(tiny_diffusers, torch_dtype=torch.float32)
-    reference.load_lora_weights(str(result.lora))
-    dit, _ = load_dit(tiny_diffusers / "transformer", dtype=torch.float32)
-    fuse_lora(dit, load_lora(result.lora)[0])
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g)
-    context, clip, t = torch.randn(1, 512, 32, generator=g), torch.randn(1, 257, 1280, generator=g), torch.tensor([500.0])
-    with torch.no_grad():
-        expected = reference.transformer(torch.cat([x, y], 1), t, context, clip, return_dict=False)[0]
-        got = chronoedit_model_fn(dit, x, t, context=context, clip_feature=clip, y=y)
-    assert (expected - got).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    expected, got, _ = diffusers_and_ours(tiny_diffusers, result.lora)
+    assert (expected - got).abs().max().item() <= PARITY_RTOL * expected.abs().max().item()
 
 
 def test_video_prompt_dataset_trains(tiny_diffusers, tmp_path):

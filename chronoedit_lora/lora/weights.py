@@ -1,9 +1,9 @@
 """LoRA weights in one canonical form, keyed by DiffSynth/Wan module names (``blocks.3.self_attn.q``).
 
-The kit's file format is the one diffusers' ``ChronoEditPipeline.load_lora_weights`` and ComfyUI
-both load as-is: ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` plus a scalar
+The kit writes the layout diffusers' ``ChronoEditPipeline.load_lora_weights`` and ComfyUI both
+load as-is: ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` plus a scalar
 ``diffusion_model.<module>.alpha`` (DiffSynth's own ``….lora_A.default.weight`` keys are ignored by
-ComfyUI, nv-tlabs/ChronoEdit#22).
+ComfyUI, nv-tlabs/ChronoEdit#22). :mod:`.formats` reads and writes the other layouts.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
 from ..models.safetensors_header import read_header
-
-PREFIX = "diffusion_model."
 
 
 @dataclass
@@ -54,24 +51,19 @@ def from_peft_parameters(named: dict[str, torch.Tensor], alpha: float) -> LoraWe
     return weights
 
 
-def to_file_state(weights: LoraWeights) -> dict[str, torch.Tensor]:
-    """The kit's (diffusers- and ComfyUI-compatible) key layout."""
-    state = {}
-    for module, lora in sorted(weights.items()):
-        state[f"{PREFIX}{module}.lora_A.weight"] = lora.down.contiguous()
-        state[f"{PREFIX}{module}.lora_B.weight"] = lora.up.contiguous()
-        state[f"{PREFIX}{module}.alpha"] = torch.tensor(float(lora.alpha))
-    return state
+def save_lora(weights: LoraWeights, path: str | Path, metadata: dict[str, str] | None = None,
+              fmt: str = "comfyui") -> None:
+    """Write a LoRA in ``fmt`` (default: the kit's diffusers/ComfyUI layout) atomically:
+    temporary file in the same folder, fsync, rename."""
+    from .formats import format_state
 
-
-def save_lora(weights: LoraWeights, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a LoRA atomically (temporary file in the same folder, fsync, rename)."""
+    state, extra = format_state(weights, fmt)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(to_file_state(weights), tmp, metadata=metadata or {})
+        save_file(state, tmp, metadata={**(metadata or {}), **extra})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,31 +73,9 @@ def save_lora(weights: LoraWeights, path: str | Path, metadata: dict[str, str] |
 
 
 def load_lora(path: str | Path) -> tuple[LoraWeights, dict[str, str]]:
-    """Read a LoRA in the kit's key layout (validated header first: clear errors for damaged files)."""
+    """Read a LoRA in any supported key format (header validated first: clear errors for damaged files)."""
+    from .formats import parse_state
+
     _, metadata = read_header(path)
-    state = load_file(str(path))
-    weights: LoraWeights = {}
-    unknown = []
-    for key, tensor in state.items():
-        if not key.startswith(PREFIX):
-            unknown.append(key)
-            continue
-        module, _, field = key[len(PREFIX):].rpartition(".lora_")
-        if key.endswith(".alpha"):
-            weights.setdefault(key[len(PREFIX):-len(".alpha")], LoraModule(None, None, 0.0)).alpha = float(tensor)  # type: ignore[arg-type]
-        elif field in ("A.weight", "B.weight", "down.weight", "up.weight"):
-            entry = weights.setdefault(module, LoraModule(None, None, 0.0))  # type: ignore[arg-type]
-            if field in ("A.weight", "down.weight"):
-                entry.down = tensor
-            else:
-                entry.up = tensor
-        else:
-            unknown.append(key)
-    incomplete = [m for m, w in weights.items() if w.down is None or w.up is None]
-    if unknown or incomplete:
-        raise CheckpointError(f"{path}: not a LoRA in the kit's format; unexpected keys {unknown[:5]}, "
-                              f"modules missing lora_A/lora_B {incomplete[:5]}.")
-    for lora in weights.values():
-        if lora.alpha == 0.0:
-            lora.alpha = float(lora.rank)  # no .alpha key: the convention is alpha = rank
-    return weights, metadata
+    weights, fmt = parse_state(load_file(str(path)), metadata, str(path))
+    return weights, {**metadata, "detected_format": fmt}
