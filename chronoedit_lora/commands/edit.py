@@ -1,32 +1,47 @@
-"""Edit an image with ChronoEdit: the input is frame 0, the edit is the last frame."""
+"""Edit images with ChronoEdit: the input is frame 0, the edit is the last frame.
+
+One edit (--image/--prompt/--output) or a batch (--batch edits.csv with columns
+image,prompt,output[,seed]). Under torchrun each process takes its own share of the batch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from ..batch import EditJob, read_batch
 from ..errors import ChronoEditError
 from ..images import open_image
 from ..outputs import check_writable, save_image, save_video
 from .model_args import add_model_arguments, model_options
 
+DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": 5.0}
+# The official 8-step distill LoRA's settings (nvidia/ChronoEdit-14B-Diffusers lora/).
+PRESETS = {"distill": {"steps": 8, "cfg": 1.0, "shift": 2.0}}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--image", required=True, help="input image")
-    parser.add_argument("--prompt", required=True, help="edit instruction")
-    parser.add_argument("--output", required=True, help="edited image (.png)")
+    parser.add_argument("--image", help="input image")
+    parser.add_argument("--prompt", help="edit instruction")
+    parser.add_argument("--output", help="edited image (.png)")
+    parser.add_argument("--batch", help="CSV of edits (columns image,prompt,output[,seed]; paths relative to it); "
+                                        "existing outputs are skipped, so a stopped batch resumes")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    parser.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift")
+    parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
+    parser.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
+    parser.add_argument("--shift", type=float, help=f"flow-matching sigma shift (default {DEFAULTS['shift']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, help="output height (multiple of 16); default: aspect-preserving, area ~720x1280")
     parser.add_argument("--width", type=int, help="output width (multiple of 16)")
     parser.add_argument("--temporal-reasoning-steps", type=int, default=0,
                         help="K > 0: denoise a 29-frame clip for the first K steps, then only [input, edit]")
-    parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4")
+    parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4 (single edits)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="LoRA to fuse into the DiT (repeatable), optional scale (default 1.0)")
 
@@ -45,31 +60,64 @@ def parse_lora_arg(value: str) -> tuple[Path, float]:
     return Path(path), scale
 
 
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """steps/cfg/shift: explicit flag, else the preset's value, else the default."""
+    preset = PRESETS.get(args.preset, {})
+    return {key: getattr(args, key) if getattr(args, key) is not None else preset.get(key, default)
+            for key, default in DEFAULTS.items()}
+
+
+def rank_share(jobs: list[EditJob]) -> tuple[list[EditJob], int, int]:
+    """This process's jobs under torchrun (every WORLD_SIZE-th from RANK), else all of them."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return jobs[rank::world], rank, world
+
+
+def _jobs(args: argparse.Namespace) -> list[EditJob]:
+    if args.batch:
+        if args.image or args.prompt or args.output or args.video:
+            raise ChronoEditError("--batch replaces --image/--prompt/--output/--video; give one or the other.")
+        return read_batch(args.batch, args.seed)
+    missing = [flag for flag in ("image", "prompt", "output") if getattr(args, flag) is None]
+    if missing:
+        raise ChronoEditError(f"missing --{', --'.join(missing)} (or use --batch CSV).")
+    return [EditJob(Path(args.image), args.prompt, check_writable(args.output, (".png",)), args.seed, None)]
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.height is None) != (args.width is None):
         raise ChronoEditError("give both --height and --width, or neither.")
-    if args.steps < 1 or args.temporal_reasoning_steps < 0:
+    settings = sampling_settings(args)
+    if settings["steps"] < 1 or args.temporal_reasoning_steps < 0:
         raise ChronoEditError("--steps must be >= 1 and --temporal-reasoning-steps >= 0.")
     loras = [parse_lora_arg(v) for v in args.lora]
-    image = open_image(args.image)
-    output = check_writable(args.output, (".png",))
+    jobs = _jobs(args)
     video = check_writable(args.video, (".mp4",)) if args.video else None
+    remaining = [job for job in jobs if not (args.batch and job.output.exists())]
+    todo, rank, world = rank_share(remaining)
+    images = {job.image: open_image(job.image) for job in todo}  # every input checked before loading models
+    if args.batch and rank == 0:
+        print(f"{args.batch}: {len(jobs)} edits, {len(jobs) - len(remaining)} already done, {len(remaining)} to do"
+              + (f" across {world} processes" if world > 1 else ""))
 
     from ..pipeline import ChronoEditPipeline  # heavy imports only once the inputs are known good
 
-    started = time.perf_counter()
-    pipe = ChronoEditPipeline.from_pretrained(**model_options(args))
+    options = model_options(args)
+    if world > 1 and str(options["device"]).startswith("cuda"):
+        options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    pipe = ChronoEditPipeline.from_pretrained(**options)
     for path, scale in loras:
         pipe.load_lora(path, scale)
-    result = pipe(
-        image, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
-        shift=args.shift, seed=args.seed, height=args.height, width=args.width,
-        temporal_reasoning_steps=args.temporal_reasoning_steps,
-    )
-    save_image(result.image, output)
-    print(f"edited image: {output} ({result.image.width}x{result.image.height}, "
-          f"{time.perf_counter() - started:.1f} s)")
-    if video:
-        save_video(result.frames, video)
-        print(f"clip ({len(result.frames)} frames): {video}")
+    for job in tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2):
+        started = time.perf_counter()
+        result = pipe(images[job.image], job.prompt, negative_prompt=args.negative_prompt, seed=job.seed,
+                      height=args.height, width=args.width, temporal_reasoning_steps=args.temporal_reasoning_steps,
+                      progress=len(todo) == 1, **settings)
+        save_image(result.image, job.output)
+        if len(todo) == 1:
+            print(f"edited image: {job.output} ({result.image.width}x{result.image.height}, "
+                  f"{time.perf_counter() - started:.1f} s)")
+        if video:
+            save_video(result.frames, video)
+            print(f"clip ({len(result.frames)} frames): {video}")
     return 0

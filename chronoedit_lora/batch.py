@@ -1,0 +1,59 @@
+"""Batch edits: a CSV of (image, prompt, output[, seed]) rows, validated up front."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ChronoEditError
+from .outputs import check_writable
+
+REQUIRED = ("image", "prompt", "output")
+
+
+@dataclass(frozen=True)
+class EditJob:
+    image: Path
+    prompt: str
+    output: Path
+    seed: int
+    row: int | None  # CSV row (header = row 1), None for a single edit
+
+
+def read_batch(csv_path: str | Path, default_seed: int) -> list[EditJob]:
+    """Rows of an edits CSV; every problem (row and fix) is reported at once."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ChronoEditError(f"--batch {csv_path}: file not found.")
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in columns]
+        if missing:
+            raise ChronoEditError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                                  f"expected image,prompt,output[,seed], found {','.join(columns) or 'nothing'}.")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    jobs, problems, outputs = [], [], {}
+    for number, row in enumerate(rows, start=2):
+        image, output = csv_path.parent / row["image"], csv_path.parent / row["output"]
+        if not row["image"] or not image.is_file():
+            problems.append(f"row {number}: image {row['image']!r} not found")
+        if not row["prompt"]:
+            problems.append(f"row {number}: empty prompt")
+        if output in outputs:
+            problems.append(f"row {number}: output {row['output']} is also written by row {outputs[output]}")
+        outputs[output] = number
+        try:
+            seed = int(row["seed"]) if row.get("seed") else default_seed
+            check_writable(output, (".png",))
+        except ValueError:
+            problems.append(f"row {number}: seed {row['seed']!r} is not a whole number")
+            continue
+        except ChronoEditError as exc:
+            problems.append(f"row {number}: {exc}")
+            continue
+        jobs.append(EditJob(image, row["prompt"], output, seed, number))
+    if problems:
+        raise ChronoEditError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return jobs

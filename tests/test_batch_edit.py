@@ -1,0 +1,77 @@
+"""Batch edits: validated up front, resumable, split across torchrun processes; presets."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chronoedit_lora.cli import main
+from chronoedit_lora.commands.edit import sampling_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32", "--device", "cpu"]
+
+
+def write_batch(folder: Path, input_image, count: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    input_image.save(folder / "in.png")
+    with (folder / "edits.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prompt", "output", "seed"])
+        for i in range(count):
+            writer.writerow(["in.png", f"The user wants edit number {i}.", f"out/{i}.png", str(i)])
+    return folder / "edits.csv"
+
+
+def test_batch_writes_every_output_and_resumes(tiny_diffusers, input_image, tmp_path, capsys):
+    edits = write_batch(tmp_path / "b", input_image)
+    assert main(["edit", "--model", str(tiny_diffusers), "--batch", str(edits), *FAST]) == 0
+    outputs = sorted((tmp_path / "b" / "out").glob("*.png"))
+    assert [p.name for p in outputs] == ["0.png", "1.png", "2.png", "3.png"]
+    assert outputs[0].read_bytes() != outputs[1].read_bytes()  # per-row seeds
+    outputs[2].unlink()
+    assert main(["edit", "--model", str(tiny_diffusers), "--batch", str(edits), *FAST]) == 0
+    assert "3 already done, 1 to do" in capsys.readouterr().out
+    assert (tmp_path / "b" / "out" / "2.png").is_file()
+
+
+def test_batch_problems_are_all_reported_before_loading(input_image, tmp_path, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    input_image.save(folder / "in.png")
+    (folder / "edits.csv").write_text("image,prompt,output,seed\nin.png,a,o.png,1\nmissing.png,b,p.png,2\n"
+                                      "in.png,,q.png,x\nin.png,c,o.png,3\n")
+    assert main(["edit", "--model", str(tmp_path / "no-model"), "--batch", str(folder / "edits.csv"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "row 3: image 'missing.png' not found" in err
+    assert "row 4: empty prompt" in err and "row 4: seed 'x'" in err
+    assert "row 5: output o.png is also written by row 2" in err
+
+
+def test_distill_preset_and_explicit_flags():
+    def settings(**kw):
+        base = {"preset": None, "steps": None, "cfg": None, "shift": None}
+        return sampling_settings(argparse.Namespace(**{**base, **kw}))
+
+    assert settings() == {"steps": 50, "cfg": 5.0, "shift": 5.0}
+    assert settings(preset="distill") == {"steps": 8, "cfg": 1.0, "shift": 2.0}
+    assert settings(preset="distill", steps=4) == {"steps": 4, "cfg": 1.0, "shift": 2.0}
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_match_one(tiny_diffusers, input_image, tmp_path):
+    single = write_batch(tmp_path / "single", input_image)
+    double = write_batch(tmp_path / "double", input_image)
+    assert main(["edit", "--model", str(tiny_diffusers), "--batch", str(single), *FAST]) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "scripts/infer.py"), "--model", str(tiny_diffusers), "--batch", str(double), *FAST],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "across 2 processes" in result.stdout
+    for i in range(4):
+        assert (tmp_path / "single" / "out" / f"{i}.png").read_bytes() == (tmp_path / "double" / "out" / f"{i}.png").read_bytes()
