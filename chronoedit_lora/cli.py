@@ -14,6 +14,7 @@ COMMANDS = {
     "edit": "edit",
     "train": "train",
     "lora": "lora",
+    "dataset": "dataset",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train"}
