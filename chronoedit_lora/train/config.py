@@ -56,6 +56,7 @@ class TrainConfig:
     output: str = "runs/lora"
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # training-state checkpoints kept for --resume
+    min_free_mb: int = 1024  # refuse to start with less free space than this in `output`
     sample_every: int = 0  # > 0: every N steps, edit held-out pairs into samples/step-N.png (input | edit | target)
     sample_dataset: str | None = None  # CSV of held-out pairs for samples (default: first pairs of `dataset`)
     sample_count: int = 2

@@ -9,8 +9,6 @@ from ..data import EditPairDataset, bucket_batches, check_dataset, format_report
 from ..errors import ChronoEditError
 from .config import TrainConfig
 
-MIN_FREE_BYTES = 1 << 30  # checkpoints of a rank-32 14B LoRA are ~2 GB; tiny ones far less
-
 
 def preflight(config: TrainConfig, output: Path) -> None:
     """Everything that can be checked before loading models: the dataset and the output folder."""
@@ -22,10 +20,10 @@ def preflight(config: TrainConfig, output: Path) -> None:
             raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
         if problems:
             print(format_report(problems))
-    check_output_folder(output)
+    check_output_folder(output, config.min_free_mb * 2**20)
 
 
-def check_output_folder(output: Path, min_free: int = MIN_FREE_BYTES) -> None:
+def check_output_folder(output: Path, min_free: int) -> None:
     """The output folder must be creatable, writable and have room for checkpoints."""
     try:
         output.mkdir(parents=True, exist_ok=True)

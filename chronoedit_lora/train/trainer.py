@@ -8,7 +8,7 @@ averages gradients so all processes hold the same LoRA after every optimizer ste
 
 from __future__ import annotations
 
-import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
 from . import checkpoint as ckpt
@@ -156,20 +157,33 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
+    """Write checkpoint step-N (all ranks' RNG states, rank 0 the rest) and lora-stepN.safetensors.
+
+    A failed write (disk full, folder gone) removes the partial checkpoint, keeps the previous one
+    and stops with a message saying how to continue.
+    """
     staging = ckpt.staging_dir(output, progress.step)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        staging.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    ckpt.write_rank_state(staging, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(module)
-        lora_export.save(unwrapped, staging / "lora.safetensors", config, progress.step)
-        ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
-                      optimizer.state_dict(), scheduler.state_dict(), config.keep_checkpoints)
-        lora_export.save(unwrapped, lora_export.step_path(output, progress.step), config, progress.step)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            staging.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        ckpt.write_rank_state(staging, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(module)
+            lora_export.save(unwrapped, staging / "lora.safetensors", config, progress.step)
+            ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
+                          optimizer.state_dict(), scheduler.state_dict(), config.keep_checkpoints)
+            lora_export.save(unwrapped, lora_export.step_path(output, progress.step), config, progress.step)
+        accelerator.wait_for_everyone()
+    except (OSError, SafetensorError) as exc:  # safetensors reports ENOSPC as its own error type
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = ckpt.latest_checkpoint(output)
+        kept = f"the last complete checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+        raise ChronoEditError(
+            f"could not write the step-{progress.step} checkpoint under {output} ({getattr(exc, 'strerror', None) or exc}); {kept}. "
+            "Free some space (or fix the folder) and rerun the same command with --resume.") from None
 
 
 def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path, step: int) -> None:
