@@ -157,3 +157,15 @@ def test_sample_grid_during_training(tiny_diffusers, four_pairs, tmp_path):
                       sample_count=2))
     grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
     assert grid.size == (3 * 32, 2 * 32)  # rows: pairs; columns: input | edit with the LoRA | target
+
+
+def test_resume_with_another_rank_is_refused(tiny_diffusers, four_pairs, tmp_path):
+    train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=2, save_every=2))
+    with pytest.raises(ChronoEditError, match="does not fit this run's LoRA.*other shapes"):
+        train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=4, rank=4, alpha=4, resume=True))
+
+
+def test_unwritable_output_is_refused_before_loading(four_pairs, tmp_path):
+    config = tiny_config(tmp_path / "model-not-needed", four_pairs, Path("/proc/chronoedit-run"), max_steps=1)
+    with pytest.raises(ChronoEditError, match="output folder /proc/chronoedit-run is not writable"):
+        train(config)

@@ -81,14 +81,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_diffusers, tmp_path):
     assert _max_diff(tmp_path / "straight" / "lora.safetensors", killed / "lora.safetensors") <= RESUME_ATOL
 
 
-def test_sigint_saves_and_says_how_to_resume(tiny_diffusers, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_saves_and_says_how_to_resume(tiny_diffusers, tmp_path, stop_signal):
     dataset = make_subset(tmp_path / "data", 4)
     output = tmp_path / "run"
     process = subprocess.Popen(_train_cmd(tiny_diffusers, dataset, output, "--max_steps", "400", "--save_every", "200"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(output / "logs" / "metrics.csv", process)
     time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
     assert "--resume" in out

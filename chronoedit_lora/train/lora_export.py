@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ChronoEditError
 from ..lora import from_peft_parameters, load_lora, save_lora
 from .config import TrainConfig
 
@@ -42,9 +43,22 @@ def save(module, path: Path, config: TrainConfig, step: int) -> None:
 
 
 def load_into(module, path: Path) -> None:
-    """Copy a saved LoRA back into the module's peft parameters (for --resume)."""
+    """Copy a saved LoRA back into the module's peft parameters (for --resume).
+
+    A checkpoint from a different rank or target list is refused with what differs.
+    """
     weights, _ = load_lora(path)
     params = dict(module.dit.named_parameters())
+    saved = {f"{name}.lora_{part}.default.weight": tensor for name, lora in weights.items()
+             for part, tensor in (("A", lora.down), ("B", lora.up))}
+    current = {name: p for name, p in params.items() if "lora_" in name}
+    missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    misfit = sorted(n for n in current.keys() & saved.keys() if current[n].shape != saved[n].shape)
+    if missing or extra or misfit:
+        raise ChronoEditError(
+            f"--resume: {path} does not fit this run's LoRA (was it trained with another rank or targets?): "
+            f"{len(missing)} layer(s) missing from the checkpoint {missing[:3]}, {len(extra)} unexpected {extra[:3]}, "
+            f"{len(misfit)} with other shapes {misfit[:3]}. Resume with the settings it was saved with.")
     with torch.no_grad():
         for name, lora in weights.items():
             params[f"{name}.lora_A.default.weight"].copy_(lora.down)
