@@ -28,6 +28,33 @@ def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_wan_checkpoint(tmp_path_factory.mktemp("tiny") / "ChronoEdit-tiny-Wan", seed=0)
 
 
+LORA_TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_diffusers):
+    from chronoedit_lora.models.dit import load_dit
+
+    return load_dit(tiny_diffusers / "transformer", dtype=torch.float32)[0]
+
+
+@pytest.fixture(scope="module")
+def random_lora(dit):
+    """Rank 4, alpha 8 (scale 2, so a lost alpha shows), on every target of both blocks."""
+    g = torch.Generator().manual_seed(0)
+    modules = dict(dit.named_modules())
+    from chronoedit_lora.lora import LoraModule
+
+    weights = {}
+    for block in range(len(dit.blocks)):
+        for target in LORA_TARGETS:
+            layer = modules[f"blocks.{block}.{target}"]
+            weights[f"blocks.{block}.{target}"] = LoraModule(
+                torch.randn(4, layer.in_features, generator=g) * 0.1, torch.randn(layer.out_features, 4, generator=g) * 0.1, 8.0)
+    return weights
+
+
 @pytest.fixture(scope="session")
 def input_image() -> Image.Image:
     """A 32x32 RGB test image with structure (gradients + a square), deterministic."""

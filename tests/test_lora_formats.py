@@ -9,32 +9,10 @@ import torch
 from chronoedit_lora.cli import main
 from chronoedit_lora.errors import CheckpointError
 from chronoedit_lora.lora import FORMATS, LoraMismatchError, LoraModule, check_lora_matches, load_lora, save_lora
-from chronoedit_lora.models.dit import load_dit
 
 from .lora_parity import PARITY_RTOL, diffusers_and_ours
 
 DELTA_ATOL = 1e-6  # fp32 round trip; only the alpha folding multiplies
-TARGETS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-           "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
-
-
-@pytest.fixture(scope="module")
-def dit(tiny_diffusers):
-    return load_dit(tiny_diffusers / "transformer", dtype=torch.float32)[0]
-
-
-@pytest.fixture(scope="module")
-def random_lora(dit):
-    """Rank 4, alpha 8 (scale 2, so a lost alpha shows), on every target of both blocks."""
-    g = torch.Generator().manual_seed(0)
-    modules = dict(dit.named_modules())
-    weights = {}
-    for block in range(len(dit.blocks)):
-        for target in TARGETS:
-            layer = modules[f"blocks.{block}.{target}"]
-            weights[f"blocks.{block}.{target}"] = LoraModule(
-                torch.randn(4, layer.in_features, generator=g) * 0.1, torch.randn(layer.out_features, 4, generator=g) * 0.1, 8.0)
-    return weights
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -19,11 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("output")
     convert.add_argument("--to", required=True, choices=FORMATS,
                          help="comfyui = the kit's default (loads in ComfyUI and diffusers); diffusers = PEFT names")
+    merge = sub.add_parser("merge", help="bake LoRAs into the DiT and write a model folder in the layout it was read from")
+    merge.add_argument("--model", help="ChronoEdit model folder (diffusers or Wan layout)")
+    merge.add_argument("--dit", help="DiT path (instead of, or overriding, --model)")
+    merge.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
+    merge.add_argument("--output", required=True, help="new folder; other components are linked, not copied")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.lora_command == "info":
         return _info(Path(args.file))
+    if args.lora_command == "merge":
+        return _merge(args)
     source, target = Path(args.input), Path(args.output)
     if target.resolve() == source.resolve():
         raise ChronoEditError("output must differ from input.")
@@ -52,4 +59,41 @@ def _info(path: Path) -> int:
         print("metadata:")
     for key in shown:
         print(f"  {key}: {metadata[key]}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+    from diffsynth.models.wan_video_dit import WanModel
+
+    from ..lora import check_lora_matches
+    from ..lora.merge import merge_into_files
+    from ..models.dit import inspect_dit
+    from ..models.discovery import discover_components
+    from .edit import parse_lora_arg
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise ChronoEditError(f"{output} exists and is not empty; choose a new folder.")
+    model_dir = Path(args.model) if args.model else None
+    dit_source = discover_components(model_dir, dit=args.dit).dit if model_dir else Path(args.dit or "")
+    ckpt = inspect_dit(dit_source)
+    with torch.device("meta"):
+        skeleton = WanModel(**ckpt.kwargs)
+    loras = []
+    for value in args.lora:
+        path, scale = parse_lora_arg(value)
+        weights, _ = load_lora(path)
+        check_lora_matches(weights, skeleton, str(path))
+        loras.append((weights, scale))
+    dit_folder = ckpt.files[0].parent
+    inside_model = model_dir is not None and dit_folder.resolve() != model_dir.resolve()
+    target = output / dit_folder.name if inside_model else output
+    written = merge_into_files(ckpt, loras, target)
+    if model_dir is not None:  # link the untouched components so the output is a complete model folder
+        skip = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
+        for entry in model_dir.iterdir():
+            if entry.name not in skip and not (output / entry.name).exists():
+                (output / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    print(f"merged {len(loras)} LoRA(s) into {len(written)} file(s): {target}")
     return 0
