@@ -82,13 +82,20 @@ class ChronoEditPipeline:
     def dit(self):
         return self.components.dit
 
-    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
-        """Fuse a LoRA file into the DiT (checked first: a mismatch lists what does not fit)."""
-        from .lora import check_lora_matches, fuse_lora, load_lora
+    def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = True):
+        """Apply a LoRA file to the DiT (checked first: a mismatch lists what does not fit).
+
+        Fused by default (no cost per step). ``fuse=False`` returns an :class:`UnfusedLora` whose
+        ``scale`` can be changed, or which can be removed, without reloading the base model.
+        """
+        from .lora import UnfusedLora, check_lora_matches, fuse_lora, load_lora
 
         weights, _ = load_lora(path)
         check_lora_matches(weights, self.dit, str(path))
+        if not fuse:
+            return UnfusedLora(self.dit, weights, scale)
         fuse_lora(self.dit, weights, scale)
+        return None
 
     # -- conditioning -------------------------------------------------------------------------
     @torch.no_grad()

@@ -76,3 +76,27 @@ def test_info_and_convert_commands(random_lora, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "format: diffusers" in out and "layers: 20 in 2 blocks" in out and "rank: 4 (20)" in out
     assert "targets: cross_attn.k, cross_attn.o" in out
+
+
+def test_unfused_lora_matches_fused_and_rescales_without_reloading(tiny_diffusers, random_lora, input_image, tmp_path):
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+
+    save_lora(random_lora, tmp_path / "l.safetensors")
+
+    def edit(pipe):
+        return pipe(input_image, "x", steps=2, cfg=1.0, seed=0, height=32, width=32, progress=False).video
+
+    hooked = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
+    base = edit(hooked)
+    adapter = hooked.load_lora(tmp_path / "l.safetensors", scale=1.0, fuse=False)
+    unfused = {1.0: edit(hooked)}
+    adapter.scale = 0.5
+    unfused[0.5] = edit(hooked)
+    adapter.remove()
+    assert torch.equal(edit(hooked), base)  # removing restores the base model exactly
+    for scale, got in unfused.items():
+        fused = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
+        fused.load_lora(tmp_path / "l.safetensors", scale=scale)
+        expected = edit(fused)
+        assert (got - base).abs().max() > 1e-2
+        assert (got - expected).abs().max().item() <= 1e-4  # fp32: (W + dW) x vs W x + dW x

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4 (single edits)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="LoRA to fuse into the DiT (repeatable), optional scale (default 1.0)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="apply LoRAs as hooks instead of fusing them into the weights (base weights untouched)")
 
 
 def parse_lora_arg(value: str) -> tuple[Path, float]:
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     pipe = ChronoEditPipeline.from_pretrained(**options)
     for path, scale in loras:
-        pipe.load_lora(path, scale)
+        pipe.load_lora(path, scale, fuse=not args.unfused)
     for job in tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2):
         started = time.perf_counter()
         result = pipe(images[job.image], job.prompt, negative_prompt=args.negative_prompt, seed=job.seed,

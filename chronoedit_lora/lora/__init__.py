@@ -1,8 +1,8 @@
 """LoRA weights: the canonical in-memory form, the kit's shareable file format, fusing."""
 
-from .apply import LoraMismatchError, check_lora_matches, fuse_lora
+from .apply import LoraMismatchError, UnfusedLora, check_lora_matches, fuse_lora
 from .formats import FORMATS, detect_format
 from .weights import LoraModule, LoraWeights, from_peft_parameters, load_lora, save_lora
 
-__all__ = ["FORMATS", "LoraMismatchError", "LoraModule", "LoraWeights", "check_lora_matches", "detect_format",
+__all__ = ["FORMATS", "LoraMismatchError", "UnfusedLora", "LoraModule", "LoraWeights", "check_lora_matches", "detect_format",
            "from_peft_parameters", "fuse_lora", "load_lora", "save_lora"]

@@ -45,3 +45,28 @@ def fuse_lora(model: torch.nn.Module, weights: LoraWeights, scale: float = 1.0) 
         layer = modules[name]
         delta = scale * lora.delta().to(layer.weight.device)
         layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+
+
+class UnfusedLora:
+    """A LoRA applied through forward hooks: base weights stay untouched, so ``scale`` can be changed
+    between edits (or the LoRA removed) without reloading the model. Slower than fusing."""
+
+    def __init__(self, model: torch.nn.Module, weights: LoraWeights, scale: float = 1.0):
+        self.scale = scale
+        modules = dict(model.named_modules())
+        self._handles = []
+        for name, lora in weights.items():
+            layer = modules[name]
+            down = lora.down.to(layer.weight.device, layer.weight.dtype)
+            up = (lora.up.float() * (lora.alpha / lora.rank)).to(layer.weight.device, layer.weight.dtype)
+            self._handles.append(layer.register_forward_hook(self._hook(down, up)))
+
+    def _hook(self, down: torch.Tensor, up: torch.Tensor):
+        def add_lora(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + self.scale * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], down), up)
+        return add_lora
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
