@@ -60,11 +60,13 @@ def flow_sigmas(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
 class ChronoEditPipeline:
     """Edit images with ChronoEdit through DiffSynth's Wan building blocks."""
 
-    def __init__(self, components: LoadedComponents, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, rope: str = "skip"):
+    def __init__(self, components: LoadedComponents, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 rope: str = "skip", sequence_parallel: bool = False):
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
         self.rope = rope
+        self.sequence_parallel = sequence_parallel
         # DiffSynth's units read models and settings from a WanVideoPipeline; we hand them ours.
         self.core = WanVideoPipeline(device=str(self.device), torch_dtype=dtype)
         self.core.dit = components.dit
@@ -72,11 +74,18 @@ class ChronoEditPipeline:
         self.core.image_encoder = components.image_encoder
         self.core.vae = components.vae
         self.core.tokenizer = components.tokenizer
+        if sequence_parallel:  # DiffSynth swaps in xfuser's Ulysses attention (see parallel.py)
+            self.core.enable_usp()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, rope: str = "skip", **overrides: str | Path | None) -> "ChronoEditPipeline":
+    def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                        rope: str = "skip", sequence_parallel: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load every component from ``model_dir`` (diffusers or Wan layout) plus overrides."""
-        return cls(load_components(model_dir, dtype=dtype, device=device, **overrides), device, dtype, rope)
+        if sequence_parallel:
+            from .parallel import start_sequence_parallel
+
+            device = start_sequence_parallel()
+        return cls(load_components(model_dir, dtype=dtype, device=device, **overrides), device, dtype, rope, sequence_parallel)
 
     @property
     def dit(self):
@@ -123,7 +132,7 @@ class ChronoEditPipeline:
         out = chronoedit_model_fn(
             self.dit, latents.to(self.dtype), timestep.to(self.dtype).reshape(1),
             skip_len=self.components.temporal_skip_len, rope=self.rope,
-            context=context, clip_feature=clip_feature, y=y,
+            context=context, clip_feature=clip_feature, y=y, use_unified_sequence_parallel=self.sequence_parallel,
         )
         return out.float()
 

@@ -102,3 +102,15 @@ def test_make_tiny_command_and_console_script(tmp_path):
     again = subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(target)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_sequence_parallel_without_its_hardware_is_refused(tiny_diffusers, image_file, tmp_path, capsys):
+    from chronoedit_lora.parallel import missing_for_sequence_parallel
+
+    missing = missing_for_sequence_parallel()
+    if not missing:
+        pytest.skip("this machine can run sequence parallelism")
+    assert main(["edit", "--model", str(tiny_diffusers), "--image", str(image_file), "--prompt", "x",
+                 "--output", str(tmp_path / "o.png"), "--sequence-parallel", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--sequence-parallel needs" in err and missing[0] in err

@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     video = check_writable(args.video, (".mp4",)) if args.video else None
     remaining = [job for job in jobs if not (args.batch and job.output.exists())]
     todo, rank, world = rank_share(remaining)
+    if args.sequence_parallel:  # every rank works on every edit together; rank 0 writes
+        todo = remaining
     images = {job.image: open_image(job.image) for job in todo}  # every input checked before loading models
     if args.batch and rank == 0:
         print(f"{args.batch}: {len(jobs)} edits, {len(jobs) - len(remaining)} already done, {len(remaining)} to do"
@@ -115,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         result = pipe(images[job.image], job.prompt, negative_prompt=args.negative_prompt, seed=job.seed,
                       height=args.height, width=args.width, temporal_reasoning_steps=args.temporal_reasoning_steps,
                       progress=len(todo) == 1, **settings)
+        if args.sequence_parallel and rank > 0:
+            continue
         save_image(result.image, job.output)
         if len(todo) == 1:
             print(f"edited image: {job.output} ({result.image.width}x{result.image.height}, "

@@ -20,6 +20,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag}", dest=name, help=f"override: path of the {name.replace('_', ' ')}")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     group.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight and compute dtype")
+    group.add_argument("--sequence-parallel", action="store_true",
+                       help="split one edit across GPUs (DiffSynth USP; torchrun, CUDA, NCCL and xfuser needed)")
     group.add_argument("--rope", default="skip", choices=["skip", "legacy"],
                        help="temporal positions of 2-frame clips: ChronoEdit's [0, 7] (skip) or "
                             "[0, 1] (legacy, what the original DiffSynth scripts used)")
@@ -35,5 +37,6 @@ def model_options(args: argparse.Namespace) -> dict:
         "device": device,
         "dtype": DTYPES[args.dtype],
         "rope": args.rope,
+        "sequence_parallel": getattr(args, "sequence_parallel", False),
         **{name: getattr(args, name) for name in COMPONENTS},
     }
