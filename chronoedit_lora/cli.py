@@ -15,9 +15,10 @@ COMMANDS = {
     "train": "train",
     "lora": "lora",
     "dataset": "dataset",
+    "cache": "cache",
 }
 # commands that accept free-form `--key value` settings after their own flags
-OPEN_ENDED = {"train"}
+OPEN_ENDED = {"train", "cache"}
 
 
 def build_parser() -> argparse.ArgumentParser:

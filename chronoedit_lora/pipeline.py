@@ -79,13 +79,22 @@ class ChronoEditPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                        rope: str = "skip", sequence_parallel: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
-        """Load every component from ``model_dir`` (diffusers or Wan layout) plus overrides."""
+                        rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
+                        **overrides: str | Path | None) -> "ChronoEditPipeline":
+        """Load every component from ``model_dir`` (diffusers or Wan layout) plus overrides
+        (``encoders=False``: the DiT only, for training from cached conditioning)."""
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
             device = start_sequence_parallel()
-        return cls(load_components(model_dir, dtype=dtype, device=device, **overrides), device, dtype, rope, sequence_parallel)
+        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, **overrides)
+        return cls(components, device, dtype, rope, sequence_parallel)
+
+    def release_encoders(self) -> None:
+        """Drop umT5, CLIP, the VAE and the tokenizer (training from cache needs only the DiT)."""
+        for name in ("text_encoder", "image_encoder", "vae", "tokenizer"):
+            setattr(self.components, name, None)
+            setattr(self.core, name, None)
 
     @property
     def dit(self):

@@ -24,10 +24,10 @@ class LoadedComponents:
     """The models ChronoEdit needs, as DiffSynth modules, plus what we know of the checkpoint."""
 
     dit: WanModel
-    text_encoder: WanTextEncoder
-    image_encoder: VisionTowerImageEncoder
-    vae: SizedWanVideoVAE
-    tokenizer: HuggingfaceTokenizer
+    text_encoder: WanTextEncoder | None  # None when training from cached conditioning
+    image_encoder: VisionTowerImageEncoder | None
+    vae: SizedWanVideoVAE | None
+    tokenizer: HuggingfaceTokenizer | None
     paths: ComponentPaths
     dit_checkpoint: DiTCheckpoint
 
@@ -47,16 +47,18 @@ def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
 
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu", **overrides: str | Path | None) -> LoadedComponents:
-    """Find (``--model`` + per-component overrides) and load every component."""
+                    device: str | torch.device = "cpu", encoders: bool = True,
+                    **overrides: str | Path | None) -> LoadedComponents:
+    """Find (``--model`` + per-component overrides) and load every component (``encoders=False``:
+    only the DiT, for training from cached conditioning)."""
     paths = discover_components(model_dir, **overrides)
     dit, dit_checkpoint = load_dit(paths.dit, dtype=dtype, device=device)
     return LoadedComponents(
         dit=dit,
-        text_encoder=load_text_encoder(paths.text_encoder, dtype, device),
-        image_encoder=load_image_encoder(paths.image_encoder, dtype, device),
-        vae=load_vae(paths.vae, dtype, device),
-        tokenizer=load_tokenizer(paths.tokenizer),
+        text_encoder=load_text_encoder(paths.text_encoder, dtype, device) if encoders else None,
+        image_encoder=load_image_encoder(paths.image_encoder, dtype, device) if encoders else None,
+        vae=load_vae(paths.vae, dtype, device) if encoders else None,
+        tokenizer=load_tokenizer(paths.tokenizer) if encoders else None,
         paths=paths,
         dit_checkpoint=dit_checkpoint,
     )

@@ -35,6 +35,8 @@ class TrainConfig:
     tokenizer: str | None = None
     dtype: str = "bfloat16"  # base weights; LoRA weights train in float32
     rope: str = "skip"  # "skip" (ChronoEdit [0, 7]) or "legacy" ([0, 1], original DiffSynth scripts)
+    cache: bool = False  # encode each pair once (latents, y, CLIP, umT5) and train without the encoders
+    cache_dir: str | None = None  # where cached conditioning lives (default: <output>/cache); shareable across runs
     # LoRA
     rank: int = 32
     alpha: float = 32.0

@@ -27,3 +27,21 @@ def encode_pair(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> d
 def collate_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-pair inputs (same bucket, so same shapes) into a batch."""
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
+
+
+class PairInputs:
+    """Training inputs of dataset item ``i``: encoded now, or read from the conditioning cache."""
+
+    def __init__(self, pipe: ChronoEditPipeline, dataset, cache=None):
+        self.pipe, self.dataset, self.cache = pipe, dataset, cache
+        self._keys: dict[int, str] = {}
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            item = self.dataset[index]
+            return encode_pair(self.pipe, item["video"], item["prompt"])
+        pair_index = index % len(self.dataset.pairs)
+        if pair_index not in self._keys:
+            self._keys[pair_index] = self.cache.key(self.dataset, pair_index)
+        tensors = self.cache.get(self._keys[pair_index])
+        return {k: v.to(self.pipe.device, self.pipe.dtype) for k, v in tensors.items()}

@@ -24,7 +24,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import lora_export
 from .data import TrainingData, preflight
-from .inputs import collate_inputs, encode_pair
+from .cache import ConditioningCache, components_fingerprint, fill
+from .inputs import PairInputs, collate_inputs
 from .logs import TrainingLog
 from .sync import assert_ranks_in_sync
 
@@ -34,6 +35,7 @@ class TrainResult:
     lora: Path
     steps: int
     final_loss: float
+    loaded_encoders: bool  # False when every pair came from the conditioning cache
 
 
 class _StopRequest:
@@ -70,12 +72,18 @@ def train(config: TrainConfig) -> TrainResult:
     from ..pipeline import ChronoEditPipeline
     from .lora_module import LoraTrainingModule
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.dtype]
+    dtype = DTYPES[config.dtype]
+    cache = open_cache(config, output, dtype) if config.cache else None
+    missing = cache.missing(data.dataset) if cache else []
+    loaded_encoders = cache is None or bool(missing) or config.sample_every > 0
     pipe = ChronoEditPipeline.from_pretrained(
         config.model, device=accelerator.device, dtype=dtype, rope=config.rope,
-        dit=config.dit, text_encoder=config.text_encoder, image_encoder=config.image_encoder,
-        vae=config.vae, tokenizer=config.tokenizer,
-    )
+        encoders=loaded_encoders, **component_overrides(config))
+    if cache is not None:
+        _fill_cache(accelerator, cache, pipe, data, missing)
+        if not config.sample_every:
+            pipe.release_encoders()
+    pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
                                 config.gradient_checkpointing, config.activation_offload)
@@ -114,8 +122,7 @@ def train(config: TrainConfig) -> TrainResult:
         for batch_indices in batches[progress.batch_in_epoch:]:
             started = time.perf_counter()
             with accelerator.accumulate(module):
-                items = [data.dataset[i] for i in batch_indices]
-                inputs = collate_inputs([encode_pair(pipe, item["video"], item["prompt"]) for item in items])
+                inputs = collate_inputs([pair_inputs(i) for i in batch_indices])
                 loss = module(inputs)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -153,7 +160,51 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.print(f"stopped at step {progress.step}/{total_steps}; continue with the same "
                           f"command plus --resume")
     accelerator.end_training()
-    return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value)
+    return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def component_overrides(config: TrainConfig) -> dict:
+    return {name: getattr(config, name) for name in ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")}
+
+
+def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype) -> ConditioningCache:
+    from ..models.discovery import discover_components
+
+    paths = discover_components(config.model, **component_overrides(config))
+    return ConditioningCache(Path(config.cache_dir) if config.cache_dir else output / "cache",
+                             components_fingerprint(paths, dtype))
+
+
+def _fill_cache(accelerator: Accelerator, cache: ConditioningCache, pipe, data: TrainingData, missing: list[int]) -> None:
+    """Each process encodes its share of the missing entries; everyone waits for the rest."""
+    share = missing[accelerator.process_index::accelerator.num_processes]
+    fill(cache, pipe, data.dataset, share, show=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"conditioning cache {cache.folder}: {len(missing)} new, "
+                      f"{len(data.dataset.pairs) - len(missing)} reused")
+
+
+def cache_conditioning(config: TrainConfig) -> int:
+    """Fill the conditioning cache for ``config`` (run under accelerate to split the work); returns new entries."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    output = Path(config.output)
+    _on_main_then_everyone(accelerator, lambda: preflight(config, output))
+    data = TrainingData(config)
+    dtype = DTYPES[config.dtype]
+    cache = open_cache(config, output, dtype)
+    missing = cache.missing(data.dataset)
+    if missing:
+        from ..pipeline import ChronoEditPipeline
+
+        pipe = ChronoEditPipeline.from_pretrained(config.model, device=accelerator.device, dtype=dtype,
+                                                  rope=config.rope, **component_overrides(config))
+        _fill_cache(accelerator, cache, pipe, data, missing)
+    else:
+        accelerator.print(f"conditioning cache {cache.folder}: all {len(data.dataset.pairs)} pairs up to date")
+    return len(missing)
 
 
 def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
