@@ -1,4 +1,4 @@
-"""Check a dataset of edit pairs (`dataset check`): every problem in one pass, before training."""
+"""Prepare (`dataset prepare`) and check (`dataset check`) datasets of edit pairs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--width", type=int)
     check.add_argument("--max-pixels", type=int, help="aspect-bucket pixel budget (default 1024x1024)")
     check.add_argument("--allow-outside", action="store_true", help="allow paths outside the CSV's folder")
+    prep = sub.add_parser("prepare", help="write metadata.csv from before/ + after/ folders, NAME_before/NAME_after "
+                                          "files or 2-frame MP4s")
+    prep.add_argument("source", help="folder holding the pairs")
+    prep.add_argument("--output", help="CSV to write (default: SOURCE/metadata.csv)")
+    prep.add_argument("--prompt", help="the same instruction for every pair")
+    prep.add_argument("--prompt-template", help='e.g. "The user wants to transform the image into {style} style ..."')
+    prep.add_argument("--style", default="", help="fills {style} in the template")
+    prep.add_argument("--captioner", metavar="MODULE:CALLABLE", help="fills missing prompts: f(before, after, hint) -> str")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
 
 def resolve_csv(path: str | Path) -> Path:
@@ -29,6 +38,30 @@ def resolve_csv(path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    return _prepare(args) if args.dataset_command == "prepare" else _check(args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ..data.prepare import prepare, write_metadata
+    from ..plugins import load_callable
+
+    source = Path(args.source)
+    if not source.is_dir():
+        raise ChronoEditError(f"{source}: no such folder.")
+    csv_path = Path(args.output) if args.output else source / "metadata.csv"
+    captioner = load_callable(args.captioner) if args.captioner else None
+    result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner)
+    write_metadata(result.rows, csv_path, args.overwrite)
+    print(f"{csv_path}: {len(result.rows)} pairs ({result.layout})")
+    for line in result.unmatched:
+        print(f"  unmatched: {line}")
+    if any(value.startswith("../") for row in result.rows for value in row.values()):
+        print("  note: paths lead outside the CSV's folder; train with allow_outside = true, or write the CSV "
+              "next to the pairs.")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
     csv_path = resolve_csv(args.dataset)
     problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside)
     print(f"{csv_path}:")

@@ -14,6 +14,7 @@ from .metadata import EditPair
 from .problems import Problem
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 # What decoding a broken file can raise (UnidentifiedImageError and truncation are OSErrors).
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 _VIDEO_ERRORS = (OSError, RuntimeError, ValueError, IndexError)

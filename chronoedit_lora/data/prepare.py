@@ -1,0 +1,111 @@
+"""Write a ``metadata.csv`` from folders of pairs: ``before/`` + ``after/`` with matching names,
+``NAME_before.*`` + ``NAME_after.*`` files, or 2-frame MP4s (the original repository's format).
+
+Prompt of a pair, first found: a ``.txt`` beside it (``NAME.txt``, ``NAME_prompt.txt``, in the
+source folder or next to either image), ``--prompt``, ``--prompt-template`` (``{style}``,
+``{name}``), then ``--captioner``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import ChronoEditError
+from .images import IMAGE_SUFFIXES
+
+FOLDER_PAIRS = (("before", "after"), ("input", "output"), ("source", "edited"))
+Captioner = Callable[[Image.Image, Image.Image, "str | None"], str]
+
+
+@dataclass
+class Prepared:
+    rows: list[dict[str, str]]
+    unmatched: list[str]
+    layout: str
+
+
+def find_pairs(source: Path) -> tuple[list[tuple[str, Path, Path]], list[str], str]:
+    """``[(name, before, after)]``, unmatched file names, and the layout found."""
+    for before_dir, after_dir in FOLDER_PAIRS:
+        if (source / before_dir).is_dir() and (source / after_dir).is_dir():
+            befores = {p.stem: p for p in _images(source / before_dir)}
+            afters = {p.stem: p for p in _images(source / after_dir)}
+            return _match(befores, afters, f"{before_dir}/", f"{after_dir}/") + (f"{before_dir}/ + {after_dir}/",)
+    befores = {p.stem[: -len("_before")]: p for p in _images(source) if p.stem.endswith("_before")}
+    afters = {p.stem[: -len("_after")]: p for p in _images(source) if p.stem.endswith("_after")}
+    if befores or afters:
+        return _match(befores, afters, "", "") + ("NAME_before / NAME_after",)
+    videos = sorted(source.glob("*.mp4"))
+    if videos:
+        return [(p.stem, p, p) for p in videos], [], "2-frame MP4s"
+    return [], [], "none"
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _match(befores: dict[str, Path], afters: dict[str, Path], before_label: str, after_label: str):
+    names = sorted(befores.keys() & afters.keys())
+    unmatched = [f"{before_label}{befores[n].name} (no edited image)" for n in sorted(befores.keys() - afters.keys())]
+    unmatched += [f"{after_label}{afters[n].name} (no input image)" for n in sorted(afters.keys() - befores.keys())]
+    return [(n, befores[n], afters[n]) for n in names], unmatched
+
+
+def _prompt_file(source: Path, name: str, before: Path, after: Path) -> str | None:
+    for folder in dict.fromkeys((source, before.parent, after.parent)):
+        for candidate in (f"{name}.txt", f"{name}_prompt.txt"):
+            if (folder / candidate).is_file():
+                return (folder / candidate).read_text(encoding="utf-8").strip()
+    return None
+
+
+def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: str | None = None,
+            style: str = "", captioner: Captioner | None = None) -> Prepared:
+    """Build the rows (paths relative to ``csv_path``'s folder); raises if no prompt can be found."""
+    pairs, unmatched, layout = find_pairs(source)
+    if not pairs:
+        raise ChronoEditError(f"{source}: no pairs found. Expected before/ + after/ folders, NAME_before / NAME_after "
+                              "images, or 2-frame MP4s.")
+    rows, no_prompt = [], []
+    for name, before, after in pairs:
+        text = _prompt_file(source, name, before, after) or prompt
+        if text is None and template is not None:
+            text = template.format(style=style, name=name)
+        if text is None and captioner is not None and before != after:
+            with Image.open(before) as b, Image.open(after) as a:
+                text = captioner(b.convert("RGB"), a.convert("RGB"), prompt or template)
+        if not text:
+            no_prompt.append(name)
+            continue
+        rows.append({"video": _relative(before, csv_path), "prompt": text} if before == after else
+                    {"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path), "prompt": text})
+    if no_prompt:
+        raise ChronoEditError(f"no prompt for {len(no_prompt)} pair(s) ({', '.join(no_prompt[:5])}): give --prompt, "
+                              "--prompt-template, per-pair .txt files or --captioner.")
+    return Prepared(rows, unmatched, layout)
+
+
+def _relative(path: Path, csv_path: Path) -> str:
+    return os.path.relpath(path.resolve(), csv_path.parent.resolve()).replace(os.sep, "/")
+
+
+def write_metadata(rows: list[dict[str, str]], csv_path: Path, overwrite: bool = False) -> None:
+    """Write the CSV atomically; refuse to replace an existing one unless asked."""
+    if csv_path.exists() and not overwrite:
+        raise ChronoEditError(f"{csv_path} exists; pass --overwrite to replace it.")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    tmp.write_text(buffer.getvalue(), encoding="utf-8")
+    os.replace(tmp, csv_path)

@@ -1,0 +1,12 @@
+"""A captioner plugin for the tests: describes the pair from pixel statistics (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def caption(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    saturation = lambda im: float(np.asarray(im.convert("HSV"))[..., 1].mean())  # noqa: E731
+    change = "removes the colour" if saturation(after) < saturation(before) / 2 else "keeps the colour"
+    return f"The user wants an edit that {change} of this {before.width}x{before.height} image."
