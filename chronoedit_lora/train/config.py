@@ -21,47 +21,47 @@ class TrainConfig:
     # data
     dataset: str = ""  # metadata.csv of edit pairs (paths relative to its folder)
     height: int | None = None  # fixed training size (with width); None -> aspect buckets
-    width: int | None = None
+    width: int | None = None  # fixed training width (with height)
     max_pixels: int = 1024 * 1024  # pixel budget of aspect-ratio buckets
     repeat: int = 1  # times each pair is seen per epoch
     batch_size: int = 1  # pairs per process per step (drawn within one bucket)
     allow_outside: bool = False  # allow dataset paths outside the CSV's folder
     # model
     model: str | None = None  # ChronoEdit-14B-Diffusers folder or Wan2.1 file folder
-    dit: str | None = None
-    text_encoder: str | None = None
-    image_encoder: str | None = None
-    vae: str | None = None
-    tokenizer: str | None = None
+    dit: str | None = None  # override: DiT shard folder, index JSON or single file
+    text_encoder: str | None = None  # override: text_encoder/ folder or umT5 .pth
+    image_encoder: str | None = None  # override: image_encoder/ folder or open-clip .pth
+    vae: str | None = None  # override: vae/ folder or Wan2.1_VAE.pth
+    tokenizer: str | None = None  # override: umT5 tokenizer folder
     dtype: str = "bfloat16"  # base weights; LoRA weights train in float32
     rope: str = "skip"  # "skip" (ChronoEdit [0, 7]) or "legacy" ([0, 1], original DiffSynth scripts)
     cache: bool = False  # encode each pair once (latents, y, CLIP, umT5) and train without the encoders
     cache_dir: str | None = None  # where cached conditioning lives (default: <output>/cache); shareable across runs
     # LoRA
-    rank: int = 32
-    alpha: float = 32.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank: int = 32  # LoRA rank
+    alpha: float = 32.0  # LoRA alpha (scale = alpha / rank)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # DiT linear layers to adapt (name suffixes)
     # optimisation
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up steps, then constant
+    gradient_accumulation: int = 1  # batches per optimizer step
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_steps: int = 0  # > 0 stops after this many optimizer steps (wins over epochs)
-    epochs: int = 1
-    seed: int = 0
+    epochs: int = 1  # passes over the dataset (if max_steps is 0)
+    seed: int = 0  # LoRA init, data order, noise and timesteps
     mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # recompute block activations in backward (less memory)
     activation_offload: bool = False  # checkpointed activations kept on CPU
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
     # outputs
-    output: str = "runs/lora"
+    output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # training-state checkpoints kept for --resume
     min_free_mb: int = 1024  # refuse to start with less free space than this in `output`
     sample_every: int = 0  # > 0: every N steps, edit held-out pairs into samples/step-N.png (input | edit | target)
     sample_dataset: str | None = None  # CSV of held-out pairs for samples (default: first pairs of `dataset`)
-    sample_count: int = 2
+    sample_count: int = 2  # pairs per sample grid
     sample_steps: int = 20  # denoising steps of sample edits
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
     resume: bool = False  # continue from the newest checkpoint in `output`
