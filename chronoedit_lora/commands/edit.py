@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4 (single edits)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="LoRA to fuse into the DiT (repeatable), optional scale (default 1.0)")
+    parser.add_argument("--prompt-enhancer", metavar="MODULE:CALLABLE",
+                        help="rewrite each instruction into ChronoEdit's detailed form first: f(image, instruction) -> str "
+                             "(e.g. chronoedit_lora.captioners.qwen_vl:enhance_prompt)")
     parser.add_argument("--unfused", action="store_true",
                         help="apply LoRAs as hooks instead of fusing them into the weights (base weights untouched)")
 
@@ -100,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if args.sequence_parallel:  # every rank works on every edit together; rank 0 writes
         todo = remaining
     images = {job.image: open_image(job.image) for job in todo}  # every input checked before loading models
+    if args.prompt_enhancer:
+        from ..plugins import load_callable
+
+        enhance = load_callable(args.prompt_enhancer, "--prompt-enhancer")
+        todo = [replace(job, prompt=enhance(images[job.image], job.prompt)) for job in todo]
+        for job in todo[:3]:
+            print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:
         print(f"{args.batch}: {len(jobs)} edits, {len(jobs) - len(remaining)} already done, {len(remaining)} to do"
               + (f" across {world} processes" if world > 1 else ""))
