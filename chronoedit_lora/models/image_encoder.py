@@ -18,10 +18,7 @@ import torchvision.transforms as T
 from diffsynth.models.wan_video_image_encoder import VisionTransformer, WanImageEncoder
 
 from ..errors import CheckpointError
-from . import registry
-from .component_config import read_config
-from .loading import load_registered
-from .weight_files import read_shapes, resolve_weight_files
+from .loading import load_component
 
 MODEL_NAME = "wan_video_image_encoder"
 MODEL_CLASS = f"{__name__}.VisionTowerImageEncoder"
@@ -136,8 +133,4 @@ def image_encoder_kwargs(shapes: dict[str, list[int]], config: dict, where: str)
 
 def load_image_encoder(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> VisionTowerImageEncoder:
     """Load the CLIP image encoder from an ``image_encoder/`` folder or Wan's open-clip file."""
-    files = resolve_weight_files(path, "image encoder")
-    shapes, _ = read_shapes(files)
-    kwargs, converter = image_encoder_kwargs(shapes, read_config(path), str(path))
-    entry = registry.ensure_entry(registry.hash_shapes(shapes), MODEL_NAME, MODEL_CLASS, kwargs, converter)
-    return load_registered(files, entry, dtype, device)
+    return load_component(path, "image encoder", MODEL_NAME, MODEL_CLASS, image_encoder_kwargs, dtype, device)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from diffsynth.models.model_loader import ModelPool
+
+from . import registry
+from .component_config import read_config
+from .weight_files import read_shapes, resolve_weight_files
+
+# (shapes, config.json of a component folder, where) -> (constructor kwargs, converter dotted path)
+KwargsFromShapes = Callable[[dict[str, list[int]], dict, str], tuple[dict, "str | None"]]
 
 
 
@@ -25,3 +32,13 @@ def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, devi
     paths = [str(f) for f in files]
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
         return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)
+
+
+def load_component(path: str | Path, what: str, model_name: str, model_class: str, kwargs_from_shapes: KwargsFromShapes,
+                   dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
+    """Resolve a component's files, size it from its shapes, register it, and load it."""
+    files = resolve_weight_files(path, what)
+    shapes, _ = read_shapes(files)
+    kwargs, converter = kwargs_from_shapes(shapes, read_config(path), str(path))
+    entry = registry.ensure_entry(registry.hash_shapes(shapes), model_name, model_class, kwargs, converter)
+    return load_registered(files, entry, dtype, device)

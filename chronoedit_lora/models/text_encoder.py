@@ -11,9 +11,7 @@ import torch
 from diffsynth.models.wan_video_text_encoder import WanTextEncoder
 
 from ..errors import CheckpointError
-from . import registry
-from .loading import load_registered
-from .weight_files import read_shapes, resolve_weight_files
+from .loading import load_component
 
 MODEL_NAME = "wan_video_text_encoder"
 MODEL_CLASS = "diffsynth.models.wan_video_text_encoder.WanTextEncoder"
@@ -56,8 +54,9 @@ def umt5_to_wan_text_encoder(state_dict: Mapping) -> dict:
     return converted
 
 
-def text_encoder_kwargs(shapes: dict[str, list[int]], where: str) -> tuple[dict, str | None]:
-    """``WanTextEncoder`` kwargs and converter (dotted path) from key shapes of either layout."""
+def text_encoder_kwargs(shapes: dict[str, list[int]], config: dict, where: str) -> tuple[dict, str | None]:
+    """``WanTextEncoder`` kwargs and converter (dotted path) from key shapes of either layout
+    (everything is in the shapes; ``config`` is not needed)."""
     if "shared.weight" in shapes:
         shapes = {umt5_name_to_wan(k): v for k, v in shapes.items() if umt5_name_to_wan(k)}
         converter = f"{__name__}.umt5_to_wan_text_encoder"
@@ -78,8 +77,4 @@ def text_encoder_kwargs(shapes: dict[str, list[int]], where: str) -> tuple[dict,
 
 def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> WanTextEncoder:
     """Load the text encoder from a ``text_encoder/`` folder or a Wan ``.pth``/``.safetensors`` file."""
-    files = resolve_weight_files(path, "text encoder")
-    shapes, _ = read_shapes(files)
-    kwargs, converter = text_encoder_kwargs(shapes, str(path))
-    entry = registry.ensure_entry(registry.hash_shapes(shapes), MODEL_NAME, MODEL_CLASS, kwargs, converter)
-    return load_registered(files, entry, dtype, device)
+    return load_component(path, "text encoder", MODEL_NAME, MODEL_CLASS, text_encoder_kwargs, dtype, device)

@@ -16,10 +16,7 @@ import torch
 from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
 from ..errors import CheckpointError
-from . import registry
-from .component_config import read_config
-from .loading import load_registered
-from .weight_files import read_shapes, resolve_weight_files
+from .loading import load_component
 
 MODEL_NAME = "wan_video_vae"
 MODEL_CLASS = f"{__name__}.SizedWanVideoVAE"
@@ -138,8 +135,4 @@ def _sizes_from_wan_shapes(shapes: dict[str, list[int]]) -> dict:
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> SizedWanVideoVAE:
     """Load the VAE from a ``vae/`` folder or ``Wan2.1_VAE.pth``."""
-    files = resolve_weight_files(path, "VAE")
-    shapes, _ = read_shapes(files)
-    kwargs, converter = vae_kwargs(shapes, read_config(path), str(path))
-    entry = registry.ensure_entry(registry.hash_shapes(shapes), MODEL_NAME, MODEL_CLASS, kwargs, converter)
-    return load_registered(files, entry, dtype, device)
+    return load_component(path, "VAE", MODEL_NAME, MODEL_CLASS, vae_kwargs, dtype, device)
