@@ -12,6 +12,7 @@ from diffsynth.models.model_loader import ModelPool
 
 from . import registry
 from .component_config import read_config
+from .lean_read import read_state_dict
 from .weight_files import read_shapes, resolve_weight_files
 
 # (shapes, config.json of a component folder, where) -> (constructor kwargs, converter dotted path)
@@ -30,8 +31,9 @@ def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, devi
     # accelerate names CPU ranks "cpu:N"; safetensors only accepts "cpu"
     vram_config.update(computation_dtype=dtype, computation_device="cpu" if device.type == "cpu" else str(device))
     paths = [str(f) for f in files]
+    state_dict = read_state_dict(files, dtype)  # the weights once in RAM (see lean_read)
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
-        return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config)
+        return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config, state_dict=state_dict)
 
 
 def load_component(path: str | Path, what: str, model_name: str, model_class: str, kwargs_from_shapes: KwargsFromShapes,

@@ -19,8 +19,8 @@ _DTYPE_BYTES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def read_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Return ``({key: shape}, metadata)`` of a safetensors file, checking it is complete.
+def read_entries(path: str | Path) -> tuple[int, dict[str, tuple[str, list[int], int, int]], dict[str, str]]:
+    """``(data_start, {key: (dtype, shape, begin, end)}, metadata)`` of a complete safetensors file.
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt.
     """
@@ -44,7 +44,7 @@ def read_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]
         raise CheckpointError(f"{path}: corrupt safetensors header; {fix}.")
     metadata = header.pop("__metadata__", None) or {}
     data_bytes = size - 8 - header_len
-    shapes: dict[str, list[int]] = {}
+    entries: dict[str, tuple[str, list[int], int, int]] = {}
     for key, info in header.items():
         try:
             begin, end = info["data_offsets"]
@@ -60,13 +60,11 @@ def read_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]
                 f"{path}: truncated or corrupt (tensor {key!r} lies outside the file's "
                 f"{size} bytes); {fix}."
             )
-        shapes[key] = shape
-    return shapes, metadata
+        entries[key] = (info["dtype"], shape, begin, end)
+    return 8 + header_len, entries, metadata
 
 
-def read_headers(paths: list[Path]) -> dict[str, list[int]]:
-    """Union of the key shapes of several safetensors files (shards)."""
-    shapes: dict[str, list[int]] = {}
-    for path in paths:
-        shapes.update(read_header(path)[0])
-    return shapes
+def read_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """``({key: shape}, metadata)`` of a safetensors file, checking it is complete."""
+    _, entries, metadata = read_entries(path)
+    return {key: entry[1] for key, entry in entries.items()}, metadata

@@ -135,15 +135,18 @@ def read_shapes(files: Sequence[Path]) -> tuple[dict[str, list[int]], dict[str, 
             shapes.update(file_shapes)
             metadata.update(file_meta)
         else:
-            shapes.update({k: list(v.shape) for k, v in _load_pth(path).items() if isinstance(v, torch.Tensor)})
+            shapes.update({k: list(v.shape) for k, v in load_pth(path).items() if isinstance(v, torch.Tensor)})
     return shapes, metadata
 
 
-def _load_pth(path: Path) -> dict:
+def load_pth(path: Path) -> dict:
+    """A ``.pth`` state dict, memory-mapped, unwrapped from a single ``state_dict``/``module``/``model_state`` key."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
         raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({exc.__class__.__name__}: {exc}).") from None
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "module", "model_state"):
+        state = next(iter(state.values()))
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict.")
     return state
