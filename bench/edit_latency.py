@@ -1,0 +1,62 @@
+"""Edit latency: base model vs a fused LoRA vs an unfused (hooked) LoRA, side by side in one run.
+
+    python bench/edit_latency.py [--steps 8] [--repeats 5] [--size 64] [--json bench/edit_latency.json]
+
+Uses the kit's tiny checkpoint and a random rank-32 LoRA on every default target. Prints medians
+and ratios to the base model; never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from PIL import Image
+
+    from chronoedit_lora.lora import LoraModule, save_lora
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+    from chronoedit_lora.tiny import write_tiny_diffusers_checkpoint
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_diffusers_checkpoint(Path(tmp) / "tiny")
+        pipes = {name: ChronoEditPipeline.from_pretrained(model, dtype=torch.float32) for name in ("base", "fused", "unfused")}
+        targets = {n: m for n, m in pipes["base"].dit.named_modules()
+                   if n.endswith(("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                                  "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"))}
+        lora = {n: LoraModule(torch.randn(32, m.in_features) * 0.01, torch.randn(m.out_features, 32) * 0.01, 32.0)
+                for n, m in targets.items()}
+        save_lora(lora, Path(tmp) / "lora.safetensors")
+        pipes["fused"].load_lora(Path(tmp) / "lora.safetensors")
+        pipes["unfused"].load_lora(Path(tmp) / "lora.safetensors", fuse=False)
+        image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
+        times: dict[str, list[float]] = {name: [] for name in pipes}
+        for _ in range(args.repeats):
+            for name, pipe in pipes.items():  # interleaved so load drifts hit all three alike
+                start = time.perf_counter()
+                pipe(image, "The user wants to edit.", steps=args.steps, cfg=1.0, height=args.size, width=args.size, progress=False)
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"tiny model, {args.size}x{args.size}, {args.steps} steps, rank-32 LoRA on {len(lora)} layers")
+    for name, seconds in medians.items():
+        print(f"{name:<10}{seconds:>8.3f} s{seconds / medians['base']:>8.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seconds": times, "median": medians}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
