@@ -23,6 +23,7 @@ from diffsynth.pipelines.wan_video import (
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .errors import ChronoEditError
 from .images import tensor_to_pil
 from .models.components import LoadedComponents, load_components
 from .models.rope import chronoedit_model_fn
@@ -80,14 +81,16 @@ class ChronoEditPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
-                        **overrides: str | Path | None) -> "ChronoEditPipeline":
+                        fp8_base: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load every component from ``model_dir`` (diffusers or Wan layout) plus overrides
-        (``encoders=False``: the DiT only, for training from cached conditioning)."""
+        (``encoders=False``: the DiT only, for training from cached conditioning; ``fp8_base``:
+        the DiT blocks' linear weights in float8, see :mod:`chronoedit_lora.models.fp8`)."""
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
             device = start_sequence_parallel()
-        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, **overrides)
+        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, fp8_base=fp8_base,
+                                     **overrides)
         return cls(components, device, dtype, rope, sequence_parallel)
 
     def release_encoders(self) -> None:
@@ -105,8 +108,14 @@ class ChronoEditPipeline:
 
         Fused by default (no cost per step). ``fuse=False`` returns an :class:`UnfusedLora` whose
         ``scale`` can be changed, or which can be removed, without reloading the base model.
+        fp8 base weights cannot absorb a LoRA, so there it must be unfused.
         """
         from .lora import UnfusedLora, check_lora_matches, fuse_lora, load_lora
+        from .models.fp8 import uses_fp8
+
+        if fuse and uses_fp8(self.dit):
+            raise ChronoEditError(f"LoRA {path}: the DiT holds fp8 base weights, which a fused LoRA would round "
+                                  "away; load it with fuse=False (the edit command does this itself with --fp8-base).")
 
         weights, _ = load_lora(path)
         check_lora_matches(weights, self.dit, str(path))

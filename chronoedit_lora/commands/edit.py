@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     pipe = ChronoEditPipeline.from_pretrained(**options)
     for path, scale in loras:
-        pipe.load_lora(path, scale, fuse=not args.unfused)
+        pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
     for job in tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2):
         started = time.perf_counter()
         result = pipe(images[job.image], job.prompt, negative_prompt=args.negative_prompt, seed=job.seed,

@@ -20,6 +20,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag}", dest=name, help=f"override: path of the {name.replace('_', ' ')}")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
     group.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight and compute dtype")
+    group.add_argument("--fp8-base", action="store_true",
+                       help="store the DiT blocks' linear weights in float8 (half the memory of bf16; LoRAs "
+                            "are then applied unfused)")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="split one edit across GPUs (DiffSynth USP; torchrun, CUDA, NCCL and xfuser needed)")
     group.add_argument("--rope", default="skip", choices=["skip", "legacy"],
@@ -38,5 +41,6 @@ def model_options(args: argparse.Namespace) -> dict:
         "dtype": DTYPES[args.dtype],
         "rope": args.rope,
         "sequence_parallel": getattr(args, "sequence_parallel", False),
+        "fp8_base": args.fp8_base,
         **{name: getattr(args, name) for name in COMPONENTS},
     }

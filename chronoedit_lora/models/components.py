@@ -12,6 +12,7 @@ from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTex
 from ..errors import CheckpointError
 from .discovery import ComponentPaths, discover_components
 from .dit import DiTCheckpoint, load_dit
+from .fp8 import store_blocks_in_fp8
 from .image_encoder import VisionTowerImageEncoder, load_image_encoder
 from .text_encoder import load_text_encoder
 from .vae import SizedWanVideoVAE, load_vae
@@ -47,12 +48,16 @@ def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
 
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu", encoders: bool = True,
+                    device: str | torch.device = "cpu", encoders: bool = True, fp8_base: bool = False,
                     **overrides: str | Path | None) -> LoadedComponents:
     """Find (``--model`` + per-component overrides) and load every component (``encoders=False``:
-    only the DiT, for training from cached conditioning)."""
+    only the DiT, for training from cached conditioning; ``fp8_base``: the DiT blocks' linear
+    weights stored in float8, quantized on the CPU before they reach ``device``)."""
     paths = discover_components(model_dir, **overrides)
-    dit, dit_checkpoint = load_dit(paths.dit, dtype=dtype, device=device)
+    dit, dit_checkpoint = load_dit(paths.dit, dtype=dtype, device="cpu" if fp8_base else device)
+    if fp8_base:
+        store_blocks_in_fp8(dit)
+        dit.to(device)
     return LoadedComponents(
         dit=dit,
         text_encoder=load_text_encoder(paths.text_encoder, dtype, device) if encoders else None,

@@ -34,6 +34,7 @@ class TrainConfig:
     vae: str | None = None  # override: vae/ folder or Wan2.1_VAE.pth
     tokenizer: str | None = None  # override: umT5 tokenizer folder
     dtype: str = "bfloat16"  # base weights; LoRA weights train in float32
+    fp8_base: bool = False  # DiT blocks' linear weights stored in float8 (half of bf16), computed in the activations' dtype
     rope: str = "skip"  # "skip" (ChronoEdit [0, 7]) or "legacy" ([0, 1], original DiffSynth scripts)
     cache: bool = False  # encode each pair once (latents, y, CLIP, umT5) and train without the encoders
     cache_dir: str | None = None  # where cached conditioning lives (default: <output>/cache); shareable across runs

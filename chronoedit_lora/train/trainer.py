@@ -78,7 +78,7 @@ def train(config: TrainConfig) -> TrainResult:
     loaded_encoders = cache is None or bool(missing) or config.sample_every > 0
     pipe = ChronoEditPipeline.from_pretrained(
         config.model, device=accelerator.device, dtype=dtype, rope=config.rope,
-        encoders=loaded_encoders, **component_overrides(config))
+        encoders=loaded_encoders, fp8_base=config.fp8_base, **component_overrides(config))
     if cache is not None:
         _fill_cache(accelerator, cache, pipe, data, missing)
         if not config.sample_every:
