@@ -1,10 +1,14 @@
-"""Training step time and peak memory: encoding every step (the original recipe and DiffSynth's
-stock trainer) vs training from cached conditioning, measured side by side in one run.
+"""Training step time, peak memory and FLOPs utilisation: encoding every step (the original recipe
+and DiffSynth's stock trainer) vs training from cached conditioning, measured side by side in one run.
 
-    python bench/train_step.py [--steps 12] [--repeats 3] [--json bench/train_step.json]
+    python bench/train_step.py [--size tiny|mid] [--steps N] [--repeats 3] [--json out.json]
 
-Each configuration runs in its own process (so peak RSS is its own), on the kit's tiny checkpoint
-and the example dataset. Prints medians and the ratio; never asserts a time.
+``tiny`` is the kit's 36 MB test checkpoint at 64x64; ``mid`` (written once, about 4 GB, 1 minute) has
+a DiT in Wan2.1-1.3B's shapes, the real Wan2.1 VAE and umT5-XXL / ViT-H widths with a few layers,
+trained at 128x128. Each training run is its own process (so peak RSS is its own); runs of the two
+modes alternate, so machine load affects both columns alike. Then, in a further process: the DiT's
+forward+backward FLOPs of one step (counted by ``torch.utils.flop_counter`` on a cached pair) and
+the machine's dense float32 matmul throughput. Prints medians and ratios; never asserts a time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,61 +24,111 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_cpu.toml"
+SIDE = {"tiny": 64, "mid": 128}  # training height = width
+DEFAULT_STEPS = {"tiny": 12, "mid": 5}
+
+# One training step of the DiT under the FLOP counter, then a float32 matmul roofline.
+MEASURE_FLOPS = r"""
+import json, statistics, sys, time
+import torch
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+from chronoedit_lora.pipeline import ChronoEditPipeline
+from chronoedit_lora.train.config import load_config
+from chronoedit_lora.train.lora_module import LoraTrainingModule
+config_path, model, cache_entry = sys.argv[1:4]
+config = load_config(config_path, {"model": model})
+pipe = ChronoEditPipeline.from_pretrained(model, dtype=torch.float32, encoders=False)
+module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
+                            config.gradient_checkpointing, config.activation_offload)
+with FlopCounterMode(display=False) as counter:
+    module(load_file(cache_entry)).backward()
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+seconds = []
+for _ in range(12):
+    start = time.perf_counter(); a @ b; seconds.append(time.perf_counter() - start)
+print(json.dumps({"dit_flops_per_step": counter.get_total_flops(),
+                  "matmul_flops_per_s": 2 * 2048**3 / statistics.median(seconds[2:])}))
+"""
 
 
-def run_once(model: Path, output: Path, cache: bool, steps: int) -> dict:
+def cli(*args: str) -> None:
+    """Run a ``chronoedit-lora`` command in a child process."""
+    subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", *args], check=True, capture_output=True)
+
+
+def train_args(model: Path, output: Path, side: int) -> list[str]:
+    return ["--config", str(CONFIG), "--model", str(model), "--output", str(output),
+            "--height", str(side), "--width", str(side)]
+
+
+def run_once(model: Path, output: Path, cache: bool, steps: int, side: int) -> dict:
     """Train in a child process; returns median s/step (after the first step) and its peak RSS."""
-    code = (
-        "import resource, sys; from chronoedit_lora.cli import main; "
-        f"main(['train', '--config', '{ROOT / 'configs/tiny_cpu.toml'}', '--model', '{model}', "
-        f"'--output', '{output}', '--max_steps', '{steps}', '--save_every', '100000', '--cache', '{str(cache).lower()}', "
-        "'--height', '64', '--width', '64']); "
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+    args = ["train", *train_args(model, output, side), "--max_steps", str(steps), "--save_every", "100000",
+            "--cache", str(cache).lower()]
+    code = (f"import resource; from chronoedit_lora.cli import main; main({args!r}); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_kb = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
     seconds = [float(r["seconds"]) for r in csv.DictReader((output / "logs" / "metrics.csv").open())][1:]
     return {"s_per_step": statistics.median(seconds), "peak_rss_mb": peak_kb / 1024}
 
 
+def measure_flops(model: Path, cache: Path) -> dict:
+    entry = next(cache.rglob("*.safetensors"))
+    out = subprocess.run([sys.executable, "-c", MEASURE_FLOPS, str(CONFIG), str(model), str(entry)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--size", choices=sorted(SIDE), default="tiny")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = tmp / "tiny"
-        subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model)], check=True, capture_output=True)
+        model = tmp / args.size
+        cli("make-tiny", str(model), "--size", args.size)
+        cache = tmp / "cache-source" / "cache"
+        cli("cache", *train_args(model, cache.parent, side))  # filled once, not timed
         figures: dict[str, list[dict]] = {"uncached": [], "cached": []}
         for repeat in range(args.repeats):
-            for mode in figures:  # interleaved, so machine load affects both columns alike
+            for mode in figures:
                 output = tmp / f"{mode}-{repeat}"
                 if mode == "cached":
-                    prepare_cache(tmp / "cache-source", output, model)
-                figures[mode].append(run_once(model, output, mode == "cached", args.steps))
-    summary = {mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for mode, runs in figures.items()}
-    summary["speedup_cached"] = summary["uncached"]["s_per_step"] / summary["cached"]["s_per_step"]
-    summary["rss_ratio_cached"] = summary["cached"]["peak_rss_mb"] / summary["uncached"]["peak_rss_mb"]
-    print(f"{'tiny config (64x64, CPU)':<28}{'uncached':>12}{'cached':>12}{'ratio':>10}")
-    print(f"{'s/step (median)':<28}{summary['uncached']['s_per_step']:>12.3f}{summary['cached']['s_per_step']:>12.3f}"
-          f"{summary['speedup_cached']:>9.2f}x")
-    print(f"{'peak RSS MB (median)':<28}{summary['uncached']['peak_rss_mb']:>12.0f}{summary['cached']['peak_rss_mb']:>12.0f}"
-          f"{summary['rss_ratio_cached']:>9.2f}x")
+                    shutil.copytree(cache, output / "cache")
+                figures[mode].append(run_once(model, output, mode == "cached", steps, side))
+        flops = measure_flops(model, cache)
+    summary: dict = {mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for mode, runs in figures.items()}
+    for mode in figures:
+        achieved = flops["dit_flops_per_step"] / summary[mode]["s_per_step"]
+        summary[mode].update(dit_flops_per_s=achieved, matmul_fraction=achieved / flops["matmul_flops_per_s"])
+    summary.update(flops, speedup_cached=summary["uncached"]["s_per_step"] / summary["cached"]["s_per_step"],
+                   rss_ratio_cached=summary["cached"]["peak_rss_mb"] / summary["uncached"]["peak_rss_mb"])
+    print_table(args.size, side, summary)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": figures, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps, "runs": figures,
+                                               "summary": summary}, indent=2))
 
 
-def prepare_cache(source: Path, output: Path, model: Path) -> None:
-    """Fill the conditioning cache once (not timed) and point the cached run at a copy of it."""
-    import shutil
-
-    if not source.exists():
-        code = (f"from chronoedit_lora.cli import main; main(['cache', '--config', '{ROOT / 'configs/tiny_cpu.toml'}', "
-                f"'--model', '{model}', '--output', '{source}', '--height', '64', '--width', '64'])")
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    shutil.copytree(source / "cache", output / "cache")
+def print_table(size: str, side: int, s: dict) -> None:
+    u, c = s["uncached"], s["cached"]
+    rows = [
+        ("s/step (median)", f"{u['s_per_step']:.3f}", f"{c['s_per_step']:.3f}", f"{s['speedup_cached']:.2f}x faster"),
+        ("peak RSS MB (median)", f"{u['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}", f"{s['rss_ratio_cached']:.2f}x"),
+        ("DiT GFLOP/s", f"{u['dit_flops_per_s'] / 1e9:.1f}", f"{c['dit_flops_per_s'] / 1e9:.1f}", ""),
+        ("  / fp32 matmul peak", f"{u['matmul_fraction']:.1%}", f"{c['matmul_fraction']:.1%}", ""),
+    ]
+    print(f"{size} config ({side}x{side}, CPU, float32); DiT forward+backward {s['dit_flops_per_step'] / 1e9:.1f} "
+          f"GFLOP/step; fp32 matmul peak {s['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (2048^3, same run)")
+    print(f"{'':<24}{'uncached':>12}{'cached':>12}{'':>4}ratio")
+    for name, *values in rows:
+        print(f"{name:<24}{values[0]:>12}{values[1]:>12}    {values[2]}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ own ``save_pretrained``, and the Wan2.1 file layout (one DiT .safetensors, Wan `
 
 Sizes keep every constraint ChronoEdit has: CLIP width 1280 with 257 tokens, 16 latent channels,
 DiT input 36 channels, width 192 > 36 x 4 patch inputs (so a LoRA can learn), head dim 48 (Wan's and diffusers' RoPE splits agree), 512 text tokens.
+The ``mid`` size (for benchmarks) has a DiT in Wan2.1-1.3B's shapes, the real Wan2.1 VAE, and the
+real umT5-XXL / ViT-H widths with only a few of their layers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,8 +30,32 @@ CORPUS = (
     "Make it night, relight the scene with warm lamps; the red house, the green tree and the blue river stay. "
     "Enhance image clarity and resolution while keeping the content identical, super-resolution, high detail."
 )
-TINY_SHARD_SIZE = "1MB"  # forces the transformer into several shards, like the real 14 shards
 TINY_IMAGE_SIZE = 32  # CLIP input; with patch 2 -> 16 x 16 + 1 = 257 tokens, as ViT-H/14 at 224
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Constructor arguments of each component (the rest is fixed by ChronoEdit's design)."""
+
+    text: dict = field(default_factory=lambda: {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4})
+    image: dict = field(default_factory=lambda: {"intermediate_size": 256, "num_hidden_layers": 2, "image_size": TINY_IMAGE_SIZE,
+                                                 "patch_size": 2})
+    transformer: dict = field(default_factory=lambda: {"num_attention_heads": 4, "attention_head_dim": 48, "ffn_dim": 384,
+                                                       "num_layers": 2})
+    vae: dict = field(default_factory=lambda: {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1})
+    shard_size: str = "1MB"  # forces the transformer into several shards, like the real 14 shards
+
+
+SIZES = {
+    "tiny": CheckpointSize(),
+    # DiT: Wan2.1-1.3B (1536 wide, 30 blocks); VAE: Wan2.1's; umT5-XXL and ViT-H/14 widths, 2 and 4 layers.
+    "mid": CheckpointSize(
+        text={"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 2, "num_heads": 64},
+        image={"intermediate_size": 5120, "num_hidden_layers": 4, "image_size": 224, "patch_size": 14},
+        transformer={"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30},
+        vae={"base_dim": 96, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+        shard_size="500MB"),
+}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -71,8 +98,10 @@ def _perturb_constant_parameters(module: torch.nn.Module, generator: torch.Gener
                 param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
 
 
-def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a tiny ChronoEdit-14B-Diffusers-layout checkpoint to ``root`` (deterministic per seed)."""
+def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                                    size: str = "tiny") -> Path:
+    """Write a random ChronoEdit-14B-Diffusers-layout checkpoint of ``size`` (see ``SIZES``) to
+    ``root``, deterministic per seed."""
     from diffusers import AutoencoderKLWan, ChronoEditPipeline, ChronoEditTransformer3DModel, UniPCMultistepScheduler
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
@@ -84,30 +113,28 @@ def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torc
     def seeded(offset: int):
         torch.manual_seed(seed * 1000 + offset)
 
+    sizes = SIZES[size]
     seeded(1)
-    text_dim = 32
     text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=vocab, d_model=text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0))
+        vocab_size=vocab, **sizes.text, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0))
     seeded(2)
     image_encoder = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=256, num_hidden_layers=2, num_attention_heads=16,
-        image_size=TINY_IMAGE_SIZE, patch_size=2, hidden_act="gelu", projection_dim=1024))
+        hidden_size=1280, num_attention_heads=16, **sizes.image, hidden_act="gelu", projection_dim=1024))
     seeded(3)
+    width = sizes.transformer["num_attention_heads"] * sizes.transformer["attention_head_dim"]
     transformer = ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=48, in_channels=36, out_channels=16,
-        text_dim=text_dim, freq_dim=256, ffn_dim=384, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=192, rope_max_seq_len=1024,
-        rope_temporal_skip_len=8)
+        patch_size=(1, 2, 2), in_channels=36, out_channels=16, text_dim=sizes.text["d_model"], freq_dim=256,
+        **sizes.transformer, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280,
+        added_kv_proj_dim=width, rope_max_seq_len=1024, rope_temporal_skip_len=8)
     seeded(4)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(**sizes.vae, z_dim=16, attn_scales=[], temperal_downsample=[False, True, True])
     for model in (text_encoder, image_encoder, transformer, vae):
         _perturb_constant_parameters(model, generator)
         model.to(dtype)
 
+    clip_size = sizes.image["image_size"]
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        size={"shortest_edge": clip_size}, crop_size={"height": clip_size, "width": clip_size},
         image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_center_crop=True)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
                                         num_train_timesteps=1000)
@@ -115,14 +142,14 @@ def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torc
                               text_encoder=text_encoder, image_encoder=image_encoder, image_processor=image_processor,
                               transformer=transformer, vae=vae, scheduler=scheduler)
     pipe.save_config(str(root))
-    transformer.save_pretrained(str(root / "transformer"), max_shard_size=TINY_SHARD_SIZE)
+    transformer.save_pretrained(str(root / "transformer"), max_shard_size=sizes.shard_size)
     for name, component in (("text_encoder", text_encoder), ("image_encoder", image_encoder), ("vae", vae),
                             ("image_processor", image_processor), ("scheduler", scheduler)):
         component.save_pretrained(str(root / name))
     return root
 
 
-def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0) -> Path:
+def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders)."""
     from safetensors.torch import save_file
 
@@ -131,7 +158,7 @@ def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed)
+        source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
         loaded = load_components(source, dtype=torch.bfloat16)
         dit_state = {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
         save_file(dit_state, str(root / "chronoedit_tiny_bf16.safetensors"), metadata={
@@ -149,8 +176,10 @@ def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0) -> Path:
 LAYOUTS = {"diffusers": write_tiny_diffusers_checkpoint, "wan": write_tiny_wan_checkpoint}
 
 
-def write_tiny_checkpoint(root: str | Path, layout: str = "diffusers", seed: int = 0) -> Path:
-    """Write a tiny checkpoint in ``layout`` ("diffusers" or "wan")."""
+def write_tiny_checkpoint(root: str | Path, layout: str = "diffusers", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random checkpoint of ``size`` ("tiny" or "mid") in ``layout`` ("diffusers" or "wan")."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-    return LAYOUTS[layout](root, seed=seed)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    return LAYOUTS[layout](root, seed=seed, size=size)

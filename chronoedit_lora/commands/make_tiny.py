@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=["diffusers", "wan"], default="diffusers",
                         help="ChronoEdit-14B-Diffusers folders, or Wan2.1 files (single DiT file + .pth encoders)")
     parser.add_argument("--seed", type=int, default=0, help="weights are a deterministic function of the seed")
+    parser.add_argument("--size", choices=["tiny", "mid"], default="tiny",
+                        help="tiny (36 MB, tests and demo) or mid (Wan2.1-1.3B-shaped DiT, about 4 GB, benchmarks)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tiny import write_tiny_checkpoint
 
     diffusers_logging.set_verbosity_error()
-    write_tiny_checkpoint(output, args.layout, args.seed)
+    write_tiny_checkpoint(output, args.layout, args.seed, args.size)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    print(f"tiny ChronoEdit checkpoint ({args.layout} layout, seed {args.seed}, {size / 2**20:.1f} MiB): {output}")
+    print(f"{args.size} ChronoEdit checkpoint ({args.layout} layout, seed {args.seed}, {size / 2**20:.1f} MiB): {output}")
     return 0
