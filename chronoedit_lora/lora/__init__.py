@@ -1,8 +1,9 @@
-"""LoRA weights: the canonical in-memory form, the kit's shareable file format, fusing."""
+"""LoRA weights: the canonical in-memory form, file formats, checking, fusing and unfused hooks."""
 
 from .apply import LoraMismatchError, UnfusedLora, check_lora_matches, fuse_lora
 from .formats import FORMATS, detect_format
-from .weights import LoraModule, LoraWeights, from_peft_parameters, load_lora, save_lora
+from .io import load_lora, save_lora
+from .weights import LoraModule, LoraWeights, from_peft_parameters
 
 __all__ = ["FORMATS", "LoraMismatchError", "UnfusedLora", "LoraModule", "LoraWeights", "check_lora_matches", "detect_format",
            "from_peft_parameters", "fuse_lora", "load_lora", "save_lora"]

@@ -6,27 +6,24 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ChronoEditError
 from ..models.dit import DiTCheckpoint
 from ..models.safetensors_header import read_header
-from .formats import WAN_TO_DIFFUSERS
+from .names import to_diffusers
 from .weights import LoraWeights
-
-_BLOCK_PREFIX = "blocks."
 
 
 def checkpoint_key(module: str, ckpt: DiTCheckpoint) -> str:
     """The weight's key in the checkpoint's own naming (diffusers or original Wan, with prefix)."""
     if ckpt.format == "wan":
         return f"{ckpt.key_prefix}{module}.weight"
-    block, _, inner = module[len(_BLOCK_PREFIX):].partition(".")
-    if not module.startswith(_BLOCK_PREFIX) or inner not in WAN_TO_DIFFUSERS:
+    name = to_diffusers(module)
+    if name is None:
         raise ChronoEditError(f"cannot merge LoRA layer {module}: it has no diffusers-format counterpart.")
-    return f"blocks.{block}.{WAN_TO_DIFFUSERS[inner]}.weight"
+    return f"{name}.weight"
 
 
 def merge_into_files(ckpt: DiTCheckpoint, loras: list[tuple[LoraWeights, float]], output: Path) -> list[Path]:
