@@ -40,6 +40,18 @@ def test_batch_writes_every_output_and_resumes(tiny_diffusers, input_image, tmp_
     assert (tmp_path / "b" / "out" / "2.png").is_file()
 
 
+def test_rank_share_does_not_depend_on_what_other_ranks_already_wrote(tiny_diffusers, input_image, tmp_path,
+                                                                      monkeypatch):
+    """Rank 1 may write out/1.png before rank 0 looks: rank 0 must still do rows 0 and 2, not re-split."""
+    edits = write_batch(tmp_path / "b", input_image)
+    (tmp_path / "b" / "out").mkdir()
+    (tmp_path / "b" / "out" / "1.png").write_bytes(b"written by rank 1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["edit", "--model", str(tiny_diffusers), "--batch", str(edits), *FAST]) == 0
+    assert sorted(p.name for p in (tmp_path / "b" / "out").glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
 def test_batch_problems_are_all_reported_before_loading(input_image, tmp_path, capsys):
     folder = tmp_path / "bad"
     folder.mkdir()

@@ -99,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora_arg(v) for v in args.lora]
     jobs = _jobs(args)
     video = check_writable(args.video, (".mp4",)) if args.video else None
-    remaining = [job for job in jobs if not (args.batch and job.output.exists())]
-    todo, rank, world = rank_share(remaining)
+    # Split the whole list first: another rank may already be writing outputs while this one starts.
+    share, rank, world = rank_share(jobs)
     if args.sequence_parallel:  # every rank works on every edit together; rank 0 writes
-        todo = remaining
+        share = jobs
+    done = {job.output for job in jobs if args.batch and job.output.exists()}  # a batch resumes where it stopped
+    todo = [job for job in share if job.output not in done]
     images = {job.image: open_image(job.image) for job in todo}  # every input checked before loading models
     if args.prompt_enhancer:
         from ..plugins import load_callable
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         for job in todo[:3]:
             print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:
-        print(f"{args.batch}: {len(jobs)} edits, {len(jobs) - len(remaining)} already done, {len(remaining)} to do"
+        print(f"{args.batch}: {len(jobs)} edits, {len(done)} already done, {len(jobs) - len(done)} to do"
               + (f" across {world} processes" if world > 1 else ""))
 
     from ..pipeline import ChronoEditPipeline  # heavy imports only once the inputs are known good
