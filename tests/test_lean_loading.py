@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .bench_scripts import load_bench
+
 MAX_ADDED_RSS = 1.15  # x the weight bytes
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("load_dit", ROOT / "bench" / "load_dit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_dit_load_holds_the_weights_once(tmp_path):
-    bench = _bench()
+    bench = load_bench("load_dit")
     folder = tmp_path / "transformer"
     weight_bytes = bench.write_synthetic_dit(folder, layers=2)  # ~0.3 GiB bf16, 1.3B-shaped blocks
     result = subprocess.run([sys.executable, "-c", bench.MEASURE, str(folder), "ours"], capture_output=True, text=True)

@@ -1,0 +1,209 @@
+"""What sits in GPU memory while training a ChronoEdit-14B LoRA, per mode, computed, not guessed.
+
+    python bench/memory_14b.py [--height 1024 --width 1024] [--rank 32] [--gpus 8] [--json out.json]
+
+Parameter counts come from the kit's own model classes built on the meta device (no weights):
+the DiT as DiffSynth's ``WanModel`` with ChronoEdit-14B's kwargs and peft LoRA injected the way the
+trainer does it, umT5-XXL, the ViT-H/14 vision tower and the Wan2.1 VAE. Activations come from
+running one DiT block forward on meta tensors of the training shapes and adding up, with
+``saved_tensors_hooks``, every tensor autograd keeps for backward. Runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+TRAIN_FRAMES = 5  # [source, edit x 4] -> 2 latent frames
+TEXT_TOKENS, CLIP_TOKENS = 512, 257
+
+
+@dataclass
+class Counts:
+    """Bytes and element counts measured on the meta-device models."""
+
+    dit_params: int
+    block_linear_weights: int  # weights of the nn.Linear layers inside the blocks (what fp8 stores in 1 byte)
+    block_linear_rows: int  # their output rows (one float32 fp8 scale each)
+    largest_linear: int
+    lora_params: int
+    encoder_params: dict[str, int]
+    tokens: int
+    block_input_bytes: int  # one block's input x, bf16: what gradient checkpointing keeps per block
+    block_saved_bytes: int  # everything one block's forward keeps for backward (flash-attention accounting)
+
+
+def build_dit(kwargs: dict, rank: int) -> torch.nn.Module:
+    """A DiffSynth ``WanModel`` of ``kwargs`` on the meta device, bf16, with the trainer's peft LoRA."""
+    from diffsynth.models.wan_video_dit import WanModel
+
+    with torch.device("meta"):
+        return add_lora(WanModel(**kwargs).to(torch.bfloat16), rank)
+
+
+def add_lora(dit: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """peft LoRA on the trainer's default targets; only LoRA trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from chronoedit_lora.train.config import DEFAULT_TARGETS
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_TARGETS), dit)
+    for name, param in dit.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:  # under autocast the LoRA matmuls run in bf16 too
+            param.data = param.data.to(torch.bfloat16)
+    return dit
+
+
+def encoder_params() -> dict[str, int]:
+    """Parameter counts of umT5-XXL, the ViT-H/14 vision tower and the Wan2.1 VAE (kit classes, defaults)."""
+    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+
+    from chronoedit_lora.models.image_encoder import VisionTowerImageEncoder
+    from chronoedit_lora.models.vae import SizedWanVideoVAE
+
+    with torch.device("meta"):
+        models = {"umT5-XXL": WanTextEncoder(), "CLIP ViT-H/14": VisionTowerImageEncoder(), "VAE": SizedWanVideoVAE()}
+    return {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+
+
+def latent_tokens(height: int, width: int) -> int:
+    """DiT tokens of a training clip: 2 latent frames x (H/8/2) x (W/8/2)."""
+    latent_frames = 1 + (TRAIN_FRAMES - 1) // 4
+    return latent_frames * (height // 16) * (width // 16)
+
+
+def saved_by_one_block(dit: torch.nn.Module, height: int, width: int) -> int:
+    """Bytes autograd keeps for backward from one bf16 block's forward (LoRA in bf16, as under autocast).
+
+    Tensors are counted once per storage; parameters and the block's inputs not at all.
+    Attention is counted as GPU flash attention keeps it (q, k, v, output and a float32
+    log-sum-exp per query and head), not as the CPU math path that this meta run dispatches to,
+    which would keep the full attention matrices.
+    """
+    import torch.nn.functional as F
+
+    block = dit.blocks[0]
+    frames, h, w = 1 + (TRAIN_FRAMES - 1) // 4, height // 16, width // 16
+    seq = frames * h * w
+    freqs = torch.cat([dit.freqs[0][:frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
+                       dit.freqs[1][:h].view(1, h, 1, -1).expand(frames, h, w, -1),
+                       dit.freqs[2][:w].view(1, 1, w, -1).expand(frames, h, w, -1)], dim=-1).reshape(seq, 1, -1)
+    like = {"device": block.modulation.device, "dtype": torch.bfloat16}
+    x = torch.randn(1, seq, dit.dim, **like, requires_grad=True)
+    context = torch.randn(1, CLIP_TOKENS + TEXT_TOKENS, dit.dim, **like)
+    t_mod = torch.randn(1, 6, dit.dim, **like)
+    # parameters are resident anyway; the block's inputs are counted per block (x) or once (context)
+    params = {t.untyped_storage()._cdata for t in (*block.parameters(), x, context, t_mod)}
+    saved: dict[int, int] = {}
+    in_attention = [False]
+
+    alive = []  # held until the end, so that no counted storage is freed and its address reused
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        alive.append(tensor)
+        if not in_attention[0] and storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    def flash_attention(q, k, v, *args, **kwargs):
+        in_attention[0] = True
+        out = sdpa(q, k, v, *args, **kwargs)
+        in_attention[0] = False
+        for tensor in (q, k, v, out):
+            alive.append(tensor)
+            saved[tensor.untyped_storage()._cdata] = tensor.numel() * 2
+        saved[id(out)] = q.shape[0] * q.shape[1] * q.shape[2] * 4  # log-sum-exp
+        return out
+
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, flash_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            block(x, context, t_mod, freqs)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return sum(saved.values())
+
+
+def count(height: int, width: int, rank: int, kwargs: dict) -> Counts:
+    """Every figure the modes are computed from, for a DiT of ``kwargs``."""
+    dit = build_dit(kwargs, rank)
+    linears = [m for m in dit.blocks.modules() if type(m) is torch.nn.Linear]
+    saved = saved_by_one_block(dit, height, width)
+    tokens = latent_tokens(height, width)
+    return Counts(
+        dit_params=sum(p.numel() for n, p in dit.named_parameters() if "lora_" not in n),
+        block_linear_weights=sum(m.weight.numel() for m in linears),
+        block_linear_rows=sum(m.out_features for m in linears),
+        largest_linear=max(m.weight.numel() for m in linears),
+        lora_params=sum(p.numel() for p in dit.parameters() if p.requires_grad),
+        encoder_params=encoder_params(),
+        tokens=tokens,
+        block_input_bytes=tokens * dit.dim * 2,
+        block_saved_bytes=saved,
+    )
+
+
+def modes(c: Counts, blocks: int, gpus: int) -> dict[str, dict[str, float]]:
+    """GPU-resident GiB per category for each training mode (plus CPU RAM where offloading moves it)."""
+    bf16_dit = c.dit_params * 2
+    fp8_dit = bf16_dit - c.block_linear_weights + c.block_linear_rows * 4 + c.largest_linear * 2  # + one bf16 copy
+    encoders = sum(c.encoder_params.values()) * 2
+    lora_state = c.lora_params * 4 * 4  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
+    zero2_lora = c.lora_params * 4 + c.lora_params * 4 * 3 / gpus  # grads and optimizer states sharded
+    checkpointed = blocks * c.block_input_bytes + c.block_saved_bytes  # block inputs + one block recomputed
+    recompute_only = c.block_saved_bytes + c.block_input_bytes
+    rows = {
+        "uncached": (bf16_dit, encoders, lora_state, checkpointed, 0),
+        "cached": (bf16_dit, 0, lora_state, checkpointed, 0),
+        "cached + fp8 base": (fp8_dit, 0, lora_state, checkpointed, 0),
+        "cached + activation offload": (bf16_dit, 0, lora_state, recompute_only, blocks * c.block_input_bytes),
+        f"cached + ZeRO-2 ({gpus} GPUs)": (bf16_dit, 0, zero2_lora, checkpointed, 0),
+        "cached + fp8 base + activation offload": (fp8_dit, 0, lora_state, recompute_only, blocks * c.block_input_bytes),
+    }
+    names = ("DiT weights", "encoders", "LoRA + grads + AdamW", "activations", "CPU RAM (offloaded)")
+    table = {mode: {name: value / GIB for name, value in zip(names, values)} for mode, values in rows.items()}
+    for figures in table.values():
+        figures["GPU total"] = sum(v for k, v in figures.items() if k != "CPU RAM (offloaded)")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from chronoedit_lora.models.registry import CHRONOEDIT_14B_KWARGS
+
+    c = count(args.height, args.width, args.rank, CHRONOEDIT_14B_KWARGS)
+    table = modes(c, CHRONOEDIT_14B_KWARGS["num_layers"], args.gpus)
+    columns = list(next(iter(table.values())))
+    print(f"ChronoEdit-14B LoRA training at {args.height}x{args.width}, batch 1, rank {args.rank}, bf16, "
+          f"gradient checkpointing; GiB on each GPU")
+    print("| mode | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for mode, figures in table.items():
+        print(f"| {mode} | " + " | ".join(f"{figures[k]:.1f}" if figures[k] else "0" for k in columns) + " |")
+    print(f"\nDiT {c.dit_params / 1e9:.2f} B parameters ({c.block_linear_weights / c.dit_params:.1%} in block linears); "
+          + ", ".join(f"{name} {n / 1e9:.2f} B" for name, n in c.encoder_params.items())
+          + f"; LoRA {c.lora_params / 1e6:.1f} M.")
+    print(f"{c.tokens} tokens; per block: input {c.block_input_bytes / GIB:.2f} GiB, saved for backward "
+          f"{c.block_saved_bytes / GIB:.2f} GiB (attention counted as flash attention keeps it).")
+    print("Not included: CUDA context and allocator slack, transient temporaries inside an op, the VAE's "
+          "encode activations (uncached mode, no_grad), tensors outside the blocks.")
+    print("ZeRO-2 shards only gradients and optimizer states, which a LoRA barely has; sharding the frozen "
+          "base needs ZeRO-3 / FSDP.")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
