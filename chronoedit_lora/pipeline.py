@@ -81,23 +81,19 @@ class ChronoEditPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
-                        fp8_base: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
-        """Load every component from ``model_dir`` (diffusers or Wan layout) plus overrides
-        (``encoders=False``: the DiT only, for training from cached conditioning; ``fp8_base``:
-        the DiT blocks' linear weights in float8, see :mod:`chronoedit_lora.models.fp8`)."""
+                        with_dit: bool = True, fp8_base: bool = False,
+                        **overrides: str | Path | None) -> "ChronoEditPipeline":
+        """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
+        (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
+        the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
+        float8, see :mod:`chronoedit_lora.models.fp8`)."""
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
             device = start_sequence_parallel()
-        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, fp8_base=fp8_base,
-                                     **overrides)
+        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, with_dit=with_dit,
+                                     fp8_base=fp8_base, **overrides)
         return cls(components, device, dtype, rope, sequence_parallel)
-
-    def release_encoders(self) -> None:
-        """Drop umT5, CLIP, the VAE and the tokenizer (training from cache needs only the DiT)."""
-        for name in ("text_encoder", "image_encoder", "vae", "tokenizer"):
-            setattr(self.components, name, None)
-            setattr(self.core, name, None)
 
     @property
     def dit(self):

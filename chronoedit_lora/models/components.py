@@ -11,7 +11,7 @@ from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTex
 
 from ..errors import CheckpointError
 from .discovery import ComponentPaths, discover_components
-from .dit import DiTCheckpoint, load_dit
+from .dit import DiTCheckpoint, inspect_dit, load_dit
 from .fp8 import store_blocks_in_fp8
 from .image_encoder import VisionTowerImageEncoder, load_image_encoder
 from .text_encoder import load_text_encoder
@@ -24,7 +24,7 @@ TEXT_LENGTH = 512  # umT5 context length ChronoEdit was trained with
 class LoadedComponents:
     """The models ChronoEdit needs, as DiffSynth modules, plus what we know of the checkpoint."""
 
-    dit: WanModel
+    dit: WanModel  # on the meta device (no weights) when only filling the conditioning cache
     text_encoder: WanTextEncoder | None  # None when training from cached conditioning
     image_encoder: VisionTowerImageEncoder | None
     vae: SizedWanVideoVAE | None
@@ -48,14 +48,20 @@ def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
 
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu", encoders: bool = True, fp8_base: bool = False,
-                    **overrides: str | Path | None) -> LoadedComponents:
-    """Find (``--model`` + per-component overrides) and load every component (``encoders=False``:
-    only the DiT, for training from cached conditioning; ``fp8_base``: the DiT blocks' linear
-    weights stored in float8, quantized on the CPU before they reach ``device``)."""
+                    device: str | torch.device = "cpu", encoders: bool = True, with_dit: bool = True,
+                    fp8_base: bool = False, **overrides: str | Path | None) -> LoadedComponents:
+    """Find (``--model`` + per-component overrides) and load the components: all by default;
+    ``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
+    the encoders only, for filling that cache. ``fp8_base``: the DiT blocks' linear weights stored
+    in float8, quantized on the CPU before they reach ``device``."""
     paths = discover_components(model_dir, **overrides)
-    dit, dit_checkpoint = load_dit(paths.dit, dtype=dtype, device="cpu" if fp8_base else device)
-    if fp8_base:
+    dit_checkpoint = inspect_dit(paths.dit)
+    if not with_dit:  # a weightless shell: DiffSynth's conditioning units read the DiT's flags
+        with torch.device("meta"):
+            dit = WanModel(**dit_checkpoint.kwargs)
+    else:
+        dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else device)
+    if fp8_base and with_dit:
         store_blocks_in_fp8(dit)
         dit.to(device)
     return LoadedComponents(

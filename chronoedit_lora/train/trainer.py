@@ -75,14 +75,15 @@ def train(config: TrainConfig) -> TrainResult:
     dtype = DTYPES[config.dtype]
     cache = open_cache(config, output, dtype) if config.cache else None
     missing = cache.missing(data.dataset) if cache else []
-    loaded_encoders = cache is None or bool(missing) or config.sample_every > 0
+    if missing:  # the encoders alone fill the cache, so they and the DiT are never in memory together
+        encoders = ChronoEditPipeline.from_pretrained(config.model, device=accelerator.device, dtype=dtype,
+                                                      with_dit=False, **component_overrides(config))
+        _fill_cache(accelerator, cache, encoders, data, missing)
+        del encoders
     pipe = ChronoEditPipeline.from_pretrained(
         config.model, device=accelerator.device, dtype=dtype, rope=config.rope,
-        encoders=loaded_encoders, fp8_base=config.fp8_base, **component_overrides(config))
-    if cache is not None:
-        _fill_cache(accelerator, cache, pipe, data, missing)
-        if not config.sample_every:
-            pipe.release_encoders()
+        encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **component_overrides(config))
+    loaded_encoders = cache is None or bool(missing) or config.sample_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
@@ -200,7 +201,7 @@ def cache_conditioning(config: TrainConfig) -> int:
         from ..pipeline import ChronoEditPipeline
 
         pipe = ChronoEditPipeline.from_pretrained(config.model, device=accelerator.device, dtype=dtype,
-                                                  rope=config.rope, **component_overrides(config))
+                                                  with_dit=False, **component_overrides(config))
         _fill_cache(accelerator, cache, pipe, data, missing)
     else:
         accelerator.print(f"conditioning cache {cache.folder}: all {len(data.dataset.pairs)} pairs up to date")
