@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end and write their JSON (figures are printed, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str, json_path: Path) -> dict:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(json_path)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(json_path.read_text())
+
+
+@pytest.mark.slow
+def test_train_step_bench_writes_both_modes_and_flops(tmp_path):
+    figures = _run("train_step.py", "--repeats", "1", "--steps", "2", json_path=tmp_path / "train.json")
+    summary = figures["summary"]
+    assert set(figures["runs"]) == {"uncached", "cached"} and summary["dit_flops_per_step"] > 0
+    for mode in ("uncached", "cached"):  # no step can beat the machine's own dense matmul rate
+        assert 0 < summary[mode]["matmul_fraction"] <= 1
+
+
+@pytest.mark.slow
+def test_edit_latency_bench_writes_three_variants(tmp_path):
+    figures = _run("edit_latency.py", "--repeats", "1", "--steps", "1", "--size", "32", json_path=tmp_path / "edit.json")
+    assert set(figures["median"]) == {"base", "fused", "unfused"}
