@@ -72,31 +72,28 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def umt5(tmp_path_factory):
-    torch.manual_seed(1)
-    model = _randomised(UMT5EncoderModel(UMT5Config(**TINY_UMT5)), seed=1)
-    folder = tmp_path_factory.mktemp("umt5") / "text_encoder"
+def _random_saved(tmp_path_factory, build, seed: int, name: str):
+    """A randomised reference model (built by ``build``) and the folder it was saved to."""
+    torch.manual_seed(seed)
+    model = _randomised(build(), seed=seed)
+    folder = tmp_path_factory.mktemp(name) / name
     model.save_pretrained(folder)
     return model, folder
+
+
+@pytest.fixture(scope="module")
+def umt5(tmp_path_factory):
+    return _random_saved(tmp_path_factory, lambda: UMT5EncoderModel(UMT5Config(**TINY_UMT5)), 1, "text_encoder")
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    torch.manual_seed(2)
-    model = _randomised(CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)), seed=2)
-    folder = tmp_path_factory.mktemp("clip") / "image_encoder"
-    model.save_pretrained(folder)
-    return model, folder
+    return _random_saved(tmp_path_factory, lambda: CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)), 2, "image_encoder")
 
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    torch.manual_seed(3)
-    model = _randomised(AutoencoderKLWan(**TINY_VAE), seed=3)
-    folder = tmp_path_factory.mktemp("vae") / "vae"
-    model.save_pretrained(folder)
-    return model, folder
+    return _random_saved(tmp_path_factory, lambda: AutoencoderKLWan(**TINY_VAE), 3, "vae")
 
 
 # ---- text encoder ---------------------------------------------------------------------------
