@@ -61,3 +61,18 @@ def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
         qwen_vl.caption(Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)))
     with pytest.raises(Exception, match="not a local folder"):
         qwen_vl.make_captioner(str(tmp_path / "nope"))
+
+
+def test_large_images_are_shrunk_before_the_processor(tiny_vlm):
+    small = qwen_vl.fit_pixels(Image.new("L", (4000, 3000)), 1024 * 1024)
+    assert small.mode == "RGB" and small.width * small.height <= 1024 * 1024
+    assert abs(small.width / small.height - 4 / 3) < 0.01 and small.width > 1150  # aspect kept, not over-shrunk
+    assert qwen_vl.fit_pixels(Image.new("RGB", (64, 32)), 1024 * 1024).size == (64, 32)
+    folder, vocab = tiny_vlm
+    model = qwen_vl.VisionLanguageModel(str(folder), max_new_tokens=2)
+    image_tokens = []
+    for budget in (32 * 32, 256 * 256):  # the same 256 x 256 image under a small and a large budget
+        model.max_image_pixels = budget
+        model.ask([Image.new("RGB", (256, 256))], "What is this?")
+        image_tokens.append(model.exchanges[-1]["input_ids"][0].tolist().count(vocab["<|image_pad|>"]))
+    assert 0 < image_tokens[0] < image_tokens[1]

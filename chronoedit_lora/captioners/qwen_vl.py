@@ -30,6 +30,7 @@ DETAILED = ("Rewrite this edit instruction for an image-editing model: {instruct
 ENHANCE = ("Here is an image and a short edit instruction: {instruction}\nRewrite it as a detailed instruction "
            "starting with 'The user wants to', describing what changes in this image and what stays the same.")
 INTENT = "The user wants to"
+MAX_IMAGE_PIXELS = 1024 * 1024  # about 1300 visual tokens per image for Qwen2.5-VL
 
 
 @dataclass
@@ -39,6 +40,7 @@ class VisionLanguageModel:
     path: str
     device: str = "cpu"
     max_new_tokens: int = 200
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are shrunk first (aspect kept)
     exchanges: list[dict] = field(default_factory=list)  # (question, images, answer) for inspection
 
     def __post_init__(self) -> None:
@@ -47,10 +49,13 @@ class VisionLanguageModel:
         if not os.path.isdir(self.path):
             raise ChronoEditError(f"captioner model {self.path!r}: not a local folder (nothing is downloaded).")
         self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(  # in the dtype it was saved in, e.g. bf16
+            self.path, local_files_only=True, dtype="auto").to(self.device).eval()
 
     @torch.no_grad()
     def ask(self, images: list[Image.Image], question: str) -> str:
+        """The model's greedy answer to ``question`` about ``images`` (shown before the question, in order)."""
+        images = [fit_pixels(image, self.max_image_pixels) for image in images]
         messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=[text], images=images, return_tensors="pt").to(self.device)
@@ -58,6 +63,15 @@ class VisionLanguageModel:
         answer = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
         self.exchanges.append({"question": question, "images": len(images), "input_ids": inputs["input_ids"], "answer": answer})
         return answer
+
+
+def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """``image`` as RGB, shrunk to at most ``max_pixels`` with its aspect ratio kept."""
+    scale = (max_pixels / (image.width * image.height)) ** 0.5
+    if scale < 1:
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    return image.convert("RGB")
 
 
 def _with_intent(text: str, fallback: str) -> str:
