@@ -61,9 +61,9 @@ def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype =
             dit = WanModel(**dit_checkpoint.kwargs)
     else:
         dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else device)
-    if fp8_base and with_dit:
-        store_blocks_in_fp8(dit)
-        dit.to(device)
+        if fp8_base:
+            store_blocks_in_fp8(dit)
+            dit.to(device)
     return LoadedComponents(
         dit=dit,
         text_encoder=load_text_encoder(paths.text_encoder, dtype, device) if encoders else None,
