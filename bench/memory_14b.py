@@ -89,17 +89,15 @@ def saved_by_one_block(dit: torch.nn.Module, height: int, width: int) -> int:
     import torch.nn.functional as F
 
     block = dit.blocks[0]
-    frames, h, w = 1 + (TRAIN_FRAMES - 1) // 4, height // 16, width // 16
-    seq = frames * h * w
-    freqs = torch.cat([dit.freqs[0][:frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
-                       dit.freqs[1][:h].view(1, h, 1, -1).expand(frames, h, w, -1),
-                       dit.freqs[2][:w].view(1, 1, w, -1).expand(frames, h, w, -1)], dim=-1).reshape(seq, 1, -1)
+    seq = latent_tokens(height, width)
     like = {"device": block.modulation.device, "dtype": torch.bfloat16}
+    # RoPE rotations, one complex number per token and head-dim pair; their values do not matter here
+    freqs = torch.ones(seq, 1, block.self_attn.head_dim // 2, device=like["device"], dtype=dit.freqs[0].dtype)
     x = torch.randn(1, seq, dit.dim, **like, requires_grad=True)
     context = torch.randn(1, CLIP_TOKENS + TEXT_TOKENS, dit.dim, **like)
     t_mod = torch.randn(1, 6, dit.dim, **like)
-    # parameters are resident anyway; the block's inputs are counted per block (x) or once (context)
-    params = {t.untyped_storage()._cdata for t in (*block.parameters(), x, context, t_mod)}
+    # parameters are resident anyway; the block's inputs are counted per block (x) or are shared by all
+    params = {t.untyped_storage()._cdata for t in (*block.parameters(), x, context, t_mod, freqs)}
     saved: dict[int, int] = {}
     in_attention = [False]
 
