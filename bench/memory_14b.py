@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--json")
     args = parser.parse_args()
-    from chronoedit_lora.models.registry import CHRONOEDIT_14B_KWARGS
+    from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
 
     c = count(args.height, args.width, args.rank, CHRONOEDIT_14B_KWARGS)
     table = modes(c, CHRONOEDIT_14B_KWARGS["num_layers"], args.gpus)

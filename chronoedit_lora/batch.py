@@ -1,13 +1,15 @@
-"""Batch edits: a CSV of (image, prompt, output[, seed]) rows, validated up front."""
+"""Batch edits: a CSV of (image, prompt, output[, seed]) rows, validated up front, resumed where a
+stopped batch left off, and split across torchrun processes."""
 
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChronoEditError
-from .outputs import check_writable
+from .files import check_writable
 
 REQUIRED = ("image", "prompt", "output")
 
@@ -57,3 +59,26 @@ def read_batch(csv_path: str | Path, default_seed: int) -> list[EditJob]:
     if problems:
         raise ChronoEditError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return jobs
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What this process edits, and how many of the batch's outputs already existed."""
+
+    todo: list[EditJob]
+    done: int
+    rank: int
+    world: int
+
+
+def plan_batch(jobs: list[EditJob], skip_existing: bool = True, split: bool = True) -> BatchPlan:
+    """This process's share of ``jobs`` under torchrun (every WORLD_SIZE-th from RANK, or all of them
+    unless ``split``), less the jobs whose output exists (``skip_existing``: a batch resumes).
+
+    The whole list is split before anything is skipped: another rank may already be writing its
+    outputs while this one starts, and must not change this rank's share.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    share = jobs[rank::world] if split else jobs
+    done = {job.output for job in jobs if skip_existing and job.output.exists()}
+    return BatchPlan([job for job in share if job.output not in done], len(done), rank, world)

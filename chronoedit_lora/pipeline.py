@@ -8,7 +8,6 @@ ChronoEdit's temporal-skip RoPE applied around the DiT call.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +23,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import ChronoEditError
-from .images import tensor_to_pil
 from .models.components import LoadedComponents, load_components
 from .models.rope import chronoedit_model_fn
-
-EDIT_FRAMES = 5  # [input, 3 in-between frames, edit] -> 2 latent frames
-REASONING_FRAMES = 29  # 8 latent frames while the model "reasons" about the trajectory
-DEFAULT_MAX_AREA = 720 * 1280
-SIZE_MULTIPLE = 16  # VAE factor 8 x DiT patch 2
+from .video import EDIT_FRAMES, REASONING_FRAMES, SIZE_MULTIPLE, default_size, tensor_to_pil
 
 
 @dataclass
@@ -43,19 +37,11 @@ class EditResult:
     video: torch.Tensor  # (1, 3, T, H, W) in [-1, 1]
 
 
-def default_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA) -> tuple[int, int]:
-    """Aspect-preserving ``(width, height)`` with area about ``max_area``, sides multiples of 16."""
-    aspect = height / width
-    out_h = round(math.sqrt(max_area * aspect)) // SIZE_MULTIPLE * SIZE_MULTIPLE
-    out_w = round(math.sqrt(max_area / aspect)) // SIZE_MULTIPLE * SIZE_MULTIPLE
-    return max(out_w, SIZE_MULTIPLE), max(out_h, SIZE_MULTIPLE)
-
-
-def flow_sigmas(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmas and timesteps of the Wan flow-matching schedule (1 -> 0, shifted), as DiffSynth sets them."""
+def sampling_scheduler(steps: int, shift: float) -> FlowMatchScheduler:
+    """DiffSynth's Wan flow-matching schedule for ``steps`` denoising steps (sigmas 1 -> 0, shifted)."""
     scheduler = FlowMatchScheduler("Wan")
     scheduler.set_timesteps(steps, shift=shift)
-    return scheduler.sigmas, scheduler.timesteps
+    return scheduler
 
 
 class ChronoEditPipeline:
@@ -185,8 +171,7 @@ class ChronoEditPipeline:
         shape = (1, y.shape[1] - 4, y.shape[2], height // 8, width // 8)
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
-        scheduler = FlowMatchScheduler("Wan")
-        scheduler.set_timesteps(steps, shift=shift)
+        scheduler = sampling_scheduler(steps, shift)
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="editing", disable=not progress)):

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_folder
+from .models.image_encoder import CLIP_MEAN, CLIP_STD
+
 CORPUS = (
     "The user wants to transform the image into a pencil sketch while keeping the composition. "
     "Add sunglasses to the cat's face. Replace the sky with a golden sunset over the hills. "
@@ -56,8 +59,6 @@ SIZES = {
         vae={"base_dim": 96, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
         shard_size="500MB"),
 }
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_tokenizer(folder: Path) -> int:
@@ -101,12 +102,16 @@ def _perturb_constant_parameters(module: torch.nn.Module, generator: torch.Gener
 def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                                     size: str = "tiny") -> Path:
     """Write a random ChronoEdit-14B-Diffusers-layout checkpoint of ``size`` (see ``SIZES``) to
-    ``root``, deterministic per seed."""
+    ``root`` (new or empty; it appears whole or not at all), deterministic per seed."""
+    with atomic_folder(root) as staging:
+        _write_diffusers_layout(staging, seed, dtype, size)
+    return Path(root)
+
+
+def _write_diffusers_layout(root: Path, seed: int, dtype: torch.dtype, size: str) -> None:
     from diffusers import AutoencoderKLWan, ChronoEditPipeline, ChronoEditTransformer3DModel, UniPCMultistepScheduler
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(root / "tokenizer")
     generator = torch.Generator().manual_seed(seed)
 
@@ -135,7 +140,7 @@ def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torc
     clip_size = sizes.image["image_size"]
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": clip_size}, crop_size={"height": clip_size, "width": clip_size},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_center_crop=True)
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3, do_center_crop=True)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
                                         num_train_timesteps=1000)
     pipe = ChronoEditPipeline(tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
@@ -146,31 +151,29 @@ def write_tiny_diffusers_checkpoint(root: str | Path, seed: int = 0, dtype: torc
     for name, component in (("text_encoder", text_encoder), ("image_encoder", image_encoder), ("vae", vae),
                             ("image_processor", image_processor), ("scheduler", scheduler)):
         component.save_pretrained(str(root / name))
-    return root
 
 
 def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders)."""
+    """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders) to
+    ``root`` (new or empty; it appears whole or not at all)."""
     from safetensors.torch import save_file
 
     from .models.components import load_components
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
         source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
         loaded = load_components(source, dtype=torch.bfloat16)
         dit_state = {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
-        save_file(dit_state, str(root / "chronoedit_tiny_bf16.safetensors"), metadata={
+        save_file(dit_state, str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
             "num_attention_heads": str(loaded.dit_checkpoint.kwargs["num_heads"]),
             "rope_temporal_skip_len": str(loaded.temporal_skip_len)})
-        torch.save(loaded.text_encoder.state_dict(), root / "models_t5_umt5-xxl-enc-bf16.pth")
-        torch.save(loaded.vae.model.state_dict(), root / "Wan2.1_VAE.pth")
+        torch.save(loaded.text_encoder.state_dict(), staging / "models_t5_umt5-xxl-enc-bf16.pth")
+        torch.save(loaded.vae.model.state_dict(), staging / "Wan2.1_VAE.pth")
         torch.save({k.removeprefix("model."): v for k, v in loaded.image_encoder.state_dict().items()},
-                   root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-        shutil.copytree(source / "tokenizer", root / "google" / "umt5-xxl", dirs_exist_ok=True)
-        (root / "tiny_checkpoint.json").write_text(json.dumps({"layout": "wan", "seed": seed}, indent=2))
-    return root
+                   staging / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+        shutil.copytree(source / "tokenizer", staging / "google" / "umt5-xxl", dirs_exist_ok=True)
+        (staging / "tiny_checkpoint.json").write_text(json.dumps({"layout": "wan", "seed": seed}, indent=2))
+    return Path(root)
 
 
 LAYOUTS = {"diffusers": write_tiny_diffusers_checkpoint, "wan": write_tiny_wan_checkpoint}

@@ -87,3 +87,17 @@ def test_two_torchrun_processes_match_one(tiny_diffusers, input_image, tmp_path)
     assert "across 2 processes" in result.stdout
     for i in range(4):
         assert (tmp_path / "single" / "out" / f"{i}.png").read_bytes() == (tmp_path / "double" / "out" / f"{i}.png").read_bytes()
+
+
+def test_plan_batch_splits_the_whole_list_before_skipping_finished_outputs(tmp_path, monkeypatch):
+    from chronoedit_lora.batch import EditJob, plan_batch
+
+    jobs = [EditJob(tmp_path / "in.png", "p", tmp_path / f"{i}.png", i, i + 2) for i in range(5)]
+    (tmp_path / "1.png").write_bytes(b"done")  # rank 1's job, already written
+    (tmp_path / "2.png").write_bytes(b"done")  # rank 0's job
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = plan_batch(jobs)
+    assert [j.seed for j in plan.todo] == [0, 4] and plan.done == 2 and (plan.rank, plan.world) == (0, 2)
+    assert [j.seed for j in plan_batch(jobs, split=False).todo] == [0, 3, 4]  # sequence parallel: all ranks, all jobs
+    assert [j.seed for j in plan_batch(jobs, skip_existing=False).todo] == [0, 2, 4]

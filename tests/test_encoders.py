@@ -17,11 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from chronoedit_lora.errors import CheckpointError
-from chronoedit_lora.models.conversion import convert_shapes
+from chronoedit_lora.models.loading import convert_shapes, hash_shapes
 from chronoedit_lora.models.image_encoder import (
     CLIP_MEAN, CLIP_STD, VisionTowerImageEncoder, clip_vision_to_wan_image_encoder, load_image_encoder,
     wan_clip_to_image_encoder, wan_image_encoder_kwargs)
-from chronoedit_lora.models.registry import hash_shapes
 from chronoedit_lora.models.text_encoder import load_text_encoder, umt5_to_wan_text_encoder, wan_text_encoder_kwargs
 from chronoedit_lora.models.vae import SizedWanVideoVAE, autoencoder_kl_wan_to_wan_vae, load_vae, wan_vae_kwargs
 

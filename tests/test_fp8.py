@@ -92,13 +92,13 @@ def test_diffsynth_fp8_wrappers_lose_lora_gradients(tiny_diffusers):
     from diffsynth.models.model_loader import ModelPool
     from peft import LoraConfig, inject_adapter_in_model
 
-    from chronoedit_lora.models import registry
+    from chronoedit_lora.models.dit import ensure_dit_entry
     from chronoedit_lora.models.dit import inspect_dit
-    from chronoedit_lora.models.lean_read import read_state_dict
+    from chronoedit_lora.models.loading import read_state_dict
     from chronoedit_lora.models.rope import chronoedit_model_fn
 
     ckpt = inspect_dit(tiny_diffusers / "transformer")
-    entry = registry.ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
+    entry = ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
     fp8_config = {f"{stage}_{what}": FP8 if what == "dtype" else "cpu"
                   for stage in ("offload", "onload", "preparing") for what in ("dtype", "device")}
     fp8_config.update(computation_dtype=torch.bfloat16, computation_device="cpu")

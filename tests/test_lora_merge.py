@@ -10,7 +10,7 @@ import torch
 from chronoedit_lora.cli import main
 from chronoedit_lora.lora import fuse_lora, load_lora, save_lora
 from chronoedit_lora.models.dit import load_dit
-from chronoedit_lora.models.discovery import discover_components
+from chronoedit_lora.models.components import discover_components
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "wan"])
@@ -41,3 +41,15 @@ def test_merge_refuses_a_mismatched_lora(tiny_diffusers, random_lora, tmp_path, 
     assert main(["lora", "merge", "--model", str(tiny_diffusers), "--lora", str(tmp_path / "bad.safetensors"),
                  "--output", str(tmp_path / "out")]) == 2
     assert "blocks.7.ffn.0" in capsys.readouterr().err
+
+
+def test_merge_model_checks_every_lora_before_writing(tiny_diffusers, random_lora, tmp_path):
+    from chronoedit_lora.lora import LoraMismatchError
+    from chronoedit_lora.lora.merge import merge_model
+
+    save_lora(random_lora, tmp_path / "good.safetensors")
+    save_lora({"blocks.7.ffn.0": random_lora["blocks.0.ffn.0"]}, tmp_path / "bad.safetensors")
+    with pytest.raises(LoraMismatchError, match="blocks.7.ffn.0"):
+        merge_model(tiny_diffusers, None, [(tmp_path / "good.safetensors", 1.0), (tmp_path / "bad.safetensors", 1.0)],
+                    tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from chronoedit_lora.models.registry import CHRONOEDIT_14B_KWARGS
+from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
 from chronoedit_lora.train.config import DEFAULT_TARGETS
 
 from .bench_scripts import load_bench

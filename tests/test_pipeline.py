@@ -8,7 +8,8 @@ import torch
 from diffusers import ChronoEditPipeline as ReferencePipeline
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from chronoedit_lora.pipeline import ChronoEditPipeline, default_size, flow_sigmas
+from chronoedit_lora.pipeline import ChronoEditPipeline, sampling_scheduler
+from chronoedit_lora.video import default_size
 
 STEPS = 4
 SHIFT = 5.0
@@ -28,7 +29,7 @@ def ours(tiny_diffusers):
 @pytest.fixture(scope="module")
 def reference(tiny_diffusers):
     """diffusers' pipeline with a flow-matching Euler scheduler set to our sigmas (shift applied once)."""
-    sigmas = flow_sigmas(STEPS, SHIFT)[0].tolist()
+    sigmas = sampling_scheduler(STEPS, SHIFT).sigmas.tolist()
 
     class FixedSigmasEuler(FlowMatchEulerDiscreteScheduler):
         def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):

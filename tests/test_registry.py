@@ -12,7 +12,8 @@ from diffsynth.configs.model_configs import MODEL_CONFIGS
 from diffsynth.models.wan_video_dit import WanModel
 from diffusers import ChronoEditTransformer3DModel
 
-from chronoedit_lora.models import registry
+from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS, KNOWN_14B_DITS, register_known_checkpoints
+from chronoedit_lora.models.loading import hash_shapes
 
 
 def _shapes(model: torch.nn.Module, prefix: str = "") -> dict[str, list[int]]:
@@ -21,26 +22,26 @@ def _shapes(model: torch.nn.Module, prefix: str = "") -> dict[str, list[int]]:
 
 def test_known_hashes_are_those_of_the_14b_shapes():
     with torch.device("meta"):
-        wan = WanModel(**registry.CHRONOEDIT_14B_KWARGS)
+        wan = WanModel(**CHRONOEDIT_14B_KWARGS)
         diffusers = ChronoEditTransformer3DModel(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
     expected = {
-        registry.hash_shapes(_shapes(diffusers)): ("diffusers", ""),
-        registry.hash_shapes(_shapes(wan, "model.diffusion_model.")): ("wan", "model.diffusion_model."),
-        registry.hash_shapes(_shapes(wan, "diffusion_model.")): ("wan", "diffusion_model."),
+        hash_shapes(_shapes(diffusers)): ("diffusers", ""),
+        hash_shapes(_shapes(wan, "model.diffusion_model.")): ("wan", "model.diffusion_model."),
+        hash_shapes(_shapes(wan, "diffusion_model.")): ("wan", "diffusion_model."),
     }
     for model_hash, layout in expected.items():
-        assert registry.KNOWN_14B_DITS[model_hash] == layout
+        assert KNOWN_14B_DITS[model_hash] == layout
     # DiffSynth's own Wan2.1-I2V-14B entry covers the unprefixed original-format file.
-    plain = registry.hash_shapes(_shapes(wan))
-    assert any(e["model_hash"] == plain and e["extra_kwargs"] == registry.CHRONOEDIT_14B_KWARGS for e in MODEL_CONFIGS)
+    plain = hash_shapes(_shapes(wan))
+    assert any(e["model_hash"] == plain and e["extra_kwargs"] == CHRONOEDIT_14B_KWARGS for e in MODEL_CONFIGS)
 
 
 def test_registration_is_idempotent():
     before = len(MODEL_CONFIGS)
     importlib.reload(importlib.import_module("chronoedit_lora.models"))
-    registry.register_known_checkpoints()
+    register_known_checkpoints()
     assert len(MODEL_CONFIGS) == before
-    for model_hash in registry.KNOWN_14B_DITS:
+    for model_hash in KNOWN_14B_DITS:
         assert sum(e["model_hash"] == model_hash for e in MODEL_CONFIGS) == 1
 
 

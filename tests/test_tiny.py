@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from chronoedit_lora.models.discovery import discover_components
+from chronoedit_lora.models.components import discover_components
 from chronoedit_lora.tiny import write_tiny_diffusers_checkpoint
 
 MAX_TINY_BYTES = 50 * 2**20  # "well under 100 MB"

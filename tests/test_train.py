@@ -15,7 +15,7 @@ from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import fuse_lora, load_lora
 from chronoedit_lora.pipeline import ChronoEditPipeline
 from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.evaluate import validation_loss
+from chronoedit_lora.train.objective import validation_loss
 from chronoedit_lora.train.trainer import train
 
 from .lora_parity import PARITY_RTOL, diffusers_and_ours
@@ -60,7 +60,7 @@ def test_overfitting_one_pair_reduces_the_loss_and_changes_the_edit(tiny_diffuse
     result = train(tiny_config(tiny_diffusers, dataset, tmp_path / "run", max_steps=150, save_every=1000, rank=16,
                                alpha=16, max_grad_norm=0))
     image = item["video"][:, 0]
-    from chronoedit_lora.images import tensor_to_pil
+    from chronoedit_lora.video import tensor_to_pil
 
     source = tensor_to_pil(image)
     base_edit = pipe(source, item["prompt"], steps=3, cfg=1.0, height=32, width=32, progress=False).video

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..batch import EditJob, read_batch
+from ..batch import EditJob, plan_batch, read_batch
 from ..errors import ChronoEditError
-from ..images import open_image
-from ..outputs import check_writable, save_image, save_video
+from ..data.images import open_image
+from ..files import check_writable, save_image, save_video
+from ..lora import parse_lora_spec
 from .model_args import add_model_arguments, model_options
 
 DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": 5.0}
@@ -52,31 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply LoRAs as hooks instead of fusing them into the weights (base weights untouched)")
 
 
-def parse_lora_arg(value: str) -> tuple[Path, float]:
-    """``PATH[:SCALE]`` -> (path, scale); the LoRA file must exist."""
-    path, scale = value, 1.0
-    head, sep, tail = value.rpartition(":")
-    if sep and head:
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            path = value
-    if not Path(path).is_file():
-        raise ChronoEditError(f"--lora {path}: file not found.")
-    return Path(path), scale
-
-
 def sampling_settings(args: argparse.Namespace) -> dict:
     """steps/cfg/shift: explicit flag, else the preset's value, else the default."""
     preset = PRESETS.get(args.preset, {})
     return {key: getattr(args, key) if getattr(args, key) is not None else preset.get(key, default)
             for key, default in DEFAULTS.items()}
-
-
-def rank_share(jobs: list[EditJob]) -> tuple[list[EditJob], int, int]:
-    """This process's jobs under torchrun (every WORLD_SIZE-th from RANK), else all of them."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return jobs[rank::world], rank, world
 
 
 def _jobs(args: argparse.Namespace) -> list[EditJob]:
@@ -96,15 +77,12 @@ def run(args: argparse.Namespace) -> int:
     settings = sampling_settings(args)
     if settings["steps"] < 1 or args.temporal_reasoning_steps < 0:
         raise ChronoEditError("--steps must be >= 1 and --temporal-reasoning-steps >= 0.")
-    loras = [parse_lora_arg(v) for v in args.lora]
+    loras = [parse_lora_spec(v) for v in args.lora]
     jobs = _jobs(args)
     video = check_writable(args.video, (".mp4",)) if args.video else None
-    # Split the whole list first: another rank may already be writing outputs while this one starts.
-    share, rank, world = rank_share(jobs)
-    if args.sequence_parallel:  # every rank works on every edit together; rank 0 writes
-        share = jobs
-    done = {job.output for job in jobs if args.batch and job.output.exists()}  # a batch resumes where it stopped
-    todo = [job for job in share if job.output not in done]
+    # with --sequence-parallel every rank works on every edit together (rank 0 writes)
+    plan = plan_batch(jobs, skip_existing=bool(args.batch), split=not args.sequence_parallel)
+    todo, rank, world = plan.todo, plan.rank, plan.world
     images = {job.image: open_image(job.image) for job in todo}  # every input checked before loading models
     if args.prompt_enhancer:
         from ..plugins import load_callable
@@ -114,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         for job in todo[:3]:
             print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:
-        print(f"{args.batch}: {len(jobs)} edits, {len(done)} already done, {len(jobs) - len(done)} to do"
+        print(f"{args.batch}: {len(jobs)} edits, {plan.done} already done, {len(jobs) - plan.done} to do"
               + (f" across {world} processes" if world > 1 else ""))
 
     from ..pipeline import ChronoEditPipeline  # heavy imports only once the inputs are known good

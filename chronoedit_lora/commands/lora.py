@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import ChronoEditError
-from ..lora import FORMATS, load_lora, save_lora
+from ..lora import FORMATS, load_lora, parse_lora_spec, save_lora
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,37 +63,12 @@ def _info(path: Path) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import torch
-    from diffsynth.models.wan_video_dit import WanModel
-
-    from ..lora import check_lora_matches
-    from ..lora.merge import merge_into_files
-    from ..models.dit import inspect_dit
-    from ..models.discovery import discover_components
-    from .edit import parse_lora_arg
+    from ..lora.merge import merge_model
 
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise ChronoEditError(f"{output} exists and is not empty; choose a new folder.")
-    model_dir = Path(args.model) if args.model else None
-    dit_source = discover_components(model_dir, dit=args.dit).dit if model_dir else Path(args.dit or "")
-    ckpt = inspect_dit(dit_source)
-    with torch.device("meta"):
-        skeleton = WanModel(**ckpt.kwargs)
-    loras = []
-    for value in args.lora:
-        path, scale = parse_lora_arg(value)
-        weights, _ = load_lora(path)
-        check_lora_matches(weights, skeleton, str(path))
-        loras.append((weights, scale))
-    dit_folder = ckpt.files[0].parent
-    inside_model = model_dir is not None and dit_folder.resolve() != model_dir.resolve()
-    target = output / dit_folder.name if inside_model else output
-    written = merge_into_files(ckpt, loras, target)
-    if model_dir is not None:  # link the untouched components so the output is a complete model folder
-        skip = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
-        for entry in model_dir.iterdir():
-            if entry.name not in skip and not (output / entry.name).exists():
-                (output / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    loras = [parse_lora_spec(value) for value in args.lora]
+    target, written = merge_model(Path(args.model) if args.model else None, args.dit, loras, output)
     print(f"merged {len(loras)} LoRA(s) into {len(written)} file(s): {target}")
     return 0

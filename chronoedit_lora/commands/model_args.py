@@ -7,8 +7,8 @@ import argparse
 import torch
 
 from ..errors import ChronoEditError
+from ..models.loading import DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")
 
 

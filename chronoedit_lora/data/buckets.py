@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ChronoEditError
+from ..video import SIZE_MULTIPLE as MULTIPLE
 from .problems import Problem
 
-MULTIPLE = 16  # VAE factor 8 x DiT patch 2
 MAX_ASPECT = 4.0  # widest bucket; more extreme images are centre-cropped to it
 DEFAULT_MAX_PIXELS = 1024 * 1024
 ASPECT_MISMATCH = 0.01  # relative aspect difference between input and edited image that is reported

@@ -5,18 +5,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ChronoEditError
+from ..video import edit_clip, to_tensor
 from .buckets import SizePolicy, plan_pair
 from .images import load_pair, read_source_size
 from .metadata import EditPair, read_metadata
 from .problems import Problem, format_report
-
-NUM_FRAMES = 5  # 1 source + 4 edited frames -> 2 latent frames (VAE temporal factor 4)
 
 
 class EditPairDataset(Dataset):
@@ -71,14 +67,8 @@ class EditPairDataset(Dataset):
                             pair.row, pair.columns)
         source = to_tensor(plan.apply(images.source))
         edited = to_tensor(plan.apply(images.edited))
-        video = torch.stack([source] + [edited] * (NUM_FRAMES - 1), dim=1)
+        video = edit_clip(source, edited)
         return {"video": video, "input_image": source, "prompt": pair.prompt, "index": index, "row": pair.row}
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def _raise_if_fatal(csv_path: Path, problems: list[Problem]) -> None:

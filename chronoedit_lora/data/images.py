@@ -1,4 +1,5 @@
-"""Decode the two images of an edit pair: upright (EXIF orientation), RGB, problems instead of exceptions."""
+"""Decode images: the two of an edit pair (problems instead of exceptions) and a user's input image,
+upright (EXIF orientation) and RGB."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from ..errors import ChronoEditError
 from .metadata import EditPair
 from .problems import Problem
 
@@ -75,6 +77,18 @@ def read_image(path: Path, row: int | None, column: str) -> tuple[Image.Image | 
     rgb, note = to_rgb(upright)
     return rgb, [Problem(row, column, f"{path.name}: {note}", "Nothing to do; save as 8-bit RGB to silence this.",
                          fatal=False)] if note else []
+
+
+
+def open_image(path: str | Path, option: str = "--image") -> Image.Image:
+    """Fully decode a user's input image as upright RGB, or raise a :class:`ChronoEditError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChronoEditError(f"{option} {path}: image not found.")
+    image, problems = read_image(path, None, option)
+    if image is None:  # the dataset loader's reason, without its CSV-specific fix
+        raise ChronoEditError(f"{option} {path}: {problems[0].reason} Give a readable PNG or JPEG.")
+    return image
 
 
 def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Image], list[Problem]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ChronoEditError
+from ..files import write_text
 from .images import IMAGE_SUFFIXES
 
 FOLDER_PAIRS = (("before", "after"), ("input", "output"), ("source", "edited"))
@@ -105,7 +106,4 @@ def write_metadata(rows: list[dict[str, str]], csv_path: Path, overwrite: bool =
     writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, csv_path)
+    write_text(csv_path, buffer.getvalue())

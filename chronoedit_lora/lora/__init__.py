@@ -2,8 +2,8 @@
 
 from .apply import LoraMismatchError, UnfusedLora, check_lora_matches, fuse_lora
 from .formats import FORMATS, detect_format
-from .io import load_lora, save_lora
+from .io import load_lora, parse_lora_spec, save_lora
 from .weights import LoraModule, LoraWeights, from_peft_parameters
 
 __all__ = ["FORMATS", "LoraMismatchError", "UnfusedLora", "LoraModule", "LoraWeights", "check_lora_matches", "detect_format",
-           "from_peft_parameters", "fuse_lora", "load_lora", "save_lora"]
+           "from_peft_parameters", "fuse_lora", "load_lora", "parse_lora_spec", "save_lora"]

@@ -9,8 +9,6 @@ ComfyUI and DiffSynth all load as-is: ``diffusion_model.<module>.lora_A.weight``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..models.safetensors_header import read_header
+from ..files import atomic_path
+from ..models.loading import read_header
 from .formats import format_state, parse_state
 from .peft_metadata import METADATA_KEY
 from .weights import LoraWeights
@@ -39,6 +38,20 @@ def load_lora(path: str | Path) -> tuple[LoraWeights, dict[str, str]]:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc}); re-download or re-export it.") from None
     weights, fmt = parse_state(state, metadata, str(path))
     return weights, {**metadata, DETECTED_FORMAT: fmt}
+
+
+def parse_lora_spec(value: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` (as ``--lora`` takes it) -> (path, scale); the LoRA file must exist."""
+    path, scale = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = value
+    if not Path(path).is_file():
+        raise CheckpointError(f"--lora {path}: file not found.")
+    return Path(path), scale
 
 
 def _header_value(value: object) -> str:
@@ -64,21 +77,10 @@ def save_lora(weights: LoraWeights, path: str | Path, metadata: dict[str, object
     """Write ``weights`` in ``fmt`` (one of :data:`FORMATS`) with ``metadata`` in the header.
 
     Non-string metadata values are stored as JSON. A ``lora_adapter_metadata`` entry is the format's
-    own (diffusers reads it as the PEFT config), never the caller's. The write is atomic: a temporary
-    file in the same folder, flushed to disk, then renamed over ``path``.
+    own (diffusers reads it as the PEFT config), never the caller's. The write is atomic.
     """
     state, extra = format_state(weights, fmt)
     header = {k: _header_value(v) for k, v in (metadata or {}).items() if k not in (METADATA_KEY, DETECTED_FORMAT)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(_own_storage(state), tmp, metadata={**header, **extra})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file(_own_storage(state), str(tmp), metadata={**header, **extra})
+    return Path(path)

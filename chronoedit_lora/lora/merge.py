@@ -1,17 +1,22 @@
-"""Bake LoRAs into a DiT checkpoint, shard by shard, keeping its layout (file names, index, keys, dtype)."""
+"""Bake LoRAs into a DiT checkpoint, shard by shard, keeping its layout (file names, index, keys, dtype),
+and make the result a complete model folder (untouched components linked, not copied)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+import torch
+from diffsynth.models.wan_video_dit import WanModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ChronoEditError
-from ..models.dit import DiTCheckpoint
-from ..models.safetensors_header import read_header
+from ..files import atomic_path, copy_file
+from ..models.components import discover_components
+from ..models.dit import DiTCheckpoint, inspect_dit
+from ..models.loading import read_header
+from .apply import check_lora_matches
+from .io import load_lora
 from .names import to_diffusers
 from .weights import LoraWeights
 
@@ -47,20 +52,47 @@ def merge_into_files(ckpt: DiTCheckpoint, loras: list[tuple[LoraWeights, float]]
             tensors[key] = total.to(tensors[key].dtype)
             merged.add(key)
         target = output / path.name
-        tmp = target.with_name(target.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=_metadata(path))
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_file(tensors, str(tmp), metadata=_metadata(path))
         written.append(target)
     if merged != deltas.keys():
         raise ChronoEditError(f"LoRA layers not found in the checkpoint: {sorted(deltas.keys() - merged)[:5]}")
     folder = ckpt.files[0].parent
     if len(ckpt.files) > 1:
         for index in folder.glob("*.safetensors.index.json"):
-            shutil.copy(index, output / index.name)
+            copy_file(index, output / index.name)
     if ckpt.format == "diffusers" and (folder / "config.json").is_file():
-        shutil.copy(folder / "config.json", output / "config.json")
+        copy_file(folder / "config.json", output / "config.json")
     return written
 
 
 def _metadata(path: Path) -> dict[str, str] | None:
     return read_header(path)[1] or None
+
+
+def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tuple[Path, float]],
+                output: Path) -> tuple[Path, list[Path]]:
+    """Merge LoRA files (path, scale) into the DiT of ``model_dir`` (or ``dit``) under ``output``.
+
+    Every LoRA is checked against the DiT's layers (from its headers) before anything is written.
+    With a model folder, its other components are symlinked so ``output`` is a complete model.
+    Returns the folder holding the merged DiT and the files written.
+    """
+    ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
+    with torch.device("meta"):
+        skeleton = WanModel(**ckpt.kwargs)
+    weights = []
+    for path, scale in loras:
+        lora, _ = load_lora(path)
+        check_lora_matches(lora, skeleton, str(path))
+        weights.append((lora, scale))
+    dit_folder = ckpt.files[0].parent
+    inside_model = model_dir is not None and dit_folder.resolve() != model_dir.resolve()
+    target = output / dit_folder.name if inside_model else output
+    written = merge_into_files(ckpt, weights, target)
+    if model_dir is not None:
+        merged = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
+        for entry in model_dir.iterdir():
+            if entry.name not in merged and not (output / entry.name).exists():
+                (output / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return target, written

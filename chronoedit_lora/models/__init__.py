@@ -1,5 +1,5 @@
 """Model adapters: ChronoEdit's components registered with and loaded through DiffSynth 2.x."""
 
-from .registry import register_known_checkpoints
+from .dit import register_known_checkpoints
 
 register_known_checkpoints()

@@ -1,8 +1,12 @@
-"""Load all of ChronoEdit's components (DiT, umT5, CLIP, VAE, tokenizer) from local files."""
+"""Find ChronoEdit's components under ``--model DIR`` (diffusers or Wan2.1 file layout) and load
+them all (DiT, umT5, CLIP, VAE, tokenizer).
+
+Nothing is downloaded: a component that cannot be found is an error saying where we looked.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -10,14 +14,109 @@ from diffsynth.models.wan_video_dit import WanModel
 from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
 
 from ..errors import CheckpointError
-from .discovery import ComponentPaths, discover_components
 from .dit import DiTCheckpoint, inspect_dit, load_dit
 from .fp8 import store_blocks_in_fp8
 from .image_encoder import VisionTowerImageEncoder, load_image_encoder
-from .text_encoder import load_text_encoder
+from .text_encoder import load_text_encoder, load_tokenizer
 from .vae import SizedWanVideoVAE, load_vae
 
-TEXT_LENGTH = 512  # umT5 context length ChronoEdit was trained with
+# Wan2.1-I2V-14B file names (the original DiffSynth recipe's layout), .pth or converted .safetensors.
+WAN_FILES = {
+    "text_encoder": ("models_t5_umt5-xxl-enc-bf16.pth", "models_t5_umt5-xxl-enc-bf16.safetensors"),
+    "image_encoder": (
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.safetensors",
+    ),
+    "vae": ("Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"),
+    "tokenizer": ("google/umt5-xxl", "tokenizer"),
+}
+DIFFUSERS_FOLDERS = {
+    "dit": "transformer",
+    "text_encoder": "text_encoder",
+    "image_encoder": "image_encoder",
+    "vae": "vae",
+    "tokenizer": "tokenizer",
+}
+_NOT_DIT = tuple(name for names in WAN_FILES.values() for name in names)
+
+
+@dataclass(frozen=True)
+class ComponentPaths:
+    """Where each ChronoEdit component lives (a file or a folder each)."""
+
+    dit: Path
+    text_encoder: Path
+    image_encoder: Path
+    vae: Path
+    tokenizer: Path
+
+
+def discover_components(model_dir: str | Path | None = None, **overrides: str | Path | None) -> ComponentPaths:
+    """Locate every component under ``model_dir``; keyword overrides (e.g. ``vae=...``) win.
+
+    Raises :class:`CheckpointError` naming each missing component and the places searched.
+    """
+    unknown = set(overrides) - {f.name for f in fields(ComponentPaths)}
+    if unknown:
+        raise TypeError(f"unknown component override(s): {', '.join(sorted(unknown))}")
+    given = {k: Path(v) for k, v in overrides.items() if v is not None}
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    root = Path(model_dir) if model_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise CheckpointError(f"--model {root}: no such folder.")
+    for name in DIFFUSERS_FOLDERS:
+        if name in given:
+            if not given[name].exists():
+                raise CheckpointError(f"{name} override {given[name]} does not exist.")
+            found[name] = given[name]
+            continue
+        if root is None:
+            missing.append(f"{name}: no --model folder and no --{name.replace('_', '-')} given")
+            continue
+        path, searched = _find(root, name)
+        if path is None:
+            missing.append(f"{name}: looked for {', '.join(searched)}")
+        else:
+            found[name] = path
+    if missing:
+        raise CheckpointError(
+            "ChronoEdit components not found (nothing is downloaded; point --model at a "
+            "ChronoEdit-14B-Diffusers folder or a Wan2.1 file folder, or pass per-component paths):\n  "
+            + "\n  ".join(missing)
+        )
+    return ComponentPaths(**found)
+
+
+def _find(root: Path, name: str) -> tuple[Path | None, list[str]]:
+    folder = root / DIFFUSERS_FOLDERS[name]
+    searched = [str(folder)]
+    if folder.is_dir():
+        return folder, searched
+    if name == "dit":
+        return _find_wan_dit(root, searched)
+    for candidate in WAN_FILES[name]:
+        searched.append(str(root / candidate))
+        if (root / candidate).exists():
+            return root / candidate, searched
+    return None, searched
+
+
+def _find_wan_dit(root: Path, searched: list[str]) -> tuple[Path | None, list[str]]:
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    searched.append(f"{root}/*.safetensors.index.json")
+    if indexes:
+        return indexes[0], searched
+    singles = [p for p in sorted(root.glob("*.safetensors")) if p.name not in _NOT_DIT]
+    searched.append(f"{root}/<one DiT *.safetensors>")
+    if len(singles) == 1:
+        return singles[0], searched
+    if len(singles) > 1:
+        raise CheckpointError(
+            f"{root} holds several .safetensors files ({', '.join(p.name for p in singles)}); "
+            "pass the DiT with --dit."
+        )
+    return None, searched
 
 
 @dataclass
@@ -35,16 +134,6 @@ class LoadedComponents:
     @property
     def temporal_skip_len(self) -> int:
         return self.dit_checkpoint.temporal_skip_len
-
-
-def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
-    """The umT5 tokenizer from a local folder (never downloaded), padding to 512 tokens."""
-    if not path.is_dir():
-        raise CheckpointError(f"tokenizer {path}: expected a folder with tokenizer files.")
-    try:
-        return HuggingfaceTokenizer(name=str(path), seq_len=TEXT_LENGTH, clean="whitespace", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"tokenizer {path}: cannot load ({exc}).") from None
 
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,

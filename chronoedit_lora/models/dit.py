@@ -1,14 +1,19 @@
-"""Load the ChronoEdit DiT into DiffSynth's ``WanModel`` through DiffSynth's model registry.
+"""The ChronoEdit DiT as DiffSynth's ``WanModel``: format detection, sizes from shapes, registry
+entries, loading.
 
 Sizes are read from the checkpoint's tensor shapes (plus the head count, which shapes cannot
 show), so the 14B files and the kit's tiny checkpoints take the same path: infer kwargs ->
 register a ``MODEL_CONFIGS`` entry for the file's hash (if DiffSynth does not know it yet) ->
-let DiffSynth's ``ModelPool`` build and fill the model.
+let DiffSynth's ``ModelPool`` build and fill the model (:mod:`.loading`).
+
+DiffSynth knows the original-format Wan2.1-I2V-14B DiT, but not the diffusers-format ChronoEdit
+transformer nor single-file repacks whose keys carry a ComfyUI prefix; importing
+:mod:`chronoedit_lora.models` registers those (:func:`register_known_checkpoints`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +21,35 @@ import torch
 from diffsynth.models.wan_video_dit import WanModel
 
 from ..errors import CheckpointError
-from . import registry
-from .component_config import read_config
-from .loading import load_registered
-from .weight_files import read_shapes, resolve_weight_files
+from .loading import ensure_entry, hash_shapes, load_registered, read_config, read_shapes, resolve_weight_files
+
+WAN_DIT_CLASS = "diffsynth.models.wan_video_dit.WanModel"
+DIT_MODEL_NAME = "wan_video_dit"  # the name DiffSynth's Wan pipeline fetches the DiT by
+CHRONOEDIT_14B_KWARGS = {
+    "has_image_input": True, "patch_size": [1, 2, 2], "in_dim": 36, "dim": 5120,
+    "ffn_dim": 13824, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 40,
+    "num_layers": 40, "eps": 1e-6,
+}
+# Hashes of the released 14B layouts (checked in tests/test_registry.py against meta-device models).
+KNOWN_14B_DITS = {
+    # nvidia/ChronoEdit-14B-Diffusers transformer/ (diffusers keys)
+    "e0e8b7e0ab5bbf15b88be20fdf9dfcbd": ("diffusers", ""),
+    # an export that also carries attn2.norm_added_q (unused by the model, dropped by the converter)
+    "7cf3a086b49216bded0728ce78d59687": ("diffusers", ""),
+    # single-file repacks in original Wan key names with ComfyUI prefixes
+    "93307774cfa7fbb08f81e5723c1ea549": ("wan", "model.diffusion_model."),
+    "2dced1378c987faf105510a4346d817f": ("wan", "diffusion_model."),
+    # (unprefixed original-format files hash to 6bfcfb3b342cb286ce886889d519a77e, which DiffSynth
+    # already registers as Wan2.1-I2V-14B with the same class and kwargs.)
+}
+_DIFFSYNTH_CONVERTERS = "diffsynth.utils.state_dict_converters.wan_video_dit"
+_CONVERTERS = {
+    ("diffusers", ""): f"{_DIFFSYNTH_CONVERTERS}.WanVideoDiTFromDiffusers",
+    ("wan", ""): f"{_DIFFSYNTH_CONVERTERS}.WanVideoDiTStateDictConverter",
+    ("wan", "model."): f"{_DIFFSYNTH_CONVERTERS}.WanVideoDiTStateDictConverter",
+    ("wan", "model.diffusion_model."): f"{__name__}.strip_model_diffusion_model",
+    ("wan", "diffusion_model."): f"{__name__}.strip_diffusion_model",
+}
 
 WAN_HEAD_DIM = 128  # every released Wan2.1 / ChronoEdit DiT uses 128-wide heads
 HEADS_METADATA_KEY = "num_attention_heads"
@@ -46,7 +76,7 @@ class DiTCheckpoint:
 
     @property
     def model_hash(self) -> str:
-        return registry.hash_shapes(self.shapes)
+        return hash_shapes(self.shapes)
 
 
 def detect_format(shapes: dict[str, list[int]], where: str) -> tuple[str, str]:
@@ -134,9 +164,36 @@ def load_dit(
 ) -> tuple[WanModel, DiTCheckpoint]:
     """Load a ChronoEdit DiT as DiffSynth ``WanModel`` (weights in ``dtype`` on ``device``)."""
     ckpt = source if isinstance(source, DiTCheckpoint) else inspect_dit(source, num_heads)
-    entry = registry.ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
+    entry = ensure_dit_entry(ckpt.model_hash, ckpt.format, ckpt.key_prefix, ckpt.kwargs)
     return load_registered(ckpt.files, entry, dtype, device), ckpt
 
 
 def _int_or_none(value: str | None) -> int | None:
     return int(value) if value else None
+
+
+def ensure_dit_entry(model_hash: str, fmt: str, prefix: str, kwargs: dict) -> dict:
+    """The registry entry DiffSynth uses for a DiT of this hash and key format."""
+    return ensure_entry(model_hash, DIT_MODEL_NAME, WAN_DIT_CLASS, kwargs, _CONVERTERS[(fmt, prefix)])
+
+
+def register_known_checkpoints() -> None:
+    """Register the released ChronoEdit-14B DiT layouts (idempotent)."""
+    for model_hash, (fmt, prefix) in KNOWN_14B_DITS.items():
+        ensure_dit_entry(model_hash, fmt, prefix, CHRONOEDIT_14B_KWARGS)
+
+
+# State-dict converters for original-format files whose keys carry a ComfyUI prefix. DiffSynth
+# calls converters with a lazy ``DiskMap`` (iterable, indexable), so these only rename.
+def _strip(state_dict: Mapping, prefix: str) -> dict:
+    return {name[len(prefix):]: state_dict[name] for name in state_dict if name.startswith(prefix)}
+
+
+def strip_model_diffusion_model(state_dict: Mapping) -> dict:
+    """``model.diffusion_model.blocks.0…`` -> ``blocks.0…`` (ComfyUI full-model saves)."""
+    return _strip(state_dict, "model.diffusion_model.")
+
+
+def strip_diffusion_model(state_dict: Mapping) -> dict:
+    """``diffusion_model.blocks.0…`` -> ``blocks.0…`` (ComfyUI repackaged diffusion models)."""
+    return _strip(state_dict, "diffusion_model.")

@@ -20,8 +20,7 @@ import torchvision.transforms as T
 from diffsynth.models.wan_video_image_encoder import VisionTransformer, WanImageEncoder
 
 from ..errors import CheckpointError
-from .conversion import check_config, convert_shapes, wrong_component
-from .loading import load_component
+from .loading import check_config, convert_shapes, load_component, wrong_component
 
 MODEL_NAME = "wan_video_image_encoder"
 MODEL_CLASS = f"{__name__}.VisionTowerImageEncoder"

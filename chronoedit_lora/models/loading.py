@@ -1,37 +1,355 @@
-"""Build a model through DiffSynth's registry and loader (lazy per-tensor reads, ``assign=True``)."""
+"""From weight files on disk to a DiffSynth module.
+
+1. **Find** a component's files: a diffusers/transformers folder (one file, or shards + index
+   JSON), an index JSON, a shard list or one file (``.safetensors``, or ``.pth`` for Wan's
+   encoders). Missing, extra or stray shards are an error naming them.
+2. **Read** keys and shapes from the headers without loading tensors, validating each
+   safetensors header ourselves: safetensors' own errors for a damaged file are terse.
+3. **Register** the component in DiffSynth's model registry
+   (``diffsynth.configs.model_configs.MODEL_CONFIGS``): DiffSynth picks a class, its kwargs and a
+   key converter by the md5 of a file's "key:shape" strings, so checkpoints it does not know get an
+   entry whose kwargs were read from the shapes.
+4. **Load** through DiffSynth's ``ModelPool``, but from tensors read lean: DiffSynth's ``DiskMap``
+   keeps every shard memory-mapped while cloning each tensor, so a load briefly holds about twice
+   the weights (``bench/load_dit.py``). Here each shard is read once into one buffer whose views
+   become the parameters (``assign=True``), so the weights are in RAM once.
+``.pth`` files are only ever read with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-from collections.abc import Callable, Sequence
+import json
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from diffsynth.configs.model_configs import MODEL_CONFIGS
+from diffsynth.core.loader.file import convert_keys_dict_to_single_str
 from diffsynth.models.model_loader import ModelPool
 
-from . import registry
-from .component_config import read_config
-from .lean_read import read_state_dict
-from .weight_files import read_shapes, resolve_weight_files
+from ..errors import CheckpointError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # weight dtypes by name
+
+# -- 1. finding the files ---------------------------------------------------------------------
+
+INDEX_SUFFIX = ".safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+
+
+def resolve_weight_files(source: str | Path | Sequence[str | Path], what: str = "DiT") -> list[Path]:
+    """Return the complete, ordered list of files holding one model's weights.
+
+    ``source`` is a folder (with an index JSON, shards, or exactly one weights file), an index
+    JSON, a single file, or a list of shard files. Missing or extra shards raise
+    :class:`CheckpointError` naming them; ``what`` names the component in messages.
+    """
+    if not isinstance(source, (str, Path)):
+        files = [Path(p) for p in source]
+        if len(files) == 1:
+            return resolve_weight_files(files[0], what)
+        return _check_shard_list(files)
+    path = Path(source)
+    if path.is_dir():
+        return _resolve_folder(path, what)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _resolve_index(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} weights not found: {path} does not exist.")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path}: not a weights file for the {what} (expected {', '.join(WEIGHT_SUFFIXES)}).")
+    if _SHARD_RE.match(path.name):
+        raise CheckpointError(
+            f"{path} is one shard of a sharded checkpoint; pass its folder or its index JSON instead."
+        )
+    return [path]
+
+
+def _resolve_folder(folder: Path, what: str) -> list[Path]:
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) == 1:
+        return _resolve_index(indexes[0])
+    if len(indexes) > 1:
+        raise CheckpointError(
+            f"{folder} holds several index files ({', '.join(p.name for p in indexes)}); "
+            "pass the one to use."
+        )
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"No {what} weights in {folder}: expected *.safetensors (and an index JSON).")
+    if len(files) == 1:
+        return files
+    return _check_shard_list(files)
+
+
+def _resolve_index(index_path: Path) -> list[Path]:
+    if not index_path.is_file():
+        raise CheckpointError(f"DiT index not found: {index_path}.")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc!r}).") from None
+    folder = index_path.parent
+    listed = sorted(set(weight_map.values()))
+    missing = [name for name in listed if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index_path.name} lists shards that are missing from {folder}: {', '.join(missing)}. "
+            "Download them (all shards are needed)."
+        )
+    stem = index_path.name[: -len(INDEX_SUFFIX)]
+    strays = sorted(
+        p.name for p in folder.glob(f"{stem}-*-of-*.safetensors") if p.name not in set(listed)
+    )
+    if strays:
+        raise CheckpointError(
+            f"{folder} holds shards not listed in {index_path.name}: {', '.join(strays)}. "
+            "They may come from another download; remove them or fix the index."
+        )
+    return [folder / name for name in listed]
+
+
+def _check_shard_list(files: list[Path]) -> list[Path]:
+    matches = [_SHARD_RE.match(p.name) for p in files]
+    if not all(matches):
+        odd = [p.name for p, m in zip(files, matches) if not m]
+        raise CheckpointError(
+            f"Several weight files were given but {', '.join(odd)} are not named like shards "
+            "(NAME-00001-of-00003.safetensors); pass one file, a shard folder or an index JSON."
+        )
+    totals = {int(m["total"]) for m in matches}
+    stems = {m["stem"] for m in matches}
+    if len(totals) != 1 or len(stems) != 1:
+        raise CheckpointError(
+            "The shards given belong to different checkpoints: "
+            + ", ".join(p.name for p in files)
+        )
+    total, stem = totals.pop(), stems.pop()
+    folder = files[0].parent
+    expected = {f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+    names = {p.name for p in files}
+    missing = sorted(expected - names)
+    absent = sorted(p.name for p in files if not p.is_file())
+    if missing or absent:
+        raise CheckpointError(
+            f"Incomplete checkpoint in {folder}: missing {', '.join(missing + absent)}."
+        )
+    return sorted(files, key=lambda p: p.name)
+
+
+def read_config(path: str | Path) -> dict:
+    """``config.json`` of the component folder ``path``; {} for a single file or a folder without one."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config}: invalid JSON ({exc}).") from None
+
+
+# -- 2. reading headers and tensors -----------------------------------------------------------
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_REPAIR = "re-download or re-export it"
+# key -> (safetensors dtype name, shape, first byte, end byte) within the data section
+HeaderEntries = dict[str, tuple[str, list[int], int, int]]
+
+
+def read_entries(path: str | Path) -> tuple[int, HeaderEntries, dict[str, str]]:
+    """``(data_start, {key: (dtype, shape, begin, end)}, metadata)`` of a complete safetensors file.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found.")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes); {_REPAIR}.")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header; {_REPAIR}.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc}); {_REPAIR}.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header; {_REPAIR}.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - header_len
+    entries: HeaderEntries = {}
+    for key, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt entry {key!r} in the header; {_REPAIR}.") from None
+        itemsize = dtype.itemsize if dtype is not None else 1
+        if end > data_bytes or end - begin != torch.Size(shape).numel() * itemsize:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt (tensor {key!r} lies outside the file's "
+                f"{size} bytes); {_REPAIR}."
+            )
+        entries[key] = (info["dtype"], shape, begin, end)
+    return 8 + header_len, entries, metadata
+
+
+def read_header(path: str | Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """``({key: shape}, metadata)`` of a safetensors file, checking it is complete."""
+    _, entries, metadata = read_entries(path)
+    return {key: entry[1] for key, entry in entries.items()}, metadata
+
+
+def read_shapes(files: Sequence[Path]) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Keys -> shapes (and safetensors metadata) of weight files, without loading tensor data.
+
+    ``.pth`` files are memory-mapped with ``torch.load(weights_only=True)``: safe, and only the
+    pickled structure is read.
+    """
+    shapes: dict[str, list[int]] = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            file_shapes, file_meta = read_header(path)
+            shapes.update(file_shapes)
+            metadata.update(file_meta)
+        else:
+            shapes.update({k: list(v.shape) for k, v in load_pth(path).items() if isinstance(v, torch.Tensor)})
+    return shapes, metadata
+
+
+def load_pth(path: Path) -> dict:
+    """A ``.pth`` state dict, memory-mapped, unwrapped from a single ``state_dict``/``module``/``model_state`` key."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
+        raise CheckpointError(f"{path}: cannot read as a PyTorch weights file ({exc.__class__.__name__}: {exc}).") from None
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "module", "model_state"):
+        state = next(iter(state.values()))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def read_state_dict(files: Sequence[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of ``files``; floating-point ones in ``dtype`` (if given). A dtype conversion
+    makes one converted copy per tensor, and a shard's buffer is freed with its last view."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        tensors = _read_safetensors(path) if path.suffix == ".safetensors" else load_pth(path)
+        for key, tensor in tensors.items():
+            if dtype is not None and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            state[key] = tensor
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` as a view of one buffer holding the whole file."""
+    data_start, entries, _ = read_entries(path)
+    buffer = bytearray(path.stat().st_size)
+    with path.open("rb", buffering=0) as f:
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            read = f.readinto(view[done:])
+            if not read:
+                break
+            done += read
+    tensors = {}
+    for key, (dtype_name, shape, begin, end) in entries.items():
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+            continue
+        tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+    return tensors
+
+
+# -- 3. sizing and registering ----------------------------------------------------------------
 
 # (shapes, config.json of a component folder, where) -> (constructor kwargs, converter dotted path)
 KwargsFromShapes = Callable[[dict[str, list[int]], dict, str], tuple[dict, "str | None"]]
+Converter = Callable[[Mapping], dict]
 
 
+def convert_shapes(converter: Converter, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Key shapes after ``converter``: it runs on meta tensors, so sizing a model goes through the
+    very code that later converts its weights, without reading or allocating any data."""
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    return {name: list(tensor.shape) for name, tensor in converter(meta).items()}
+
+
+def check_config(config: Mapping, supported: Mapping[str, tuple], where: str, what: str) -> None:
+    """Raise :class:`CheckpointError` when ``config`` sets a field to a value DiffSynth cannot run
+    (``supported``: field -> allowed values; absent fields are fine)."""
+    for field, allowed in supported.items():
+        if field in config and config[field] not in allowed:
+            raise CheckpointError(
+                f"{where}: a {what} with {field}={config[field]!r} is not supported "
+                f"(DiffSynth's module implements {field} = {' or '.join(map(repr, allowed))} only).")
+
+
+def wrong_component(where: str, what: str, expected: str, shapes: Mapping[str, Sequence[int]]) -> CheckpointError:
+    """The error for weights that are not the component asked for."""
+    sample = ", ".join(sorted(shapes)[:3]) or "none"
+    return CheckpointError(f"{where} does not hold {what}: expected {expected}; its first keys are {sample}.")
+
+
+def hash_shapes(shapes: dict[str, list[int]]) -> str:
+    """DiffSynth's model hash of a ``{key: shape}`` mapping (same as ``hash_model_file``)."""
+    return hashlib.md5(convert_keys_dict_to_single_str(shapes).encode("utf-8")).hexdigest()
+
+
+def ensure_entry(model_hash: str, model_name: str, model_class: str, kwargs: dict, converter: str | None) -> dict:
+    """Return the registry entry for (hash, name, class), adding it if DiffSynth has none.
+
+    Idempotent, so re-imports and every accelerate/torchrun worker see exactly one entry.
+    """
+    for entry in MODEL_CONFIGS:
+        if (entry["model_hash"], entry["model_name"], entry["model_class"]) == (model_hash, model_name, model_class):
+            registered = entry.get("extra_kwargs") or {}  # {}: DiffSynth relies on the class defaults
+            if registered and registered != kwargs:
+                raise ValueError(
+                    f"DiffSynth's registry entry for {model_name} hash {model_hash} has kwargs "
+                    f"{entry.get('extra_kwargs')}, but the checkpoint's shapes say {kwargs}."
+                )
+            return entry
+    entry = {"model_hash": model_hash, "model_name": model_name, "model_class": model_class,
+             "extra_kwargs": dict(kwargs)}
+    if converter:
+        entry["state_dict_converter"] = converter
+    MODEL_CONFIGS.append(entry)
+    return entry
+
+
+# -- 4. loading -------------------------------------------------------------------------------
 
 def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
-    """Let DiffSynth build ``entry``'s model class and fill it from ``files``.
-
-    ``entry`` comes from :func:`registry.ensure_entry`, so it is in ``MODEL_CONFIGS`` too.
-    """
+    """Let DiffSynth build ``entry``'s model class and fill it from ``files`` (read lean, in ``dtype``)."""
     pool = ModelPool()
     vram_config = pool.default_vram_config()
     device = torch.device(device)
     # accelerate names CPU ranks "cpu:N"; safetensors only accepts "cpu"
     vram_config.update(computation_dtype=dtype, computation_device="cpu" if device.type == "cpu" else str(device))
     paths = [str(f) for f in files]
-    state_dict = read_state_dict(files, dtype)  # the weights once in RAM (see lean_read)
+    state_dict = read_state_dict(files, dtype)
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
         return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config, state_dict=state_dict)
 
@@ -42,5 +360,5 @@ def load_component(path: str | Path, what: str, model_name: str, model_class: st
     files = resolve_weight_files(path, what)
     shapes, _ = read_shapes(files)
     kwargs, converter = kwargs_from_shapes(shapes, read_config(path), str(path))
-    entry = registry.ensure_entry(registry.hash_shapes(shapes), model_name, model_class, kwargs, converter)
+    entry = ensure_entry(hash_shapes(shapes), model_name, model_class, kwargs, converter)
     return load_registered(files, entry, dtype, device)

@@ -1,4 +1,4 @@
-"""umT5-XXL text encoder as DiffSynth's ``WanTextEncoder``, from Wan's
+"""umT5-XXL text encoder as DiffSynth's ``WanTextEncoder`` (and its tokenizer), from Wan's
 ``models_t5_umt5-xxl-enc-bf16.pth`` or a transformers ``UMT5EncoderModel`` folder
 (ChronoEdit-14B-Diffusers ``text_encoder/``).
 
@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
 
-from .conversion import check_config, convert_shapes, wrong_component
-from .loading import load_component
+from ..errors import CheckpointError
+from .loading import check_config, convert_shapes, load_component, wrong_component
 
+TEXT_LENGTH = 512  # umT5 context length ChronoEdit was trained with
 MODEL_NAME = "wan_video_text_encoder"
 MODEL_CLASS = "diffsynth.models.wan_video_text_encoder.WanTextEncoder"
 
@@ -93,3 +94,13 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                       device: str | torch.device = "cpu") -> WanTextEncoder:
     """The text encoder from a ``text_encoder/`` folder or a Wan ``.pth``/``.safetensors`` file."""
     return load_component(path, "text encoder", MODEL_NAME, MODEL_CLASS, text_encoder_spec, dtype, device)
+
+
+def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
+    """The umT5 tokenizer from a local folder (never downloaded), padding to 512 tokens."""
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer {path}: expected a folder with tokenizer files.")
+    try:
+        return HuggingfaceTokenizer(name=str(path), seq_len=TEXT_LENGTH, clean="whitespace", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"tokenizer {path}: cannot load ({exc}).") from None

@@ -19,9 +19,7 @@ from diffsynth.core.vram.initialization import skip_model_initialization
 from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
 from ..errors import CheckpointError
-from .component_config import read_config
-from .conversion import check_config, convert_shapes, wrong_component
-from .loading import load_component
+from .loading import check_config, convert_shapes, load_component, read_config, wrong_component
 
 MODEL_NAME = "wan_video_vae"
 MODEL_CLASS = f"{__name__}.SizedWanVideoVAE"

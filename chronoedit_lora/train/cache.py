@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import EditPairDataset
-from ..models.discovery import ComponentPaths
+from ..files import atomic_path
+from ..models.components import ComponentPaths
 
 CACHE_VERSION = 1  # bump when what is cached, or how, changes
 FINGERPRINT_BYTES = 1 << 20
@@ -73,12 +72,8 @@ class ConditioningCache:
         return load_file(str(self.path(key)))
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, target)
+        with atomic_path(self.path(key)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     def missing(self, dataset: EditPairDataset) -> list[int]:
         """Indices (first of each distinct pair) whose entry is not there yet."""

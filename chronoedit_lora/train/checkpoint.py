@@ -2,14 +2,13 @@
 
 A checkpoint is a folder ``checkpoints/step-000123/`` holding the LoRA (shareable safetensors),
 the optimizer and LR-scheduler state, the data position and every rank's RNG states. It is written
-under a temporary name, fsynced, then renamed, so a crash or a full disk mid-save leaves the
+under a temporary name, synced, then renamed (:mod:`chronoedit_lora.files`), so a crash or a full disk mid-save leaves the
 previous checkpoint untouched. Everything is read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ChronoEditError
+from ..files import atomic_write, replace_folder, write_text
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
@@ -67,18 +67,16 @@ def set_rng_state(state: dict) -> None:
 def write_rank_state(staging: Path, rank: int) -> None:
     """Each rank saves its own RNG states into the staging folder."""
     staging.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(rng_state(), staging / f"rng-rank{rank}.pt")
+    with atomic_write(staging / f"rng-rank{rank}.pt") as f:
+        torch.save(rng_state(), f)
 
 
 def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: dict, scheduler_state: dict, keep: int) -> None:
-    """Rank 0: write the shared state, fsync, rename into place, prune old checkpoints."""
-    _atomic_torch_save({"optimizer": optimizer_state, "scheduler": scheduler_state}, staging / "optimizer.pt")
-    _atomic_write_text(staging / "progress.json", json.dumps(asdict(progress)))
-    _fsync_dir(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _fsync_dir(final.parent)
+    """Rank 0: write the shared state, rename the folder into place, prune old checkpoints."""
+    with atomic_write(staging / "optimizer.pt") as f:
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, f)
+    write_text(staging / "progress.json", json.dumps(asdict(progress)))
+    replace_folder(staging, final)
     old = sorted(p for p in final.parent.iterdir() if p.name.startswith(_PREFIX))[:-keep] if keep > 0 else []
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
@@ -100,29 +98,3 @@ def load_rank_state(folder: Path, rank: int) -> None:
             "it was saved with."
         )
     set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

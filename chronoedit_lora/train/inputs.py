@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..images import tensor_to_pil
-from ..pipeline import EDIT_FRAMES, ChronoEditPipeline
+from ..pipeline import ChronoEditPipeline
+from ..video import EDIT_FRAMES, tensor_to_pil
 
 
 @torch.no_grad()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from ..files import atomic_write, write_text
 
 METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples"]
 
@@ -31,10 +34,11 @@ class TrainingLog:
         if self.csv_path.is_file():
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with self.csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, METRICS_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.csv_path, buffer.getvalue())
 
     def step(self, step: int, loss: float, lr: float, seconds: float, samples: list[int]) -> None:
         if not self.enabled:
@@ -89,6 +93,7 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return png_path

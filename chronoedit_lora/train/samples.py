@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..images import tensor_to_pil
+from ..files import save_image
+from ..video import tensor_to_pil
 from ..pipeline import ChronoEditPipeline
-from .evaluate import validation_loss
+from .objective import validation_loss
 
 
 @torch.no_grad()
@@ -37,6 +38,5 @@ def sample_grid(pipe: ChronoEditPipeline, items: list[dict], path: Path, steps: 
             grid.paste(image, (x, y))
             x += image.width
         y += row[0].height
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    save_image(grid, path)
     return loss

@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
+from ..models.loading import DTYPES
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import lora_export
@@ -164,15 +165,12 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders)
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def component_overrides(config: TrainConfig) -> dict:
     return {name: getattr(config, name) for name in ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")}
 
 
 def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype) -> ConditioningCache:
-    from ..models.discovery import discover_components
+    from ..models.components import discover_components
 
     paths = discover_components(config.model, **component_overrides(config))
     return ConditioningCache(Path(config.cache_dir) if config.cache_dir else output / "cache",
