@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -74,17 +74,14 @@ def train(config: TrainConfig) -> TrainResult:
     from .lora_module import LoraTrainingModule
 
     dtype = DTYPES[config.dtype]
-    cache = open_cache(config, output, dtype) if config.cache else None
-    missing = cache.missing(data.dataset) if cache else []
-    if missing:  # the encoders alone fill the cache, so they and the DiT are never in memory together
-        encoders = ChronoEditPipeline.from_pretrained(config.model, device=accelerator.device, dtype=dtype,
-                                                      with_dit=False, **component_overrides(config))
-        _fill_cache(accelerator, cache, encoders, data, missing)
-        del encoders
+    paths = component_paths(config)
+    cache = open_cache(config, output, dtype, paths) if config.cache else None
+    # the encoders alone fill the cache, so they and the DiT are never in memory together
+    filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
-        config.model, device=accelerator.device, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **component_overrides(config))
-    loaded_encoders = cache is None or bool(missing) or config.sample_every > 0
+        device=accelerator.device, dtype=dtype, rope=config.rope,
+        encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **paths)
+    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
@@ -165,25 +162,36 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders)
 
 
-def component_overrides(config: TrainConfig) -> dict:
-    return {name: getattr(config, name) for name in ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")}
+def component_paths(config: TrainConfig) -> dict[str, Path]:
+    """Where every component is (``model`` plus per-component overrides), found once per run."""
+    from ..models.components import ComponentPaths, discover_components
+
+    found = discover_components(config.model, **{f.name: getattr(config, f.name) for f in fields(ComponentPaths)})
+    return {f.name: getattr(found, f.name) for f in fields(ComponentPaths)}
 
 
-def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype) -> ConditioningCache:
-    from ..models.components import discover_components
+def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dict[str, Path]) -> ConditioningCache:
+    from ..models.components import ComponentPaths
 
-    paths = discover_components(config.model, **component_overrides(config))
     return ConditioningCache(Path(config.cache_dir) if config.cache_dir else output / "cache",
-                             components_fingerprint(paths, dtype))
+                             components_fingerprint(ComponentPaths(**paths), dtype))
 
 
-def _fill_cache(accelerator: Accelerator, cache: ConditioningCache, pipe, data: TrainingData, missing: list[int]) -> None:
-    """Each process encodes its share of the missing entries; everyone waits for the rest."""
-    share = missing[accelerator.process_index::accelerator.num_processes]
-    fill(cache, pipe, data.dataset, share, show=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: TrainingData, paths: dict[str, Path],
+                  dtype: torch.dtype) -> int:
+    """Encode the entries the cache lacks with the encoders alone (each process its share; everyone
+    waits for the rest); returns how many were missing."""
+    missing = cache.missing(data.dataset)
+    if missing:
+        from ..pipeline import ChronoEditPipeline
+
+        encoders = ChronoEditPipeline.from_pretrained(device=accelerator.device, dtype=dtype, with_dit=False, **paths)
+        share = missing[accelerator.process_index::accelerator.num_processes]
+        fill(cache, encoders, data.dataset, share, show=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     accelerator.print(f"conditioning cache {cache.folder}: {len(missing)} new, "
                       f"{len(data.dataset.pairs) - len(missing)} reused")
+    return len(missing)
 
 
 def cache_conditioning(config: TrainConfig) -> int:
@@ -193,17 +201,8 @@ def cache_conditioning(config: TrainConfig) -> int:
     _on_main_then_everyone(accelerator, lambda: preflight(config, output))
     data = TrainingData(config)
     dtype = DTYPES[config.dtype]
-    cache = open_cache(config, output, dtype)
-    missing = cache.missing(data.dataset)
-    if missing:
-        from ..pipeline import ChronoEditPipeline
-
-        pipe = ChronoEditPipeline.from_pretrained(config.model, device=accelerator.device, dtype=dtype,
-                                                  with_dit=False, **component_overrides(config))
-        _fill_cache(accelerator, cache, pipe, data, missing)
-    else:
-        accelerator.print(f"conditioning cache {cache.folder}: all {len(data.dataset.pairs)} pairs up to date")
-    return len(missing)
+    paths = component_paths(config)
+    return _fill_missing(accelerator, open_cache(config, output, dtype, paths), data, paths, dtype)
 
 
 def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
