@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChronoEditError as exc:
         print(f"chronoedit-lora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nchronoedit-lora {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -155,14 +155,32 @@ def test_sample_grid_during_training(tiny_diffusers, four_pairs, tmp_path):
 
     train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=2, sample_every=2, sample_steps=2,
                       sample_count=2))
-    grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
-    assert grid.size == (3 * 32, 2 * 32)  # rows: pairs; columns: input | edit with the LoRA | target
+    from chronoedit_lora.train.samples import CELL, LABEL_HEIGHT
+
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png").convert("L")
+    # rows: pairs; columns: input | edit with the LoRA | target, each enlarged to a readable cell
+    assert grid.size == (3 * CELL, LABEL_HEIGHT + 2 * CELL)
+    for column in range(3):  # each column has its label (dark text on the white band)
+        assert min(grid.crop((column * CELL, 0, (column + 1) * CELL, LABEL_HEIGHT)).getdata()) < 128
+    item = EditPairDataset(four_pairs, 32, 32)[0]
+    from chronoedit_lora.video import tensor_to_pil
+
+    source = tensor_to_pil(item["video"][:, 0]).convert("L").resize((CELL, CELL), Image.Resampling.NEAREST)
+    assert list(grid.crop((0, LABEL_HEIGHT, CELL, LABEL_HEIGHT + CELL)).getdata()) == list(source.getdata())
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()))
+    assert rows[0]["val_loss"] == "" and float(rows[1]["val_loss"]) > 0  # the validation loss is logged at step 2
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: nvidia/ChronoEdit-14B-Diffusers\n") and "library_name: chronoedit-lora" in card
+    assert "![samples](samples/step-000002.png)" in card and "rank 8, alpha 8" in card and "load_lora_weights" in card
 
 
 def test_resume_with_another_rank_is_refused(tiny_diffusers, four_pairs, tmp_path):
     train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=2, save_every=2))
-    with pytest.raises(ChronoEditError, match="does not fit this run's LoRA.*other shapes"):
+    with pytest.raises(ChronoEditError, match=r"settings differ from the run being resumed(.|\n)*rank: 8 -> 4"):
         train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=4, rank=4, alpha=4, resume=True))
+    with pytest.raises(ChronoEditError, match="does not fit this run's LoRA.*other shapes"):  # even when allowed
+        train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=4, rank=4, alpha=4, resume=True,
+                          allow_changes=True))
 
 
 def test_unwritable_output_is_refused_before_loading(four_pairs, tmp_path):

@@ -16,16 +16,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     helps = TrainConfig.field_help()
     for key in COMMON_FLAGS:
         parser.add_argument(f"--{key}", help=helps.get(key))
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                        help="continue the run in --output from its newest checkpoint, or from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output that holds another run (its files are removed first)")
     parser.epilog = "Any other setting can be given as --key value: " + ", ".join(
-        sorted(k for k in helps if k not in COMMON_FLAGS + ("resume",)))
+        sorted(k for k in helps if k not in COMMON_FLAGS + ("resume", "overwrite")))
 
 
 def overrides_from(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
     """``--key value`` pairs from the known flags and the leftover arguments."""
     overrides = {k: str(getattr(args, k)) for k in COMMON_FLAGS if getattr(args, k) is not None}
-    if args.resume:
+    if args.resume is not None:
         overrides["resume"] = "true"
+        if args.resume is not True:
+            overrides["resume_from"] = args.resume
+    if args.overwrite:
+        overrides["overwrite"] = "true"
     if len(extra) % 2:
         raise ChronoEditError(f"settings must come as --key value pairs, got: {' '.join(extra)}")
     for key, value in zip(extra[::2], extra[1::2]):
@@ -39,5 +46,5 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     config = load_config(args.config, overrides_from(args, extra or []))
     from ..train.trainer import train
 
-    train(config)
-    return 0
+    result = train(config)
+    return 128 + result.interrupted_by if result.interrupted_by else 0  # 130 after SIGINT, 143 after SIGTERM

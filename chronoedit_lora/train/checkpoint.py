@@ -41,12 +41,16 @@ def staging_dir(output: Path, step: int) -> Path:
     return output / CHECKPOINTS / f".{_PREFIX}{step:06d}.partial"
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoint folders in ``folder`` (``output/checkpoints``), oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / "progress.json").is_file())
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     """Newest complete checkpoint folder under ``output`` (partial ones are ignored)."""
-    folder = output / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / "progress.json").is_file())
+    done = complete_checkpoints(output / CHECKPOINTS)
     return done[-1] if done else None
 
 

@@ -65,7 +65,10 @@ class TrainConfig:
     sample_count: int = 2  # pairs per sample grid
     sample_steps: int = 20  # denoising steps of sample edits
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
-    resume: bool = False  # continue from the newest checkpoint in `output`
+    resume: bool = False  # continue the run in `output` from its newest checkpoint
+    resume_from: str | None = None  # continue from this checkpoint folder instead (implies resume)
+    allow_changes: bool = False  # with resume: accept settings that differ from the saved run's
+    overwrite: bool = False  # start over in an `output` that holds another run (its files are removed first)
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -106,7 +109,53 @@ def load_config(path: str | Path | None, overrides: dict[str, str]) -> TrainConf
         values[key] = _parse(raw, hints[key], key)
     for key, value in values.items():
         values[key] = _check_type(value, hints[key], key)
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# Settings that only change what happens after a resumed run's checkpoint (or where files go).
+FUTURE_ONLY = frozenset({
+    "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
+    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "resume", "resume_from",
+    "allow_changes", "overwrite"})
+
+
+def validate(config: TrainConfig) -> None:
+    """Every setting that can be checked without a model: ranges, choices, combinations."""
+    from ..models.loading import DTYPES
+    from ..models.rope import ROPE_MODES
+    from ..settings import MAX_STEPS, check_choice, check_range, check_size
+
+    check_choice("dtype", config.dtype, sorted(DTYPES))
+    check_choice("rope", config.rope, ROPE_MODES)
+    check_choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    for key in ("learning_rate", "alpha", "shift"):
+        check_range(key, getattr(config, key), 0, low_inclusive=False)
+    for key in ("rank", "batch_size", "gradient_accumulation", "save_every", "epochs", "repeat", "keep_checkpoints",
+                "sample_count"):
+        check_range(key, getattr(config, key), 1)
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm", "max_steps", "min_free_mb", "sample_every",
+                "check_sync_every"):
+        check_range(key, getattr(config, key), 0)
+    check_range("sample_steps", config.sample_steps, 1, MAX_STEPS)
+    check_range("max_pixels", config.max_pixels, 16 * 16)
+    check_size(config.height, config.width, prefix="")
+    if not config.targets:
+        raise ChronoEditError("targets is empty: name the DiT layers to adapt, e.g. q,k,v,o,ffn.0,ffn.2.")
+    if (config.resume or config.resume_from) and config.overwrite:
+        raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(allowed, refused) differences between a saved run's settings and ``config``, as "key: old -> new"."""
+    current = json.loads(config.to_json())
+    allowed, refused = [], []
+    for key in sorted(current):
+        if key in saved and saved[key] != current[key]:
+            (allowed if key in FUTURE_ONLY else refused).append(f"{key}: {saved[key]!r} -> {current[key]!r}")
+    return allowed, refused
 
 
 def _parse(raw: str, hint: typing.Any, key: str) -> typing.Any:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..files import atomic_write, write_text
 
-METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples"]
+METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples", "val_loss"]
 
 
 class TrainingLog:
@@ -40,13 +41,18 @@ class TrainingLog:
         writer.writerows(rows)
         write_text(self.csv_path, buffer.getvalue())
 
-    def step(self, step: int, loss: float, lr: float, seconds: float, samples: list[int]) -> None:
+    def step(self, step: int, loss: float, lr: float, seconds: float, samples: list[int],
+             val_loss: float | None = None) -> None:
+        """One optimizer step: the mean loss over its accumulation window, the time the window took,
+        every pair it saw (all ranks), and the validation loss if one was measured at this step."""
         if not self.enabled:
             return
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, METRICS_FIELDS).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.4f}",
-                 "samples": " ".join(map(str, samples))})
+                 "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
+        if val_loss is not None:
+            self.tensorboard.add_scalar("validation/loss", val_loss, step)
         self.tensorboard.add_scalar("train/loss", loss, step)
         self.tensorboard.add_scalar("train/lr", lr, step)
         self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
@@ -61,21 +67,24 @@ class TrainingLog:
         plot = plot_loss(self.csv_path, self.output / "loss.png")
         print(
             f"\nLoRA: {lora_path}\n"
-            f"logs: {self.csv_path} (TensorBoard: tensorboard --logdir {self.output / 'logs' / 'tensorboard'})\n"
+            f"logs: {self.csv_path} (TensorBoard: {shlex.join(['tensorboard', '--logdir', str(self.output / 'logs' / 'tensorboard')])})\n"
             + (f"loss curve: {plot}\n" if plot else "")
-            + f"use it: chronoedit-lora edit --model MODEL --lora {lora_path} --image IN.png --prompt '...' --output OUT.png"
+            + "use it: " + shlex.join(["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image",
+                                        "IN.png", "--prompt", "...", "--output", "OUT.png"])
         )
 
 
-def read_losses(csv_path: Path) -> tuple[list[int], list[float]]:
+def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float]]:
+    """Steps, training losses, and the validation losses by step."""
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+    validation = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], validation
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     """Loss per step and its running mean, as a PNG."""
-    steps, losses = read_losses(csv_path)
+    steps, losses, validation = read_losses(csv_path)
     if not steps:
         return None
     import matplotlib
@@ -88,6 +97,8 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label=f"running mean ({window})")
+    if validation:
+        ax.plot(list(validation), list(validation.values()), "o-", label="validation (fixed grid)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
     ax.set_yscale("log")

@@ -6,12 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..files import save_image
 from ..video import tensor_to_pil
 from ..pipeline import ChronoEditPipeline
 from .objective import validation_loss
+
+COLUMNS = ("input", "edit (this LoRA)", "target")
+CELL = 256  # pixels per image in the grid
+LABEL_HEIGHT = 28
 
 
 @torch.no_grad()
@@ -29,14 +33,22 @@ def sample_grid(pipe: ChronoEditPipeline, items: list[dict], path: Path, steps: 
         loss = validation_loss(pipe, items)
     finally:
         pipe.dit.train(was_training)
-    width = sum(image.width for image in rows[0])
-    grid = Image.new("RGB", (width, sum(row[0].height for row in rows)), "white")
-    y = 0
-    for row in rows:
-        x = 0
-        for image in row:
-            grid.paste(image, (x, y))
-            x += image.width
-        y += row[0].height
-    save_image(grid, path)
+    save_image(grid_image(rows, COLUMNS), path)
     return loss
+
+
+def grid_image(rows: list[tuple[Image.Image, ...]], labels: tuple[str, ...], cell: int = CELL) -> Image.Image:
+    """Images in ``cell`` x ``cell`` boxes (scaled to fit; small ones enlarged without blurring),
+    one row per item, under a band of column labels."""
+    grid = Image.new("RGB", (cell * len(labels), LABEL_HEIGHT + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(labels):
+        draw.text((column * cell + cell // 2, LABEL_HEIGHT // 2), label, fill="black", anchor="mm",
+                  font=ImageFont.load_default(size=LABEL_HEIGHT * 2 // 3))
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            scale = cell / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            fitted = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+            grid.paste(fitted, (column * cell + (cell - size[0]) // 2, LABEL_HEIGHT + row * cell + (cell - size[1]) // 2))
+    return grid

@@ -8,6 +8,7 @@ averages gradients so all processes hold the same LoRA after every optimizer ste
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import time
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
 from ..models.loading import DTYPES
+from ..settings import check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import lora_export
@@ -28,6 +30,8 @@ from .data import TrainingData, preflight
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
 from .logs import TrainingLog
+from .model_card import write_model_card
+from .run_folder import RunFolder, choose_checkpoint
 from .sync import assert_ranks_in_sync
 
 
@@ -37,22 +41,34 @@ class TrainResult:
     steps: int
     final_loss: float
     loaded_encoders: bool  # False when every pair came from the conditioning cache
+    interrupted_by: int | None = None  # the signal (SIGINT/SIGTERM) that stopped the run early, if any
+
+
+class NonFiniteError(ChronoEditError):
+    """The loss or a gradient became NaN/inf; nothing from that step was applied or saved."""
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM: finish the current step, save, exit."""
+    """SIGINT/SIGTERM: finish the current step, save, exit; the previous handlers come back on restore()."""
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then stopping "
               "(send again to stop at once).", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -61,20 +77,30 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
                               mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
+    run = RunFolder(output)
+    failed = True
+    try:
+        result = _train(accelerator, config, output, run)
+        failed = False
+        return result
+    finally:
+        if accelerator.is_main_process:
+            run.release(failed)
 
-    # 1. Check the data and the output folder before loading anything heavy.
-    _on_main_then_everyone(accelerator, lambda: preflight(config, output))
+
+def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: RunFolder) -> TrainResult:
+    # 1. Check the data, the settings and the output folder before loading anything heavy.
+    _on_main_then_everyone(accelerator, lambda: (preflight(config, output), run.claim(config)))
     data = TrainingData(config)
-    resume_from = ckpt.latest_checkpoint(output) if config.resume else None
-    if config.resume and resume_from is None:
-        raise ChronoEditError(f"--resume: no checkpoint under {output / ckpt.CHECKPOINTS}.")
+    paths = component_paths(config)
+    check_targets(config.targets, dit_linear_layers(paths["dit"]))
+    resume_from = choose_checkpoint(config, output, accelerator.num_processes, report=accelerator.is_main_process)
 
     # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank).
     from ..pipeline import ChronoEditPipeline
     from .lora_module import LoraTrainingModule
 
     dtype = DTYPES[config.dtype]
-    paths = component_paths(config)
     cache = open_cache(config, output, dtype, paths) if config.cache else None
     # the encoders alone fill the cache, so they and the DiT are never in memory together
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
@@ -87,9 +113,10 @@ def train(config: TrainConfig) -> TrainResult:
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
                                 config.gradient_checkpointing, config.activation_offload)
     optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 0)
+    warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    lora_parameters = accelerator.unwrap_model(module).lora_parameters()
     # Different noise/timesteps per rank; reproducible per rank.
     set_seed(config.seed + accelerator.process_index)
 
@@ -108,58 +135,98 @@ def train(config: TrainConfig) -> TrainResult:
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     accelerator.print(
-        f"training {config.rank}-rank LoRA on {len(data.dataset)} items ({accelerator.num_processes} process(es) on "
+        f"training a rank-{config.rank} LoRA on {len(data.dataset)} items ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
     log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
     stop = _StopRequest()
     loss_value = float("nan")
 
-    # 4. The loop.
-    while progress.step < total_steps and not stop.requested:
-        batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
-        for batch_indices in batches[progress.batch_in_epoch:]:
-            started = time.perf_counter()
-            with accelerator.accumulate(module):
-                inputs = collate_inputs([pair_inputs(i) for i in batch_indices])
-                loss = module(inputs)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.step += 1
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            samples = accelerator.gather(torch.tensor(batch_indices, device=accelerator.device))
-            log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - started,
-                     samples.tolist())
-            if config.check_sync_every and progress.step % config.check_sync_every == 0:
-                assert_ranks_in_sync(accelerator, accelerator.unwrap_model(module).lora_parameters())
-            last = progress.step >= total_steps
-            if config.sample_every and (progress.step % config.sample_every == 0 or last):
-                _sample(accelerator, pipe, data, config, output, progress.step)
-            if last or stop.requested or progress.step % config.save_every == 0:
-                _save(accelerator, module, optimizer, scheduler, progress, config, output)
-            if last or stop.requested:
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
+    # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step.
+    try:
+        while progress.step < total_steps and not stop.requested:
+            batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
+            window_loss, window_items, window_started = 0.0, [], None
+            for batch_indices in batches[progress.batch_in_epoch:]:
+                window_started = window_started or time.perf_counter()
+                with accelerator.accumulate(module):
+                    inputs = collate_inputs([pair_inputs(i) for i in batch_indices])
+                    loss = module(inputs)
+                    accelerator.backward(loss)
+                    window_loss = window_loss + loss.detach()
+                    window_items += batch_indices
+                    if accelerator.sync_gradients:
+                        loss_value = accelerator.reduce(window_loss / config.gradient_accumulation, reduction="mean").item()
+                        _refuse_non_finite(loss_value, lora_parameters, progress.step + 1, output)
+                        if config.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                progress.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                last = progress.step >= total_steps
+                validation = None
+                if config.sample_every and (progress.step % config.sample_every == 0 or last):
+                    validation = _sample(accelerator, pipe, data, config, output, progress.step)
+                samples = sorted(i for items in gather_object([window_items]) for i in items)
+                log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - window_started,
+                         samples, validation)
+                window_loss, window_items, window_started = 0.0, [], None
+                if config.check_sync_every and progress.step % config.check_sync_every == 0:
+                    assert_ranks_in_sync(accelerator, lora_parameters)
+                if last or stop.requested or progress.step % config.save_every == 0:
+                    _save(accelerator, module, optimizer, scheduler, progress, config, output)
+                if last or stop.requested:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+    finally:
+        stop.restore()
 
     lora_path = lora_export.final_path(output)
     if accelerator.is_main_process:
         lora_export.save(accelerator.unwrap_model(module), lora_path, config, progress.step)
+        write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
         log.finish(lora_path)
     accelerator.wait_for_everyone()
-    if stop.requested and progress.step < total_steps:
-        accelerator.print(f"stopped at step {progress.step}/{total_steps}; continue with the same "
-                          f"command plus --resume")
+    interrupted = stop.signal if stop.requested and progress.step < total_steps else None
+    if interrupted:
+        accelerator.print(f"stopped at step {progress.step}/{total_steps} (checkpoint {ckpt.latest_checkpoint(output)}); "
+                          "continue with the same command plus --resume")
     accelerator.end_training()
-    return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders)
+    return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders,
+                       interrupted_by=interrupted)
+
+
+def _refuse_non_finite(loss: float, params: list[torch.nn.Parameter], step: int, output: Path) -> None:
+    """Stop before a NaN/inf loss or gradient reaches the weights (the same on every rank: the loss
+    is averaged and the gradients all-reduced across them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    grads_finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    if math.isfinite(loss) and grads_finite:
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    good = ckpt.latest_checkpoint(output)
+    raise NonFiniteError(
+        f"step {step}: the training {what} is not finite ({loss:g}); stopped before applying it, and nothing was "
+        f"saved from this state. " + (f"The last good checkpoint is {good}. " if good else "No checkpoint was written yet. ")
+        + "Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then resume "
+        "with --resume_from and --allow_changes true, or start over with --overwrite true.")
+
+
+def dit_linear_layers(dit: Path) -> list[str]:
+    """Names of the DiT's linear layers, from its headers alone (a meta-device model)."""
+    from diffsynth.models.wan_video_dit import WanModel
+
+    from ..models.dit import inspect_dit
+
+    with torch.device("meta"):
+        skeleton = WanModel(**inspect_dit(dit).kwargs)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
@@ -235,8 +302,10 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
             "Free some space (or fix the folder) and rerun the same command with --resume.") from None
 
 
-def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path, step: int) -> None:
-    """Main process: sample edits with the live LoRA; the others wait."""
+def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path,
+            step: int) -> float | None:
+    """Main process: sample edits with the live LoRA and return the validation loss; the others wait."""
+    loss = None
     if accelerator.is_main_process:
         from .samples import sample_grid
 
@@ -244,6 +313,7 @@ def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainCon
         loss = sample_grid(pipe, data.sample_items(config.sample_count), path, config.sample_steps, config.seed)
         accelerator.print(f"\nstep {step}: validation loss {loss:.4f}, samples {path}")
     accelerator.wait_for_everyone()
+    return loss
 
 
 def _on_main_then_everyone(accelerator: Accelerator, check) -> None:

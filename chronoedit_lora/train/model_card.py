@@ -1,0 +1,77 @@
+"""The model card written beside a trained LoRA: a Hugging Face ``README.md`` (YAML header, then how
+the LoRA was made and how to load it in diffusers, ComfyUI and the kit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..files import write_text
+from .config import TrainConfig
+from .lora_export import FINAL_NAME
+
+BASE_MODEL = "nvidia/ChronoEdit-14B-Diffusers"
+
+
+def render_model_card(config: TrainConfig, steps: int, pairs: int, example_prompt: str, sample: str | None) -> str:
+    """The card's Markdown (``sample``: the latest sample grid, relative to the card)."""
+    size = f"{config.width}x{config.height}" if config.height else f"aspect buckets under {config.max_pixels} pixels"
+    grid = (f"\n## Samples\n\nInput | edit with this LoRA | target, after {steps} steps:\n\n![samples]({sample})\n"
+            if sample else "")
+    return f"""---
+base_model: {BASE_MODEL}
+library_name: chronoedit-lora
+pipeline_tag: image-to-image
+tags:
+- lora
+- image-editing
+- chronoedit
+- wan2.1
+---
+
+# ChronoEdit LoRA: {Path(config.output).name}
+
+A LoRA for [ChronoEdit-14B]({"https://huggingface.co/" + BASE_MODEL}) (image editing as a short video:
+the input image is frame 0, the edit the last frame), trained with chronoedit-lora.
+
+## Training
+
+| | |
+|---|---|
+| data | {pairs} before/after pairs from `{Path(config.dataset).name}`, {size} |
+| LoRA | rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
+| steps | {steps} (batch {config.batch_size} x accumulation {config.gradient_accumulation} per process), learning rate {config.learning_rate:g} |
+| RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
+
+Prompts follow the training data's form, for example:
+
+> {example_prompt}
+{grid}
+## Use
+
+**chronoedit-lora**
+
+```bash
+chronoedit-lora edit --model ChronoEdit-14B-Diffusers --lora {FINAL_NAME} \\
+  --image input.png --prompt "..." --output edited.png
+```
+
+**diffusers**
+
+```python
+from diffusers import ChronoEditPipeline
+pipe = ChronoEditPipeline.from_pretrained("{BASE_MODEL}")
+pipe.load_lora_weights("{FINAL_NAME}")
+```
+
+**ComfyUI**: put `{FINAL_NAME}` in `models/loras/` and load it with a LoRA loader on the ChronoEdit
+model (its keys are `diffusion_model.blocks.N.…`, which ComfyUI maps).
+"""
+
+
+def write_model_card(output: Path, config: TrainConfig, steps: int, pairs: int, example_prompt: str) -> Path:
+    """Write ``output/README.md`` for the LoRA in ``output``; links the newest sample grid, if any."""
+    grids = sorted((output / "samples").glob("step-*.png"))
+    sample = str(grids[-1].relative_to(output)) if grids else None
+    path = output / "README.md"
+    write_text(path, render_model_card(config, steps, pairs, example_prompt, sample))
+    return path

@@ -1,0 +1,174 @@
+"""The run folder (``--output``): one run at a time, never replaced by accident, resumed only as it was.
+
+* A lock (``flock`` on ``output/.lock``, released by the OS when the process dies) is held by the
+  main process for the whole run; a second ``train`` into the same folder refuses at once, naming
+  the holder (host, pid, start time).
+* A folder that holds another run (checkpoints, LoRAs, logs) is refused unless ``resume`` continues
+  it or ``overwrite`` removes its files first (the conditioning cache is kept: it is keyed by its
+  inputs, so it stays valid).
+* ``resume`` compares the checkpoint's saved settings with the new ones: settings that only affect
+  the future may change (they are listed); any other change is refused unless ``allow_changes``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ChronoEditError
+from ..models.loading import read_header
+from . import checkpoint as ckpt
+from .config import TrainConfig, changed_settings
+
+LOCK_NAME = ".lock"
+# What a run writes, relative to its folder (the cache is not the run's: it is shared and keyed).
+RUN_FILES = ("checkpoints", "logs", "samples", "lora.safetensors", "loss.png")
+RUN_GLOBS = ("lora-step*.safetensors",)
+MODEL_CARD = "README.md"
+MODEL_CARD_MARK = "library_name: chronoedit-lora"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder, holding who took it."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self._file = None
+
+    def acquire(self) -> None:
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise ChronoEditError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
+                                  "finish, or choose another --output.") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+
+def previous_run_files(folder: Path) -> list[Path]:
+    """The files of an earlier run in ``folder``."""
+    found = [folder / name for name in RUN_FILES if (folder / name).exists()]
+    found += [p for pattern in RUN_GLOBS for p in sorted(folder.glob(pattern))]
+    card = folder / MODEL_CARD
+    if card.is_file() and MODEL_CARD_MARK in card.read_text(errors="replace"):
+        found.append(card)
+    return found
+
+
+def remove_run(files: list[Path]) -> None:
+    for path in files:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def saved_settings(checkpoint: Path) -> dict:
+    """The settings a checkpoint was trained with (from its LoRA's header)."""
+    _, metadata = read_header(checkpoint / "lora.safetensors")
+    try:
+        return json.loads(metadata["config"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{checkpoint / 'lora.safetensors'}: no training settings in its header; "
+                              "it was not written by this kit's trainer.") from None
+
+
+def check_checkpoint(folder: Path, ranks: int) -> None:
+    """Read everything ``--resume`` will need, so a damaged file is named before any model loads."""
+    for name in ["progress.json", "optimizer.pt", "lora.safetensors"] + [f"rng-rank{r}.pt" for r in range(ranks)]:
+        path = folder / name
+        if not path.is_file():
+            if name.startswith("rng-rank"):
+                raise ChronoEditError(f"{folder} has no RNG state for rank {name[8:-3]}; resume with the same number "
+                                      "of processes it was saved with.")
+            raise CheckpointError(f"{path} is missing.")
+        try:
+            if name == "progress.json":
+                ckpt.load_progress(folder)
+            elif name == "lora.safetensors":
+                read_header(path)
+            else:
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, EOFError, TypeError, KeyError, json.JSONDecodeError,
+                CheckpointError) as exc:
+            raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+
+
+def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: bool = True) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), checked, with its settings compared."""
+    if not (config.resume or config.resume_from):
+        return None
+    if config.resume_from:
+        chosen = Path(config.resume_from)
+        if not (chosen / "progress.json").is_file():
+            raise ChronoEditError(f"--resume_from {chosen}: not a checkpoint folder (no progress.json); "
+                                  f"checkpoints are under {output / ckpt.CHECKPOINTS}.")
+    else:
+        chosen = ckpt.latest_checkpoint(output)
+        if chosen is None:
+            raise ChronoEditError(f"--resume: no checkpoint under {output / ckpt.CHECKPOINTS}.")
+    try:
+        check_checkpoint(chosen, ranks)
+    except CheckpointError as exc:
+        earlier = [c for c in ckpt.complete_checkpoints(chosen.parent) if c.name < chosen.name]
+        hint = (f" Resume from the previous one with --resume_from {earlier[-1]}." if earlier
+                else " There is no earlier checkpoint; start over with --overwrite.")
+        raise ChronoEditError(f"cannot resume from {chosen}: {exc}{hint}") from None
+    allowed, refused = changed_settings(saved_settings(chosen), config)
+    if refused and not config.allow_changes:
+        raise ChronoEditError(f"--resume: these settings differ from the run being resumed ({chosen}):\n  "
+                              + "\n  ".join(refused) + "\nResume with the saved settings, or pass --allow_changes true "
+                              "to continue with the new ones anyway.")
+    if report and (allowed or refused):
+        print(f"resuming with changed settings:\n  " + "\n  ".join(allowed + refused))
+    return chosen
+
+
+class RunFolder:
+    """Claims ``output`` for one run on the main process, and lets it go."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.lock = RunLock(output)
+        self.created = False
+
+    def claim(self, config: TrainConfig) -> None:
+        """Lock the folder and refuse (or clear, with ``overwrite``) another run's files."""
+        self.created = not self.output.exists()
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        resuming = config.resume or config.resume_from
+        previous = previous_run_files(self.output)
+        if previous and not resuming:
+            if not config.overwrite:
+                step = ckpt.latest_checkpoint(self.output)
+                where = f" (newest checkpoint: {step.name})" if step else ""
+                raise ChronoEditError(
+                    f"{self.output} holds another training run{where}. Pass --resume to continue it, --overwrite true "
+                    "to start over (its checkpoints, LoRAs, logs and samples are removed), or choose another --output.")
+            remove_run(previous)
+            print(f"--overwrite: removed the previous run's files from {self.output}")
+
+    def release(self, failed: bool) -> None:
+        """Unlock; after a failure, remove the folder if this run created it and wrote nothing into it."""
+        self.lock.release()
+        if failed and self.created and self.output.is_dir():
+            leftovers = [p for p in self.output.iterdir() if p.name != LOCK_NAME]
+            if not leftovers:
+                shutil.rmtree(self.output, ignore_errors=True)
