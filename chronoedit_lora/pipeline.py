@@ -86,13 +86,14 @@ class ChronoEditPipeline:
         return self.components.dit
 
     def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = True):
-        """Apply a LoRA file to the DiT (checked first: a mismatch lists what does not fit).
+        """Apply a LoRA file to the DiT (checked first: a mismatch lists what does not fit, NaN/inf
+        weights name their layers).
 
         Fused by default (no cost per step). ``fuse=False`` returns an :class:`UnfusedLora` whose
         ``scale`` can be changed, or which can be removed, without reloading the base model.
         fp8 base weights cannot absorb a LoRA, so there it must be unfused.
         """
-        from .lora import UnfusedLora, check_lora_matches, fuse_lora, load_lora
+        from .lora import UnfusedLora, check_finite, check_lora_matches, fuse_lora, load_lora
         from .models.fp8 import uses_fp8
 
         if fuse and uses_fp8(self.dit):
@@ -100,6 +101,7 @@ class ChronoEditPipeline:
                                   "away; load it with fuse=False (the edit command does this itself with --fp8-base).")
 
         weights, _ = load_lora(path)
+        check_finite(weights, str(path))
         check_lora_matches(weights, self.dit, str(path))
         if not fuse:
             return UnfusedLora(self.dit, weights, scale)

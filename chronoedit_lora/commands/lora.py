@@ -1,4 +1,8 @@
-"""Inspect and convert LoRA files (`lora info`, `lora convert`)."""
+"""Inspect, convert and merge LoRA files (`lora info`, `lora convert`, `lora merge`).
+
+info prints a LoRA's format, rank, alpha, targets and metadata (and warns about NaN/inf layers);
+convert rewrites it in another key format; merge bakes LoRAs into the DiT as a new model folder.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,16 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from ..errors import ChronoEditError
-from ..lora import FORMATS, load_lora, parse_lora_spec, save_lora
+from ..errors import ChronoEditError, listing
+from ..files import check_writable
+from ..lora import FORMATS, check_finite, load_lora, non_finite_layers, parse_lora_spec, save_lora
+from ..lora.formats import written_alphas
+from ..lora.io import DETECTED_FORMAT
+from ..lora.peft_metadata import METADATA_KEY
+from ..lora.weights import LoraWeights
+
+# header entries stating the LoRA's alpha (the kit's, kohya/musubi's): rewritten for a converted file
+ALPHA_KEYS = ("alpha", "ss_network_alpha")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("output")
     convert.add_argument("--to", required=True, choices=FORMATS,
                          help="comfyui = the kit's default (loads in ComfyUI and diffusers); diffusers = PEFT names")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     merge = sub.add_parser("merge", help="bake LoRAs into the DiT and write a model folder in the layout it was read from")
     merge.add_argument("--model", help="ChronoEdit model folder (diffusers or Wan layout)")
     merge.add_argument("--dit", help="DiT path (instead of, or overriding, --model)")
@@ -31,13 +44,36 @@ def run(args: argparse.Namespace) -> int:
         return _info(Path(args.file))
     if args.lora_command == "merge":
         return _merge(args)
-    source, target = Path(args.input), Path(args.output)
+    return _convert(Path(args.input), Path(args.output), args.to, args.overwrite)
+
+
+def converted_metadata(metadata: dict[str, str], weights: LoraWeights, fmt: str, source: Path) -> dict[str, str]:
+    """The header of ``source`` (as :func:`load_lora` read it) rewritten for its conversion to ``fmt``.
+
+    ``format`` names ``fmt``; alpha entries give the alpha the new file carries (dropped if its layers
+    differ: the per-layer values are in the file); the PEFT config is left to the new format;
+    ``converted_from`` records the original. Everything else (base model, rank, training config) stays.
+    """
+    alphas = set(written_alphas(weights, fmt).values())
+    kept = {k: v for k, v in metadata.items() if k not in (DETECTED_FORMAT, METADATA_KEY, *ALPHA_KEYS)}
+    if len(alphas) == 1:
+        alpha = str(alphas.pop())
+        kept.update({k: alpha for k in ALPHA_KEYS if k in metadata})
+    return {**kept, "format": fmt, "converted_from": f"{source.name} ({metadata[DETECTED_FORMAT]})"}
+
+
+def _convert(source: Path, target: Path, fmt: str, overwrite: bool) -> int:
     if target.resolve() == source.resolve():
         raise ChronoEditError("output must differ from input.")
+    if target.is_dir():
+        raise ChronoEditError(f"{target} is a folder; give the output file's name.")
+    if target.exists() and not overwrite:
+        raise ChronoEditError(f"{target} exists; pass --overwrite to replace it, or choose another output.")
+    check_writable(target, (".safetensors",))
     weights, metadata = load_lora(source)
-    kept = {k: v for k, v in metadata.items() if k not in ("detected_format", "lora_adapter_metadata")}
-    save_lora(weights, target, kept, fmt=args.to)
-    print(f"{source} ({metadata['detected_format']}) -> {target} ({args.to}), {len(weights)} layers")
+    check_finite(weights, str(source))
+    save_lora(weights, target, converted_metadata(metadata, weights, fmt, source), fmt=fmt)
+    print(f"{source} ({metadata[DETECTED_FORMAT]}) -> {target} ({fmt}), {len(weights)} layers")
     return 0
 
 
@@ -49,12 +85,16 @@ def _info(path: Path) -> int:
     blocks = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
     params = sum(w.down.numel() + w.up.numel() for w in weights.values())
     print(f"file: {path}")
-    print(f"format: {metadata['detected_format']}")
+    print(f"format: {metadata[DETECTED_FORMAT]}")  # from the key names; a header "format" entry is only shown below
     print(f"layers: {len(weights)} in {len(blocks)} blocks, {params / 1e6:.2f}M parameters")
+    bad = non_finite_layers(weights)
+    if bad:
+        print(f"WARNING: {listing('layer(s) with NaN or inf weights', bad)}; "
+              "this LoRA is damaged and edit, merge and convert refuse it.")
     print(f"rank: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}")
     print(f"alpha: {', '.join(f'{a:g} ({n})' for a, n in sorted(alphas.items()))}")
     print(f"targets: {', '.join(sorted(targets))}")
-    shown = sorted(k for k in metadata if k not in ("detected_format", "config"))
+    shown = sorted(k for k in metadata if k not in (DETECTED_FORMAT, "config"))
     if shown:
         print("metadata:")
     for key in shown:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ChronoEditError, listing
-from .weights import LoraWeights
+from ..errors import CheckpointError, ChronoEditError, listing
+from .weights import LoraWeights, non_finite_layers
 
 
 class LoraMismatchError(ChronoEditError):
     """The LoRA names layers the model lacks, or its shapes do not fit them."""
+
+
+def check_finite(weights: LoraWeights, source: str = "LoRA") -> None:
+    """Raise :class:`CheckpointError` naming the layers holding NaN or inf: such a LoRA would turn
+    every output into NaN (or, merged, ruin the checkpoint)."""
+    bad = non_finite_layers(weights)
+    if bad:
+        raise CheckpointError(f"{source}: {listing('layer(s) with NaN or inf weights', bad)}; the LoRA is damaged "
+                              "(diverged training?): use an earlier checkpoint of it or retrain.")
 
 
 def check_lora_matches(weights: LoraWeights, model: torch.nn.Module, source: str = "LoRA") -> None:

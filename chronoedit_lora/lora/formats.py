@@ -132,6 +132,16 @@ def _key_names(module: str, fmt: str) -> tuple[str, str, str]:
     return COMPONENT + name, "lora_A.weight", "lora_B.weight"
 
 
+def keeps_alpha(module: str, fmt: str) -> bool:
+    """Whether ``fmt`` stores ``module``'s alpha as trained (else alpha / rank is folded into B, alpha = rank)."""
+    return fmt == "musubi" or (fmt in ("comfyui", "wan") and in_blocks(module))
+
+
+def written_alphas(weights: LoraWeights, fmt: str) -> dict[str, float]:
+    """The alpha each layer carries in a file of ``weights`` written in ``fmt`` (same delta either way)."""
+    return {module: lora.alpha if keeps_alpha(module, fmt) else float(lora.rank) for module, lora in weights.items()}
+
+
 def format_state(weights: LoraWeights, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (and header entries) of ``weights`` in ``fmt``; see the module docstring for alpha."""
     if fmt not in FORMATS:
@@ -140,7 +150,7 @@ def format_state(weights: LoraWeights, fmt: str) -> tuple[dict[str, torch.Tensor
     ranks: dict[str, int] = {}
     for module, lora in sorted(weights.items()):
         stem, down_key, up_key = _key_names(module, fmt)
-        keep_alpha = fmt == "musubi" or (fmt in ("comfyui", "wan") and in_blocks(module))
+        keep_alpha = keeps_alpha(module, fmt)
         state[f"{stem}.{down_key}"] = lora.down
         state[f"{stem}.{up_key}"] = lora.up if keep_alpha else (lora.up.float() * lora.scale).to(lora.up.dtype)
         if keep_alpha:

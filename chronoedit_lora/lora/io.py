@@ -9,6 +9,7 @@ ComfyUI and DiffSynth all load as-is: ``diffusion_model.<module>.lora_A.weight``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,14 +42,21 @@ def load_lora(path: str | Path) -> tuple[LoraWeights, dict[str, str]]:
 
 
 def parse_lora_spec(value: str) -> tuple[Path, float]:
-    """``PATH[:SCALE]`` (as ``--lora`` takes it) -> (path, scale); the LoRA file must exist."""
+    """``PATH[:SCALE]`` (as ``--lora`` takes it) -> (path, scale); the LoRA file must exist.
+
+    A path that itself holds a ``:`` is taken whole when no number follows its last ``:``.
+    """
     path, scale = value, 1.0
     head, sep, tail = value.rpartition(":")
     if sep and head:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            path = value
+            if Path(head).is_file() and not Path(value).is_file():
+                raise CheckpointError(f"--lora {value}: the scale {tail!r} is not a number; expected PATH[:SCALE], "
+                                      f"e.g. {head}:0.8.") from None
+    if not math.isfinite(scale):
+        raise CheckpointError(f"--lora {value}: the scale must be a finite number; expected PATH[:SCALE], e.g. {path}:0.8.")
     if not Path(path).is_file():
         raise CheckpointError(f"--lora {path}: file not found.")
     return Path(path), scale

@@ -15,7 +15,7 @@ from ..files import atomic_path, copy_file
 from ..models.components import discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit
 from ..models.loading import read_header
-from .apply import check_lora_matches
+from .apply import check_finite, check_lora_matches
 from .io import load_lora
 from .names import to_diffusers
 from .weights import LoraWeights
@@ -74,7 +74,7 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
                 output: Path) -> tuple[Path, list[Path]]:
     """Merge LoRA files (path, scale) into the DiT of ``model_dir`` (or ``dit``) under ``output``.
 
-    Every LoRA is checked against the DiT's layers (from its headers) before anything is written.
+    Every LoRA is checked (finite weights, layers of the DiT from its headers) before anything is written.
     With a model folder, its other components are symlinked so ``output`` is a complete model.
     Returns the folder holding the merged DiT and the files written.
     """
@@ -84,6 +84,7 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     weights = []
     for path, scale in loras:
         lora, _ = load_lora(path)
+        check_finite(lora, str(path))
         check_lora_matches(lora, skeleton, str(path))
         weights.append((lora, scale))
     dit_folder = ckpt.files[0].parent

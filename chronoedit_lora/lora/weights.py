@@ -7,6 +7,7 @@ rest of the kit never sees key names: ``{module: LoraModule(down, up, alpha)}`` 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -37,6 +38,12 @@ class LoraModule:
 
 
 LoraWeights = dict[str, LoraModule]
+
+
+def non_finite_layers(weights: LoraWeights) -> list[str]:
+    """Sorted names of the layers whose down, up or alpha hold NaN or inf (a diverged or damaged LoRA)."""
+    return sorted(name for name, lora in weights.items()
+                  if not (math.isfinite(lora.alpha) and torch.isfinite(lora.down).all() and torch.isfinite(lora.up).all()))
 
 _PEFT_PARAMETER = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.(?:[^.]+\.)?weight$")
 
