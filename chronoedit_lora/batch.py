@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChronoEditError
-from .files import check_writable
+from .files import check_writable, inside
 
 REQUIRED = ("image", "prompt", "output")
 
@@ -23,8 +23,13 @@ class EditJob:
     row: int | None  # CSV row (header = row 1), None for a single edit
 
 
-def read_batch(csv_path: str | Path, default_seed: int) -> list[EditJob]:
-    """Rows of an edits CSV; every problem (row and fix) is reported at once."""
+def read_batch(csv_path: str | Path, default_seed: int, allow_outside: bool = False) -> list[EditJob]:
+    """Rows of an edits CSV; every problem (row and fix) is reported at once.
+
+    ``image`` and ``output`` are relative to the CSV's folder and must stay inside it (symlinks
+    resolved, see :func:`~chronoedit_lora.files.inside`) unless ``allow_outside``; a path that
+    leads out is neither read nor written, not even to check it.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ChronoEditError(f"--batch {csv_path}: file not found.")
@@ -36,10 +41,18 @@ def read_batch(csv_path: str | Path, default_seed: int) -> list[EditJob]:
             raise ChronoEditError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
                                   f"expected image,prompt,output[,seed], found {','.join(columns) or 'nothing'}.")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    folder = csv_path.parent
     jobs, problems, outputs = [], [], {}
     for number, row in enumerate(rows, start=2):
-        image, output = csv_path.parent / row["image"], csv_path.parent / row["output"]
-        if not row["image"] or not image.is_file():
+        image, output = folder / row["image"], folder / row["output"]
+        outside = [] if allow_outside else [c for c in ("image", "output") if row[c] and not inside(row[c], folder)]
+        for column in outside:
+            where = ("is an absolute path" if Path(row[column]).is_absolute()
+                     else f"leads to {(folder / row[column]).resolve()}")
+            problems.append(f"row {number}: {column} {row[column]!r} {where}, outside the CSV's folder "
+                            f"{folder.resolve()}; move the file into that folder and write its path relative to "
+                            "the CSV, or pass --allow-outside")
+        if "image" not in outside and (not row["image"] or not image.is_file()):
             problems.append(f"row {number}: image {row['image']!r} not found")
         if not row["prompt"]:
             problems.append(f"row {number}: empty prompt")
@@ -48,10 +61,13 @@ def read_batch(csv_path: str | Path, default_seed: int) -> list[EditJob]:
         outputs[output] = number
         try:
             seed = int(row["seed"]) if row.get("seed") else default_seed
-            check_writable(output, (".png",))
         except ValueError:
             problems.append(f"row {number}: seed {row['seed']!r} is not a whole number")
             continue
+        if outside:
+            continue
+        try:
+            check_writable(output, (".png",))
         except ChronoEditError as exc:
             problems.append(f"row {number}: {exc}")
             continue

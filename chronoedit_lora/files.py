@@ -1,4 +1,5 @@
-"""Writing files: output checks before any work, one atomic write used by every writer, images, clips.
+"""Files: the containment rule for files named by an index or a CSV (:func:`inside`), output checks
+before any work, one atomic write used by every writer, images, clips.
 
 Every file the kit writes (LoRAs, checkpoints, cache entries, images, CSVs, merged and tiny
 shards) goes through :func:`atomic_path`: a temporary file in the target's folder, flushed to disk,
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import IO
 
 from PIL import Image
@@ -22,6 +23,20 @@ from PIL import Image
 from .errors import ChronoEditError
 
 VIDEO_FPS = 8
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path``, a path relative to ``folder``, stays inside ``folder`` once every ``..`` and
+    every symlink (in ``path`` and in ``folder``) is resolved.
+
+    The one containment rule for files named by an index JSON or a CSV: a link whose target is
+    inside the folder is fine, one whose target is outside is not. Absolute paths (``/x``, ``C:/x``)
+    count as outside: such files are named relative to their folder.
+    """
+    if Path(path).is_absolute() or PureWindowsPath(path).drive:
+        return False
+    root = Path(folder).resolve()
+    return (root / path).resolve().is_relative_to(root)
 
 
 def check_writable(path: str | Path, suffixes: tuple[str, ...]) -> Path:

@@ -65,6 +65,49 @@ def test_batch_problems_are_all_reported_before_loading(input_image, tmp_path, c
     assert "row 5: output o.png is also written by row 2" in err
 
 
+def test_batch_paths_outside_the_csv_folder_are_refused_before_anything_is_read(input_image, tmp_path, capsys):
+    """image/output leading out of the CSV's folder (../, absolute, a symlink to outside) are row
+    problems, all reported at once; nothing outside is read or created. A link that stays inside is
+    fine, and --allow-outside lifts the rule."""
+    folder, elsewhere = tmp_path / "b", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    input_image.save(folder / "in.png")
+    input_image.save(elsewhere / "secret.png")
+    (folder / "link_out.png").symlink_to(elsewhere / "secret.png")
+    (folder / "dir_out").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "sub").mkdir()
+    (folder / "link_in.png").symlink_to(Path("sub") / ".." / "in.png")
+    rows = [("in.png", "../made/o.png"),               # row 2: output escapes (its folder would be created)
+            ("../elsewhere/secret.png", "o3.png"),    # row 3: image escapes
+            ("link_out.png", "o4.png"),               # row 4: image is a link to outside
+            ("in.png", "dir_out/o5.png"),             # row 5: output goes through a link to outside
+            ("in.png", str(elsewhere / "o6.png")),    # row 6: absolute output
+            ("link_in.png", "sub/o7.png")]            # row 7: fine
+    (folder / "edits.csv").write_text("image,prompt,output\n" + "".join(f"{i},p,{o}\n" for i, o in rows))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["edit", "--model", str(tmp_path / "no-model"), "--batch", str(folder / "edits.csv"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "5 problem(s)" in err
+    real = folder.resolve()
+    assert f"row 2: output '../made/o.png' leads to {tmp_path.resolve() / 'made' / 'o.png'}, outside the CSV's folder {real}" in err
+    assert "row 3: image '../elsewhere/secret.png' leads to" in err
+    assert f"row 4: image 'link_out.png' leads to {(elsewhere / 'secret.png').resolve()}, outside" in err
+    assert f"row 5: output 'dir_out/o5.png' leads to {elsewhere.resolve() / 'o5.png'}, outside" in err
+    assert f"row 6: output '{elsewhere / 'o6.png'}' is an absolute path, outside" in err
+    assert err.count("or pass --allow-outside") == 5 and "row 7" not in err
+    assert "not found" not in err  # outside files are not even looked at
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, here or outside
+
+    from chronoedit_lora.batch import read_batch
+
+    jobs = read_batch(folder / "edits.csv", 0, allow_outside=True)
+    assert [job.row for job in jobs] == [2, 3, 4, 5, 6, 7]
+    assert main(["edit", "--model", str(tmp_path / "no-model"), "--batch", str(folder / "edits.csv"),
+                 "--allow-outside", *FAST]) == 2  # got past the rows, to the (missing) model
+    assert "problem(s)" not in capsys.readouterr().err
+
+
 def test_distill_preset_and_explicit_flags():
     def settings(**kw):
         base = {"preset": None, "steps": None, "cfg": None, "shift": None}

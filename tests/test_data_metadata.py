@@ -143,6 +143,32 @@ def test_absolute_and_escaping_paths(root: Path) -> None:
     assert problems == [] and pairs[0].edited_image == outside
 
 
+def test_links_leading_outside_are_refused_like_escaping_paths(root: Path) -> None:
+    """Symlinks are resolved: a file or folder link to outside the dataset folder is refused (unless
+    allow_outside); a link that stays inside, or a dataset folder reached through a link, is fine."""
+    outside = root.parent / f"{root.name}_outside"
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"x")
+    (root / "img/out.png").symlink_to(outside / "x.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "img/in.png").symlink_to("a.png")
+    csv_path = write(root, "input_image,edited_image,prompt\nimg/out.png,img/b.png,x\nimg/a.png,linked/x.png,y\n"
+                           "img/in.png,img/b.png,z\n")
+    pairs, problems = read_metadata(csv_path)
+    for row, column, link in ((2, "input_image", "img/out.png"), (3, "edited_image", "linked/x.png")):
+        problem = only(problems, row=row, column=column)
+        assert problem.fatal and f"'{link}' is a link to {(outside / 'x.png').resolve()}" in problem.reason
+        assert "outside the dataset folder" in problem.reason
+        assert "Copy the file into the CSV's folder" in problem.fix and "allow_outside" in problem.fix
+    assert len(problems) == 2 and [p.row for p in pairs] == [4]
+    assert pairs[0].input_image == root / "img/in.png"
+    pairs, problems = read_metadata(csv_path, allow_outside=True)
+    assert problems == [] and len(pairs) == 3
+    (root.parent / f"{root.name}_via").symlink_to(root, target_is_directory=True)
+    pairs, problems = read_metadata(root.parent / f"{root.name}_via" / "metadata.csv")
+    assert len(problems) == 2 and [p.row for p in pairs] == [4]  # the same two rows, no more
+
+
 def test_missing_file_suggests_the_closest_name(root: Path) -> None:
     _, problems = read_metadata(write(root, "input_image,edited_image,prompt\nimg/a.png,img/c.jpeg,x\n"))
     problem = only(problems, column="edited_image")

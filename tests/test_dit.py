@@ -146,6 +146,71 @@ def test_truncated_shard_is_a_clear_error(tiny_diffusers, tmp_path):
         inspect_dit(folder)
 
 
+def _rewrite_index(folder: Path, edit) -> tuple[Path, dict]:
+    """Apply ``edit`` to the copied folder's index JSON (a dict, or what ``edit`` returns) and save it."""
+    index = next(folder.glob("*.index.json"))
+    data = json.loads(index.read_text())
+    data = edit(data) or data
+    index.write_text(json.dumps(data))
+    return index, data
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "link"])
+def test_index_naming_a_shard_outside_its_folder_is_refused(tiny_diffusers, tmp_path, where):
+    """A weight_map value that leads out of the index's folder (../, absolute, a symlink to outside)
+    is refused naming the index, the key and the file, before the outside file is read."""
+    folder = _copy_transformer(tiny_diffusers, tmp_path)
+    shard = sorted(folder.glob("*-of-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere" / shard.name
+    outside.parent.mkdir()
+    shard.unlink()
+    outside.write_bytes(b"not a safetensors file")  # reading it would be a different error
+    name = {"parent": f"../elsewhere/{shard.name}", "absolute": str(outside), "link": shard.name}[where]
+    if where == "link":
+        shard.symlink_to(outside)
+    key = None
+
+    def point_at_outside(data):
+        nonlocal key
+        for k, v in data["weight_map"].items():
+            if v == shard.name:
+                data["weight_map"][k] = name
+                key = key or k
+
+    index, _ = _rewrite_index(folder, point_at_outside)
+    with pytest.raises(CheckpointError) as raised:
+        inspect_dit(folder)
+    message = str(raised.value)
+    assert str(index) in message and repr(key) in message and repr(name) in message
+    assert "leads outside the index's folder" in message and "put the shard there" in message
+    assert ("--local-dir" in message) == (where == "link")
+    assert "not a safetensors file" not in message and "corrupt" not in message  # the outside file was not read
+
+
+def test_index_link_inside_its_folder_is_fine(tiny_diffusers, tmp_path, ours):
+    folder = _copy_transformer(tiny_diffusers, tmp_path)
+    shard = sorted(folder.glob("*-of-*.safetensors"))[0]
+    (folder / "blobs").mkdir()
+    shard.rename(folder / "blobs" / shard.name)
+    shard.symlink_to(Path("blobs") / shard.name)
+    assert [p.name for p in inspect_dit(folder).files] == [p.name for p in ours[1].files]
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "holds a JSON list, not an object"),
+    ({"metadata": {}}, "no \"weight_map\""),
+    ({"weight_map": ["a.safetensors"]}, "\"weight_map\" is a JSON list, not an object"),
+    ({"weight_map": {"blocks.0.x": 3}}, "weight_map entry 'blocks.0.x' is 3, not a shard file name"),
+])
+def test_malformed_index_is_a_clear_error(tiny_diffusers, tmp_path, content, message):
+    folder = _copy_transformer(tiny_diffusers, tmp_path)
+    index, _ = _rewrite_index(folder, lambda data: content)
+    with pytest.raises(CheckpointError) as raised:
+        inspect_dit(folder)
+    assert str(index) in str(raised.value) and message in str(raised.value)
+    assert "re-download the index" in str(raised.value)
+
+
 def test_wrong_folder_and_wrong_component(tiny_diffusers, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         inspect_dit(tmp_path / "nope.safetensors")

@@ -81,3 +81,26 @@ def test_no_pairs_and_no_prompt(tmp_path, capsys):
     source = _two_folders(tmp_path)
     assert main(["dataset", "prepare", str(source)]) == 2
     assert "no prompt for 12 pair(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template, extra, messages", [
+    ("The user wants {name} in {stlye} style.", ["--style", "ink"],
+     ["unknown placeholder {stlye} (did you mean {style}?)", "the placeholders are {style}, {name}"]),
+    ("The user wants {name} in {style", ["--style", "ink"], ["the placeholders are {style}, {name}", "{{ or }}"]),
+    ("The user wants {0}.", [], ["unknown placeholder {0}", "the placeholders are {style}, {name}"]),
+    ("The user wants it in {style} style.", [], ["uses {style} but no style was given", "pass --style"]),
+])
+def test_bad_prompt_template_is_a_clear_error_and_writes_nothing(tmp_path, capsys, template, extra, messages):
+    source = _two_folders(tmp_path)
+    assert main(["dataset", "prepare", str(source), "--prompt-template", template, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt-template {template!r}" in err and "Traceback" not in err
+    assert all(message in err for message in messages), err
+    assert not (source / "metadata.csv").exists()
+
+
+def test_template_with_only_name_needs_no_style(tmp_path):
+    source = _two_folders(tmp_path)
+    assert main(["dataset", "prepare", str(source), "--prompt-template", "The user wants {name} {{sharper}}."]) == 0
+    pairs, _ = read_metadata(source / "metadata.csv")
+    assert pairs[0].prompt == "The user wants 000 {sharper}."

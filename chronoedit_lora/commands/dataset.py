@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("source", help="folder holding the pairs")
     prep.add_argument("--output", help="CSV to write (default: SOURCE/metadata.csv)")
     prep.add_argument("--prompt", help="the same instruction for every pair")
-    prep.add_argument("--prompt-template", help='e.g. "The user wants to transform the image into {style} style ..."')
-    prep.add_argument("--style", default="", help="fills {style} in the template")
+    prep.add_argument("--prompt-template", help="placeholders {style} and {name} (the pair's name), e.g. "
+                                                '"The user wants to transform the image into {style} style ..."')
+    prep.add_argument("--style", default="", help="fills {style} in the template (needed when it uses {style})")
     prep.add_argument("--captioner", metavar="MODULE:CALLABLE", help="fills missing prompts: f(before, after, hint) -> str")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="edited image (.png)")
     parser.add_argument("--batch", help="CSV of edits (columns image,prompt,output[,seed]; paths relative to it); "
                                         "existing outputs are skipped, so a stopped batch resumes")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="allow --batch image/output paths outside the CSV's folder (absolute, ../ or links out)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
     parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
@@ -64,7 +66,7 @@ def _jobs(args: argparse.Namespace) -> list[EditJob]:
     if args.batch:
         if args.image or args.prompt or args.output or args.video:
             raise ChronoEditError("--batch replaces --image/--prompt/--output/--video; give one or the other.")
-        return read_batch(args.batch, args.seed)
+        return read_batch(args.batch, args.seed, args.allow_outside)
     missing = [flag for flag in ("image", "prompt", "output") if getattr(args, flag) is None]
     if missing:
         raise ChronoEditError(f"missing --{', --'.join(missing)} (or use --batch CSV).")

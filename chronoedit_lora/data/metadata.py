@@ -6,8 +6,9 @@ Two layouts are accepted (column names are matched case-insensitively):
 * ``video,prompt`` - the original ChronoEdit repository's layout: a 2-frame MP4 per row,
   frame 0 the source and frame 1 the edited image.
 
-Paths are relative to the CSV's folder. The file may start with a UTF-8 BOM, use CRLF line ends,
-and quote prompts that contain commas, quotes or newlines.
+Paths are relative to the CSV's folder and must stay inside it, symlinks resolved (a link to a
+file outside is refused like ``../``), unless ``allow_outside``. The file may start with a UTF-8
+BOM, use CRLF line ends, and quote prompts that contain commas, quotes or newlines.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from ..files import inside
 from .problems import Problem, has_fatal
 
 IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
@@ -59,8 +61,9 @@ def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[li
 
     Every row whose files were found yields a pair, even if it has another fatal problem (an
     empty prompt, say), so that its files can be checked too: the dataset is usable only if
-    ``has_fatal(problems)`` is False. Absolute paths and paths leading out of the CSV's folder are
-    fatal unless ``allow_outside``. Files are checked for existence here, their content by :mod:`.images`.
+    ``has_fatal(problems)`` is False. Absolute paths and paths leading out of the CSV's folder
+    (through ``..`` or a symlink) are fatal unless ``allow_outside``. Files are checked for
+    existence here, their content by :mod:`.images`.
     """
     csv_path = Path(os.path.abspath(csv_path))
     if not csv_path.is_file():
@@ -227,10 +230,16 @@ class _RowReader:
         path = Path(text)
         absolute = path.is_absolute() or bool(PureWindowsPath(text).drive)
         full = path if absolute else Path(os.path.normpath(self.root / path))
-        if not self.allow_outside and (absolute or not full.is_relative_to(self.root)):
-            kind = "an absolute path" if absolute else "outside the dataset folder"
+        if not self.allow_outside and not inside(text, self.root):
+            if absolute:
+                kind, fix = "an absolute path", "Move the file into the CSV's folder and write its relative path"
+            elif full.is_relative_to(self.root):  # only a symlink on the way leads out
+                kind, fix = (f"a link to {full.resolve()}, outside the dataset folder",
+                             "Copy the file into the CSV's folder instead of linking to it")
+            else:
+                kind, fix = "outside the dataset folder", "Move the file into the CSV's folder and write its relative path"
             self._add(row, column, f"'{value.strip()}' is {kind}; paths must lead into {self.root}.",
-                      "Move the file into the CSV's folder and write its relative path, or set allow_outside.")
+                      f"{fix}, or set allow_outside.")
             return None
         if not full.is_file():
             reason = "is a folder, not a file" if full.is_dir() else "not found"

@@ -9,8 +9,10 @@ source folder or next to either image), ``--prompt``, ``--prompt-template`` (``{
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import os
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +70,40 @@ def _prompt_file(source: Path, name: str, before: Path, after: Path) -> str | No
     return None
 
 
+TEMPLATE_FIELDS = ("style", "name")
+
+
+def check_template(template: str, style: str) -> None:
+    """Refuse a ``--prompt-template`` that would fail or write a broken prompt: unknown or
+    malformed placeholders, or ``{style}`` without a style."""
+    valid = ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ChronoEditError(f"--prompt-template {template!r}: {exc}; the placeholders are {valid}, and a literal "
+                              "brace is written {{ or }}.") from None
+    unknown = [field for field in fields if field not in TEMPLATE_FIELDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], TEMPLATE_FIELDS, n=1)
+        hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+        raise ChronoEditError(f"--prompt-template {template!r}: unknown placeholder {{{unknown[0]}}}{hint}; "
+                              f"the placeholders are {valid}.")
+    if "style" in fields and not style.strip():
+        raise ChronoEditError(f"--prompt-template {template!r} uses {{style}} but no style was given; pass --style "
+                              "(e.g. --style \"watercolor\"), or remove {style} from the template.")
+    try:  # what parse() does not see: format specs ({style:d}) and placeholders nested in them
+        template.format(style=style, name="NAME")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ChronoEditError(f"--prompt-template {template!r}: {exc!r}; the placeholders are {valid}, written "
+                              "plainly (e.g. {style}).") from None
+
+
 def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: str | None = None,
             style: str = "", captioner: Captioner | None = None) -> Prepared:
-    """Build the rows (paths relative to ``csv_path``'s folder); raises if no prompt can be found."""
+    """Build the rows (paths relative to ``csv_path``'s folder); raises if no prompt can be found
+    or ``template`` is unusable (:func:`check_template`)."""
+    if template is not None:
+        check_template(template, style)
     pairs, unmatched, layout = find_pairs(source)
     if not pairs:
         raise ChronoEditError(f"{source}: no pairs found. Expected before/ + after/ folders, NAME_before / NAME_after "

@@ -33,6 +33,7 @@ from diffsynth.core.loader.file import convert_keys_dict_to_single_str
 from diffsynth.models.model_loader import ModelPool
 
 from ..errors import CheckpointError
+from ..files import inside
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # weight dtypes by name
 
@@ -92,10 +93,12 @@ def _resolve_index(index_path: Path) -> list[Path]:
     if not index_path.is_file():
         raise CheckpointError(f"DiT index not found: {index_path}.")
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc!r}).") from None
+    weight_map = _weight_map(index_path, index)
     folder = index_path.parent
+    _check_inside(index_path, weight_map)
     listed = sorted(set(weight_map.values()))
     missing = [name for name in listed if not (folder / name).is_file()]
     if missing:
@@ -113,6 +116,50 @@ def _resolve_index(index_path: Path) -> list[Path]:
             "They may come from another download; remove them or fix the index."
         )
     return [folder / name for name in listed]
+
+
+_INDEX_FIX = "re-download the index (or fix it by hand)"
+
+
+def _weight_map(index_path: Path, index: object) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> shard file name), or a CheckpointError saying what is wrong."""
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{index_path}: not a valid safetensors index: the file holds a JSON "
+                              f"{type(index).__name__}, not an object with a \"weight_map\"; {_INDEX_FIX}.")
+    if "weight_map" not in index:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index: no \"weight_map\" "
+                              f"(found {', '.join(map(repr, index)) or 'nothing'}); {_INDEX_FIX}.")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: \"weight_map\" is a JSON {type(weight_map).__name__}, not an object "
+                              f"mapping each tensor name to its shard's file name; {_INDEX_FIX}.")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index_path}: weight_map entry {key!r} is {name!r}, not a shard file name; "
+                                  f"{_INDEX_FIX}.")
+    return weight_map
+
+
+def _check_inside(index_path: Path, weight_map: dict[str, str]) -> None:
+    """Refuse shard names that lead out of the index's folder (``..``, absolute, or a link to outside)."""
+    folder = index_path.parent
+    outside: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        if not inside(name, folder):
+            outside.setdefault(name, []).append(key)
+    if not outside:
+        return
+    name, keys = next(iter(outside.items()))
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    others = f"; so do {', '.join(map(repr, list(outside)[1:4]))}" if len(outside) > 1 else ""
+    link = not Path(name).is_absolute() and (folder / name).is_symlink()
+    hint = (" A Hugging Face cache snapshot links its files into ../blobs: download with "
+            "`hf download REPO --local-dir DIR` to get real files." if link else "")
+    raise CheckpointError(
+        f"{index_path}: shard {name!r}, named by weight_map entry {keys[0]!r}{more}, leads outside the "
+        f"index's folder {folder}{others}. Shards must be files in that folder: put the shard there and write its bare "
+        f"file name in the index.{hint}"
+    )
 
 
 def _check_shard_list(files: list[Path]) -> list[Path]:
