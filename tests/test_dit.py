@@ -183,7 +183,7 @@ def test_index_naming_a_shard_outside_its_folder_is_refused(tiny_diffusers, tmp_
     message = str(raised.value)
     assert str(index) in message and repr(key) in message and repr(name) in message
     assert "leads outside the index's folder" in message and "put the shard there" in message
-    assert ("--local-dir" in message) == (where == "link")
+    assert ("followed only within the folder" in message) == (where == "link")
     assert "not a safetensors file" not in message and "corrupt" not in message  # the outside file was not read
 
 
@@ -194,6 +194,25 @@ def test_index_link_inside_its_folder_is_fine(tiny_diffusers, tmp_path, ours):
     shard.rename(folder / "blobs" / shard.name)
     shard.symlink_to(Path("blobs") / shard.name)
     assert [p.name for p in inspect_dit(folder).files] == [p.name for p in ours[1].files]
+
+
+def test_hugging_face_cache_snapshot_links_load(tiny_diffusers, tmp_path, ours):
+    """The Hugging Face cache layout: <repo>/snapshots/<rev>/transformer/* are links into <repo>/blobs/."""
+    repo = tmp_path / "models--nvidia--ChronoEdit-14B-Diffusers"
+    folder = repo / "snapshots" / "0123abcd" / "transformer"
+    folder.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, file in enumerate(sorted((tiny_diffusers / "transformer").iterdir())):
+        blob = repo / "blobs" / f"sha{i}"
+        shutil.copy(file, blob)
+        (folder / file.name).symlink_to(Path("../../../blobs") / blob.name)
+    assert [p.name for p in inspect_dit(folder).files] == [p.name for p in ours[1].files]
+    blob = repo / "blobs" / "sha0"
+    (folder / "stray").symlink_to(tmp_path)  # a link out of the cache is still refused
+    index, _ = _rewrite_index(folder, lambda data: {"weight_map": {**data["weight_map"], "x.weight": "stray"}})
+    with pytest.raises(CheckpointError, match="leads outside the index's folder"):
+        inspect_dit(folder)
+    assert blob.is_file()
 
 
 @pytest.mark.parametrize("content, message", [

@@ -140,12 +140,24 @@ def _weight_map(index_path: Path, index: object) -> dict[str, str]:
     return weight_map
 
 
+def hf_cache_blob(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` is a plain file name of a Hugging Face cache snapshot: a link from
+    ``<repo>/snapshots/<revision>/…`` into that repository's own ``<repo>/blobs/``."""
+    link = folder / name
+    if Path(name).name != name or not link.is_symlink():
+        return False
+    target = link.resolve()
+    repo = target.parent.parent
+    return target.parent.name == "blobs" and link.absolute().is_relative_to(repo.absolute() / "snapshots")
+
+
 def _check_inside(index_path: Path, weight_map: dict[str, str]) -> None:
-    """Refuse shard names that lead out of the index's folder (``..``, absolute, or a link to outside)."""
+    """Refuse shard names that lead out of the index's folder (``..``, absolute, or a link to outside,
+    except the links of a Hugging Face cache snapshot into its own ``blobs/``)."""
     folder = index_path.parent
     outside: dict[str, list[str]] = {}
     for key, name in weight_map.items():
-        if not inside(name, folder):
+        if not inside(name, folder) and not hf_cache_blob(folder, name):
             outside.setdefault(name, []).append(key)
     if not outside:
         return
@@ -153,8 +165,7 @@ def _check_inside(index_path: Path, weight_map: dict[str, str]) -> None:
     more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
     others = f"; so do {', '.join(map(repr, list(outside)[1:4]))}" if len(outside) > 1 else ""
     link = not Path(name).is_absolute() and (folder / name).is_symlink()
-    hint = (" A Hugging Face cache snapshot links its files into ../blobs: download with "
-            "`hf download REPO --local-dir DIR` to get real files." if link else "")
+    hint = " Links are followed only within the folder (or a Hugging Face cache's own blobs/)." if link else ""
     raise CheckpointError(
         f"{index_path}: shard {name!r}, named by weight_map entry {keys[0]!r}{more}, leads outside the "
         f"index's folder {folder}{others}. Shards must be files in that folder: put the shard there and write its bare "
