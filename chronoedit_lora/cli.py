@@ -21,6 +21,16 @@ COMMANDS = {
 OPEN_ENDED = {"train", "cache"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something and its help text does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chronoedit-lora",
@@ -31,24 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"chronoedit_lora.commands.{module_name}")
         doc = (module.__doc__ or "").strip().splitlines()[0]
         command = sub.add_parser(name, help=doc, description=module.__doc__, allow_abbrev=False,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in OPEN_ENDED:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    command = ""
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        command = args.command
+        if extra and args.command not in OPEN_ENDED:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return (args.run(args, extra) if args.command in OPEN_ENDED else args.run(args)) or 0
     except ChronoEditError as exc:
-        print(f"chronoedit-lora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"chronoedit-lora {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nchronoedit-lora {args.command}: interrupted.", file=sys.stderr)
+        print(f"\nchronoedit-lora{' ' + command if command else ''}: interrupted.", file=sys.stderr)
         return 130
 
 

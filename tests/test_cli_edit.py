@@ -114,3 +114,19 @@ def test_sequence_parallel_without_its_hardware_is_refused(tiny_diffusers, image
                  "--output", str(tmp_path / "o.png"), "--sequence-parallel", *FAST]) == 2
     err = capsys.readouterr().err
     assert "--sequence-parallel needs" in err and missing[0] in err
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 50) (default" not in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "denoising steps, 1 to 1000 (default 50)" in text and "(a batch row's seed column wins) (default: 0)" in text
+
+
+def test_model_pointing_at_a_component_folder_suggests_its_parent(tiny_diffusers, image_file, tmp_path, capsys):
+    code = main(["edit", "--model", str(tiny_diffusers / "transformer"), "--image", str(image_file), "--prompt", "x",
+                 "--output", str(tmp_path / "o.png"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and f"looks like the transformer/ folder of a model: pass its parent, --model {tiny_diffusers}" in err
+    assert f"--dit {tiny_diffusers / 'transformer'}" in err

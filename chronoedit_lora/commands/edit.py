@@ -19,6 +19,7 @@ from ..errors import ChronoEditError
 from ..data.images import open_image
 from ..files import check_writable, save_image, save_video
 from ..lora import parse_lora_spec
+from ..settings import MAX_STEPS, check_device, check_range, check_size
 from .model_args import add_model_arguments, model_options
 
 DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": 5.0}
@@ -37,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow --batch image/output paths outside the CSV's folder (absolute, ../ or links out)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
-    parser.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
+    parser.add_argument("--steps", type=int, help=f"denoising steps, 1 to {MAX_STEPS} (default {DEFAULTS['steps']})")
     parser.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
     parser.add_argument("--shift", type=float, help=f"flow-matching sigma shift (default {DEFAULTS['shift']})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (a batch row's seed column wins)")
     parser.add_argument("--height", type=int, help="output height (multiple of 16); default: aspect-preserving, area ~720x1280")
     parser.add_argument("--width", type=int, help="output width (multiple of 16)")
     parser.add_argument("--temporal-reasoning-steps", type=int, default=0,
-                        help="K > 0: denoise a 29-frame clip for the first K steps, then only [input, edit]")
+                        help="K > 0: denoise a 29-frame clip for the first K steps (K <= --steps), then only [input, edit]")
     parser.add_argument("--video", help="also write the clip (reasoning frames + edit) as .mp4 (single edits)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                         help="LoRA to fuse into the DiT (repeatable), optional scale (default 1.0)")
@@ -62,6 +63,16 @@ def sampling_settings(args: argparse.Namespace) -> dict:
             for key, default in DEFAULTS.items()}
 
 
+def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
+    """Every flag that can be checked before loading a model."""
+    check_size(args.height, args.width)
+    check_range("--steps", settings["steps"], 1, MAX_STEPS)
+    check_range("--cfg", settings["cfg"], 0)  # 1 = no guidance; below 1 it blends towards the negative prompt
+    check_range("--shift", settings["shift"], 0, low_inclusive=False)
+    check_range("--temporal-reasoning-steps", args.temporal_reasoning_steps, 0, settings["steps"])
+    check_device(args.device)
+
+
 def _jobs(args: argparse.Namespace) -> list[EditJob]:
     if args.batch:
         if args.image or args.prompt or args.output or args.video:
@@ -74,11 +85,8 @@ def _jobs(args: argparse.Namespace) -> list[EditJob]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.height is None) != (args.width is None):
-        raise ChronoEditError("give both --height and --width, or neither.")
     settings = sampling_settings(args)
-    if settings["steps"] < 1 or args.temporal_reasoning_steps < 0:
-        raise ChronoEditError("--steps must be >= 1 and --temporal-reasoning-steps >= 0.")
+    check_edit_settings(args, settings)
     loras = [parse_lora_spec(v) for v in args.lora]
     jobs = _jobs(args)
     video = check_writable(args.video, (".mp4",)) if args.video else None

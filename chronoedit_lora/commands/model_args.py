@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from ..errors import ChronoEditError
 from ..models.loading import DTYPES
+from ..settings import check_device
 
 COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")
 
@@ -32,9 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_options(args: argparse.Namespace) -> dict:
     """``from_pretrained`` keyword arguments from parsed model arguments."""
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ChronoEditError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu.")
+    device = str(check_device(args.device))
     return {
         "model_dir": args.model,
         "device": device,

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ChronoEditError
+from ..settings import check_size
 from ..video import SIZE_MULTIPLE as MULTIPLE
 from .problems import Problem
 
@@ -116,12 +117,8 @@ class SizePolicy:
                max_pixels: int | None = None) -> SizePolicy:
         """Height and width together select a fixed size (and win over ``max_pixels``); otherwise
         buckets under ``max_pixels`` (default 1024x1024). Raises ChronoEditError on bad values."""
-        if (height is None) != (width is None):
-            raise ChronoEditError("Give both height and width for a fixed size, or neither for aspect buckets.")
+        check_size(height, width, prefix="")
         if height is not None and width is not None:
-            for name, side in (("height", height), ("width", width)):
-                if side < MULTIPLE or side % MULTIPLE:
-                    raise ChronoEditError(f"{name} {side} must be a positive multiple of {MULTIPLE}.")
             return cls((width, height), ())
         return cls(None, aspect_buckets(max_pixels or DEFAULT_MAX_PIXELS))
 

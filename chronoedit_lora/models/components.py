@@ -80,10 +80,14 @@ def discover_components(model_dir: str | Path | None = None, **overrides: str | 
         else:
             found[name] = path
     if missing:
+        component = root.name if root is not None and root.name in DIFFUSERS_FOLDERS.values() else None
+        hint = (f"\n{root} looks like the {component}/ folder of a model: pass its parent, --model {root.parent}"
+                + (f" (or the DiT alone with --dit {root})" if component == "transformer" else "") + "."
+                if component else "")
         raise CheckpointError(
             "ChronoEdit components not found (nothing is downloaded; point --model at a "
             "ChronoEdit-14B-Diffusers folder or a Wan2.1 file folder, or pass per-component paths):\n  "
-            + "\n  ".join(missing)
+            + "\n  ".join(missing) + hint
         )
     return ComponentPaths(**found)
 

@@ -79,6 +79,14 @@ def remove_run(files: list[Path]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def remove_debris(folder: Path) -> None:
+    """What a killed run leaves: half-written checkpoint folders and temporary files of atomic writes."""
+    for partial in (folder / ckpt.CHECKPOINTS).glob(".*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
 def saved_settings(checkpoint: Path) -> dict:
     """The settings a checkpoint was trained with (from its LoRA's header)."""
     _, metadata = read_header(checkpoint / "lora.safetensors")
@@ -105,8 +113,7 @@ def check_checkpoint(folder: Path, ranks: int) -> None:
                 read_header(path)
             else:
                 torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError, EOFError, TypeError, KeyError, json.JSONDecodeError,
-                CheckpointError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged pickle or JSON raises many types
             raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
 
 
@@ -146,13 +153,13 @@ class RunFolder:
     def __init__(self, output: Path):
         self.output = output
         self.lock = RunLock(output)
-        self.created = False
+        self.created = not output.exists()  # before the preflight makes it
 
     def claim(self, config: TrainConfig) -> None:
         """Lock the folder and refuse (or clear, with ``overwrite``) another run's files."""
-        self.created = not self.output.exists()
         self.output.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        remove_debris(self.output)
         resuming = config.resume or config.resume_from
         previous = previous_run_files(self.output)
         if previous and not resuming:
