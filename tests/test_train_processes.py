@@ -63,6 +63,21 @@ def test_two_processes_over_gloo(tiny_diffusers, tmp_path):
     assert (checkpoint / "rng-rank0.pt").is_file() and (checkpoint / "rng-rank1.pt").is_file()
 
 
+def test_the_lr_schedule_counts_optimizer_steps_whatever_the_process_count(tiny_diffusers, tmp_path):
+    """Warm-up under 2 processes and accumulation 2 logs, step by step, the single-process run's lr."""
+    dataset = make_subset(tmp_path / "data", 8)
+    flags = ["--max_steps", "4", "--warmup_steps", "4", "--gradient_accumulation", "2", "--save_every", "100"]
+    single = subprocess.run(_train_cmd(tiny_diffusers, dataset, tmp_path / "one", *flags), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "configs/accelerate/cpu_2proc.yaml"), str(ROOT / "scripts/train.py"),
+                             *_train_cmd(tiny_diffusers, dataset, tmp_path / "two", *flags)[4:]],
+                            capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    lrs = [[float(r["lr"]) for r in csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open())] for run in ("one", "two")]
+    assert lrs[0] == lrs[1] == [5e-3 * k / 4 for k in (2, 3, 4, 4)]  # lr after each optimizer step: min(1, (s + 1) / 4)
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tiny_diffusers, tmp_path):
     dataset = make_subset(tmp_path / "data", 4)
     steps = ["--max_steps", "8", "--save_every", "3", "--seed", "3"]

@@ -115,7 +115,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
+    # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
+    # schedule counted in single-process batches), so a warm-up would end N times too early.
+    module, optimizer = accelerator.prepare(module, optimizer)
     lora_parameters = accelerator.unwrap_model(module).lora_parameters()
     # Different noise/timesteps per rank; reproducible per rank.
     set_seed(config.seed + accelerator.process_index)
@@ -161,7 +164,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                         if config.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 progress.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
