@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
 from .models.rope import chronoedit_model_fn
-from .video import EDIT_FRAMES, REASONING_FRAMES, SIZE_MULTIPLE, default_size, tensor_to_pil
+from .offload import MODES as OFFLOAD_MODES
+from .offload import Placement, choose_mode
+from .video import EDIT_FRAMES, REASONING_FRAMES, SIZE_MULTIPLE, default_size, latent_tokens, tensor_to_pil
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ChronoEditPipeline:
     """Edit images with ChronoEdit through DiffSynth's Wan building blocks."""
 
     def __init__(self, components: LoadedComponents, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 rope: str = "skip", sequence_parallel: bool = False):
+                 rope: str = "skip", sequence_parallel: bool = False, offload: str = "none"):
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
@@ -63,23 +65,39 @@ class ChronoEditPipeline:
         self.core.tokenizer = components.tokenizer
         if sequence_parallel:  # DiffSynth swaps in xfuser's Ulysses attention (see parallel.py)
             self.core.enable_usp()
+        # where each component's weights are during an edit (see offload.py)
+        self.placement = Placement({"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
+                                    "vae": components.vae, "dit": components.dit}, self.device, offload)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
-                        with_dit: bool = True, fp8_base: bool = False,
+                        with_dit: bool = True, fp8_base: bool = False, offload: str = "none",
                         **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
-        float8, see :mod:`chronoedit_lora.models.fp8`)."""
+        float8, see :mod:`chronoedit_lora.models.fp8`; ``offload``: none, model, blocks or auto,
+        see :mod:`chronoedit_lora.offload`)."""
+        if offload not in OFFLOAD_MODES:
+            raise ChronoEditError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}.")
+        if sequence_parallel and offload not in ("none", "auto"):
+            raise ChronoEditError(f"--offload {offload} cannot be combined with --sequence-parallel: every rank "
+                                  "holds the whole model for its share of the sequence; use --offload none.")
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
-            device = start_sequence_parallel()
-        components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, with_dit=with_dit,
-                                     fp8_base=fp8_base, **overrides)
-        return cls(components, device, dtype, rope, sequence_parallel)
+            device, offload = start_sequence_parallel(), "none"
+        device = torch.device(device)
+        offloaded = offload != "none" and device.type != "cpu"
+        components = load_components(model_dir, dtype=dtype, device="cpu" if offloaded else device, encoders=encoders,
+                                     with_dit=with_dit, fp8_base=fp8_base, **overrides)
+        if offload == "auto":
+            modules = {"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
+                       "vae": components.vae, "dit": components.dit}
+            offload, why = choose_mode(modules, device, tokens=latent_tokens(*default_size(1280, 720), EDIT_FRAMES))
+            print(f"--offload auto: {offload} ({why})")
+        return cls(components, device, dtype, rope, sequence_parallel, offload)
 
     @property
     def dit(self):
@@ -103,8 +121,9 @@ class ChronoEditPipeline:
         weights, _ = load_lora(path)
         check_finite(weights, str(path))
         check_lora_matches(weights, self.dit, str(path))
-        if not fuse:
-            return UnfusedLora(self.dit, weights, scale)
+        if not fuse:  # the hooks' factors live on the compute device, wherever the weights are
+            return UnfusedLora(self.dit, weights, scale, device=self.device)
+        self.placement.release()  # fuse into the weights' home copy
         fuse_lora(self.dit, weights, scale)
         return None
 
@@ -112,18 +131,21 @@ class ChronoEditPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """umT5 embeddings (1, 512, text_dim), zero past the prompt's tokens."""
+        self.placement.use("text_encoder")
         return WanVideoUnit_PromptEmbedder().encode_prompt(self.core, prompt).to(self.dtype)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """CLIP penultimate-layer features of the input image (1, 257, 1280)."""
         width, height = image.size
+        self.placement.use("image_encoder")
         return WanVideoUnit_ImageEmbedderCLIP().process(self.core, image, None, height, width)["clip_feature"]
 
     @torch.no_grad()
     def condition_latents(self, image: Image.Image, num_frames: int) -> torch.Tensor:
         """y = [mask with ones on latent 0 (4 ch), VAE(input image followed by black frames) (16 ch)]."""
         width, height = image.size
+        self.placement.use("vae")
         return WanVideoUnit_ImageEmbedderVAE().process(
             self.core, image, None, num_frames, height, width, tiled=False, tile_size=None, tile_stride=None
         )["y"]
@@ -131,6 +153,7 @@ class ChronoEditPipeline:
     # -- sampling -----------------------------------------------------------------------------
     def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One DiT evaluation with ChronoEdit's temporal positions."""
+        self.placement.use("dit")
         out = chronoedit_model_fn(
             self.dit, latents.to(self.dtype), timestep.to(self.dtype).reshape(1),
             skip_len=self.components.temporal_skip_len, rope=self.rope,
@@ -200,6 +223,7 @@ class ChronoEditPipeline:
         estimate when the clip was cut to [input, edit]) followed by the 4 frames of the edit.
         """
         vae = self.components.vae
+        self.placement.use("vae")
         if reasoning_clip is None and latents.shape[2] > 2:
             reasoning_clip, latents = latents, latents[:, :, [0, -1]]
         edit = vae.decode(latents.to(self.dtype), device=self.device).float()

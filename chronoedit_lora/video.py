@@ -24,6 +24,11 @@ def default_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA) -> t
     return max(out_w, SIZE_MULTIPLE), max(out_h, SIZE_MULTIPLE)
 
 
+def latent_tokens(width: int, height: int, frames: int = EDIT_FRAMES) -> int:
+    """DiT sequence length of a clip: latent frames (VAE 4x in time) x (H / 16) x (W / 16)."""
+    return (1 + (frames - 1) // 4) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+
+
 def edit_clip(source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     """The training clip of a pair, (3, 5, H, W): [source, edited, edited, edited, edited]."""
     return torch.stack([source] + [edited] * (EDIT_FRAMES - 1), dim=1)

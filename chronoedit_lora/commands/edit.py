@@ -19,6 +19,7 @@ from ..errors import ChronoEditError
 from ..data.images import open_image
 from ..files import check_writable, save_image, save_video
 from ..lora import parse_lora_spec
+from ..offload import MODES as OFFLOAD_MODES
 from ..settings import MAX_STEPS, check_device, check_range, check_size
 from .model_args import add_model_arguments, model_options
 
@@ -52,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-enhancer", metavar="MODULE:CALLABLE",
                         help="rewrite each instruction into ChronoEdit's detailed form first: f(image, instruction) -> str "
                              "(e.g. chronoedit_lora.captioners.qwen_vl:enhance_prompt)")
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default="auto",
+                        help="where the weights live on a GPU: none (all on the GPU), model (each component only for "
+                             "its stage), blocks (the DiT's blocks streamed through the GPU), auto (the least that "
+                             "fits the free memory; it says what it chose). No effect on a CPU")
     parser.add_argument("--unfused", action="store_true",
                         help="apply LoRAs as hooks instead of fusing them into the weights (base weights untouched)")
 
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     options = model_options(args)
     if world > 1 and str(options["device"]).startswith("cuda"):
         options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    pipe = ChronoEditPipeline.from_pretrained(**options)
+    pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload)
     for path, scale in loras:
         pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
     for job in tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2):
@@ -127,4 +132,5 @@ def run(args: argparse.Namespace) -> int:
         if video:
             save_video(result.frames, video)
             print(f"clip ({len(result.frames)} frames): {video}")
+    pipe.placement.release()  # leave the GPU as it was found
     return 0

@@ -60,15 +60,18 @@ class UnfusedLora:
     manager that removes the hooks on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, weights: LoraWeights, scale: float = 1.0) -> None:
+    def __init__(self, model: torch.nn.Module, weights: LoraWeights, scale: float = 1.0,
+                 device: torch.device | None = None) -> None:
+        """``device``: where the hooks' factors live (default: each layer's weight's device); the
+        compute device when the weights are offloaded."""
         check_lora_matches(weights, model)
         self.scale = scale
         modules = dict(model.named_modules())
         self._handles = []
         for name, lora in weights.items():
             weight = modules[name].weight
-            down = lora.down.to(weight.device, weight.dtype)
-            up = (lora.up.float() * lora.scale).to(weight.device, weight.dtype)
+            down = lora.down.to(device or weight.device, weight.dtype)
+            up = (lora.up.float() * lora.scale).to(device or weight.device, weight.dtype)
             self._handles.append(modules[name].register_forward_hook(self._hook(down, up)))
 
     def _hook(self, down: torch.Tensor, up: torch.Tensor):

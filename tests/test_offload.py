@@ -1,0 +1,99 @@
+"""Offloaded edits: which components are on the compute device at each stage, and the same pixels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chronoedit_lora.errors import ChronoEditError
+from chronoedit_lora.lora import save_lora
+from chronoedit_lora.offload import GIB, Placement, choose_mode
+from chronoedit_lora.pipeline import ChronoEditPipeline
+
+EDIT = dict(prompt="Make it a pencil sketch.", steps=2, cfg=4.0, height=32, width=32, seed=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_diffusers):
+    return {mode: ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, offload=mode)
+            for mode in ("none", "model", "blocks")}
+
+
+def record_stages(monkeypatch) -> list[tuple[str, frozenset]]:
+    """(stage, components on the compute device) each time a stage takes the device."""
+    seen = []
+    use = Placement.use
+
+    def recording_use(self, name):
+        use(self, name)
+        if not seen or seen[-1][0] != name:
+            seen.append((name, frozenset(self.resident)))
+
+    monkeypatch.setattr(Placement, "use", recording_use)
+    return seen
+
+
+def test_model_offload_keeps_one_component_on_the_device_per_stage(pipes, input_image, monkeypatch):
+    seen = record_stages(monkeypatch)
+    pipe = pipes["model"]
+    pipe(input_image, **EDIT)
+    assert seen == [("text_encoder", {"text_encoder"}), ("image_encoder", {"image_encoder"}), ("vae", {"vae"}),
+                    ("dit", {"dit"}), ("vae", {"vae"})]
+    pipe.placement.release()
+    assert pipe.placement.resident == set()
+
+
+def test_block_offload_streams_at_most_two_blocks(pipes, input_image, monkeypatch):
+    seen = record_stages(monkeypatch)
+    pipe = pipes["blocks"]
+    streamer = pipe.placement.streamer
+    streamer.log.clear()
+    pipe(input_image, **EDIT)
+    assert ("dit", {"dit"}) in seen
+    blocks = len(pipe.dit.blocks)
+    # cfg 4: 2 DiT calls per step, 2 steps; each block computes with itself and the next one resident
+    assert len(streamer.log) == 4 * blocks
+    assert all(len(resident) <= 2 for resident in streamer.log)
+    assert [resident[0] for resident in streamer.log] == list(range(blocks)) * 4
+    pipe.placement.release()
+    assert streamer.on_device == [] and pipe.placement.resident == set()
+
+
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_offloaded_edits_are_bit_identical(pipes, input_image, mode):
+    reference = pipes["none"](input_image, **EDIT).video
+    assert torch.equal(pipes[mode](input_image, **EDIT).video, reference)
+
+
+def test_unfused_lora_and_fp8_under_block_offload(tiny_diffusers, random_lora, input_image, tmp_path):
+    save_lora(random_lora, tmp_path / "l.safetensors")
+    results = []
+    for mode in ("none", "blocks"):
+        pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, offload=mode, fp8_base=True)
+        pipe.load_lora(tmp_path / "l.safetensors", 0.5, fuse=False)
+        results.append(pipe(input_image, **EDIT).video)
+    assert torch.equal(results[0], results[1])
+    fused = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, offload="model")
+    fused.load_lora(tmp_path / "l.safetensors", 0.5)
+    plain = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
+    plain.load_lora(tmp_path / "l.safetensors", 0.5)
+    assert torch.equal(fused(input_image, **EDIT).video, plain(input_image, **EDIT).video)
+
+
+def test_auto_picks_the_least_offloading_that_fits(pipes):
+    pipe = pipes["none"]
+    modules = {"text_encoder": pipe.components.text_encoder, "image_encoder": pipe.components.image_encoder,
+               "vae": pipe.components.vae, "dit": pipe.dit}
+    gpu = torch.device("cuda")
+    assert choose_mode(modules, torch.device("cpu"), tokens=7200)[0] == "none"
+    assert choose_mode(modules, gpu, tokens=1000, free_bytes=80 * GIB)[0] == "none"
+    total = sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules.values())
+    working = 0.25 * GIB + 1.5 * GIB
+    mode, why = choose_mode(modules, gpu, tokens=1000, free_bytes=int(working + total * 0.9))
+    assert mode == "model" and "GiB free" in why
+    assert choose_mode(modules, gpu, tokens=1000, free_bytes=int(working))[0] == "blocks"
+
+
+def test_offload_with_sequence_parallel_is_refused(tiny_diffusers):
+    with pytest.raises(ChronoEditError, match="--offload model cannot be combined with --sequence-parallel"):
+        ChronoEditPipeline.from_pretrained(tiny_diffusers, offload="model", sequence_parallel=True)
