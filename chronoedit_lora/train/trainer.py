@@ -146,10 +146,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     loss_value = float("nan")
 
     # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step.
+    window_loss, window_items, window_started = 0.0, [], None  # a window may span an epoch's end
     try:
         while progress.step < total_steps and not stop.requested:
             batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
-            window_loss, window_items, window_started = 0.0, [], None
             for batch_indices in batches[progress.batch_in_epoch:]:
                 window_started = window_started or time.perf_counter()
                 with accelerator.accumulate(module):
