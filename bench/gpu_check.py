@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", "mid"],
                        check=True, cwd=REPO)
     image = make_image(work / "input.png", args.height, args.width)
-    edits = {mode: run_measured(edit_argv(model, image, work / f"edit_{mode}.png", mode, args), work / f"edit_{mode}.log")
-             for mode in OFFLOAD_MODES}
+    edits = {mode: run_measured(edit_argv(model, image, work / f"edit_{mode}.png", mode, args),
+                                work / f"edit_{mode}.log") for mode in OFFLOAD_MODES}
     train_dir = work / "train"
     train = run_measured(train_argv(model, train_dir, args), work / "train.log")
     report = assemble(edits, train, computed_figures(model, args), args, train_seconds_per_step(train_dir))

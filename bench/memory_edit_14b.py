@@ -393,7 +393,8 @@ def mode_table(weights, fp8_weights, work_by_size, batch: int = 2, tiled: bool =
     return table
 
 
-def compute(dit_kwargs: dict, sizes: dict = SIZES, encoder_kwargs: dict | None = None, model: str = "ChronoEdit-14B") -> dict:
+def compute(dit_kwargs: dict, sizes: dict = SIZES, encoder_kwargs: dict | None = None,
+            model: str = "ChronoEdit-14B") -> dict:
     """Every figure of the report, as a JSON-ready dict (``encoder_kwargs``: see :func:`build_models`)."""
     models = build_models(dit_kwargs, sizes=encoder_kwargs)
     fp8_models = build_models(dit_kwargs, fp8=True, sizes=encoder_kwargs)
@@ -469,11 +470,17 @@ def print_report(result: dict) -> None:
     for size, work in result["working_GiB"].items():
         print(f"| {size} | " + " | ".join(f"{work[s]:.2f}" for s in stages) + " |")
     for size, info in result["sizes"].items():
-        print(f"{size}: {info['tokens']} tokens, one block's no-grad peak (batch 2) {info['block_peak_batch_2_GiB']:.2f}"
+        print(f"{size}: {info['tokens']} tokens, one block's no-grad peak (batch 2) "
+              f"{info['block_peak_batch_2_GiB']:.2f}"
               f" GiB, kept across blocks {info['kept_across_blocks_batch_2_GiB']:.2f} GiB, "
               f"{info['decode_tiles']} decode tiles")
     print(f"\nOfficial diffusers pipeline per NVIDIA: about {REFERENCE_GB['model offload']} GB with model offload, "
           f"about {REFERENCE_GB['model offload + temporal reasoning']} GB with temporal reasoning.")
+    for size in ("720x1280", "720x1280 reasoning"):
+        if size in result["sizes"]:
+            two, one = (result["variants"][v]["model"][size]["GiB"] * GIB / 1e9 for v in ("batch 2", "batch 1"))
+            print(f"Ours, model offload, {size}: {two:.1f} GB (one batch-2 call), {one:.1f} GB (two calls, as "
+                  "diffusers does), without the CUDA context.")
     for note in result["notes"]:
         print("* " + note)
 
