@@ -1,0 +1,112 @@
+"""bench/gpu_check.py on a CPU machine: its arguments, its refusal without CUDA, the CLI commands it
+would run, and the report it assembles (from fabricated measurement numbers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chronoedit_lora.cli import build_parser
+from chronoedit_lora.commands.train import overrides_from
+from chronoedit_lora.train.config import load_config
+
+from .bench_scripts import BENCH, load_bench
+
+GIB = 2**30
+
+
+def _bench():
+    return load_bench("gpu_check")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_at_once_without_cuda(tmp_path):
+    out = tmp_path / "out.json"
+    result = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--json", str(out),
+                             "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_arguments_defaults_and_bad_values(capsys):
+    bench = _bench()
+    args = bench.parse_args(["--json", "x.json"])
+    assert (args.height, args.width, args.steps, args.train_steps, args.rank) == (720, 1280, 8, 20, 32)
+    for bad in (["--height", "700"], ["--steps", "0"], ["--train-width", "-16"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(["--json", "x.json", *bad])
+        assert stop.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args([])  # --json is required
+    assert "--json" in capsys.readouterr().err
+
+
+def test_commands_are_the_kit_cli_with_the_requested_flags(tmp_path):
+    bench = _bench()
+    args = bench.parse_args(["--json", "x.json", "--train-steps", "20"])
+    model = tmp_path / "mid"
+    for mode in bench.OFFLOAD_MODES:
+        argv = bench.edit_argv(model, tmp_path / "in.png", tmp_path / "out.png", mode, args)
+        assert argv[0] == "edit" and argv[argv.index("--offload") + 1] == mode
+        assert argv[argv.index("--model") + 1] == str(model)
+    train = bench.train_argv(model, tmp_path / "run", args)
+    parsed, extra = build_parser().parse_known_args(train)
+    config = load_config(None, overrides_from(parsed, extra))  # every flag is a real training setting
+    assert (config.cache, config.fp8_base, config.activation_offload, config.max_steps) == (True, True, True, 20)
+    assert Path(config.dataset).is_file() and config.mixed_precision == "bf16"
+
+
+def test_wrapper_line_and_metrics_are_read(tmp_path):
+    bench = _bench()
+    line = {"returncode": 0, "max_memory_allocated": 3 * GIB}
+    stdout = f"editing...\n{bench.MARKER}{{\"returncode\": 9}}\n{bench.MARKER}{json.dumps(line)}\n"
+    assert bench.parse_measurement(stdout) == line
+    assert bench.parse_measurement("no marker here") is None
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text(
+        "step,loss,lr,seconds,samples,val_loss\n1,1.0,1e-4,9.0,0,\n2,1.0,1e-4,1.0,1,\n3,1.0,1e-4,2.0,2,\n"
+        "4,1.0,1e-4,3.0,3,\n")
+    assert bench.train_seconds_per_step(tmp_path) == 2.0  # the first (warm-up) step left out
+    assert bench.train_seconds_per_step(tmp_path / "missing") is None
+    assert "max_memory_allocated" in bench.WRAPPER and "cli import main" in bench.WRAPPER
+
+
+def test_report_puts_measured_beside_computed():
+    bench = _bench()
+    args = bench.parse_args(["--json", "x.json"])
+    edits = {"none": {"returncode": 0, "max_memory_allocated": 12 * GIB, "max_memory_reserved": 13 * GIB,
+                      "pipeline_seconds": [16.0], "device": "NVIDIA Test GPU", "log": "none.log"},
+             "model": {"returncode": 0, "max_memory_allocated": 6 * GIB, "max_memory_reserved": 7 * GIB,
+                       "pipeline_seconds": [20.0], "log": "model.log"},
+             "blocks": {"returncode": 1, "error": ["ChronoEditError: no such flag"], "log": "blocks.log"}}
+    train = {"returncode": 0, "max_memory_allocated": 5 * GIB, "max_memory_reserved": 5 * GIB, "log": "train.log"}
+    computed = {"edit_GiB": {"none": 10.0, "model": 5.0, "blocks": 2.0},
+                "edit_batch_1_GiB": {"none": 9.5, "model": 4.5, "blocks": 1.5}, "train_GiB": 4.0}
+    report = bench.assemble(edits, train, computed, args, train_s_per_step=1.5)
+    assert set(report) == {"device", "settings", "edit", "edit_computed_batch_1_GiB", "train", "notes"}
+    assert report["device"] == "NVIDIA Test GPU"
+    none = report["edit"]["none"]
+    assert none["measured_GiB"] == 12 and none["computed_GiB"] == 10 and none["measured_over_computed"] == 1.2
+    assert none["s_per_step"] == 16.0 / args.steps and none["max_memory_reserved_GiB"] == 13
+    failed = report["edit"]["blocks"]
+    assert failed["returncode"] == 1 and failed["measured_GiB"] is None and failed["error"]
+    assert report["train"]["measured_over_computed"] == 1.25 and report["train"]["s_per_step"] == 1.5
+    json.dumps(report)  # JSON-ready
+    bench.print_report(report)
+
+
+def test_computed_figures_for_a_checkpoint_folder(tiny_diffusers):
+    bench = _bench()
+    args = bench.parse_args(["--json", "x.json", "--height", "64", "--width", "96", "--train-height", "64",
+                             "--train-width", "64", "--rank", "4"])
+    computed = bench.computed_figures(tiny_diffusers, args)
+    assert set(computed["edit_GiB"]) == set(bench.OFFLOAD_MODES) == set(computed["edit_batch_1_GiB"])
+    edit = computed["edit_GiB"]
+    # (with 2 blocks, block offload saves nothing here: its resident non-block weights even add a little)
+    assert 0 < edit["model"] <= edit["none"] and edit["blocks"] > 0 and computed["train_GiB"] > 0
