@@ -2,8 +2,9 @@
 
 ChronoEdit treats an edit as a short video whose first frame is the input image and whose last
 frame is the edit. The steps read top to bottom, as in diffusers' pipelines; the model work is
-DiffSynth's (its Wan text/CLIP/VAE units, its flow-matching scheduler, its model function), with
-ChronoEdit's temporal-skip RoPE applied around the DiT call.
+DiffSynth's (its Wan text/CLIP/VAE units, its model function), with ChronoEdit's temporal-skip
+RoPE applied around the DiT call; the sampler is the model folder's UniPC or DiffSynth's Euler
+(:mod:`chronoedit_lora.sampling`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from diffsynth.pipelines.wan_video import (
     WanVideoPipeline,
     WanVideoUnit_ImageEmbedderCLIP,
@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
 from .models.rope import chronoedit_model_fn
+from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
+from .sampling import default_shift, make_sampler, read_scheduler_config, resolve_scheduler
 from .video import EDIT_FRAMES, REASONING_FRAMES, SIZE_MULTIPLE, default_size, tensor_to_pil
 
 
@@ -37,19 +39,28 @@ class EditResult:
     video: torch.Tensor  # (1, 3, T, H, W) in [-1, 1]
 
 
-def sampling_scheduler(steps: int, shift: float) -> FlowMatchScheduler:
-    """DiffSynth's Wan flow-matching schedule for ``steps`` denoising steps (sigmas 1 -> 0, shifted)."""
-    scheduler = FlowMatchScheduler("Wan")
-    scheduler.set_timesteps(steps, shift=shift)
-    return scheduler
+EDIT_LATENTS = [0, -1]  # the latent frames temporal reasoning keeps: [input, edit]
+
+
+@dataclass(frozen=True)
+class VaeTiles:
+    """DiffSynth's VAE tiling arguments (sizes in latent units); ``tiled=False``: one pass."""
+
+    tiled: bool = False
+    tile_size: tuple[int, int] = TILE_SIZE
+    tile_stride: tuple[int, int] = TILE_STRIDE
+
+    def kwargs(self) -> dict:
+        return {"tiled": self.tiled, "tile_size": self.tile_size, "tile_stride": self.tile_stride}
 
 
 class ChronoEditPipeline:
     """Edit images with ChronoEdit through DiffSynth's Wan building blocks."""
 
     def __init__(self, components: LoadedComponents, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 rope: str = "skip", sequence_parallel: bool = False):
+                 rope: str = "skip", sequence_parallel: bool = False, scheduler_config: dict | None = None):
         self.components = components
+        self.scheduler_config = scheduler_config  # the model folder's scheduler/scheduler_config.json, if any
         self.device = torch.device(device)
         self.dtype = dtype
         self.rope = rope
@@ -72,18 +83,25 @@ class ChronoEditPipeline:
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
-        float8, see :mod:`chronoedit_lora.models.fp8`)."""
+        float8, see :mod:`chronoedit_lora.models.fp8`). ``model_dir``'s scheduler config, if any,
+        is the default sampler (see :mod:`chronoedit_lora.sampling`)."""
+        scheduler_config = read_scheduler_config(model_dir)
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
             device = start_sequence_parallel()
         components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, with_dit=with_dit,
                                      fp8_base=fp8_base, **overrides)
-        return cls(components, device, dtype, rope, sequence_parallel)
+        return cls(components, device, dtype, rope, sequence_parallel, scheduler_config)
 
     @property
     def dit(self):
         return self.components.dit
+
+    @property
+    def default_scheduler(self) -> str:
+        """The model folder's own scheduler (``unipc`` for ChronoEdit-14B-Diffusers), else ``euler``."""
+        return resolve_scheduler(None, self.scheduler_config)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = True):
         """Apply a LoRA file to the DiT (checked first: a mismatch lists what does not fit, NaN/inf
@@ -121,12 +139,11 @@ class ChronoEditPipeline:
         return WanVideoUnit_ImageEmbedderCLIP().process(self.core, image, None, height, width)["clip_feature"]
 
     @torch.no_grad()
-    def condition_latents(self, image: Image.Image, num_frames: int) -> torch.Tensor:
+    def condition_latents(self, image: Image.Image, num_frames: int, tiles: VaeTiles = VaeTiles()) -> torch.Tensor:
         """y = [mask with ones on latent 0 (4 ch), VAE(input image followed by black frames) (16 ch)]."""
         width, height = image.size
-        return WanVideoUnit_ImageEmbedderVAE().process(
-            self.core, image, None, num_frames, height, width, tiled=False, tile_size=None, tile_stride=None
-        )["y"]
+        return WanVideoUnit_ImageEmbedderVAE().process(self.core, image, None, num_frames, height, width,
+                                                       **tiles.kwargs())["y"]
 
     # -- sampling -----------------------------------------------------------------------------
     def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,6 +155,22 @@ class ChronoEditPipeline:
         )
         return out.float()
 
+    def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                        context_neg: torch.Tensor | None, clip_feature: torch.Tensor, y: torch.Tensor,
+                        cfg: float, batched: bool = True) -> torch.Tensor:
+        """The velocity with classifier-free guidance (none when ``context_neg`` is None): prompt and
+        negative prompt in one DiT call of batch 2 (``batched``), or in two calls."""
+        if context_neg is None:
+            return self.predict_velocity(latents, timestep, context, clip_feature, y)
+        if batched:
+            pair = self.predict_velocity(torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
+                                         torch.cat([clip_feature] * 2), torch.cat([y] * 2))
+            cond, uncond = pair.chunk(2)
+        else:
+            cond = self.predict_velocity(latents, timestep, context, clip_feature, y)
+            uncond = self.predict_velocity(latents, timestep, context_neg, clip_feature, y)
+        return uncond + cfg * (cond - uncond)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -146,14 +179,25 @@ class ChronoEditPipeline:
         negative_prompt: str = "",
         steps: int = 50,
         cfg: float = 5.0,
-        shift: float = 5.0,
+        shift: float | None = None,
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
         temporal_reasoning_steps: int = 0,
         progress: bool = True,
+        scheduler: str | None = None,
+        batched_guidance: bool = True,
+        vae_tiling: str = "auto",
+        tile_size: tuple[int, int] = TILE_SIZE,
+        tile_stride: tuple[int, int] = TILE_STRIDE,
     ) -> EditResult:
-        """Edit ``image`` following ``prompt``; returns the last frame as the edited image."""
+        """Edit ``image`` following ``prompt``; returns the last frame as the edited image.
+
+        ``scheduler``: ``unipc`` or ``euler`` (default: :attr:`default_scheduler`); ``shift``: its
+        flow shift (default: the folder's config, else 5.0). ``batched_guidance``: with ``cfg`` > 1,
+        one DiT call of batch 2 per step instead of two. ``vae_tiling``: ``auto`` (tile frames above
+        :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
+        """
         image = image.convert("RGB")
         if height is None or width is None:
             width, height = default_size(*image.size)
@@ -163,47 +207,51 @@ class ChronoEditPipeline:
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
+        tiles = VaeTiles(use_tiling(vae_tiling, height, width), tuple(tile_size), tuple(tile_stride))
+        sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
+                               default_shift(self.scheduler_config) if shift is None else shift,
+                               self.scheduler_config, self.device)
 
         context = self.encode_prompt(prompt)
         context_neg = self.encode_prompt(negative_prompt) if cfg > 1.0 else None
         clip_feature = self.encode_image(image)
-        y = self.condition_latents(image, num_frames)
+        y = self.condition_latents(image, num_frames, tiles)
 
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, y.shape[1] - 4, y.shape[2], height // 8, width // 8)
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
-        scheduler = sampling_scheduler(steps, shift)
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="editing", disable=not progress)):
+        for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
             if reasoning and i == temporal_reasoning_steps:
                 reasoning_clip = denoised
-                latents, y = latents[:, :, [0, -1]], y[:, :, [0, -1]]
-            velocity = self.predict_velocity(latents, t, context, clip_feature, y)
-            if context_neg is not None:
-                uncond = self.predict_velocity(latents, t, context_neg, clip_feature, y)
-                velocity = uncond + cfg * (velocity - uncond)
-            denoised = latents - scheduler.sigmas[i] * velocity
-            latents = scheduler.step(velocity, t, latents)
+                latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
+                sampler.keep_frames(EDIT_LATENTS)
+            velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg, batched_guidance)
+            denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
+            latents = sampler.step(velocity, i, latents)
 
-        video = self.decode(latents, reasoning_clip)
+        video = self.decode(latents, reasoning_clip, tiles)
         frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
         return EditResult(image=frames[-1], frames=frames, video=video)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, reasoning_clip: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, reasoning_clip: torch.Tensor | None = None,
+               tiles: VaeTiles = VaeTiles()) -> torch.Tensor:
         """Decode to a (1, 3, T, H, W) clip in [-1, 1].
 
         With temporal reasoning the clip is the reasoning frames (all latents but the last: of the
         final latents if reasoning ran to the end, as diffusers does, else of the clean-clip
         estimate when the clip was cut to [input, edit]) followed by the 4 frames of the edit.
         """
-        vae = self.components.vae
+        def vae_decode(z: torch.Tensor) -> torch.Tensor:
+            return self.components.vae.decode(z.to(self.dtype), device=self.device, **tiles.kwargs()).float()
+
         if reasoning_clip is None and latents.shape[2] > 2:
-            reasoning_clip, latents = latents, latents[:, :, [0, -1]]
-        edit = vae.decode(latents.to(self.dtype), device=self.device).float()
+            reasoning_clip, latents = latents, latents[:, :, EDIT_LATENTS]
+        edit = vae_decode(latents)
         if reasoning_clip is None:
             return edit
-        reasoning = vae.decode(reasoning_clip[:, :, :-1].to(self.dtype), device=self.device).float()
+        reasoning = vae_decode(reasoning_clip[:, :, :-1])
         return torch.cat([reasoning, edit[:, :, 1:]], dim=2)
