@@ -2,17 +2,18 @@
 
 ChronoEdit treats an edit as a short video whose first frame is the input image and whose last
 frame is the edit. The steps read top to bottom, as in diffusers' pipelines; the model work is
-DiffSynth's (its Wan text/CLIP/VAE units, its flow-matching scheduler, its model function), with
-ChronoEdit's temporal-skip RoPE applied around the DiT call.
+DiffSynth's (its Wan text/CLIP/VAE units, its model function), with ChronoEdit's temporal-skip
+RoPE applied around the DiT call; the sampler is the model folder's UniPC or DiffSynth's Euler
+(:mod:`chronoedit_lora.sampling`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from diffsynth.pipelines.wan_video import (
     WanVideoPipeline,
     WanVideoUnit_ImageEmbedderCLIP,
@@ -25,9 +26,21 @@ from tqdm.auto import tqdm
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
 from .models.rope import chronoedit_model_fn
+from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
 from .offload import MODES as OFFLOAD_MODES
 from .offload import Placement, choose_mode
+from .sampling import default_shift, make_sampler, read_scheduler_config, resolve_scheduler
 from .video import EDIT_FRAMES, REASONING_FRAMES, SIZE_MULTIPLE, default_size, latent_tokens, tensor_to_pil
+
+
+@dataclass
+class EditRequest:
+    """One edit: the input image, the instruction, the negative prompt and the noise seed."""
+
+    image: Image.Image
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
 
 
 @dataclass
@@ -39,19 +52,29 @@ class EditResult:
     video: torch.Tensor  # (1, 3, T, H, W) in [-1, 1]
 
 
-def sampling_scheduler(steps: int, shift: float) -> FlowMatchScheduler:
-    """DiffSynth's Wan flow-matching schedule for ``steps`` denoising steps (sigmas 1 -> 0, shifted)."""
-    scheduler = FlowMatchScheduler("Wan")
-    scheduler.set_timesteps(steps, shift=shift)
-    return scheduler
+EDIT_LATENTS = [0, -1]  # the latent frames temporal reasoning keeps: [input, edit]
+
+
+@dataclass(frozen=True)
+class VaeTiles:
+    """DiffSynth's VAE tiling arguments (sizes in latent units); ``tiled=False``: one pass."""
+
+    tiled: bool = False
+    tile_size: tuple[int, int] = TILE_SIZE
+    tile_stride: tuple[int, int] = TILE_STRIDE
+
+    def kwargs(self) -> dict:
+        return {"tiled": self.tiled, "tile_size": self.tile_size, "tile_stride": self.tile_stride}
 
 
 class ChronoEditPipeline:
     """Edit images with ChronoEdit through DiffSynth's Wan building blocks."""
 
     def __init__(self, components: LoadedComponents, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 rope: str = "skip", sequence_parallel: bool = False, offload: str = "none"):
+                 rope: str = "skip", sequence_parallel: bool = False, scheduler_config: dict | None = None,
+                 offload: str = "none"):
         self.components = components
+        self.scheduler_config = scheduler_config  # the model folder's scheduler/scheduler_config.json, if any
         self.device = torch.device(device)
         self.dtype = dtype
         self.rope = rope
@@ -78,12 +101,14 @@ class ChronoEditPipeline:
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
         float8, see :mod:`chronoedit_lora.models.fp8`; ``offload``: none, model, blocks or auto,
-        see :mod:`chronoedit_lora.offload`)."""
+        see :mod:`chronoedit_lora.offload`). ``model_dir``'s scheduler config, if any, is the default
+        sampler (see :mod:`chronoedit_lora.sampling`)."""
         if offload not in OFFLOAD_MODES:
             raise ChronoEditError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}.")
         if sequence_parallel and offload not in ("none", "auto"):
             raise ChronoEditError(f"--offload {offload} cannot be combined with --sequence-parallel: every rank "
                                   "holds the whole model for its share of the sequence; use --offload none.")
+        scheduler_config = read_scheduler_config(model_dir)
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
@@ -97,11 +122,16 @@ class ChronoEditPipeline:
                        "vae": components.vae, "dit": components.dit}
             offload, why = choose_mode(modules, device, tokens=latent_tokens(*default_size(1280, 720), EDIT_FRAMES))
             print(f"--offload auto: {offload} ({why})")
-        return cls(components, device, dtype, rope, sequence_parallel, offload)
+        return cls(components, device, dtype, rope, sequence_parallel, scheduler_config, offload)
 
     @property
     def dit(self):
         return self.components.dit
+
+    @property
+    def default_scheduler(self) -> str:
+        """The model folder's own scheduler (``unipc`` for ChronoEdit-14B-Diffusers), else ``euler``."""
+        return resolve_scheduler(None, self.scheduler_config)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = True):
         """Apply a LoRA file to the DiT (checked first: a mismatch lists what does not fit, NaN/inf
@@ -142,13 +172,12 @@ class ChronoEditPipeline:
         return WanVideoUnit_ImageEmbedderCLIP().process(self.core, image, None, height, width)["clip_feature"]
 
     @torch.no_grad()
-    def condition_latents(self, image: Image.Image, num_frames: int) -> torch.Tensor:
+    def condition_latents(self, image: Image.Image, num_frames: int, tiles: VaeTiles = VaeTiles()) -> torch.Tensor:
         """y = [mask with ones on latent 0 (4 ch), VAE(input image followed by black frames) (16 ch)]."""
         width, height = image.size
         self.placement.use("vae")
-        return WanVideoUnit_ImageEmbedderVAE().process(
-            self.core, image, None, num_frames, height, width, tiled=False, tile_size=None, tile_stride=None
-        )["y"]
+        return WanVideoUnit_ImageEmbedderVAE().process(self.core, image, None, num_frames, height, width,
+                                                       **tiles.kwargs())["y"]
 
     # -- sampling -----------------------------------------------------------------------------
     def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,73 +190,126 @@ class ChronoEditPipeline:
         )
         return out.float()
 
+    def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                        context_neg: torch.Tensor | None, clip_feature: torch.Tensor, y: torch.Tensor,
+                        cfg: float, batched: bool = True) -> torch.Tensor:
+        """The velocity with classifier-free guidance (none when ``context_neg`` is None): prompt and
+        negative prompt in one DiT call of batch 2 (``batched``), or in two calls."""
+        if context_neg is None:
+            return self.predict_velocity(latents, timestep, context, clip_feature, y)
+        if batched:
+            pair = self.predict_velocity(torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
+                                         torch.cat([clip_feature] * 2), torch.cat([y] * 2))
+            cond, uncond = pair.chunk(2)
+        else:
+            cond = self.predict_velocity(latents, timestep, context, clip_feature, y)
+            uncond = self.predict_velocity(latents, timestep, context_neg, clip_feature, y)
+        return uncond + cfg * (cond - uncond)
+
     @torch.no_grad()
-    def __call__(
+    def __call__(self, image: Image.Image, prompt: str, negative_prompt: str = "", seed: int = 0,
+                 **settings) -> EditResult:
+        """Edit ``image`` following ``prompt``; returns the last frame as the edited image.
+        ``settings``: those of :meth:`edit_many`."""
+        return next(self.edit_many([EditRequest(image, prompt, negative_prompt, seed)], **settings))
+
+    @torch.no_grad()
+    def edit_many(
         self,
-        image: Image.Image,
-        prompt: str,
-        negative_prompt: str = "",
+        requests: Sequence[EditRequest],
         steps: int = 50,
         cfg: float = 5.0,
-        shift: float = 5.0,
-        seed: int = 0,
+        shift: float | None = None,
         height: int | None = None,
         width: int | None = None,
         temporal_reasoning_steps: int = 0,
         progress: bool = True,
-    ) -> EditResult:
-        """Edit ``image`` following ``prompt``; returns the last frame as the edited image."""
+        scheduler: str | None = None,
+        batched_guidance: bool = True,
+        vae_tiling: str = "auto",
+        tile_size: tuple[int, int] = TILE_SIZE,
+        tile_stride: tuple[int, int] = TILE_STRIDE,
+        chunk: int = 8,
+    ) -> Iterator[EditResult]:
+        """Edit each request, yielding the results in order.
+
+        The requests go through the stages ``chunk`` at a time (every prompt, then every CLIP
+        feature, every VAE condition, every denoising loop, every decode), so with offloading each
+        component is moved to the GPU once per chunk rather than once per edit.
+        ``scheduler``: ``unipc`` or ``euler`` (default: :attr:`default_scheduler`); ``shift``: its
+        flow shift (default: the folder's config, else 5.0). ``batched_guidance``: with ``cfg`` > 1,
+        one DiT call of batch 2 per step instead of two. ``vae_tiling``: ``auto`` (tile frames above
+        :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
+        """
+        reasoning = temporal_reasoning_steps > 0
+        num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
+        for start in range(0, len(requests), chunk):
+            group = requests[start:start + chunk]
+            images = [self._sized(request.image, height, width) for request in group]
+            tiles = [VaeTiles(use_tiling(vae_tiling, image.height, image.width), tuple(tile_size), tuple(tile_stride))
+                     for image in images]
+            contexts = [self.encode_prompt(request.prompt) for request in group]
+            negatives = [self.encode_prompt(request.negative_prompt) if cfg > 1.0 else None for request in group]
+            clip_features = [self.encode_image(image) for image in images]
+            ys = [self.condition_latents(image, num_frames, tile) for image, tile in zip(images, tiles)]
+            denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
+                                     temporal_reasoning_steps, scheduler, batched_guidance, progress)
+                        for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
+            for (latents, reasoning_clip), tile in zip(denoised, tiles):
+                video = self.decode(latents, reasoning_clip, tile)
+                frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
+                yield EditResult(image=frames[-1], frames=frames, video=video)
+
+    @staticmethod
+    def _sized(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
+        """The input image as RGB at the edit size (default: aspect-preserving, area ~720x1280)."""
         image = image.convert("RGB")
         if height is None or width is None:
             width, height = default_size(*image.size)
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
             raise ValueError(f"height and width must be multiples of {SIZE_MULTIPLE}, got {height}x{width}")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        reasoning = temporal_reasoning_steps > 0
-        num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
+        return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
 
-        context = self.encode_prompt(prompt)
-        context_neg = self.encode_prompt(negative_prompt) if cfg > 1.0 else None
-        clip_feature = self.encode_image(image)
-        y = self.condition_latents(image, num_frames)
-
+    def denoise(self, context: torch.Tensor, context_neg: torch.Tensor | None, clip_feature: torch.Tensor,
+                y: torch.Tensor, seed: int, steps: int, cfg: float, shift: float | None, temporal_reasoning_steps: int,
+                scheduler: str | None, batched_guidance: bool, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut."""
+        sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
+                               default_shift(self.scheduler_config) if shift is None else shift,
+                               self.scheduler_config, self.device)
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, y.shape[1] - 4, y.shape[2], height // 8, width // 8)
+        shape = (1, y.shape[1] - 4, y.shape[2], y.shape[3], y.shape[4])
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-
-        scheduler = sampling_scheduler(steps, shift)
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="editing", disable=not progress)):
-            if reasoning and i == temporal_reasoning_steps:
+        for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
+            if temporal_reasoning_steps and i == temporal_reasoning_steps:
                 reasoning_clip = denoised
-                latents, y = latents[:, :, [0, -1]], y[:, :, [0, -1]]
-            velocity = self.predict_velocity(latents, t, context, clip_feature, y)
-            if context_neg is not None:
-                uncond = self.predict_velocity(latents, t, context_neg, clip_feature, y)
-                velocity = uncond + cfg * (velocity - uncond)
-            denoised = latents - scheduler.sigmas[i] * velocity
-            latents = scheduler.step(velocity, t, latents)
-
-        video = self.decode(latents, reasoning_clip)
-        frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
-        return EditResult(image=frames[-1], frames=frames, video=video)
+                latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
+                sampler.keep_frames(EDIT_LATENTS)
+            velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg, batched_guidance)
+            denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
+            latents = sampler.step(velocity, i, latents)
+        return latents, reasoning_clip
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, reasoning_clip: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, reasoning_clip: torch.Tensor | None = None,
+               tiles: VaeTiles = VaeTiles()) -> torch.Tensor:
         """Decode to a (1, 3, T, H, W) clip in [-1, 1].
 
         With temporal reasoning the clip is the reasoning frames (all latents but the last: of the
         final latents if reasoning ran to the end, as diffusers does, else of the clean-clip
         estimate when the clip was cut to [input, edit]) followed by the 4 frames of the edit.
         """
-        vae = self.components.vae
         self.placement.use("vae")
+
+        def vae_decode(z: torch.Tensor) -> torch.Tensor:
+            return self.components.vae.decode(z.to(self.dtype), device=self.device, **tiles.kwargs()).float()
+
         if reasoning_clip is None and latents.shape[2] > 2:
-            reasoning_clip, latents = latents, latents[:, :, [0, -1]]
-        edit = vae.decode(latents.to(self.dtype), device=self.device).float()
+            reasoning_clip, latents = latents, latents[:, :, EDIT_LATENTS]
+        edit = vae_decode(latents)
         if reasoning_clip is None:
             return edit
-        reasoning = vae.decode(reasoning_clip[:, :, :-1].to(self.dtype), device=self.device).float()
+        reasoning = vae_decode(reasoning_clip[:, :, :-1])
         return torch.cat([reasoning, edit[:, :, 1:]], dim=2)

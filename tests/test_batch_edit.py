@@ -113,7 +113,7 @@ def test_distill_preset_and_explicit_flags():
         base = {"preset": None, "steps": None, "cfg": None, "shift": None}
         return sampling_settings(argparse.Namespace(**{**base, **kw}))
 
-    assert settings() == {"steps": 50, "cfg": 5.0, "shift": 5.0}
+    assert settings() == {"steps": 50, "cfg": 5.0, "shift": None}  # None: the model's scheduler config, else 5.0
     assert settings(preset="distill") == {"steps": 8, "cfg": 1.0, "shift": 2.0}
     assert settings(preset="distill", steps=4) == {"steps": 4, "cfg": 1.0, "shift": 2.0}
 

@@ -130,3 +130,32 @@ def test_model_pointing_at_a_component_folder_suggests_its_parent(tiny_diffusers
     err = capsys.readouterr().err
     assert code == 2 and f"looks like the transformer/ folder of a model: pass its parent, --model {tiny_diffusers}" in err
     assert f"--dit {tiny_diffusers / 'transformer'}" in err
+
+
+def test_scheduler_guidance_and_tiling_flags(tiny_diffusers, image_file, tmp_path):
+    outputs = {}
+    for name, flags in {"default": [], "same": ["--scheduler", "unipc", "--guidance", "separate", "--vae-tiling", "on"],
+                        "euler": ["--scheduler", "euler"]}.items():
+        outputs[name] = tmp_path / f"{name}.png"
+        assert main(["edit", "--model", str(tiny_diffusers), "--image", str(image_file), "--prompt", "x", "--cfg", "3",
+                     "--output", str(outputs[name]), *FAST, *flags]) == 0
+    default, same, euler = (np.asarray(Image.open(outputs[n]), dtype=int) for n in ("default", "same", "euler"))
+    assert np.abs(default - same).max() <= 1  # unipc is the default; a 32x32 frame is one VAE tile
+    assert np.abs(default - euler).max() > 1
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", "is not readable JSON .*delete it to sample with --scheduler euler"),
+    ('{"_class_name": "DDIMScheduler"}', "names 'DDIMScheduler', which the kit does not sample with; pass --scheduler"),
+    ('{"_class_name": "UniPCMultistepScheduler", "prediction_type": "epsilon"}',
+     "ChronoEdit needs flow_prediction with flow sigmas. Fix the config or pass --scheduler euler"),
+])
+def test_bad_scheduler_config_is_one_line_before_loading(image_file, tmp_path, capsys, config, message):
+    model = tmp_path / "model"
+    (model / "scheduler").mkdir(parents=True)
+    (model / "scheduler" / "scheduler_config.json").write_text(config)
+    assert main(["edit", "--model", str(model), "--image", str(image_file), "--prompt", "x",
+                 "--output", str(tmp_path / "o.png"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "components not found" not in err
+    assert re.search(message, err), err

@@ -51,10 +51,10 @@ def test_block_offload_streams_at_most_two_blocks(pipes, input_image, monkeypatc
     pipe(input_image, **EDIT)
     assert ("dit", {"dit"}) in seen
     blocks = len(pipe.dit.blocks)
-    # cfg 4: 2 DiT calls per step, 2 steps; each block computes with itself and the next one resident
-    assert len(streamer.log) == 4 * blocks
+    # cfg 4, batched guidance: 1 DiT call per step, 2 steps; each block computes with itself and the next resident
+    assert len(streamer.log) == 2 * blocks
     assert all(len(resident) <= 2 for resident in streamer.log)
-    assert [resident[0] for resident in streamer.log] == list(range(blocks)) * 4
+    assert [resident[0] for resident in streamer.log] == list(range(blocks)) * 2
     pipe.placement.release()
     assert streamer.on_device == [] and pipe.placement.resident == set()
 
@@ -97,3 +97,17 @@ def test_auto_picks_the_least_offloading_that_fits(pipes):
 def test_offload_with_sequence_parallel_is_refused(tiny_diffusers):
     with pytest.raises(ChronoEditError, match="--offload model cannot be combined with --sequence-parallel"):
         ChronoEditPipeline.from_pretrained(tiny_diffusers, offload="model", sequence_parallel=True)
+
+
+def test_a_batch_moves_each_component_once_per_chunk(pipes, input_image, monkeypatch):
+    from chronoedit_lora.pipeline import EditRequest
+
+    seen = record_stages(monkeypatch)
+    pipe = pipes["model"]
+    pipe.placement.release()
+    requests = [EditRequest(input_image, f"Edit number {i}.", seed=i) for i in range(3)]
+    settings = {k: v for k, v in EDIT.items() if k not in ("prompt", "seed")}
+    batch = [r.video for r in pipe.edit_many(requests, **settings)]
+    assert [stage for stage, _ in seen] == ["text_encoder", "image_encoder", "vae", "dit", "vae"]  # not 3 x 5
+    singles = [pipes["none"](input_image, r.prompt, seed=r.seed, **settings).video for r in requests]
+    assert all(torch.equal(a, b) for a, b in zip(batch, singles))

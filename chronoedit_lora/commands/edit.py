@@ -20,10 +20,14 @@ from ..data.images import open_image
 from ..files import check_writable, save_image, save_video
 from ..lora import parse_lora_spec
 from ..offload import MODES as OFFLOAD_MODES
+from ..models.vae import AUTO_TILING_PIXELS, VAE_TILINGS
+from ..sampling import SCHEDULERS, read_scheduler_config, resolve_scheduler
 from ..settings import MAX_STEPS, check_device, check_range, check_size
 from .model_args import add_model_arguments, model_options
 
-DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": 5.0}
+# shift None: the model folder's scheduler config's flow shift, else 5.0 (see chronoedit_lora.sampling)
+DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": None}
+GUIDANCE = ("batched", "separate")
 # The official 8-step distill LoRA's settings (nvidia/ChronoEdit-14B-Diffusers lora/).
 PRESETS = {"distill": {"steps": 8, "cfg": 1.0, "shift": 2.0}}
 
@@ -41,7 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
     parser.add_argument("--steps", type=int, help=f"denoising steps, 1 to {MAX_STEPS} (default {DEFAULTS['steps']})")
     parser.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
-    parser.add_argument("--shift", type=float, help=f"flow-matching sigma shift (default {DEFAULTS['shift']})")
+    parser.add_argument("--shift", type=float, help="flow shift of either scheduler (default: the model folder's "
+                                                     "scheduler config, else 5.0)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS,
+                        help="sampler (default: the model folder's scheduler/scheduler_config.json, UniPC for "
+                             "ChronoEdit-14B-Diffusers as the official pipeline; euler without one, e.g. Wan files)")
+    parser.add_argument("--guidance", choices=GUIDANCE, default="batched",
+                        help="with cfg > 1: prompt and negative prompt in one DiT call of batch 2 (batched, "
+                             "faster) or in two calls (separate, less activation memory)")
+    parser.add_argument("--vae-tiling", choices=VAE_TILINGS, default="auto",
+                        help=f"encode/decode in overlapping tiles (less VAE memory); auto: frames above "
+                             f"{AUTO_TILING_PIXELS} pixels (1024x1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (a batch row's seed column wins)")
     parser.add_argument("--height", type=int, help="output height (multiple of 16); default: aspect-preserving, area ~720x1280")
     parser.add_argument("--width", type=int, help="output width (multiple of 16)")
@@ -73,7 +87,9 @@ def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
     check_size(args.height, args.width)
     check_range("--steps", settings["steps"], 1, MAX_STEPS)
     check_range("--cfg", settings["cfg"], 0)  # 1 = no guidance; below 1 it blends towards the negative prompt
-    check_range("--shift", settings["shift"], 0, low_inclusive=False)
+    if settings["shift"] is not None:
+        check_range("--shift", settings["shift"], 0, low_inclusive=False)
+    resolve_scheduler(args.scheduler, read_scheduler_config(args.model))
     check_range("--temporal-reasoning-steps", args.temporal_reasoning_steps, 0, settings["steps"])
     check_device(args.device)
 
@@ -110,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.batch}: {len(jobs)} edits, {plan.done} already done, {len(jobs) - plan.done} to do"
               + (f" across {world} processes" if world > 1 else ""))
 
-    from ..pipeline import ChronoEditPipeline  # heavy imports only once the inputs are known good
+    from ..pipeline import ChronoEditPipeline, EditRequest  # heavy imports only once the inputs are known good
 
     options = model_options(args)
     if world > 1 and str(options["device"]).startswith("cuda"):
@@ -118,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
     pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload)
     for path, scale in loras:
         pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
-    for job in tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2):
-        started = time.perf_counter()
-        result = pipe(images[job.image], job.prompt, negative_prompt=args.negative_prompt, seed=job.seed,
-                      height=args.height, width=args.width, temporal_reasoning_steps=args.temporal_reasoning_steps,
-                      progress=len(todo) == 1, **settings)
+    requests = [EditRequest(images[job.image], job.prompt, args.negative_prompt, job.seed) for job in todo]
+    results = pipe.edit_many(requests, height=args.height, width=args.width, progress=len(todo) == 1,
+                             temporal_reasoning_steps=args.temporal_reasoning_steps, scheduler=args.scheduler,
+                             batched_guidance=args.guidance == "batched", vae_tiling=args.vae_tiling, **settings)
+    started = time.perf_counter()
+    for job, result in zip(tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2),
+                           results):
         if args.sequence_parallel and rank > 0:
             continue
         save_image(result.image, job.output)

@@ -18,7 +18,7 @@ import torch
 from diffsynth.core.vram.initialization import skip_model_initialization
 from diffsynth.models.wan_video_vae import VideoVAE_, WanVideoVAE
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ChronoEditError
 from .loading import check_config, convert_shapes, load_component, read_config, wrong_component
 
 MODEL_NAME = "wan_video_vae"
@@ -28,6 +28,22 @@ WAN_VAE_CONVERTER = "diffsynth.utils.state_dict_converters.wan_video_vae.WanVide
 # decoder has none there, DiffSynth's would) cannot be mapped onto DiffSynth's Wan2.1 VideoVAE_.
 SUPPORTED_CONFIG = {"is_residual": (False,), "patch_size": (None, 1), "attn_scales": ([],),
                     "in_channels": (3,), "out_channels": (3,)}
+
+VAE_TILINGS = ("auto", "on", "off")
+# DiffSynth's tiles, in latent units (8 pixels): 272x272-pixel tiles, 144x128-pixel strides.
+TILE_SIZE, TILE_STRIDE = (34, 34), (18, 16)
+# `auto` tiles frames of more than 1024x1024 pixels, just above ChronoEdit's output area (720x1280;
+# the aspect-preserving default sizes reach at most ~0.93 MP): default-size edits stay untiled, so
+# equal to the official, untiled pipeline, while the VAE's activations, which grow with the frame
+# area, are tiled for larger edits (e.g. the ~2K upscaler LoRA).
+AUTO_TILING_PIXELS = 1024 * 1024
+
+
+def use_tiling(mode: str, height: int, width: int) -> bool:
+    """Whether ``--vae-tiling mode`` tiles a ``height`` x ``width`` frame."""
+    if mode not in VAE_TILINGS:
+        raise ChronoEditError(f"--vae-tiling {mode!r} is not one of {', '.join(VAE_TILINGS)}.")
+    return mode == "on" or (mode == "auto" and height * width > AUTO_TILING_PIXELS)
 
 
 class SizedWanVideoVAE(WanVideoVAE):
