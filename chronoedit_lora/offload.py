@@ -62,9 +62,6 @@ class Placement:
         self.components = {name: module for name, module in components.items() if module is not None}
         self.device, self.mode = device, mode
         self.home = torch.device("cpu") if mode != "none" else device
-        if mode == "none":  # e.g. `auto` chose none after loading into CPU RAM
-            for module in self.components.values():
-                module.to(device)
         self.resident: set[str] = set(self.components) if mode == "none" else set()
         # The home copy of every tensor: weights do not change during an edit, so moving home is free.
         self._home = {id(t): _pinned(t.data, device) if mode != "none" else t.data
