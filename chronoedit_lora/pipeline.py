@@ -123,7 +123,7 @@ class ChronoEditPipeline:
             offload, why = choose_mode(modules, device, tokens=latent_tokens(*default_size(1280, 720), EDIT_FRAMES))
             print(f"--offload auto: {offload} ({why})")
             if offload == "none" and offloaded:  # loaded into CPU RAM, but everything fits on the device
-                for module in modules.values():
+                for module in filter(None, modules.values()):
                     module.to(device)
         return cls(components, device, dtype, rope, sequence_parallel, scheduler_config, offload)
 
