@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+# The dataset check remembers files it has checked in a per-user cache: keep the tests' own.
+os.environ.setdefault("CHRONOEDIT_LORA_CACHE", tempfile.mkdtemp(prefix="chronoedit-lora-test-cache-"))
 
 
 @pytest.fixture(scope="session")
