@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
+from .models.dit import compile_blocks
 from .models.rope import chronoedit_model_fn
 from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
 from .offload import MODES as OFFLOAD_MODES
@@ -96,7 +97,7 @@ class ChronoEditPipeline:
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
                         with_dit: bool = True, fp8_base: bool = False, offload: str = "none",
-                        **overrides: str | Path | None) -> "ChronoEditPipeline":
+                        compile: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
@@ -105,6 +106,10 @@ class ChronoEditPipeline:
         sampler (see :mod:`chronoedit_lora.sampling`)."""
         if offload not in OFFLOAD_MODES:
             raise ChronoEditError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}.")
+        if compile and offload == "blocks":
+            raise ChronoEditError("--compile cannot be combined with --offload blocks: streaming moves the blocks' "
+                                  "weights between devices on every call, which a compiled block would recompile "
+                                  "for; use --offload model, or drop --compile.")
         if sequence_parallel and offload not in ("none", "auto"):
             raise ChronoEditError(f"--offload {offload} cannot be combined with --sequence-parallel: every rank "
                                   "holds the whole model for its share of the sequence; use --offload none.")
@@ -125,6 +130,11 @@ class ChronoEditPipeline:
             if offload == "none" and offloaded:  # loaded into CPU RAM, but everything fits on the device
                 for module in filter(None, modules.values()):
                     module.to(device)
+        if compile and with_dit:
+            if offload == "blocks":
+                raise ChronoEditError("--offload auto chose blocks, which cannot be combined with --compile; "
+                                      "pass --offload model, or drop --compile.")
+            compile_blocks(components.dit)
         return cls(components, device, dtype, rope, sequence_parallel, scheduler_config, offload)
 
     @property

@@ -23,6 +23,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8-base", action="store_true",
                        help="store the DiT blocks' linear weights in float8 (half the memory of bf16; LoRAs "
                             "are then applied unfused)")
+    group.add_argument("--compile", action="store_true",
+                       help="compile each DiT block with torch.compile (one block's compile time, then faster steps)")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="split one edit across GPUs (DiffSynth USP; torchrun, CUDA, NCCL and xfuser needed)")
     group.add_argument("--rope", default="skip", choices=["skip", "legacy"],
@@ -40,5 +42,6 @@ def model_options(args: argparse.Namespace) -> dict:
         "rope": args.rope,
         "sequence_parallel": getattr(args, "sequence_parallel", False),
         "fp8_base": args.fp8_base,
+        "compile": args.compile,
         **{name: getattr(args, name) for name in COMPONENTS},
     }

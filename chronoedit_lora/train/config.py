@@ -54,6 +54,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
     gradient_checkpointing: bool = True  # recompute block activations in backward (less memory)
     activation_offload: bool = False  # checkpointed activations kept on CPU
+    compile: bool = False  # compile each DiT block with torch.compile (regional: one block's compile time)
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples

@@ -21,6 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
+from ..models.dit import compile_blocks
 from ..models.loading import DTYPES
 from ..settings import check_targets
 from . import checkpoint as ckpt
@@ -112,6 +113,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
                                 config.gradient_checkpointing, config.activation_offload)
+    if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
+        compile_blocks(pipe.dit)
     optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
