@@ -67,18 +67,18 @@ class ChronoEditPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
-                        with_dit: bool = True, fp8_base: bool = False,
+                        with_dit: bool = True, fp8_base: bool = False, dit_device: str | torch.device | None = None,
                         **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
-        float8, see :mod:`chronoedit_lora.models.fp8`)."""
+        float8, see :mod:`chronoedit_lora.models.fp8`; ``dit_device``: the DiT's device if not ``device``)."""
         if sequence_parallel:
             from .parallel import start_sequence_parallel
 
             device = start_sequence_parallel()
         components = load_components(model_dir, dtype=dtype, device=device, encoders=encoders, with_dit=with_dit,
-                                     fp8_base=fp8_base, **overrides)
+                                     fp8_base=fp8_base, dit_device=dit_device, **overrides)
         return cls(components, device, dtype, rope, sequence_parallel)
 
     @property
