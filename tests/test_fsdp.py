@@ -75,3 +75,14 @@ def test_stop_then_resume_under_fsdp_matches_uninterrupted(tiny_diffusers, runs)
     diff = _max_diff(folder / "fsdp" / "lora.safetensors", split / "lora.safetensors")
     print(f"FSDP resumed vs uninterrupted max |diff|: {diff:.3g}")
     assert diff <= RESUME_ATOL
+
+
+def test_fsdp_with_accumulation_and_clipping_equals_ddp(tiny_diffusers, runs):
+    """Gradients accumulated over 2 micro-batches and clipped by a norm computed from the shards."""
+    dataset, folder, _ = runs
+    flags = ["--max_steps", "3", "--save_every", "3", "--gradient_accumulation", "2", "--max_grad_norm", "0.01"]
+    for config, name in (("cpu_2proc_fsdp.yaml", "fsdp-acc"), ("cpu_2proc.yaml", "ddp-acc")):
+        _launch(config, tiny_diffusers, dataset, folder / name, *flags)
+    diff = _max_diff(folder / "fsdp-acc" / "lora.safetensors", folder / "ddp-acc" / "lora.safetensors")
+    print(f"FSDP vs DDP with accumulation 2 and clipping, max |diff|: {diff:.3g}")
+    assert diff <= SAME_AS_DDP_ATOL
