@@ -114,6 +114,9 @@ def test_check_launch_refuses_what_cannot_work(monkeypatch):
         check_launch(TrainConfig())
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ChronoEditError, match="fsdp_version: 2"):
+        check_launch(TrainConfig())  # accelerate's default FSDP version is 1
+    monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ChronoEditError, match="fp8_base = true cannot be combined with an FSDP launch"):
         check_launch(TrainConfig(fp8_base=True))
     with pytest.raises(ChronoEditError, match="sample_every = 5 cannot be used with an FSDP launch"):

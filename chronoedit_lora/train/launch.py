@@ -6,7 +6,8 @@ would otherwise fail late or silently: DeepSpeed without its package or without 
 ``Accelerator(cpu=True)`` ignores DeepSpeed and would train as plain DDP under a ZeRO config), and
 an fp8 base under FSDP (FSDP2 shards and all-gathers floating-point parameters; the kit's float8
 block weights with their per-row scales are not exercised that way, so they are refused), and
-sampling during FSDP training (the main process alone cannot run a DiT split across all ranks).
+sampling during FSDP training (the main process alone cannot run a DiT split across all ranks),
+and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def check_launch(config: TrainConfig) -> None:
                 "the accelerate config asks for DeepSpeed (distributed_type: DEEPSPEED), which needs "
                 + " and ".join(missing) + " on this machine. Use configs/accelerate/multi_gpu_ddp.yaml or "
                 "fsdp.yaml on GPUs, or configs/accelerate/cpu_2proc.yaml on CPU.")
+    if fsdp.requested() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ChronoEditError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the kit trains with "
+            "FSDP2 only (its LoRA and optimizer-state gathering work on FSDP2's per-parameter shards). Set "
+            "fsdp_version: 2 under fsdp_config, as in configs/accelerate/fsdp.yaml.")
     if fsdp.requested() and config.sample_every:
         raise ChronoEditError(
             f"sample_every = {config.sample_every} cannot be used with an FSDP launch: sampling runs the DiT on the "
