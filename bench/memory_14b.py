@@ -28,6 +28,7 @@ class Counts:
     """Bytes and element counts measured on the meta-device models."""
 
     dit_params: int
+    block_params: int  # one DiTBlock's parameters, LoRA included (what FSDP all-gathers per block)
     block_linear_weights: int  # weights of the nn.Linear layers inside the blocks (what fp8 stores in 1 byte)
     block_linear_rows: int  # their output rows (one float32 fp8 scale each)
     largest_linear: int
@@ -137,6 +138,7 @@ def count(height: int, width: int, rank: int, kwargs: dict) -> Counts:
     tokens = latent_tokens(height, width)
     return Counts(
         dit_params=sum(p.numel() for n, p in dit.named_parameters() if "lora_" not in n),
+        block_params=sum(p.numel() for p in dit.blocks[0].parameters()),
         block_linear_weights=sum(m.weight.numel() for m in linears),
         block_linear_rows=sum(m.out_features for m in linears),
         largest_linear=max(m.weight.numel() for m in linears),
@@ -146,6 +148,24 @@ def count(height: int, width: int, rank: int, kwargs: dict) -> Counts:
         block_input_bytes=tokens * dit.dim * 2,
         block_saved_bytes=saved,
     )
+
+
+FSDP_GPUS = (2, 4)  # FSDP rows besides --gpus
+FSDP_UNSHARDED_BLOCKS = 2  # the block being computed and the next one, which FSDP2 prefetches (forward and backward)
+
+
+def fsdp_parts(c: Counts, blocks: int) -> tuple[int, int, int]:
+    """bf16 bytes FSDP splits per block (all blocks' base weights), gathers at once (the current and the
+    prefetched block, LoRA included), and keeps whole (the root's parameters: patch, text and time
+    embeddings, head; FSDP2 keeps the root unit gathered from the forward through the backward)."""
+    base_per_block = c.block_params - c.lora_params // blocks
+    return blocks * base_per_block * 2, FSDP_UNSHARDED_BLOCKS * c.block_params * 2, (c.dit_params - blocks * base_per_block) * 2
+
+
+def fsdp_dit_bytes(c: Counts, blocks: int, gpus: int) -> float:
+    """One GPU's DiT bytes under FSDP (configs/accelerate/fsdp.yaml, bf16) on ``gpus`` GPUs."""
+    sharded, gathered, root = fsdp_parts(c, blocks)
+    return sharded / gpus + gathered + root
 
 
 def modes(c: Counts, blocks: int, gpus: int) -> dict[str, dict[str, float]]:
@@ -165,6 +185,10 @@ def modes(c: Counts, blocks: int, gpus: int) -> dict[str, dict[str, float]]:
         f"cached + ZeRO-2 ({gpus} GPUs)": (bf16_dit, 0, zero2_lora, checkpointed, 0),
         "cached + fp8 base + activation offload": (fp8_dit, 0, lora_state, recompute_only, blocks * c.block_input_bytes),
     }
+    for n in sorted({*FSDP_GPUS, gpus}):  # FSDP also shards the LoRA's weights, gradients and AdamW states
+        rows[f"cached + FSDP ({n} GPUs)"] = (fsdp_dit_bytes(c, blocks, n), 0, lora_state / n, checkpointed, 0)
+    rows[f"cached + FSDP ({gpus} GPUs) + activation offload"] = (
+        fsdp_dit_bytes(c, blocks, gpus), 0, lora_state / gpus, recompute_only, blocks * c.block_input_bytes)
     names = ("DiT weights", "encoders", "LoRA + grads + AdamW", "activations", "CPU RAM (offloaded)")
     table = {mode: {name: value / GIB for name, value in zip(names, values)} for mode, values in rows.items()}
     for figures in table.values():
@@ -197,8 +221,11 @@ def main() -> None:
           f"{c.block_saved_bytes / GIB:.2f} GiB (attention counted as flash attention keeps it).")
     print("Not included: CUDA context and allocator slack, transient temporaries inside an op, the VAE's "
           "encode activations (uncached mode, no_grad), tensors outside the blocks.")
-    print("ZeRO-2 shards only gradients and optimizer states, which a LoRA barely has; sharding the frozen "
-          "base needs ZeRO-3 / FSDP.")
+    sharded, gathered, root = fsdp_parts(c, CHRONOEDIT_14B_KWARGS["num_layers"])
+    print("ZeRO-2 shards only gradients and optimizer states, which a LoRA barely has. FSDP shards the frozen "
+          f"base too: each GPU holds 1/N of the blocks' {sharded / GIB:.1f} GiB, plus {FSDP_UNSHARDED_BLOCKS} gathered "
+          f"blocks ({gathered / GIB:.2f} GiB: the current one and the prefetched next) and the root's "
+          f"{root / GIB:.2f} GiB (embeddings and head, gathered through forward and backward).")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table}, indent=2))
 

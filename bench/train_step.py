@@ -2,6 +2,7 @@
 and DiffSynth's stock trainer) vs training from cached conditioning, measured side by side in one run.
 
     python bench/train_step.py [--size tiny|mid] [--steps N] [--repeats 3] [--json out.json]
+    python bench/train_step.py --processes 2 [...]   # samples/s of 1 vs 2 processes (CPU, gloo)
 
 ``tiny`` is the kit's 36 MB test checkpoint at 64x64; ``mid`` (written once, about 4 GB, 1 minute) has
 a DiT in Wan2.1-1.3B's shapes, the real Wan2.1 VAE and umT5-XXL / ViT-H widths with a few layers,
@@ -9,6 +10,12 @@ trained at 128x128. Each training run is its own process (so peak RSS is its own
 modes alternate, so machine load affects both columns alike. Then, in a further process: the DiT's
 forward+backward FLOPs of one step (counted by ``torch.utils.flop_counter`` on a cached pair) and
 the machine's dense float32 matmul throughput. Prints medians and ratios; never asserts a time.
+
+``--processes N`` instead compares data-parallel throughput: training from cached conditioning with
+1 process and with N processes (configs/accelerate/cpu_2proc.yaml, gloo), each run its own launch,
+alternating, and reports samples/s (processes x batch / median s/step of rank 0) side by side. On a
+CPU the N processes share its cores (torchrun gives each one thread), so this measures the
+multi-process plumbing's overhead, not a GPU speed-up.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.toml"
+MULTI_PROCESS = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
 SIDE = {"tiny": 64, "mid": 128}  # training height = width
 DEFAULT_STEPS = {"tiny": 12, "mid": 5}
 
@@ -71,8 +80,41 @@ def run_once(model: Path, output: Path, cache: bool, steps: int, side: int) -> d
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_kb = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
-    seconds = [float(r["seconds"]) for r in csv.DictReader((output / "logs" / "metrics.csv").open())][1:]
-    return {"s_per_step": statistics.median(seconds), "peak_rss_mb": peak_kb / 1024}
+    return {"s_per_step": step_seconds(output), "peak_rss_mb": peak_kb / 1024}
+
+
+def step_seconds(output: Path) -> float:
+    """Median s/step of a finished run, from rank 0's metrics (the first step, warm-up, left out)."""
+    return statistics.median(float(r["seconds"]) for r in list(csv.DictReader((output / "logs" / "metrics.csv").open()))[1:])
+
+
+def run_processes(model: Path, output: Path, processes: int, steps: int, side: int) -> dict:
+    """Train from the cache with ``processes`` ranks (one: a plain process; more: accelerate launch over gloo)."""
+    args = [*train_args(model, output, side), "--max_steps", str(steps), "--save_every", "100000", "--cache", "true"]
+    launcher = [sys.executable, "-m", "chronoedit_lora.cli", "train"] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_PROCESS),
+        "--num_processes", str(processes), str(ROOT / "scripts" / "train.py")]
+    subprocess.run([*launcher, *args], check=True, capture_output=True)
+    seconds = step_seconds(output)
+    batch = tomllib.loads(CONFIG.read_text())["batch_size"]
+    return {"s_per_step": seconds, "samples_per_s": processes * batch / seconds}
+
+
+def compare_processes(model: Path, cache: Path, tmp: Path, processes: int, repeats: int, steps: int, side: int) -> dict:
+    """1 vs ``processes`` processes, alternating runs; per-run figures and their medians."""
+    runs: dict[str, list[dict]] = {"1": [], str(processes): []}
+    for repeat in range(repeats):
+        for count in runs:
+            output = tmp / f"processes{count}-{repeat}"
+            shutil.copytree(cache, output / "cache")
+            runs[count].append(run_processes(model, output, int(count), steps, side))
+    median = {count: {key: statistics.median(r[key] for r in results) for key in results[0]} for count, results in runs.items()}
+    print(f"data-parallel training from cached conditioning, CPU over gloo, {steps} steps, median of {repeats}")
+    print(f"{'processes':<12}{'s/step':>10}{'samples/s':>12}")
+    for count, figures in median.items():
+        print(f"{count:<12}{figures['s_per_step']:>10.3f}{figures['samples_per_s']:>12.2f}")
+    return {"runs": runs, "median": median,
+            "samples_per_s_ratio": median[str(processes)]["samples_per_s"] / median["1"]["samples_per_s"]}
 
 
 def measure_flops(model: Path, cache: Path) -> dict:
@@ -87,6 +129,8 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIDE), default="tiny")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (the first is not timed)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="> 1: compare samples/s of 1 and this many processes instead of cached vs uncached")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
@@ -96,6 +140,12 @@ def main() -> None:
         cli("make-tiny", str(model), "--size", args.size)
         cache = tmp / "cache-source" / "cache"
         cli("cache", *train_args(model, cache.parent, side))  # filled once, not timed
+        if args.processes > 1:
+            result = compare_processes(model, cache, tmp, args.processes, args.repeats, steps, side)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps,
+                                                       "processes": args.processes, **result}, indent=2))
+            return
         figures: dict[str, list[dict]] = {"uncached": [], "cached": []}
         for repeat in range(args.repeats):
             for mode in figures:

@@ -97,12 +97,14 @@ class ChronoEditPipeline:
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
                         with_dit: bool = True, fp8_base: bool = False, offload: str = "none",
-                        compile: bool = False, **overrides: str | Path | None) -> "ChronoEditPipeline":
+                        compile: bool = False, dit_device: str | torch.device | None = None,
+                        **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
         float8, see :mod:`chronoedit_lora.models.fp8`; ``offload``: none, model, blocks or auto,
-        see :mod:`chronoedit_lora.offload`). ``model_dir``'s scheduler config, if any, is the default
+        see :mod:`chronoedit_lora.offload`; ``dit_device``: the DiT's device if not ``device``, as FSDP
+        training loads it into CPU RAM to shard it). ``model_dir``'s scheduler config, if any, is the default
         sampler (see :mod:`chronoedit_lora.sampling`)."""
         if offload not in OFFLOAD_MODES:
             raise ChronoEditError(f"offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}.")
@@ -121,7 +123,7 @@ class ChronoEditPipeline:
         device = torch.device(device)
         offloaded = offload != "none" and device.type != "cpu"
         components = load_components(model_dir, dtype=dtype, device="cpu" if offloaded else device, encoders=encoders,
-                                     with_dit=with_dit, fp8_base=fp8_base, **overrides)
+                                     with_dit=with_dit, fp8_base=fp8_base, dit_device=dit_device, **overrides)
         if offload == "auto":
             modules = {"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
                        "vae": components.vae, "dit": components.dit}

@@ -32,3 +32,10 @@ def test_train_step_bench_writes_both_modes_and_flops(tmp_path):
 def test_edit_latency_bench_writes_every_variant(tmp_path):
     figures = _run("edit_latency.py", "--repeats", "1", "--steps", "1", "--size", "32", json_path=tmp_path / "edit.json")
     assert set(figures["median"]) == {"base", "fused", "unfused", "offload model", "offload blocks"}
+
+
+@pytest.mark.slow
+def test_train_step_bench_compares_one_and_two_processes(tmp_path):
+    figures = _run("train_step.py", "--processes", "2", "--repeats", "1", "--steps", "3", json_path=tmp_path / "dp.json")
+    assert set(figures["median"]) == {"1", "2"} and figures["processes"] == 2
+    assert all(figures["median"][n]["samples_per_s"] > 0 for n in ("1", "2")) and figures["samples_per_s_ratio"] > 0

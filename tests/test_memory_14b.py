@@ -57,3 +57,24 @@ def test_modes_order_and_fp8_saving():
     assert counts.tokens == 8192
     # fp8 roughly halves the DiT: 99% of its parameters sit in the blocks' linear layers
     assert 0.45 < table["cached + fp8 base"]["DiT weights"] / table["cached"]["DiT weights"] < 0.55
+
+
+def test_fsdp_rows_shard_the_base_and_order_by_gpu_count():
+    bench = _bench()
+    counts = bench.count(1024, 1024, 32, CHRONOEDIT_14B_KWARGS)
+    blocks = CHRONOEDIT_14B_KWARGS["num_layers"]
+    table = bench.modes(counts, blocks, gpus=8)
+    total = {mode: figures["GPU total"] for mode, figures in table.items()}
+    fsdp = {n: table[f"cached + FSDP ({n} GPUs)"] for n in (2, 4, 8)}
+    assert total["cached + FSDP (8 GPUs) + activation offload"] < fsdp[8]["GPU total"] < fsdp[4]["GPU total"] \
+        < fsdp[2]["GPU total"] < total["cached"]  # DDP holds the whole base on every GPU
+    sharded, gathered, root = bench.fsdp_parts(counts, blocks)
+    assert sharded + root == counts.dit_params * 2  # the split blocks plus the whole root are the base
+    assert gathered == 2 * counts.block_params * 2  # the current and the prefetched block, bf16
+    for n, figures in fsdp.items():  # base / N + what is gathered at once
+        assert abs(figures["DiT weights"] * bench.GIB - (sharded / n + gathered + root)) < 1
+        assert figures["LoRA + grads + AdamW"] == table["cached"]["LoRA + grads + AdamW"] / n
+        assert figures["activations"] == table["cached"]["activations"]
+    # going from 2 to 8 GPUs saves 3/8 of the blocks' weights on each GPU
+    saved = (fsdp[2]["DiT weights"] - fsdp[8]["DiT weights"]) * bench.GIB
+    assert abs(saved - sharded * (1 / 2 - 1 / 8)) < 1

@@ -142,21 +142,24 @@ class LoadedComponents:
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
                     device: str | torch.device = "cpu", encoders: bool = True, with_dit: bool = True,
-                    fp8_base: bool = False, **overrides: str | Path | None) -> LoadedComponents:
+                    fp8_base: bool = False, dit_device: str | torch.device | None = None,
+                    **overrides: str | Path | None) -> LoadedComponents:
     """Find (``--model`` + per-component overrides) and load the components: all by default;
     ``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
     the encoders only, for filling that cache. ``fp8_base``: the DiT blocks' linear weights stored
-    in float8, quantized on the CPU before they reach ``device``."""
+    in float8, quantized on the CPU before they reach ``device``. ``dit_device``: where the DiT goes
+    instead of ``device`` (FSDP training loads it on the CPU and moves only each rank's shards)."""
     paths = discover_components(model_dir, **overrides)
     dit_checkpoint = inspect_dit(paths.dit)
     if not with_dit:  # a weightless shell: DiffSynth's conditioning units read the DiT's flags
         with torch.device("meta"):
             dit = WanModel(**dit_checkpoint.kwargs)
     else:
-        dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else device)
+        dit_device = dit_device or device
+        dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else dit_device)
         if fp8_base:
             store_blocks_in_fp8(dit)
-            dit.to(device)
+            dit.to(dit_device)
     return LoadedComponents(
         dit=dit,
         text_encoder=load_text_encoder(paths.text_encoder, dtype, device) if encoders else None,

@@ -36,9 +36,9 @@ def metadata(config: TrainConfig, step: int) -> dict[str, str]:
     }
 
 
-def save(module, path: Path, config: TrainConfig, step: int) -> None:
-    """Write the module's LoRA in the kit's format (diffusers/ComfyUI keys) with metadata."""
-    named = {n: p.detach().float().cpu() for n, p in module.dit.named_parameters() if "lora_" in n}
+def save(named: dict[str, torch.Tensor], path: Path, config: TrainConfig, step: int) -> None:
+    """Write the LoRA (peft parameter names -> full tensors, see :func:`.fsdp.full_lora`) in the
+    kit's format (diffusers/ComfyUI keys) with metadata."""
     save_lora(from_peft_parameters(named, config.alpha), path, metadata(config, step))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
 from ..errors import ChronoEditError
 
@@ -15,8 +16,8 @@ def weights_digest(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 def assert_ranks_in_sync(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
     """Raise if any process's LoRA weights differ from the main process's."""
-    if accelerator.num_processes == 1:
-        return
+    if accelerator.num_processes == 1 or any(isinstance(p, DTensor) for p in params):
+        return  # under FSDP each rank owns a distinct shard: nothing is replicated to compare
     digest = weights_digest(params).to(accelerator.device)
     gathered = accelerator.gather(digest.unsqueeze(0))
     if not torch.equal(gathered.min(0).values, gathered.max(0).values):

@@ -1,9 +1,11 @@
 """The LoRA training loop, readable top to bottom: preflight -> models -> LoRA -> optimizer ->
 resume -> (encode, loss, backward, step, log, checkpoint) -> final LoRA.
 
-Multi-GPU / multi-node / DeepSpeed come from ``accelerate launch`` and its config; the loop only
-talks to ``Accelerator``. Each process trains on its own shard of every epoch's batches; DDP
-averages gradients so all processes hold the same LoRA after every optimizer step.
+Multi-GPU / multi-node / FSDP / DeepSpeed come from ``accelerate launch`` and its config; the loop
+only talks to ``Accelerator``. Each process trains on its own shard of every epoch's batches; DDP
+averages gradients so all processes hold the same LoRA after every optimizer step. What FSDP needs
+beyond that (sharding on CPU, gathering the LoRA and optimizer state) is in :mod:`.fsdp`; under DDP
+each of its functions is the plain operation.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from ..models.loading import DTYPES
 from ..settings import check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from . import lora_export
+from . import fsdp, lora_export
 from .data import TrainingData, preflight
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
+from .launch import check_launch
 from .logs import TrainingLog
 from .model_card import write_model_card
 from .run_folder import RunFolder, choose_checkpoint
@@ -73,6 +76,7 @@ class _StopRequest:
 
 
 def train(config: TrainConfig) -> TrainResult:
+    check_launch(config)  # before the Accelerator: a DeepSpeed launch without DeepSpeed fails inside it
     # Without CUDA, cpu=True makes a torchrun-style launch (accelerate's --multi_gpu launcher or
     # torchrun itself) a gloo process group instead of N unrelated single processes.
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
@@ -106,7 +110,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # the encoders alone fill the cache, so they and the DiT are never in memory together
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
-        device=accelerator.device, dtype=dtype, rope=config.rope,
+        device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
         encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **paths)
     loaded_encoders = cache is None or filled > 0 or config.sample_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
@@ -121,8 +125,13 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
     # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
     # schedule counted in single-process batches), so a warm-up would end N times too early.
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if resume_from is not None:  # the full LoRA goes in before FSDP (if any) splits it
+        lora_export.load_into(module, resume_from / "lora.safetensors")
+    module, optimizer = fsdp.prepare(accelerator, module, optimizer)
     lora_parameters = accelerator.unwrap_model(module).lora_parameters()
+    if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
+        held, whole = fsdp.local_parameter_bytes(module)
+        print(f"FSDP rank {accelerator.process_index}: holds {held} of the base's {whole} parameter bytes", flush=True)
     # Different noise/timesteps per rank; reproducible per rank.
     set_seed(config.seed + accelerator.process_index)
 
@@ -131,8 +140,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if resume_from is not None:
         progress = ckpt.load_progress(resume_from)
         state = ckpt.load_optimizer_state(resume_from)
-        lora_export.load_into(accelerator.unwrap_model(module), resume_from / "lora.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
+        fsdp.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.load_rank_state(resume_from, accelerator.process_index)
         accelerator.print(f"resumed from {resume_from} at step {progress.step}")
@@ -163,7 +171,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                     window_items += batch_indices
                     if accelerator.sync_gradients:
                         loss_value = accelerator.reduce(window_loss / config.gradient_accumulation, reduction="mean").item()
-                        _refuse_non_finite(loss_value, lora_parameters, progress.step + 1, output)
+                        _refuse_non_finite(loss_value, fsdp.grads_finite(accelerator, lora_parameters),
+                                           progress.step + 1, output)
                         if config.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -195,8 +204,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         stop.restore()
 
     lora_path = lora_export.final_path(output)
+    lora = fsdp.full_lora(accelerator.unwrap_model(module), keep=accelerator.is_main_process)
     if accelerator.is_main_process:
-        lora_export.save(accelerator.unwrap_model(module), lora_path, config, progress.step)
+        lora_export.save(lora, lora_path, config, progress.step)
         write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
         log.finish(lora_path)
     accelerator.wait_for_everyone()
@@ -209,11 +219,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                        interrupted_by=interrupted)
 
 
-def _refuse_non_finite(loss: float, params: list[torch.nn.Parameter], step: int, output: Path) -> None:
+def _refuse_non_finite(loss: float, grads_finite: bool, step: int, output: Path) -> None:
     """Stop before a NaN/inf loss or gradient reaches the weights (the same on every rank: the loss
-    is averaged and the gradients all-reduced across them)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    grads_finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    is averaged and the gradients' finiteness agreed across them, see :func:`.fsdp.grads_finite`)."""
     if math.isfinite(loss) and grads_finite:
         return
     what = "loss" if not math.isfinite(loss) else "gradient"
@@ -292,13 +300,15 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
             staging.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         ckpt.write_rank_state(staging, accelerator.process_index)
+        # gathered on every rank under FSDP (collectives), kept by the main process only
+        lora = fsdp.full_lora(accelerator.unwrap_model(module), keep=accelerator.is_main_process)
+        optimizer_state = fsdp.optimizer_state(optimizer)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(module)
-            lora_export.save(unwrapped, staging / "lora.safetensors", config, progress.step)
+            lora_export.save(lora, staging / "lora.safetensors", config, progress.step)
             ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
-                          optimizer.state_dict(), scheduler.state_dict(), config.keep_checkpoints)
-            lora_export.save(unwrapped, lora_export.step_path(output, progress.step), config, progress.step)
+                          optimizer_state, scheduler.state_dict(), config.keep_checkpoints)
+            lora_export.save(lora, lora_export.step_path(output, progress.step), config, progress.step)
         accelerator.wait_for_everyone()
     except (OSError, SafetensorError) as exc:  # safetensors reports ENOSPC as its own error type
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,124 @@
+"""FSDP for the LoRA trainer: everything that differs from DDP, in one place.
+
+Under DDP every rank holds the whole DiT, so the trainer needs nothing from here: each function
+below is the plain DDP operation when the run is not sharded. Under FSDP (``distributed_type:
+FSDP`` in the accelerate config, which ``accelerate launch`` passes on as ``ACCELERATE_USE_FSDP``)
+the frozen DiT is split per ``DiTBlock`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) and
+every parameter, LoRA included, is a ``DTensor`` holding 1/N of it on each rank. Then:
+
+* the LoRA file needs the *full* LoRA: :func:`full_lora` all-gathers it (every rank takes part,
+  rank 0 keeps it);
+* the training state is saved *gathered*: :func:`optimizer_state` all-gathers AdamW's moments into
+  the same per-parameter full tensors a DDP run saves, and :func:`load_optimizer_state` cuts each
+  rank's shard back out. A checkpoint therefore has the same files and format under DDP and FSDP
+  (one ``optimizer.pt``), and ``--resume`` continues exactly;
+* a gradient's finiteness is known per shard only, so :func:`grads_finite` agrees across ranks
+  (otherwise one rank would stop and the others would hang).
+
+Who shards: on GPUs accelerate 1.15 does it (``accelerator.prepare`` runs its FSDP2 path with the
+config's ``fsdp_transformer_layer_cls_to_wrap: DiTBlock``, reshard and mixed-precision settings).
+On CPU it cannot: ``Accelerator(cpu=True)`` makes the run ``MULTI_CPU`` and ``prepare`` wraps the
+model in DDP, ignoring the FSDP settings (accelerate switches to FSDP only for GPU-like device
+types). So on CPU, :func:`prepare` applies the same FSDP2 sharding itself, with the settings
+accelerate read from the same config (:class:`FullyShardedDataParallelPlugin` from the launch's
+environment), on accelerate's gloo process group; that is the path the CPU tests exercise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def requested() -> bool:
+    """True when the launch asked for FSDP (``accelerate launch`` with an FSDP config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def prepare(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """``accelerator.prepare(module, optimizer)``, sharding the DiT per block under FSDP."""
+    if not requested() or accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.prepare(module, optimizer)
+    plugin = FullyShardedDataParallelPlugin()  # the launch's fsdp_config, read from its environment
+    if accelerator.mixed_precision != "no":  # what AcceleratorState does for a GPU FSDP run
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    before = [p for p in module.parameters() if p.requires_grad]
+    _shard_per_block(module, plugin)
+    after = {id(old): new for old, new in zip(before, (p for p in module.parameters() if p.requires_grad))}
+    for group in optimizer.param_groups:  # fully_shard replaced every Parameter by a DTensor one
+        group["params"] = [after[id(p)] for p in group["params"]]
+    return module, accelerator.prepare(optimizer)
+
+
+def _shard_per_block(module: torch.nn.Module, plugin: FullyShardedDataParallelPlugin) -> None:
+    """FSDP2 as accelerate applies it: every module of a class named in the config, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    classes = set(plugin.transformer_cls_names_to_wrap or ["DiTBlock"])
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward,
+              "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    for child in list(module.modules())[1:]:
+        if type(child).__name__ in classes:
+            fully_shard(child, **kwargs)
+    fully_shard(module, **kwargs)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` (all of it unless sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of the frozen base this rank holds, bytes of the whole base), read from the parameters."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    held = sum(local(p).numel() * p.element_size() for p in frozen)
+    return held, sum(p.numel() * p.element_size() for p in frozen)
+
+
+def full_lora(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """The full LoRA parameters (fp32, CPU) by peft name; all ranks must call it under FSDP,
+    only those with ``keep`` get the tensors."""
+    named = {}
+    for name, param in module.dit.named_parameters():
+        if "lora_" in name:
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            if keep:
+                named[name] = full.detach().float().cpu()
+    return named
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded tensor gathered (all ranks must call it)."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in entry.items()}
+                      for index, entry in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a gathered optimizer state, cutting each rank's shard out for sharded parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state["state"].items():
+        param = params[index]
+        if isinstance(param, DTensor):
+            entry.update({k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+                          for k, v in entry.items() if v.shape == param.shape})
+    optimizer.load_state_dict(state)
+
+
+def grads_finite(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> bool:
+    """Whether every gradient is finite, the same answer on every rank (shards are checked per rank)."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+    if any(isinstance(p, DTensor) for p in params):
+        flag = torch.tensor([float(finite)], device=accelerator.device)
+        finite = bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+    return finite

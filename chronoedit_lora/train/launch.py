@@ -1,0 +1,59 @@
+"""What the ``accelerate launch`` asked for, checked before the Accelerator starts or a model loads.
+
+accelerate passes the config's ``distributed_type`` on to the processes as environment variables
+(``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``). Two combinations cannot work here and
+would otherwise fail late or silently: DeepSpeed without its package or without CUDA (on CPU,
+``Accelerator(cpu=True)`` ignores DeepSpeed and would train as plain DDP under a ZeRO config), and
+an fp8 base under FSDP (FSDP2 shards and all-gathers floating-point parameters; the kit's float8
+block weights with their per-row scales are not exercised that way, so they are refused), and
+sampling during FSDP training (the main process alone cannot run a DiT split across all ranks),
+and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..errors import ChronoEditError
+from . import fsdp
+from .config import TrainConfig
+
+
+def deepspeed_requested() -> bool:
+    """True when the launch used a DeepSpeed config (``distributed_type: DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_launch(config: TrainConfig) -> None:
+    """Refuse a launch this machine or these settings cannot train with, naming the fix."""
+    if deepspeed_requested():
+        missing = [what for what, ok in (("the deepspeed package (pip install deepspeed)",
+                                          importlib.util.find_spec("deepspeed") is not None),
+                                         ("CUDA GPUs", torch.cuda.is_available())) if not ok]
+        if missing:
+            raise ChronoEditError(
+                "the accelerate config asks for DeepSpeed (distributed_type: DEEPSPEED), which needs "
+                + " and ".join(missing) + " on this machine. Use configs/accelerate/multi_gpu_ddp.yaml or "
+                "fsdp.yaml on GPUs, or configs/accelerate/cpu_2proc.yaml on CPU.")
+    if fsdp.requested() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ChronoEditError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the kit trains with "
+            "FSDP2 only (its LoRA and optimizer-state gathering work on FSDP2's per-parameter shards). Set "
+            "fsdp_version: 2 under fsdp_config, as in configs/accelerate/fsdp.yaml.")
+    if fsdp.requested() and config.sample_every:
+        raise ChronoEditError(
+            f"sample_every = {config.sample_every} cannot be used with an FSDP launch: sampling runs the DiT on the "
+            "main process alone, and under FSDP the DiT's weights are split across all processes. Set "
+            "sample_every = 0 and sample the saved lora-stepNNNNNN.safetensors with `chronoedit-lora edit --lora`.")
+    if fsdp.requested() and config.compile:
+        raise ChronoEditError(
+            "compile = true is not supported with an FSDP launch yet (compiled blocks under FSDP2's sharding hooks "
+            "are untested here). Set compile = false, or use configs/accelerate/multi_gpu_ddp.yaml.")
+    if fsdp.requested() and config.fp8_base:
+        raise ChronoEditError(
+            "fp8_base = true cannot be combined with an FSDP launch (distributed_type: FSDP): the float8 block "
+            "weights are not sharded by FSDP. Set fp8_base = false (FSDP already splits the bf16 base across the "
+            "GPUs), or keep fp8_base with configs/accelerate/multi_gpu_ddp.yaml.")

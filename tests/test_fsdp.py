@@ -1,0 +1,88 @@
+"""FSDP on CPU, two processes over gloo (configs/accelerate/cpu_2proc_fsdp.yaml): each rank holds half
+of the frozen DiT, the LoRA equals the DDP run's, and --resume continues exactly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_train import RESUME_ATOL, make_subset
+from .test_train_processes import ROOT, _max_diff, _train_cmd
+
+pytestmark = pytest.mark.slow
+
+SAME_AS_DDP_ATOL = 1e-5
+HALF_RTOL = 0.02  # the root's small parameters are split unevenly (FSDP2 pads dim 0 to a multiple of 2)
+STEPS = ["--max_steps", "6", "--save_every", "3", "--seed", "3"]
+# the kit's gradient checkpointing with activation offload, so both are exercised under FSDP
+CHECKPOINTING = ["--gradient_checkpointing", "true", "--activation_offload", "true"]
+
+
+def _launch(config: str, model: Path, dataset: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / config),
+           str(ROOT / "scripts/train.py"), *_train_cmd(model, dataset, output, *extra)[4:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_diffusers, tmp_path_factory):
+    """The same 6 steps under FSDP and under DDP (2 processes each)."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    dataset = make_subset(folder / "data", 8)
+    fsdp = _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, folder / "fsdp", *STEPS, *CHECKPOINTING)
+    _launch("cpu_2proc.yaml", tiny_diffusers, dataset, folder / "ddp", *STEPS, *CHECKPOINTING)
+    return dataset, folder, fsdp.stdout
+
+
+def test_each_rank_holds_half_of_the_base(runs):
+    _, _, stdout = runs
+    held = {int(rank): (int(mine), int(whole)) for rank, mine, whole in
+            re.findall(r"FSDP rank (\d): holds (\d+) of the base's (\d+) parameter bytes", stdout)}
+    assert sorted(held) == [0, 1]
+    whole = held[0][1]
+    assert held[1][1] == whole and held[0][0] + held[1][0] >= whole  # together all of it (plus padding)
+    for rank, (mine, _) in held.items():
+        print(f"rank {rank}: {mine} of {whole} base bytes ({mine / whole:.4f})")
+        assert abs(mine / whole - 0.5) < HALF_RTOL
+
+
+def test_fsdp_lora_equals_ddp_lora(runs):
+    _, folder, _ = runs
+    diff = _max_diff(folder / "fsdp" / "lora.safetensors", folder / "ddp" / "lora.safetensors")
+    print(f"FSDP vs DDP max |diff| after 6 steps: {diff:.3g}")
+    assert diff <= SAME_AS_DDP_ATOL
+    moved = _max_diff(folder / "fsdp" / "lora.safetensors", folder / "fsdp" / "lora-step000003.safetensors")
+    assert moved > 1e-4  # the LoRA did train in between
+    # the checkpoint holds the full LoRA and a gathered optimizer state: the same files as under DDP
+    names = {p.name for p in (folder / "fsdp" / "checkpoints" / "step-000006").iterdir()}
+    assert names == {p.name for p in (folder / "ddp" / "checkpoints" / "step-000006").iterdir()}
+
+
+def test_stop_then_resume_under_fsdp_matches_uninterrupted(tiny_diffusers, runs):
+    dataset, folder, _ = runs
+    split = folder / "split"
+    first = _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, split, "--max_steps", "3", "--save_every", "3",
+                    "--seed", "3", *CHECKPOINTING)
+    assert "FSDP rank 0" in first.stdout
+    resumed = _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, split, *STEPS, *CHECKPOINTING, "--resume")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    diff = _max_diff(folder / "fsdp" / "lora.safetensors", split / "lora.safetensors")
+    print(f"FSDP resumed vs uninterrupted max |diff|: {diff:.3g}")
+    assert diff <= RESUME_ATOL
+
+
+def test_fsdp_with_accumulation_and_clipping_equals_ddp(tiny_diffusers, runs):
+    """Gradients accumulated over 2 micro-batches and clipped by a norm computed from the shards."""
+    dataset, folder, _ = runs
+    flags = ["--max_steps", "3", "--save_every", "3", "--gradient_accumulation", "2", "--max_grad_norm", "0.01"]
+    for config, name in (("cpu_2proc_fsdp.yaml", "fsdp-acc"), ("cpu_2proc.yaml", "ddp-acc")):
+        _launch(config, tiny_diffusers, dataset, folder / name, *flags)
+    diff = _max_diff(folder / "fsdp-acc" / "lora.safetensors", folder / "ddp-acc" / "lora.safetensors")
+    print(f"FSDP vs DDP with accumulation 2 and clipping, max |diff|: {diff:.3g}")
+    assert diff <= SAME_AS_DDP_ATOL
