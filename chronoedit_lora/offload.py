@@ -22,9 +22,12 @@ import torch
 MODES = ("none", "model", "blocks", "auto")
 STAGES = ("text_encoder", "image_encoder", "vae", "dit")
 GIB = 2**30
-# Rough working memory of one edit's DiT stage beside its weights, per 1000 tokens (bf16, batch 2):
-# measured figures are in bench/memory_edit_14b.py; this only steers --offload auto.
-WORKING_BYTES_PER_KTOKEN = 0.25 * GIB
+# Working memory beside the weights, measured by bench/memory_edit_14b.py for ChronoEdit-14B in
+# bf16 (720x1280 and 1024x1024 agree): the DiT's denoising step per 1000 tokens (guidance as one
+# batch-2 call), and the untiled VAE decode of the 5-frame clip per output pixel. They steer only
+# --offload auto.
+DIT_WORKING_PER_KTOKEN = 0.26 * GIB
+VAE_WORKING_PER_PIXEL = 8.4 * 2**10
 AUTO_MARGIN = 1.5 * GIB  # CUDA context, allocator slack
 
 
@@ -35,24 +38,33 @@ def weight_bytes(module: torch.nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def choose_mode(components: dict[str, torch.nn.Module | None], device: torch.device, tokens: int,
+def needs(components: dict[str, torch.nn.Module | None], tokens: int, pixels: int) -> dict[str, float]:
+    """Peak bytes of an edit per offload mode: the largest stage of (what is resident + its working
+    memory), plus a margin."""
+    sizes = {name: weight_bytes(module) for name, module in components.items()}
+    dit = components["dit"]
+    block = max((weight_bytes(b) for b in dit.blocks), default=0)
+    dit_working, vae_working = DIT_WORKING_PER_KTOKEN * tokens / 1000, VAE_WORKING_PER_PIXEL * pixels
+    encoders = max(sizes["text_encoder"], sizes["image_encoder"])
+    streamed = sizes["dit"] - weight_bytes(dit.blocks) + 2 * block
+    return {"none": sum(sizes.values()) + max(dit_working, vae_working) + AUTO_MARGIN,
+            "model": max(encoders, sizes["dit"] + dit_working, sizes["vae"] + vae_working) + AUTO_MARGIN,
+            "blocks": max(encoders, streamed + dit_working, sizes["vae"] + vae_working) + AUTO_MARGIN}
+
+
+def choose_mode(components: dict[str, torch.nn.Module | None], device: torch.device, tokens: int, pixels: int,
                 free_bytes: int | None = None) -> tuple[str, str]:
     """``--offload auto``: the least offloading that fits the free GPU memory; returns (mode, why)."""
     if device.type != "cuda":
         return "none", f"{device.type}: no GPU memory to save"
     free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-    sizes = {name: weight_bytes(module) for name, module in components.items()}
-    working = WORKING_BYTES_PER_KTOKEN * tokens / 1000 + AUTO_MARGIN
-    dit = components["dit"]
-    block = max((weight_bytes(b) for b in dit.blocks), default=0)
-    needs = {"none": sum(sizes.values()) + working, "model": max(sizes.values()) + working,
-             "blocks": sizes["dit"] - weight_bytes(dit.blocks) + 2 * block + working}
+    need = needs(components, tokens, pixels)
     for mode in ("none", "model", "blocks"):
-        if needs[mode] <= free:
-            return mode, (f"{free / GIB:.1f} GiB free on {device}; {mode} needs about {needs[mode] / GIB:.1f} GiB"
-                          + ("" if mode == "none" else f" (all resident: {needs['none'] / GIB:.1f} GiB)"))
-    return "blocks", (f"{free / GIB:.1f} GiB free on {device}, less than block offload's {needs['blocks'] / GIB:.1f} GiB; "
-                      "trying block offload anyway (lower the size or use --fp8-base)")
+        if need[mode] <= free:
+            return mode, (f"{free / GIB:.1f} GiB free on {device}; {mode} needs about {need[mode] / GIB:.1f} GiB"
+                          + ("" if mode == "none" else f" (all resident: {need['none'] / GIB:.1f} GiB)"))
+    return "blocks", (f"{free / GIB:.1f} GiB free on {device}, less than block offload's {need['blocks'] / GIB:.1f} GiB; "
+                      "trying block offload anyway (lower the size, or use --fp8-base or --vae-tiling on)")
 
 
 class Placement:

@@ -127,7 +127,8 @@ class ChronoEditPipeline:
         if offload == "auto":
             modules = {"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
                        "vae": components.vae, "dit": components.dit}
-            offload, why = choose_mode(modules, device, tokens=latent_tokens(*default_size(1280, 720), EDIT_FRAMES))
+            width, height = default_size(1280, 720)  # the official output area, as a typical edit
+            offload, why = choose_mode(modules, device, tokens=latent_tokens(width, height), pixels=width * height)
             print(f"--offload auto: {offload} ({why})")
             if offload == "none" and offloaded:  # loaded into CPU RAM, but everything fits on the device
                 for module in filter(None, modules.values()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -81,17 +83,22 @@ def test_unfused_lora_and_fp8_under_block_offload(tiny_diffusers, random_lora, i
 
 
 def test_auto_picks_the_least_offloading_that_fits(pipes):
+    from chronoedit_lora.offload import needs
+
     pipe = pipes["none"]
     modules = {"text_encoder": pipe.components.text_encoder, "image_encoder": pipe.components.image_encoder,
                "vae": pipe.components.vae, "dit": pipe.dit}
     gpu = torch.device("cuda")
-    assert choose_mode(modules, torch.device("cpu"), tokens=7200)[0] == "none"
-    assert choose_mode(modules, gpu, tokens=1000, free_bytes=80 * GIB)[0] == "none"
-    total = sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in modules.values())
-    working = 0.25 * GIB + 1.5 * GIB
-    mode, why = choose_mode(modules, gpu, tokens=1000, free_bytes=int(working + total * 0.9))
-    assert mode == "model" and "GiB free" in why
-    assert choose_mode(modules, gpu, tokens=1000, free_bytes=int(working))[0] == "blocks"
+    assert choose_mode(modules, torch.device("cpu"), tokens=7200, pixels=720 * 1280)[0] == "none"
+    need = needs(modules, tokens=1000, pixels=64 * 64)
+    assert need["blocks"] <= need["model"] <= need["none"]
+    for free, expected in ((need["none"], "none"), (need["none"] - 1, "model"), (need["model"] - 1, "blocks"),
+                           (need["blocks"] - 1, "blocks")):
+        mode, why = choose_mode(modules, gpu, tokens=1000, pixels=64 * 64, free_bytes=math.ceil(free))
+        assert mode == expected and "GiB free" in why, (free, mode)
+    # the untiled VAE decode of a large frame can need more than the DiT's step
+    big = needs(modules, tokens=1000, pixels=4096 * 4096)
+    assert big["model"] - need["model"] > 100 * GIB
 
 
 def test_offload_with_sequence_parallel_is_refused(tiny_diffusers):
