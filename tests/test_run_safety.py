@@ -83,7 +83,7 @@ def test_resume_from_a_chosen_checkpoint_and_a_damaged_one_is_named(tiny_diffuse
     train(tiny_config(tiny_diffusers, pairs, output, max_steps=4, save_every=2))
     checkpoints = output / "checkpoints"
     (checkpoints / "step-000004" / "optimizer.pt").write_bytes(b"\x80garbage")
-    with pytest.raises(ChronoEditError, match=r"step-000004/optimizer.pt is damaged.*--resume_from .*step-000002"):
+    with pytest.raises(ChronoEditError, match=r"step-000004/optimizer.pt is damaged.*--resume .*step-000002"):
         train(tiny_config(tiny_diffusers, pairs, output, max_steps=4, resume=True))
     capsys.readouterr()
     result = train(tiny_config(tiny_diffusers, pairs, output, max_steps=4, resume_from=checkpoints / "step-000002"))

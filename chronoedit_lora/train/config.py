@@ -119,8 +119,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # Settings that only change what happens after a resumed run's checkpoint (or where files go).
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
-    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "resume", "resume_from",
-    "allow_changes", "overwrite"})
+    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -149,11 +148,15 @@ def validate(config: TrainConfig) -> None:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
 
 
+# How a run was started, not what it trains: never a difference worth listing.
+RUN_CONTROLS = frozenset({"resume", "resume_from", "allow_changes", "overwrite"})
+
+
 def changed_settings(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
     """(allowed, refused) differences between a saved run's settings and ``config``, as "key: old -> new"."""
     current = json.loads(config.to_json())
     allowed, refused = [], []
-    for key in sorted(current):
+    for key in sorted(current.keys() - RUN_CONTROLS):
         if key in saved and saved[key] != current[key]:
             (allowed if key in FUTURE_ONLY else refused).append(f"{key}: {saved[key]!r} -> {current[key]!r}")
     return allowed, refused

@@ -124,7 +124,7 @@ def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: boo
     if config.resume_from:
         chosen = Path(config.resume_from)
         if not (chosen / "progress.json").is_file():
-            raise ChronoEditError(f"--resume_from {chosen}: not a checkpoint folder (no progress.json); "
+            raise ChronoEditError(f"--resume {chosen}: not a checkpoint folder (no progress.json); "
                                   f"checkpoints are under {output / ckpt.CHECKPOINTS}.")
     else:
         chosen = ckpt.latest_checkpoint(output)
@@ -134,7 +134,7 @@ def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: boo
         check_checkpoint(chosen, ranks)
     except CheckpointError as exc:
         earlier = [c for c in ckpt.complete_checkpoints(chosen.parent) if c.name < chosen.name]
-        hint = (f" Resume from the previous one with --resume_from {earlier[-1]}." if earlier
+        hint = (f" Resume from the previous one with --resume {earlier[-1]}." if earlier
                 else " There is no earlier checkpoint; start over with --overwrite.")
         raise ChronoEditError(f"cannot resume from {chosen}: {exc}{hint}") from None
     allowed, refused = changed_settings(saved_settings(chosen), config)
@@ -167,7 +167,7 @@ class RunFolder:
                 step = ckpt.latest_checkpoint(self.output)
                 where = f" (newest checkpoint: {step.name})" if step else ""
                 raise ChronoEditError(
-                    f"{self.output} holds another training run{where}. Pass --resume to continue it, --overwrite true "
+                    f"{self.output} holds another training run{where}. Pass --resume to continue it, --overwrite "
                     "to start over (its checkpoints, LoRAs, logs and samples are removed), or choose another --output.")
             remove_run(previous)
             print(f"--overwrite: removed the previous run's files from {self.output}")

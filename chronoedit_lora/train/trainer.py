@@ -230,7 +230,7 @@ def _refuse_non_finite(loss: float, grads_finite: bool, step: int, output: Path)
         f"step {step}: the training {what} is not finite ({loss:g}); stopped before applying it, and nothing was "
         f"saved from this state. " + (f"The last good checkpoint is {good}. " if good else "No checkpoint was written yet. ")
         + "Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then resume "
-        "with --resume_from and --allow_changes true, or start over with --overwrite true.")
+        "with --resume CHECKPOINT --allow_changes true, or start over with --overwrite.")
 
 
 def dit_linear_layers(dit: Path) -> list[str]:
