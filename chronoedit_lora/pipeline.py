@@ -90,8 +90,7 @@ class ChronoEditPipeline:
         if sequence_parallel:  # DiffSynth swaps in xfuser's Ulysses attention (see parallel.py)
             self.core.enable_usp()
         # where each component's weights are during an edit (see offload.py)
-        self.placement = Placement({"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
-                                    "vae": components.vae, "dit": components.dit}, self.device, offload)
+        self.placement = Placement(components.modules(), self.device, offload)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
@@ -125,8 +124,7 @@ class ChronoEditPipeline:
         components = load_components(model_dir, dtype=dtype, device="cpu" if offloaded else device, encoders=encoders,
                                      with_dit=with_dit, fp8_base=fp8_base, dit_device=dit_device, **overrides)
         if offload == "auto":
-            modules = {"text_encoder": components.text_encoder, "image_encoder": components.image_encoder,
-                       "vae": components.vae, "dit": components.dit}
+            modules = components.modules()
             width, height = default_size(1280, 720)  # the official output area, as a typical edit
             offload, why = choose_mode(modules, device, tokens=latent_tokens(width, height), pixels=width * height)
             print(f"--offload auto: {offload} ({why})")

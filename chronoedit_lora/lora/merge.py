@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from diffsynth.models.wan_video_dit import WanModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ChronoEditError
 from ..files import atomic_path, copy_file
 from ..models.components import discover_components
-from ..models.dit import DiTCheckpoint, inspect_dit
+from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit
 from ..models.loading import read_header
 from .apply import check_finite, check_lora_matches
 from .io import load_lora
@@ -79,8 +77,7 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     Returns the folder holding the merged DiT and the files written.
     """
     ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
-    with torch.device("meta"):
-        skeleton = WanModel(**ckpt.kwargs)
+    skeleton = meta_dit(ckpt)
     weights = []
     for path, scale in loras:
         lora, _ = load_lora(path)

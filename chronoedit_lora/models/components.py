@@ -14,7 +14,7 @@ from diffsynth.models.wan_video_dit import WanModel
 from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
 
 from ..errors import CheckpointError
-from .dit import DiTCheckpoint, inspect_dit, load_dit
+from .dit import DiTCheckpoint, inspect_dit, load_dit, meta_dit
 from .fp8 import store_blocks_in_fp8
 from .image_encoder import VisionTowerImageEncoder, load_image_encoder
 from .text_encoder import load_text_encoder, load_tokenizer
@@ -139,6 +139,11 @@ class LoadedComponents:
     def temporal_skip_len(self) -> int:
         return self.dit_checkpoint.temporal_skip_len
 
+    def modules(self) -> dict[str, torch.nn.Module | None]:
+        """The four models by stage name (text_encoder, image_encoder, vae, dit)."""
+        return {"text_encoder": self.text_encoder, "image_encoder": self.image_encoder, "vae": self.vae,
+                "dit": self.dit}
+
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
                     device: str | torch.device = "cpu", encoders: bool = True, with_dit: bool = True,
@@ -152,8 +157,7 @@ def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype =
     paths = discover_components(model_dir, **overrides)
     dit_checkpoint = inspect_dit(paths.dit)
     if not with_dit:  # a weightless shell: DiffSynth's conditioning units read the DiT's flags
-        with torch.device("meta"):
-            dit = WanModel(**dit_checkpoint.kwargs)
+        dit = meta_dit(dit_checkpoint)
     else:
         dit_device = dit_device or device
         dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else dit_device)

@@ -172,6 +172,13 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value else None
 
 
+def meta_dit(checkpoint: DiTCheckpoint) -> WanModel:
+    """A weightless ``WanModel`` of the checkpoint's sizes, on the meta device (from headers alone):
+    for checks against its layer names, and for DiffSynth units that only read its flags."""
+    with torch.device("meta"):
+        return WanModel(**checkpoint.kwargs)
+
+
 def ensure_dit_entry(model_hash: str, fmt: str, prefix: str, kwargs: dict) -> dict:
     """The registry entry DiffSynth uses for a DiT of this hash and key format."""
     return ensure_entry(model_hash, DIT_MODEL_NAME, WAN_DIT_CLASS, kwargs, _CONVERTERS[(fmt, prefix)])

@@ -235,12 +235,9 @@ def _refuse_non_finite(loss: float, grads_finite: bool, step: int, output: Path)
 
 def dit_linear_layers(dit: Path) -> list[str]:
     """Names of the DiT's linear layers, from its headers alone (a meta-device model)."""
-    from diffsynth.models.wan_video_dit import WanModel
+    from ..models.dit import inspect_dit, meta_dit
 
-    from ..models.dit import inspect_dit
-
-    with torch.device("meta"):
-        skeleton = WanModel(**inspect_dit(dit).kwargs)
+    skeleton = meta_dit(inspect_dit(dit))
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
