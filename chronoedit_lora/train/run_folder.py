@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,8 +98,18 @@ def saved_settings(checkpoint: Path) -> dict:
                               "it was not written by this kit's trainer.") from None
 
 
-def check_checkpoint(folder: Path, ranks: int) -> None:
-    """Read everything ``--resume`` will need, so a damaged file is named before any model loads."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, and its optimizer state (read once, when it was checked)."""
+
+    folder: Path
+    optimizer_state: dict
+
+
+def check_checkpoint(folder: Path, ranks: int) -> dict:
+    """Read everything ``--resume`` will need, so a damaged file is named before any model loads;
+    returns the optimizer and LR-scheduler state, the one large file."""
+    state = {}
     for name in ["progress.json", "optimizer.pt", "lora.safetensors"] + [f"rng-rank{r}.pt" for r in range(ranks)]:
         path = folder / name
         if not path.is_file():
@@ -111,13 +122,16 @@ def check_checkpoint(folder: Path, ranks: int) -> None:
                 ckpt.load_progress(folder)
             elif name == "lora.safetensors":
                 read_header(path)
+            elif name == "optimizer.pt":
+                state = ckpt.load_optimizer_state(folder)
             else:
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged pickle or JSON raises many types
             raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+    return state
 
 
-def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: bool = True) -> Path | None:
+def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: bool = True) -> ResumePoint | None:
     """The checkpoint to resume from (None: a fresh run), checked, with its settings compared."""
     if not (config.resume or config.resume_from):
         return None
@@ -131,7 +145,7 @@ def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: boo
         if chosen is None:
             raise ChronoEditError(f"--resume: no checkpoint under {output / ckpt.CHECKPOINTS}.")
     try:
-        check_checkpoint(chosen, ranks)
+        optimizer_state = check_checkpoint(chosen, ranks)
     except CheckpointError as exc:
         earlier = [c for c in ckpt.complete_checkpoints(chosen.parent) if c.name < chosen.name]
         hint = (f" Resume from the previous one with --resume {earlier[-1]}." if earlier
@@ -144,7 +158,7 @@ def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: boo
                               "to continue with the new ones anyway.")
     if report and (allowed or refused):
         print(f"resuming with changed settings:\n  " + "\n  ".join(allowed + refused))
-    return chosen
+    return ResumePoint(chosen, optimizer_state)
 
 
 class RunFolder:

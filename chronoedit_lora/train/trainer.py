@@ -99,7 +99,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     data = TrainingData(config)
     paths = component_paths(config)
     check_targets(config.targets, dit_linear_layers(paths["dit"]))
-    resume_from = choose_checkpoint(config, output, accelerator.num_processes, report=accelerator.is_main_process)
+    resume = choose_checkpoint(config, output, accelerator.num_processes, report=accelerator.is_main_process)
 
     # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank).
     from ..pipeline import ChronoEditPipeline
@@ -125,8 +125,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
     # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
     # schedule counted in single-process batches), so a warm-up would end N times too early.
-    if resume_from is not None:  # the full LoRA goes in before FSDP (if any) splits it
-        lora_export.load_into(module, resume_from / "lora.safetensors")
+    if resume is not None:  # the full LoRA goes in before FSDP (if any) splits it
+        lora_export.load_into(module, resume.folder / "lora.safetensors")
     module, optimizer = fsdp.prepare(accelerator, module, optimizer)
     lora_parameters = accelerator.unwrap_model(module).lora_parameters()
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
@@ -137,13 +137,13 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     # 3. Where to start: fresh, or exactly where a checkpoint left off.
     progress = ckpt.Progress()
-    if resume_from is not None:
-        progress = ckpt.load_progress(resume_from)
-        state = ckpt.load_optimizer_state(resume_from)
+    if resume is not None:
+        progress = ckpt.load_progress(resume.folder)
+        state = resume.optimizer_state
         fsdp.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.load_rank_state(resume_from, accelerator.process_index)
-        accelerator.print(f"resumed from {resume_from} at step {progress.step}")
+        ckpt.load_rank_state(resume.folder, accelerator.process_index)
+        accelerator.print(f"resumed from {resume.folder} at step {progress.step}")
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
