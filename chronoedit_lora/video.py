@@ -12,6 +12,7 @@ from PIL import Image
 
 EDIT_FRAMES = 5  # [input, 3 in-between frames, edit] -> 2 latent frames (VAE temporal factor 4)
 REASONING_FRAMES = 29  # 8 latent frames while the model "reasons" about the trajectory
+REASONING_LATENTS = 1 + (REASONING_FRAMES - 1) // 4
 SIZE_MULTIPLE = 16  # VAE factor 8 x DiT patch 2
 DEFAULT_MAX_AREA = 720 * 1280  # the official inference's output area
 

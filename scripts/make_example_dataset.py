@@ -3,6 +3,9 @@
 A real, deterministic style edit for the README demo and the tests: each "before" image is a small
 colourful scene (sky, sun, hills, houses, trees); its "after" image is a graphite sketch of it
 (colour-dodge of the grayscale image with its blurred negative, darkened edges, paper grain).
+Trajectories: for a few more scenes, a folder of frames in which the sketch is drawn over the
+scene from left to right (frame 0 the scene, the last frame the finished sketch), listed with the
+pairs in with_trajectories.csv.
 Run: python scripts/make_example_dataset.py --output data/example_dataset
 """
 
@@ -17,6 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 SIZES = [(192, 192), (192, 192), (256, 160), (160, 256)]  # includes non-square pairs for buckets
+TRAJECTORY_SIZES = [(128, 128), (160, 96), (128, 128)]
+TRAJECTORY_FRAMES = 9
+REVEAL_BAND = 24  # pixels over which the sketch fades in at the pencil's edge
 PALETTE = {"red": (200, 60, 50), "blue": (60, 90, 200), "yellow": (230, 190, 60), "green": (70, 150, 80),
            "orange": (230, 130, 50), "purple": (130, 80, 170)}
 
@@ -60,6 +66,18 @@ def pencil_sketch(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(sketch.astype(np.uint8)).convert("RGB")
 
 
+def drawing_frames(scene: Image.Image, sketch: Image.Image, count: int) -> list[Image.Image]:
+    """The sketch drawn over the scene from left to right in ``count`` frames (first = scene, last = sketch)."""
+    x = np.arange(scene.width, dtype=np.float64)[None, :, None]
+    photo, drawn = np.asarray(scene, dtype=np.float64), np.asarray(sketch, dtype=np.float64)
+    frames = []
+    for k in range(count):
+        front = k / (count - 1) * (scene.width + REVEAL_BAND)
+        mix = np.clip((front - x) / REVEAL_BAND, 0, 1)
+        frames.append(Image.fromarray(np.rint(photo + mix * (drawn - photo)).astype(np.uint8)))
+    return frames
+
+
 def prompt_for(things: list[str], index: int) -> str:
     """A detailed instruction in ChronoEdit's style, written from what the generator drew."""
     scene = ", ".join(things[:-1]) + f" and {things[-1]}"
@@ -81,7 +99,8 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def make_dataset(output: Path, seed: int = 0, count: int = 12) -> Path:
-    """Write ``count`` pairs and metadata.csv to ``output``; returns the CSV path."""
+    """Write ``count`` pairs and metadata.csv, then the trajectories and with_trajectories.csv, to
+    ``output``; returns the path of metadata.csv."""
     rng = np.random.default_rng(seed)
     (output / "before").mkdir(parents=True, exist_ok=True)
     (output / "after").mkdir(parents=True, exist_ok=True)
@@ -93,11 +112,25 @@ def make_dataset(output: Path, seed: int = 0, count: int = 12) -> Path:
         (output / "after" / name).write_bytes(_png_bytes(pencil_sketch(scene, rng)))
         rows.append({"input_image": f"before/{name}", "edited_image": f"after/{name}", "prompt": prompt_for(things, i)})
     csv_path = output / "metadata.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["input_image", "edited_image", "prompt"], lineterminator="\n")
+    _write_csv(csv_path, rows, ["input_image", "edited_image", "prompt"])
+    trajectories = []
+    for i, size in enumerate(TRAJECTORY_SIZES):
+        scene, things = draw_scene(rng, size)
+        folder = output / "trajectories" / f"{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, frame in enumerate(drawing_frames(scene, pencil_sketch(scene, rng), TRAJECTORY_FRAMES)):
+            (folder / f"{k:02d}.png").write_bytes(_png_bytes(frame))
+        trajectories.append({"trajectory": f"trajectories/{i:03d}", "prompt": prompt_for(things, i)})
+    _write_csv(output / "with_trajectories.csv", rows + trajectories,
+               ["input_image", "edited_image", "trajectory", "prompt"])
+    return csv_path
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    return csv_path
 
 
 def main() -> None:

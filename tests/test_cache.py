@@ -51,13 +51,13 @@ def test_entries_are_reused_until_an_input_changes(tiny_diffusers, tmp_path):
 def test_filling_the_cache_never_loads_dit_weights(tiny_diffusers, tmp_path):
     """The encoders-only pipeline that fills the cache holds the DiT as a weightless meta shell."""
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.inputs import encode_pair
+    from chronoedit_lora.train.inputs import encode_clip
 
     encoders = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, with_dit=False)
     full = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
     assert all(p.is_meta for p in encoders.dit.parameters())
     video = torch.rand(3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    ours, reference = (encode_pair(pipe, video, "Make it a sketch.") for pipe in (encoders, full))
+    ours, reference = (encode_clip(pipe, video, "Make it a sketch.") for pipe in (encoders, full))
     assert ours.keys() == reference.keys()
     for key in ours:
         assert torch.equal(ours[key], reference[key]), key

@@ -12,7 +12,7 @@ from diffsynth.pipelines.wan_video import WanVideoPipeline
 from chronoedit_lora.data import EditPairDataset
 from chronoedit_lora.models.rope import chronoedit_model_fn
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.inputs import encode_pair
+from chronoedit_lora.train.inputs import encode_clip
 from chronoedit_lora.train.lora_module import LoraTrainingModule
 from chronoedit_lora.train.objective import VALIDATION_SIGMAS, training_schedule, validation_loss
 
@@ -25,7 +25,7 @@ TOLERANCE = 1e-6  # relative; both sides run the same ops on the same draws in f
 def setup(tiny_diffusers, tmp_path_factory):
     pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
     item = EditPairDataset(make_subset(tmp_path_factory.mktemp("one"), 1), 32, 32)[0]
-    inputs = encode_pair(pipe, item["video"], item["prompt"])
+    inputs = encode_clip(pipe, item["video"], item["prompt"])
     torch.manual_seed(0)
     module = LoraTrainingModule(pipe, rank=4, alpha=4.0, targets=["q", "k", "v", "o", "ffn.0", "ffn.2"],
                                 shift=3.0, gradient_checkpointing=False)

@@ -77,10 +77,10 @@ def test_bad_captioner_spec(tmp_path, monkeypatch, capsys, spec, message):
 def test_no_pairs_and_no_prompt(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["dataset", "prepare", str(tmp_path / "empty"), "--prompt", "x"]) == 2
-    assert "no pairs found" in capsys.readouterr().err
+    assert "no pairs or trajectories found" in capsys.readouterr().err
     source = _two_folders(tmp_path)
     assert main(["dataset", "prepare", str(source)]) == 2
-    assert "no prompt for 12 pair(s)" in capsys.readouterr().err
+    assert "no prompt for 12 row(s)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("template, extra, messages", [

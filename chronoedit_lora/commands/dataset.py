@@ -1,4 +1,4 @@
-"""Prepare (`dataset prepare`) and check (`dataset check`) datasets of edit pairs."""
+"""Prepare (`dataset prepare`) and check (`dataset check`) datasets of edit pairs and trajectories."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--height", type=int)
     check.add_argument("--width", type=int)
     check.add_argument("--max-pixels", type=int, help="aspect-bucket pixel budget (default 1024x1024)")
+    check.add_argument("--trajectory-max-pixels", type=int,
+                       help="trajectory rows' pixel budget (default: a quarter of the pairs')")
     check.add_argument("--allow-outside", action="store_true", help="allow paths outside the CSV's folder")
     prep = sub.add_parser("prepare", help="write metadata.csv from before/ + after/ folders, NAME_before/NAME_after "
-                                          "files or 2-frame MP4s")
-    prep.add_argument("source", help="folder holding the pairs")
+                                          "files or 2-frame MP4s, plus trajectories (longer videos, frame folders)")
+    prep.add_argument("source", help="folder holding the pairs and/or trajectories")
     prep.add_argument("--output", help="CSV to write (default: SOURCE/metadata.csv)")
     prep.add_argument("--prompt", help="the same instruction for every pair")
     prep.add_argument("--prompt-template", help="placeholders {style} and {name} (the pair's name), e.g. "
@@ -53,7 +55,8 @@ def _prepare(args: argparse.Namespace) -> int:
     captioner = load_callable(args.captioner) if args.captioner else None
     result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner)
     write_metadata(result.rows, csv_path, args.overwrite)
-    print(f"{csv_path}: {len(result.rows)} pairs ({result.layout})")
+    pairs = len(result.rows) - result.trajectories
+    print(f"{csv_path}: {pairs} pairs ({result.layout})" + (f", {result.trajectories} trajectories" if result.trajectories else ""))
     for line in result.unmatched:
         print(f"  unmatched: {line}")
     if any(value.startswith("../") for row in result.rows for value in row.values()):
@@ -64,7 +67,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     csv_path = resolve_csv(args.dataset)
-    problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside)
+    problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside,
+                             trajectory_max_pixels=args.trajectory_max_pixels)
     print(f"{csv_path}:")
     print(format_report(problems))
     return 1 if has_fatal(problems) else 0

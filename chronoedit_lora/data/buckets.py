@@ -24,6 +24,7 @@ MAX_ASPECT = 4.0  # widest bucket; more extreme images are centre-cropped to it
 DEFAULT_MAX_PIXELS = 1024 * 1024
 ASPECT_MISMATCH = 0.01  # relative aspect difference between input and edited image that is reported
 UPSCALE_REPORTED = 1.05  # upscaling by less than 5% is not worth a warning
+TRAJECTORY_TOKEN_FACTOR = 4  # a trajectory's latent frames (8) per pair latent frames (2)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,16 @@ class SizePolicy:
             return cls((width, height), ())
         return cls(None, aspect_buckets(max_pixels or DEFAULT_MAX_PIXELS))
 
+    @classmethod
+    def for_trajectories(cls, height: int | None = None, width: int | None = None, max_pixels: int | None = None,
+                         trajectory_max_pixels: int | None = None) -> SizePolicy:
+        """Aspect buckets under ``trajectory_max_pixels``; by default a quarter of the pairs' budget
+        (``height`` x ``width`` if fixed, else ``max_pixels``), since a trajectory's 8 latents are
+        4 times a pair's 2, so a trajectory batch costs about what a pair batch does."""
+        pair_budget = height * width if height is not None and width is not None else max_pixels or DEFAULT_MAX_PIXELS
+        budget = trajectory_max_pixels or max(pair_budget // TRAJECTORY_TOKEN_FACTOR, MULTIPLE * MULTIPLE)
+        return cls(None, aspect_buckets(budget))
+
     def target(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Training (width, height) for a source image of ``image_size``."""
         return self.fixed or choose_bucket(image_size, self.buckets)
@@ -146,6 +157,35 @@ def bucket_batches(keys: Sequence[Hashable], batch_size: int, seed: int, epoch: 
         batches += [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)
                     if not drop_last or i + batch_size <= len(shuffled)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def share_batches(batches: list[list[int]], is_special: Sequence[bool], share: float, seed: int,
+                  epoch: int = 0) -> list[list[int]]:
+    """The epoch's ``batches`` (each of one kind) re-dealt so that ``round(share * len(batches))`` of
+    them are of the kind ``is_special`` marks (trajectory batches) and the rest of the other kind.
+
+    The epoch keeps its length. A kind that has fewer batches than its share is cycled (each pass
+    reshuffled), one with more is cut; the two kinds are interleaved in a random order. Deterministic
+    for a given (seed, epoch).
+    """
+    rng = np.random.default_rng([seed, epoch, 1])
+    special = [batch for batch in batches if is_special[batch[0]]]
+    plain = [batch for batch in batches if not is_special[batch[0]]]
+    wanted = round(share * len(batches))
+    for kind, count in ((special, wanted), (plain, len(batches) - wanted)):
+        if count and not kind:
+            raise ChronoEditError(f"a share of {share:g} needs batches of both kinds, but the data has only one.")
+    dealt = {True: iter(_cycle(special, wanted, rng)), False: iter(_cycle(plain, len(batches) - wanted, rng))}
+    order = rng.permutation([True] * wanted + [False] * (len(batches) - wanted))
+    return [next(dealt[bool(kind)]) for kind in order]
+
+
+def _cycle(batches: list[list[int]], count: int, rng: np.random.Generator) -> list[list[int]]:
+    """``count`` batches: ``batches`` in order, then reshuffled passes over them as needed."""
+    dealt = list(batches[:count])
+    while len(dealt) < count:
+        dealt += [batches[i] for i in rng.permutation(len(batches))][:count - len(dealt)]
+    return dealt
 
 
 def _aspect(size: tuple[int, int]) -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .buckets import SizePolicy, plan_pair
 from .checked_files import CheckedFiles
-from .metadata import EditPair, read_metadata
+from .metadata import PAIR, TRAJECTORY, EditPair, read_metadata
 from .problems import Problem, format_report, has_fatal
 
 __all__ = ["check_dataset", "format_report", "has_fatal"]
@@ -14,14 +14,15 @@ __all__ = ["check_dataset", "format_report", "has_fatal"]
 
 def check_dataset(csv_path: str | Path, height: int | None = None, width: int | None = None,
                   max_pixels: int | None = None, allow_outside: bool = False,
-                  checked: CheckedFiles | None = None) -> list[Problem]:
-    """All problems of the dataset at ``csv_path``: the CSV itself, then every pair's files, each
+                  checked: CheckedFiles | None = None, trajectory_max_pixels: int | None = None) -> list[Problem]:
+    """All problems of the dataset at ``csv_path``: the CSV itself, then every row's files, each
     decoded completely the first time it is seen (catches truncation; ``checked`` remembers the
-    verdicts, see :mod:`.checked_files`), then the pair's fit to its training size.
+    verdicts, see :mod:`.checked_files`), then the row's fit to its training size.
 
     Size options are as for :class:`EditPairDataset`; invalid ones raise ChronoEditError.
     """
-    policy = SizePolicy.create(height, width, max_pixels)
+    policies = {PAIR: SizePolicy.create(height, width, max_pixels),
+                TRAJECTORY: SizePolicy.for_trajectories(height, width, max_pixels, trajectory_max_pixels)}
     checked = checked or CheckedFiles()
     pairs, problems = read_metadata(csv_path, allow_outside)
     for pair in pairs:
@@ -29,14 +30,18 @@ def check_dataset(csv_path: str | Path, height: int | None = None, width: int | 
         problems += found
         if sizes:
             source, edited = sizes
-            problems += plan_pair(source, edited, policy.target(source), pair.row, pair.columns)[1]
+            problems += plan_pair(source, edited, policies[pair.kind].target(source), pair.row, pair.columns)[1]
     checked.save()
     return problems
 
 
 def pair_sizes(pair: EditPair, checked: CheckedFiles) -> tuple[tuple | None, list[Problem]]:
-    """The (source, edited) sizes of a pair if both decode, and the problems of its files."""
+    """The (source, edited) sizes of a row if its files decode (a trajectory: its first and last
+    frame), and the problems of its files."""
     source_column, edited_column = pair.columns
+    if pair.is_trajectory:
+        ends, _, problems = checked.trajectory(pair.input_image, pair.row, source_column)
+        return (tuple(ends) if ends and not has_fatal(problems) else None), problems
     if pair.is_video:
         frames, problems = checked.video(pair.input_image, pair.row, source_column)
         return ((frames[pair.input_frame], frames[pair.edited_frame]) if len(frames) >= 2 else None), problems

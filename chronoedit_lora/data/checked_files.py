@@ -4,13 +4,15 @@ decode it again.
 A file's verdict (its upright size, or its frames' sizes, and the problems found) is kept in
 ``checked-files.json`` under the user's cache folder (``$CHRONOEDIT_LORA_CACHE``, else
 ``$XDG_CACHE_HOME/chronoedit-lora``, else ``~/.cache/chronoedit-lora``), keyed by the file's
-resolved path, size and modification time, and the check's version: any change to the file, or
-to how files are checked, makes it be checked again. Files are still decoded completely the first
+resolved path, size and modification time (a trajectory's frame folder: those of every frame),
+and the check's version: any change to the file, or to how files are checked, makes it be checked
+again. Files are still decoded completely the first
 time, since only a full decode finds a truncated image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,8 +20,9 @@ from pathlib import Path
 from ..files import write_text
 from .images import read_image, read_video_frames
 from .problems import Problem
+from .trajectories import check_trajectory, frame_files
 
-CHECK_VERSION = 1  # bump when what read_image / read_video_frames report changes
+CHECK_VERSION = 2  # bump when what read_image / read_video_frames / check_trajectory report changes
 FILE_NAME = "checked-files.json"
 MAX_ENTRIES = 200_000  # oldest forgotten first; ~100 bytes each
 
@@ -61,23 +64,36 @@ class CheckedFiles:
         sizes, problems = self._verdict(path, row, column, check)
         return [tuple(size) for size in sizes], problems
 
-    def _verdict(self, path: Path, row: int, column: str, check) -> tuple[list, list[Problem]]:
+    def trajectory(self, path: Path, row: int, column: str) -> tuple[list[tuple[int, int]], int, list[Problem]]:
+        """A trajectory's (first, last) frame sizes, its frame count and its problems."""
+        def check() -> dict:
+            sizes, count, problems = check_trajectory(path, row, column)
+            return {"sizes": [list(size) for size in sizes], "frames": count, "problems": problems}
+
+        sizes, problems, entry = self._verdict(path, row, column, check, with_entry=True)
+        return [tuple(size) for size in sizes], entry["frames"], problems
+
+    def _verdict(self, path: Path, row: int, column: str, check, with_entry: bool = False):
         key = self._key(path)
         entry = self.entries.get(key) if key else None
         if entry is None:
             self.misses += 1
             found = check()
-            entry = {"sizes": found["sizes"], "problems": [[p.reason, p.fix, p.fatal] for p in found["problems"]]}
+            entry = {**found, "problems": [[p.reason, p.fix, p.fatal] for p in found["problems"]]}
             if key:
                 self.entries[key] = entry
         else:
             self.hits += 1
             self.entries[key] = self.entries.pop(key)  # most recently used last
-        return entry["sizes"], [Problem(row, column, reason, fix, fatal) for reason, fix, fatal in entry["problems"]]
+        problems = [Problem(row, column, reason, fix, fatal) for reason, fix, fatal in entry["problems"]]
+        return (entry["sizes"], problems, entry) if with_entry else (entry["sizes"], problems)
 
     @staticmethod
     def _key(path: Path) -> str | None:
         try:
+            if path.is_dir():  # a frame folder: every frame's name, size and time, in one digest
+                stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in frame_files(path)]
+                return f"v{CHECK_VERSION}:{path.resolve()}/:{hashlib.sha256(repr(stats).encode()).hexdigest()}"
             stat = path.stat()
         except OSError:
             return None  # missing: nothing to remember

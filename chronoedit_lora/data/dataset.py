@@ -1,10 +1,12 @@
-"""The torch Dataset of edit pairs: each item is the 5-frame clip [src, tgt, tgt, tgt, tgt]."""
+"""The torch Dataset of edit pairs and trajectories, as training clips: a pair is the 5-frame clip
+[src, tgt, tgt, tgt, tgt], a trajectory its 29 resampled frames."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from ..errors import ChronoEditError
@@ -13,24 +15,30 @@ from .buckets import SizePolicy, plan_pair
 from .images import load_pair, read_source_size
 from .metadata import EditPair, read_metadata
 from .problems import Problem, format_report
+from .trajectories import first_frame_size, load_trajectory
 
 
 class EditPairDataset(Dataset):
-    """Edit pairs from a ``metadata.csv``, resized and cropped identically, as training clips.
+    """Rows of a ``metadata.csv``, resized and cropped identically frame by frame, as training clips.
 
-    Item: ``video`` float (3, 5, H, W) in [-1, 1] = [src, tgt, tgt, tgt, tgt]; ``input_image`` the
-    source frame (3, H, W) in [-1, 1]; ``prompt``; ``index`` (item index) and ``row`` (CSV row).
-    Height and width select a fixed size (winning over max_pixels); otherwise each pair goes to the aspect bucket of its
-    source image under ``max_pixels`` (default 1024x1024). ``repeat`` lists every pair that many
-    times per epoch. Fatal problems in the CSV raise :class:`ChronoEditError` here; a pair whose
-    files turn out unreadable raises when it is loaded (``check_dataset`` finds both up front).
+    Item: ``video`` float (3, T, H, W) in [-1, 1]: T = 5 for a pair ([src, tgt, tgt, tgt, tgt]),
+    29 for a trajectory (see :mod:`.trajectories`); ``input_image`` the source frame (3, H, W);
+    ``prompt``; ``kind`` ("pair" or "trajectory"); ``index`` (item index) and ``row`` (CSV row).
+    Pairs: height and width select a fixed size (winning over max_pixels); otherwise each pair goes
+    to the aspect bucket of its source image under ``max_pixels`` (default 1024x1024).
+    Trajectories: the aspect bucket of their first frame under ``trajectory_max_pixels`` (default a
+    quarter of the pairs' budget, see :meth:`SizePolicy.for_trajectories`). ``repeat`` lists every
+    row that many times per epoch. Fatal problems in the CSV raise :class:`ChronoEditError` here; a
+    row whose files turn out unreadable raises when it is loaded (``check_dataset`` finds both up front).
     """
 
     def __init__(self, csv_path: str | Path, height: int | None = None, width: int | None = None,
-                 max_pixels: int | None = None, repeat: int = 1, allow_outside: bool = False):
+                 max_pixels: int | None = None, repeat: int = 1, allow_outside: bool = False,
+                 trajectory_max_pixels: int | None = None):
         if repeat < 1:
             raise ChronoEditError(f"repeat must be at least 1, got {repeat}.")
         self.policy = SizePolicy.create(height, width, max_pixels)
+        self.trajectory_policy = SizePolicy.for_trajectories(height, width, max_pixels, trajectory_max_pixels)
         self.csv_path = Path(csv_path)
         pairs, problems = read_metadata(csv_path, allow_outside)
         _raise_if_fatal(self.csv_path, problems)
@@ -41,34 +49,53 @@ class EditPairDataset(Dataset):
         return len(self.pairs) * self.repeat
 
     def pair(self, index: int) -> EditPair:
-        """The pair behind item ``index``."""
+        """The row behind item ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} out of range (dataset of {len(self)}).")
         return self.pairs[index % len(self.pairs)]
 
+    @property
+    def kinds(self) -> list[str]:
+        """The kind ("pair" or "trajectory") of every item."""
+        return [pair.kind for pair in self.pairs] * self.repeat
+
     @functools.cached_property
     def sizes(self) -> list[tuple[int, int]]:
-        """Training (width, height) of every item, from file headers; keys for :func:`bucket_batches`."""
-        if self.policy.fixed:
-            return [self.policy.fixed] * len(self)
+        """Training (width, height) of every item, from file headers; with :attr:`kinds`, the keys
+        of the batches (see :func:`bucket_batches`)."""
         sizes, problems = [], []
         for pair in self.pairs:
-            size, found = read_source_size(pair)
+            if pair.is_trajectory:
+                size, found = first_frame_size(pair.input_image, pair.row, pair.columns[0])
+            elif self.policy.fixed:
+                size, found = self.policy.fixed, []
+            else:
+                size, found = read_source_size(pair)
             problems += found
-            sizes.append(self.policy.target(size) if size else None)
+            sizes.append(self.policy_for(pair).target(size) if size else None)
         _raise_if_fatal(self.csv_path, problems)
         return sizes * self.repeat
 
+    def policy_for(self, pair: EditPair) -> SizePolicy:
+        """How ``pair``'s training size is chosen."""
+        return self.trajectory_policy if pair.is_trajectory else self.policy
+
     def __getitem__(self, index: int) -> dict:
         pair = self.pair(index)
-        images = load_pair(pair)
-        _raise_if_fatal(self.csv_path, images.problems)
-        plan, _ = plan_pair(images.source.size, images.edited.size, self.policy.target(images.source.size),
-                            pair.row, pair.columns)
-        source = to_tensor(plan.apply(images.source))
-        edited = to_tensor(plan.apply(images.edited))
-        video = edit_clip(source, edited)
-        return {"video": video, "input_image": source, "prompt": pair.prompt, "index": index, "row": pair.row}
+        if pair.is_trajectory:
+            frames, problems = load_trajectory(pair.input_image, pair.row, pair.columns[0])
+            _raise_if_fatal(self.csv_path, problems)
+            plan, _ = plan_pair(frames[0].size, frames[-1].size, self.trajectory_policy.target(frames[0].size),
+                                pair.row, pair.columns)
+            video = torch.stack([to_tensor(plan.apply(frame)) for frame in frames], dim=1)
+        else:
+            images = load_pair(pair)
+            _raise_if_fatal(self.csv_path, images.problems)
+            plan, _ = plan_pair(images.source.size, images.edited.size, self.policy.target(images.source.size),
+                                pair.row, pair.columns)
+            video = edit_clip(to_tensor(plan.apply(images.source)), to_tensor(plan.apply(images.edited)))
+        return {"video": video, "input_image": video[:, 0], "prompt": pair.prompt, "kind": pair.kind,
+                "index": index, "row": pair.row}
 
 
 def _raise_if_fatal(csv_path: Path, problems: list[Problem]) -> None:

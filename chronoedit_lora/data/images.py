@@ -19,7 +19,7 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 # What decoding a broken file can raise (UnidentifiedImageError and truncation are OSErrors).
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
-_VIDEO_ERRORS = (OSError, RuntimeError, ValueError, IndexError)
+VIDEO_ERRORS = (OSError, RuntimeError, ValueError, IndexError)
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 _MODE_NAMES = {"1": "black-and-white (1)", "L": "grayscale (L)", "P": "palette (P)",
                "LA": "grayscale+alpha (LA)", "PA": "palette+alpha (PA)"}
@@ -58,7 +58,7 @@ def load_pair(pair: EditPair) -> PairImages:
 
 def read_image(path: Path, row: int | None, column: str) -> tuple[Image.Image | None, list[Problem]]:
     """Decode ``path`` completely, apply its EXIF orientation and convert it to RGB."""
-    problem = _file_problem(path, row, column)
+    problem = file_problem(path, row, column)
     if problem is None and path.suffix.lower() in VIDEO_SUFFIXES:
         problem = Problem(row, column, f"{path.name} is a video, not an image.",
                           "Use the video,prompt layout for 2-frame MP4s, or give an image file here.")
@@ -93,7 +93,7 @@ def open_image(path: str | Path, option: str = "--image") -> Image.Image:
 
 def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Image], list[Problem]]:
     """The first two frames of a video as RGB images; fewer than two is a fatal problem, more a warning."""
-    problem = _file_problem(path, row, column)
+    problem = file_problem(path, row, column)
     if problem:
         return [], [problem]
     import imageio.v2 as imageio
@@ -101,7 +101,7 @@ def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Ima
     try:
         with imageio.get_reader(path, format="ffmpeg") as reader:
             frames = [Image.fromarray(np.asarray(frame)) for frame in itertools.islice(reader, 3)]
-    except _VIDEO_ERRORS as exc:
+    except VIDEO_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [], [Problem(row, column, f"{path.name} is not a readable video ({message}).",
                             "Re-encode it as an H.264 MP4 with 2 frames, or remove the row.")]
@@ -121,17 +121,21 @@ def read_source_size(pair: EditPair) -> tuple[tuple[int, int] | None, list[Probl
     if pair.is_video:
         frames, problems = read_video_frames(pair.input_image, pair.row, pair.columns[0])
         return (frames[0].size if len(frames) >= 2 else None), problems
-    column = pair.columns[0]
-    problem = _file_problem(pair.input_image, pair.row, column)
+    return image_size(pair.input_image, pair.row, pair.columns[0])
+
+
+def image_size(path: Path, row: int, column: str) -> tuple[tuple[int, int] | None, list[Problem]]:
+    """Upright (width, height) of the image at ``path`` from its header, without decoding pixels."""
+    problem = file_problem(path, row, column)
     if problem:
         return None, [problem]
     try:
-        with Image.open(pair.input_image) as image:
+        with Image.open(path) as image:
             width, height = image.size
             if image.getexif().get(ExifTags.Base.Orientation) in _ROTATED_ORIENTATIONS:
                 width, height = height, width
     except _IMAGE_ERRORS as exc:
-        return None, [Problem(pair.row, column, f"{pair.input_image.name} is not a readable image ({exc}).",
+        return None, [Problem(row, column, f"{path.name} is not a readable image ({exc}).",
                               "Re-export it as PNG or JPEG, or remove the row.")]
     return (width, height), []
 
@@ -167,8 +171,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
-def _file_problem(path: Path, row: int, column: str) -> Problem | None:
-    """A fatal problem if ``path`` is missing or empty."""
+def file_problem(path: Path, row: int | None, column: str) -> Problem | None:
+    """A fatal problem if the file ``path`` is missing or empty."""
     if not path.is_file():
         return Problem(row, column, f"{path} not found.", "Fix the path in the CSV or add the file.")
     if path.stat().st_size == 0:

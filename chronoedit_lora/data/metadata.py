@@ -1,10 +1,15 @@
-"""Read ``metadata.csv``: edit pairs plus every problem found in the file, in one pass.
+"""Read ``metadata.csv``: edit pairs and trajectories plus every problem found in the file, in one pass.
 
-Two layouts are accepted (column names are matched case-insensitively):
+Two pair layouts are accepted (column names are matched case-insensitively):
 
 * ``input_image,edited_image,prompt`` - two image files per row;
 * ``video,prompt`` - the original ChronoEdit repository's layout: a 2-frame MP4 per row,
   frame 0 the source and frame 1 the edited image.
+
+Either may add a ``trajectory`` column, and ``trajectory,prompt`` alone is a third layout: a row
+whose ``trajectory`` cell is filled is a trajectory (a video, or a folder of numbered frames,
+whose first frame is the input and last frame the edit; see :mod:`.trajectories`) and leaves the
+pair columns empty; a row whose ``trajectory`` cell is empty is a pair.
 
 Paths are relative to the CSV's folder and must stay inside it, symlinks resolved (a link to a
 file outside is refused like ``../``), unless ``allow_outside``. The file may start with a UTF-8
@@ -25,13 +30,18 @@ from .problems import Problem, has_fatal
 
 IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
 VIDEO_COLUMNS = ("video", "prompt")
+TRAJECTORY = "trajectory"  # the optional column, and the kind of its rows
+TRAJECTORY_COLUMNS = (TRAJECTORY, "prompt")
+PAIR = "pair"
+KINDS = (PAIR, TRAJECTORY)
 _DELIMITERS = (",", ";", "\t")
 
 
 @dataclass(frozen=True)
 class EditPair:
-    """One training pair. For the ``video,prompt`` layout both paths name the same MP4 and the
-    frame fields say which frame is which (0 = source, 1 = edited)."""
+    """One training row. For the ``video,prompt`` layout both paths name the same MP4 and the
+    frame fields say which frame is which (0 = source, 1 = edited); for a trajectory row both
+    paths name its video or frame folder and ``kind`` is ``"trajectory"``."""
 
     input_image: Path
     edited_image: Path
@@ -39,6 +49,7 @@ class EditPair:
     row: int
     input_frame: int | None = None
     edited_frame: int | None = None
+    kind: str = PAIR
 
     @property
     def is_video(self) -> bool:
@@ -46,8 +57,15 @@ class EditPair:
         return self.input_frame is not None
 
     @property
+    def is_trajectory(self) -> bool:
+        """True for a trajectory row (its first frame the source, its last the edit)."""
+        return self.kind == TRAJECTORY
+
+    @property
     def columns(self) -> tuple[str, str]:
         """CSV column names of the source and edited image, for problem reports."""
+        if self.is_trajectory:
+            return TRAJECTORY, TRAJECTORY
         return ("video", "video") if self.is_video else ("input_image", "edited_image")
 
 
@@ -118,7 +136,7 @@ def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
     names = [name.strip().lower() for name in header]
     layout = _guess_layout(names)
     problems: list[Problem] = []
-    header_text = ",".join(layout)
+    header_text = ",".join(layout) + ("" if TRAJECTORY in layout else f" (plus {TRAJECTORY}, for trajectory rows)")
     columns: dict[str, int] = {}
     unknown: list[int] = []
     for index, name in enumerate(names):
@@ -131,12 +149,13 @@ def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
     for index in unknown:
         name = header[index].strip()
         missing = [c for c in layout if c not in columns]
-        if name.lower() in IMAGE_COLUMNS + VIDEO_COLUMNS:
+        if name.lower() in IMAGE_COLUMNS + VIDEO_COLUMNS + TRAJECTORY_COLUMNS:
             problems.append(Problem(1, name, f"Column '{name}' belongs to the other layout; this header mixes "
                                     "video,prompt with input_image,edited_image,prompt.",
                                     "Keep one layout: a 'video' column, or 'input_image' and 'edited_image' columns."))
             continue
-        close = difflib.get_close_matches(name.lower(), missing, n=1)
+        optional = [TRAJECTORY] if TRAJECTORY not in columns else []
+        close = difflib.get_close_matches(name.lower(), missing + optional, n=1)
         if close:
             columns[close[0]] = index
             problems.append(Problem(1, name, f"Unknown column '{name}'; did you mean '{close[0]}'?",
@@ -154,12 +173,16 @@ def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
 
 
 def _guess_layout(names: list[str]) -> tuple[str, ...]:
-    """The layout whose path columns the header resembles most (the image layout on a tie)."""
+    """The pair layout whose path columns the header resembles most (the image layout on a tie),
+    with the ``trajectory`` column if there is one; ``trajectory,prompt`` if it has only that."""
     def score(expected: tuple[str, ...]) -> int:
         paths = [c for c in expected if c != "prompt"]
-        return sum(bool(difflib.get_close_matches(name, paths, n=1)) for name in names)
+        return sum(bool(difflib.get_close_matches(name, paths, n=1)) for name in names if name != TRAJECTORY)
 
-    return VIDEO_COLUMNS if score(VIDEO_COLUMNS) > score(IMAGE_COLUMNS) else IMAGE_COLUMNS
+    pairs = VIDEO_COLUMNS if score(VIDEO_COLUMNS) > score(IMAGE_COLUMNS) else IMAGE_COLUMNS
+    if TRAJECTORY not in names:
+        return pairs
+    return pairs[:-1] + TRAJECTORY_COLUMNS if score(pairs) else TRAJECTORY_COLUMNS
 
 
 class _RowReader:
@@ -172,6 +195,8 @@ class _RowReader:
         self.header_width = header_width
         self.is_video = "video" in columns
         self.path_columns = ("video",) if self.is_video else ("input_image", "edited_image")
+        if "input_image" not in columns and "edited_image" not in columns and not self.is_video:
+            self.path_columns = ()  # the trajectory,prompt layout
         self.allow_outside = allow_outside
         self.problems = problems
         self.seen: dict[tuple, int] = {}
@@ -190,6 +215,8 @@ class _RowReader:
         prompt = clean_prompt(values.get("prompt", ""))
         if "prompt" in values and not prompt:
             self._add(row, "prompt", "Empty prompt.", "Write the edit instruction for this pair.")
+        if values.get(TRAJECTORY, "").strip() or not self.path_columns:
+            return self._trajectory(row, values, prompt)
         paths = [self._path(row, c, values[c]) for c in self.path_columns if c in values]
         if None in paths or len(paths) != len(self.path_columns):
             return None
@@ -200,12 +227,29 @@ class _RowReader:
             if paths[0] == paths[1]:
                 self._add(row, "edited_image", "The input and edited image are the same file.",
                           "Point edited_image at the edited version.", fatal=False)
+        return self._unique(pair)
+
+    def _trajectory(self, row: int, values: dict[str, str], prompt: str) -> EditPair | None:
+        """A trajectory row: its video or frame folder, and no pair columns filled beside it."""
+        filled = [c for c in self.path_columns if values.get(c, "").strip()]
+        if filled:
+            self._add(row, filled[0], f"The row fills both '{TRAJECTORY}' and '{filled[0]}'.",
+                      f"Give either a trajectory or a pair per row: empty the {'/'.join(self.path_columns)} "
+                      f"cell(s), or the {TRAJECTORY} cell.")
+            return None
+        if TRAJECTORY not in values:  # undecodable cell, already reported
+            return None
+        path = self._path(row, TRAJECTORY, values[TRAJECTORY], folder_ok=True)
+        return self._unique(EditPair(path, path, prompt, row, kind=TRAJECTORY)) if path else None
+
+    def _unique(self, pair: EditPair) -> EditPair:
+        """``pair``, with a warning if an earlier row had the same files and prompt."""
         key = (pair.input_image, pair.edited_image, pair.prompt)
         if key in self.seen:
-            self._add(row, None, f"Duplicate of row {self.seen[key]} (same images and prompt).",
-                      "Remove the duplicate, or keep it on purpose to weight this pair twice.", fatal=False)
+            self._add(pair.row, None, f"Duplicate of row {self.seen[key]} (same files and prompt).",
+                      "Remove the duplicate, or keep it on purpose to weight this row twice.", fatal=False)
         else:
-            self.seen[key] = row
+            self.seen[key] = pair.row
         return pair
 
     def _add(self, row: int, column: str | None, reason: str, fix: str, fatal: bool = True) -> None:
@@ -221,8 +265,9 @@ class _RowReader:
                   f"Re-save the CSV as UTF-8 (as Windows-1252 this value reads {guess[:60]!r}).")
         return False
 
-    def _path(self, row: int, column: str, value: str) -> Path | None:
-        """Resolve a path against the CSV's folder; report empty, absolute, escaping or missing ones."""
+    def _path(self, row: int, column: str, value: str, folder_ok: bool = False) -> Path | None:
+        """Resolve a path against the CSV's folder; report empty, absolute, escaping or missing ones
+        (a folder is accepted if ``folder_ok``: a trajectory's frames)."""
         text = value.strip().replace("\\", "/")
         if not text:
             self._add(row, column, "Empty path.", f"Write the {column} file's path relative to the CSV's folder.")
@@ -241,6 +286,8 @@ class _RowReader:
             self._add(row, column, f"'{value.strip()}' is {kind}; paths must lead into {self.root}.",
                       f"{fix}, or set allow_outside.")
             return None
+        if folder_ok and full.is_dir():
+            return full
         if not full.is_file():
             reason = "is a folder, not a file" if full.is_dir() else "not found"
             self._add(row, column, f"'{value.strip()}' {reason} ({full}).", self._suggest(full))

@@ -1,9 +1,12 @@
 """Write a ``metadata.csv`` from folders of pairs: ``before/`` + ``after/`` with matching names,
-``NAME_before.*`` + ``NAME_after.*`` files, or 2-frame MP4s (the original repository's format).
+``NAME_before.*`` + ``NAME_after.*`` files, or 2-frame MP4s (the original repository's format);
+and of trajectories: every video of more than 2 frames and every folder of images (other than
+the pair folders) in the source folder or in its ``trajectories/`` folder.
 
-Prompt of a pair, first found: a ``.txt`` beside it (``NAME.txt``, ``NAME_prompt.txt``, in the
-source folder or next to either image), ``--prompt``, ``--prompt-template`` (``{style}``,
-``{name}``), then ``--captioner``.
+Prompt of a row, first found: a ``.txt`` beside it (``NAME.txt``, ``NAME_prompt.txt``, in the
+source folder or next to either image or the trajectory; a frame folder's own ``prompt.txt``),
+``--prompt``, ``--prompt-template`` (``{style}``, ``{name}``), then ``--captioner`` (given a
+trajectory's first and last frames).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from PIL import Image
 
 from ..errors import ChronoEditError
 from ..files import write_text
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from .metadata import TRAJECTORY
+from .trajectories import frame_files, load_trajectory, video_frame_count
 
 FOLDER_PAIRS = (("before", "after"), ("input", "output"), ("source", "edited"))
+TRAJECTORY_FOLDER = "trajectories"
+COLUMN_ORDER = ("input_image", "edited_image", "video", TRAJECTORY, "prompt")
 Captioner = Callable[[Image.Image, Image.Image, "str | None"], str]
 
 
@@ -32,6 +39,7 @@ class Prepared:
     rows: list[dict[str, str]]
     unmatched: list[str]
     layout: str
+    trajectories: int = 0
 
 
 def find_pairs(source: Path) -> tuple[list[tuple[str, Path, Path]], list[str], str]:
@@ -45,10 +53,30 @@ def find_pairs(source: Path) -> tuple[list[tuple[str, Path, Path]], list[str], s
     afters = {p.stem[: -len("_after")]: p for p in _images(source) if p.stem.endswith("_after")}
     if befores or afters:
         return _match(befores, afters, "", "") + ("NAME_before / NAME_after",)
-    videos = sorted(source.glob("*.mp4"))
+    videos = [p for p in sorted(source.glob("*.mp4")) if video_frame_count(p) == 2]
     if videos:
         return [(p.stem, p, p) for p in videos], [], "2-frame MP4s"
     return [], [], "none"
+
+
+def find_trajectories(source: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``[(name, video or frame folder)]`` of the trajectories in ``source`` and its
+    ``trajectories/`` folder, and the videos that could not be read."""
+    pair_folders = {name for pair in FOLDER_PAIRS for name in pair} | {TRAJECTORY_FOLDER}
+    found, unreadable = [], []
+    for folder in (source, source / TRAJECTORY_FOLDER):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and not path.name.startswith(".") and path.name not in pair_folders and frame_files(path):
+                found.append((path.name, path))
+            elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+                count = video_frame_count(path)
+                if count is None:
+                    unreadable.append(f"{path.relative_to(source)} (not a readable video)")
+                elif count > 2:
+                    found.append((path.stem, path))
+    return found, unreadable
 
 
 def _images(folder: Path) -> list[Path]:
@@ -63,10 +91,11 @@ def _match(befores: dict[str, Path], afters: dict[str, Path], before_label: str,
 
 
 def _prompt_file(source: Path, name: str, before: Path, after: Path) -> str | None:
-    for folder in dict.fromkeys((source, before.parent, after.parent)):
-        for candidate in (f"{name}.txt", f"{name}_prompt.txt"):
-            if (folder / candidate).is_file():
-                return (folder / candidate).read_text(encoding="utf-8").strip()
+    candidates = [folder / f"{name}{suffix}" for folder in dict.fromkeys((source, before.parent, after.parent))
+                  for suffix in (".txt", "_prompt.txt")]
+    for candidate in candidates + ([before / "prompt.txt"] if before.is_dir() else []):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8").strip()
     return None
 
 
@@ -105,26 +134,45 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
     if template is not None:
         check_template(template, style)
     pairs, unmatched, layout = find_pairs(source)
-    if not pairs:
-        raise ChronoEditError(f"{source}: no pairs found. Expected before/ + after/ folders, NAME_before / NAME_after "
-                              "images, or 2-frame MP4s.")
+    trajectories, unreadable = find_trajectories(source)
+    if not pairs and not trajectories:
+        raise ChronoEditError(f"{source}: no pairs or trajectories found. Expected before/ + after/ folders, "
+                              "NAME_before / NAME_after images, 2-frame MP4s, or videos / frame folders of "
+                              "trajectories (here or in trajectories/).")
     rows, no_prompt = [], []
-    for name, before, after in pairs:
+    items = [(name, before, after, False) for name, before, after in pairs]
+    items += [(name, path, path, True) for name, path in trajectories]
+    for name, before, after, trajectory in items:
         text = _prompt_file(source, name, before, after) or prompt
         if text is None and template is not None:
             text = template.format(style=style, name=name)
-        if text is None and captioner is not None and before != after:
-            with Image.open(before) as b, Image.open(after) as a:
-                text = captioner(b.convert("RGB"), a.convert("RGB"), prompt or template)
+        if text is None and captioner is not None and (before != after or trajectory):
+            text = captioner(*_ends(before, after, trajectory), prompt or template)
         if not text:
             no_prompt.append(name)
             continue
-        rows.append({"video": _relative(before, csv_path), "prompt": text} if before == after else
-                    {"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path), "prompt": text})
+        if trajectory:
+            rows.append({TRAJECTORY: _relative(before, csv_path), "prompt": text})
+        elif before == after:
+            rows.append({"video": _relative(before, csv_path), "prompt": text})
+        else:
+            rows.append({"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path),
+                         "prompt": text})
     if no_prompt:
-        raise ChronoEditError(f"no prompt for {len(no_prompt)} pair(s) ({', '.join(no_prompt[:5])}): give --prompt, "
+        raise ChronoEditError(f"no prompt for {len(no_prompt)} row(s) ({', '.join(no_prompt[:5])}): give --prompt, "
                               "--prompt-template, per-pair .txt files or --captioner.")
-    return Prepared(rows, unmatched, layout)
+    return Prepared(rows, unmatched + unreadable, layout, len(trajectories))
+
+
+def _ends(before: Path, after: Path, trajectory: bool) -> tuple[Image.Image, Image.Image]:
+    """The input and edited image of a pair, or the first and last frame of a trajectory, as RGB."""
+    if trajectory:
+        frames, problems = load_trajectory(before, None, TRAJECTORY, frames=2)
+        if not frames:
+            raise ChronoEditError(f"{before}: {problems[0].reason} {problems[0].fix}")
+        return frames[0], frames[1]
+    with Image.open(before) as b, Image.open(after) as a:
+        return b.convert("RGB"), a.convert("RGB")
 
 
 def _relative(path: Path, csv_path: Path) -> str:
@@ -136,7 +184,8 @@ def write_metadata(rows: list[dict[str, str]], csv_path: Path, overwrite: bool =
     if csv_path.exists() and not overwrite:
         raise ChronoEditError(f"{csv_path} exists; pass --overwrite to replace it.")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
+    columns = [column for column in COLUMN_ORDER if any(column in row for row in rows)]
+    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(csv_path, buffer.getvalue())

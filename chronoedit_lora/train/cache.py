@@ -1,7 +1,8 @@
-"""Cached conditioning: per pair, the target-clip latents, y, CLIP features and umT5 embeddings,
-computed once and reused until anything they depend on changes.
+"""Cached conditioning: per pair or trajectory, the target-clip latents, y, CLIP features and umT5
+embeddings, computed once and reused until anything they depend on changes.
 
-An entry's key hashes the pair's file bytes, its prompt, its training size, and a fingerprint of
+An entry's key hashes the row's file bytes (a frame folder: every frame's name and bytes), which
+frames it uses (a trajectory: its kind and clip length), its prompt, its training size, and a fingerprint of
 the text encoder, image encoder, VAE and tokenizer files (size plus the first and last MiB of
 each file, so multi-GB files are not read whole), and the dtype. A stale entry is never used: it
 simply has another key. Entries are safetensors, written atomically.
@@ -22,8 +23,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data import EditPairDataset
+from ..data.metadata import TRAJECTORY
+from ..data.trajectories import frame_files
 from ..files import atomic_path
 from ..models.components import ComponentPaths
+from ..video import REASONING_FRAMES
 
 CACHE_VERSION = 1  # bump when what is cached, or how, changes
 FINGERPRINT_BYTES = 1 << 20
@@ -59,10 +63,16 @@ class ConditioningCache:
 
     def key(self, dataset: EditPairDataset, index: int) -> str:
         pair = dataset.pair(index)
+        # which frames: a pair video's two indices; a trajectory's kind and clip length
+        frames = [TRAJECTORY, REASONING_FRAMES] if pair.is_trajectory else [pair.input_frame, pair.edited_frame]
         h = hashlib.sha256(json.dumps({"components": self.fingerprint, "prompt": pair.prompt,
-                                       "size": list(dataset.sizes[index]), "frames": [pair.input_frame, pair.edited_frame]}).encode())
-        for path in dict.fromkeys((pair.input_image, pair.edited_image)):  # a 2-frame video is one file
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+                                       "size": list(dataset.sizes[index]), "frames": frames}).encode())
+        if pair.is_trajectory and pair.input_image.is_dir():  # a frame folder: every frame, named
+            for frame in frame_files(pair.input_image):
+                h.update(frame.name.encode() + hashlib.sha256(frame.read_bytes()).digest())
+        else:
+            for path in dict.fromkeys((pair.input_image, pair.edited_image)):  # a video is one file
+                h.update(hashlib.sha256(path.read_bytes()).digest())
         return h.hexdigest()
 
     def path(self, key: str) -> Path:
@@ -89,9 +99,9 @@ class ConditioningCache:
 @torch.no_grad()
 def fill(cache: ConditioningCache, pipe, dataset: EditPairDataset, indices: list[int], show: bool = True) -> int:
     """Encode ``indices`` (this process's share) into the cache; returns how many were written."""
-    from .inputs import encode_pair
+    from .inputs import encode_clip
 
     for index in tqdm(indices, desc="caching conditioning", disable=not show or not indices):
         item = dataset[index]
-        cache.put(cache.key(dataset, index), encode_pair(pipe, item["video"], item["prompt"]))
+        cache.put(cache.key(dataset, index), encode_clip(pipe, item["video"], item["prompt"]))
     return len(indices)

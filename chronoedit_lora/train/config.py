@@ -23,6 +23,8 @@ class TrainConfig:
     height: int | None = None  # fixed training size (with width); None -> aspect buckets
     width: int | None = None  # fixed training width (with height)
     max_pixels: int = 1024 * 1024  # pixel budget of aspect-ratio buckets
+    trajectory_max_pixels: int | None = None  # pixel budget of trajectory rows (29 frames); None -> a quarter of the pairs'
+    trajectory_share: float | None = None  # fraction of each epoch's batches that are trajectory batches; None -> as the rows come
     repeat: int = 1  # times each pair is seen per epoch
     batch_size: int = 1  # pairs per process per step (drawn within one bucket)
     allow_outside: bool = False  # allow dataset paths outside the CSV's folder
@@ -141,6 +143,10 @@ def validate(config: TrainConfig) -> None:
         check_range(key, getattr(config, key), 0)
     check_range("sample_steps", config.sample_steps, 1, MAX_STEPS)
     check_range("max_pixels", config.max_pixels, 16 * 16)
+    if config.trajectory_max_pixels is not None:
+        check_range("trajectory_max_pixels", config.trajectory_max_pixels, 16 * 16)
+    if config.trajectory_share is not None:
+        check_range("trajectory_share", config.trajectory_share, 0, 1)
     check_size(config.height, config.width, prefix="")
     if not config.targets:
         raise ChronoEditError("targets is empty: name the DiT layers to adapt, e.g. q,k,v,o,ffn.0,ffn.2.")

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 from ..data import EditPairDataset, bucket_batches, check_dataset, format_report, has_fatal
+from ..data.buckets import share_batches
+from ..data.metadata import PAIR, TRAJECTORY
 from ..errors import ChronoEditError
 from .config import TrainConfig
 
@@ -15,7 +17,8 @@ def preflight(config: TrainConfig, output: Path) -> None:
     if not config.dataset:
         raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
     for csv_path in filter(None, (config.dataset, config.sample_dataset)):
-        problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside)
+        problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside,
+                                 trajectory_max_pixels=config.trajectory_max_pixels)
         if has_fatal(problems):
             raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
         if problems:
@@ -44,20 +47,42 @@ class TrainingData:
     """The dataset plus a deterministic, resumable split of each epoch's batches across processes."""
 
     def __init__(self, config: TrainConfig):
-        self.dataset = EditPairDataset(config.dataset, config.height, config.width, config.max_pixels,
-                                       config.repeat, config.allow_outside)
+        self.dataset = self._open(config, config.dataset, config.repeat)
         self.batch_size = config.batch_size
         self.seed = config.seed
-        self.samples = (EditPairDataset(config.sample_dataset, config.height, config.width, config.max_pixels,
-                                        1, config.allow_outside) if config.sample_dataset else self.dataset)
+        self.trajectory_share = config.trajectory_share
+        self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
+        kinds = set(self.dataset.kinds)
+        share = self.trajectory_share
+        if share is not None and ((share > 0 and TRAJECTORY not in kinds) or (share < 1 and PAIR not in kinds)):
+            missing = "trajectory" if share > 0 and TRAJECTORY not in kinds else "pair"
+            raise ChronoEditError(f"trajectory_share = {share:g} asks for {missing} batches, but {config.dataset} has "
+                                  f"no {missing} rows; add some, or leave trajectory_share unset.")
+
+    @staticmethod
+    def _open(config: TrainConfig, csv_path: str, repeat: int) -> EditPairDataset:
+        return EditPairDataset(csv_path, config.height, config.width, config.max_pixels, repeat, config.allow_outside,
+                               config.trajectory_max_pixels)
 
     def sample_items(self, count: int) -> list[dict]:
-        """The first ``count`` pairs of the sample dataset (held-out pairs if one is configured)."""
-        return [self.samples[i] for i in range(min(count, len(self.samples.pairs)))]
+        """The first ``count`` rows of the sample dataset (held-out rows if one is configured), the
+        last places given to the first row of each kind not among them (so a mixed dataset's grid
+        shows a trajectory too)."""
+        pairs = self.samples.pairs
+        chosen = list(range(min(count, len(pairs))))
+        for kind in {pair.kind for pair in pairs} - {pairs[i].kind for i in chosen}:  # at most one of the two
+            if len(chosen) > 1:
+                chosen[-1] = next(i for i, pair in enumerate(pairs) if pair.kind == kind)
+        return [self.samples[i] for i in chosen]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` (each within one size bucket), shuffled by (seed, epoch)."""
-        return bucket_batches(self.dataset.sizes, self.batch_size, self.seed, epoch)
+        """All batches of ``epoch`` (each within one size bucket of one kind), shuffled by (seed, epoch);
+        with ``trajectory_share`` set, re-dealt so that share of them are trajectory batches."""
+        kinds = self.dataset.kinds
+        batches = bucket_batches(list(zip(kinds, self.dataset.sizes)), self.batch_size, self.seed, epoch)
+        if self.trajectory_share is None:
+            return batches
+        return share_batches(batches, [kind == TRAJECTORY for kind in kinds], self.trajectory_share, self.seed, epoch)
 
     def batches_per_rank(self, world: int) -> int:
         count = len(self.epoch_batches(0)) // world

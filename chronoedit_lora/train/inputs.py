@@ -1,31 +1,34 @@
-"""Turn a batch of edit pairs into the DiT's training inputs (no gradients through encoders)."""
+"""Turn a batch of edit pairs or trajectories into the DiT's training inputs (no gradients through encoders)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..pipeline import ChronoEditPipeline
-from ..video import EDIT_FRAMES, tensor_to_pil
+from ..video import tensor_to_pil
 
 
 @torch.no_grad()
-def encode_pair(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
-    """Inputs of one pair: target-clip latents, y conditioning, CLIP features, umT5 embeddings.
+def encode_clip(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+    """Inputs of one training clip: its latents, the y conditioning, CLIP features, umT5 embeddings.
 
-    ``video`` is the (3, 5, H, W) clip [src, tgt, tgt, tgt, tgt] in [-1, 1].
+    ``video`` (3, T, H, W) in [-1, 1] is a pair's clip [src, tgt, tgt, tgt, tgt] (T = 5, 2 latents)
+    or a trajectory's 29 frames (8 latents). The conditioning is the edit's at inference for that
+    clip length: CLIP of the source, and y = [mask with ones on latent 0, VAE(source followed by
+    T - 1 zero frames)], so a trajectory is conditioned exactly as the temporal-reasoning mode is.
     """
     source = tensor_to_pil(video[:, 0])
     latents = pipe.components.vae.encode([video.to(pipe.dtype)], device=pipe.device)
     return {
         "input_latents": latents.to(pipe.dtype),
-        "y": pipe.condition_latents(source, EDIT_FRAMES),
+        "y": pipe.condition_latents(source, video.shape[1]),
         "clip_feature": pipe.encode_image(source),
         "context": pipe.encode_prompt(prompt),
     }
 
 
 def collate_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-pair inputs (same bucket, so same shapes) into a batch."""
+    """Stack per-item inputs (same kind and bucket, so same shapes) into a batch."""
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 
@@ -39,7 +42,7 @@ class PairInputs:
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         if self.cache is None:
             item = self.dataset[index]
-            return encode_pair(self.pipe, item["video"], item["prompt"])
+            return encode_clip(self.pipe, item["video"], item["prompt"])
         pair_index = index % len(self.dataset.pairs)
         if pair_index not in self._keys:
             self._keys[pair_index] = self.cache.key(self.dataset, pair_index)

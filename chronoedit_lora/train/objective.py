@@ -17,7 +17,7 @@ from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
 from ..models.rope import chronoedit_model_fn
 from ..pipeline import ChronoEditPipeline
-from .inputs import encode_pair
+from .inputs import encode_clip
 
 TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0
@@ -53,7 +53,7 @@ def validation_loss(pipe: ChronoEditPipeline, items: list[dict], sigmas: tuple[f
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for item in items:
-        inputs = encode_pair(pipe, item["video"], item["prompt"])
+        inputs = encode_clip(pipe, item["video"], item["prompt"])
         x0 = inputs.pop("input_latents").float()  # noised and compared in float32, run in the DiT's dtype
 
         def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""Sample edits during training: held-out pairs edited with the current LoRA, saved as a PNG grid
-(input | edit with the LoRA | the pair's edited image), plus the fixed-grid validation loss."""
+"""Sample edits during training: held-out rows edited with the current LoRA, saved as a PNG grid
+(input | edit with the LoRA | the row's edited image; for a trajectory row, edited in the
+temporal-reasoning mode throughout, then a strip of the reasoning frames), plus the fixed-grid
+validation loss."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.metadata import TRAJECTORY
 from ..files import save_image
-from ..video import tensor_to_pil
+from ..video import REASONING_LATENTS, tensor_to_pil
 from ..pipeline import ChronoEditPipeline
 from .objective import validation_loss
 
 COLUMNS = ("input", "edit (this LoRA)", "target")
+# Reasoning frames shown for a trajectory row: the last frame of each in-between latent (1..6).
+STRIP_FRAMES = tuple(range(4, 4 * (REASONING_LATENTS - 1), 4))
 CELL = 256  # pixels per image in the grid
 LABEL_HEIGHT = 28
 
@@ -27,13 +32,17 @@ def sample_grid(pipe: ChronoEditPipeline, items: list[dict], path: Path, steps: 
         rows = []
         for item in items:
             source, target = tensor_to_pil(item["video"][:, 0]), tensor_to_pil(item["video"][:, -1])
-            edit = pipe(source, item["prompt"], steps=steps, cfg=1.0, seed=seed, height=source.height,
-                        width=source.width, progress=False).image
-            rows.append((source, edit, target))
+            trajectory = item["kind"] == TRAJECTORY
+            result = pipe(source, item["prompt"], steps=steps, cfg=1.0, seed=seed, height=source.height,
+                          width=source.width, temporal_reasoning_steps=steps if trajectory else 0, progress=False)
+            strip = [result.frames[i] for i in STRIP_FRAMES] if trajectory else []
+            rows.append((source, result.image, target, *strip))
         loss = validation_loss(pipe, items)
     finally:
         pipe.dit.train(was_training)
-    save_image(grid_image(rows, COLUMNS), path)
+    reasoning = len(STRIP_FRAMES) if any(len(row) > len(COLUMNS) for row in rows) else 0
+    labels = COLUMNS + tuple(f"reasoning frame {i}" for i in STRIP_FRAMES[:reasoning])
+    save_image(grid_image(rows, labels), path)
     return loss
 
 

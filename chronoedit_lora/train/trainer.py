@@ -148,8 +148,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
+    trajectories = data.dataset.kinds.count("trajectory")
     accelerator.print(
-        f"training a rank-{config.rank} LoRA on {len(data.dataset)} items ({accelerator.num_processes} process(es) on "
+        f"training a rank-{config.rank} LoRA on {len(data.dataset)} items"
+        + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
     log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
