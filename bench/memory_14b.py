@@ -2,6 +2,9 @@
 
     python bench/memory_14b.py [--height 1024 --width 1024] [--rank 32] [--gpus 8] [--json out.json]
 
+Besides edit pairs (5 frames, 2 latents) at --height x --width, it computes trajectory rows (29
+frames, 8 latents) at 480x832 and 720x1280 in the modes small GPUs would use.
+
 Parameter counts come from the kit's own model classes built on the meta device (no weights):
 the DiT as DiffSynth's ``WanModel`` with ChronoEdit-14B's kwargs and peft LoRA injected the way the
 trainer does it, umT5-XXL, the ViT-H/14 vision tower and the Wan2.1 VAE. Activations come from
@@ -20,6 +23,8 @@ import torch
 
 GIB = 2**30
 TRAIN_FRAMES = 5  # [source, edit x 4] -> 2 latent frames
+TRAJECTORY_FRAMES = 29  # a trajectory row: 8 latent frames
+TRAJECTORY_SIZES = ((480, 832), (720, 1280))
 TEXT_TOKENS, CLIP_TOKENS = 512, 257
 
 
@@ -73,13 +78,13 @@ def encoder_params() -> dict[str, int]:
     return {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
 
 
-def latent_tokens(height: int, width: int) -> int:
-    """DiT tokens of a training clip: 2 latent frames x (H/8/2) x (W/8/2)."""
-    latent_frames = 1 + (TRAIN_FRAMES - 1) // 4
+def latent_tokens(height: int, width: int, frames: int = TRAIN_FRAMES) -> int:
+    """DiT tokens of a training clip: latent frames (2 for a pair, 8 for a trajectory) x (H/8/2) x (W/8/2)."""
+    latent_frames = 1 + (frames - 1) // 4
     return latent_frames * (height // 16) * (width // 16)
 
 
-def saved_by_one_block(dit: torch.nn.Module, height: int, width: int) -> int:
+def saved_by_one_block(dit: torch.nn.Module, height: int, width: int, frames: int = TRAIN_FRAMES) -> int:
     """Bytes autograd keeps for backward from one bf16 block's forward (LoRA in bf16, as under autocast).
 
     Tensors are counted once per storage; parameters and the block's inputs not at all.
@@ -90,7 +95,7 @@ def saved_by_one_block(dit: torch.nn.Module, height: int, width: int) -> int:
     import torch.nn.functional as F
 
     block = dit.blocks[0]
-    seq = latent_tokens(height, width)
+    seq = latent_tokens(height, width, frames)
     like = {"device": block.modulation.device, "dtype": torch.bfloat16}
     # RoPE rotations, one complex number per token and head-dim pair; their values do not matter here
     freqs = torch.ones(seq, 1, block.self_attn.head_dim // 2, device=like["device"], dtype=dit.freqs[0].dtype)
@@ -130,12 +135,12 @@ def saved_by_one_block(dit: torch.nn.Module, height: int, width: int) -> int:
     return sum(saved.values())
 
 
-def count(height: int, width: int, rank: int, kwargs: dict) -> Counts:
-    """Every figure the modes are computed from, for a DiT of ``kwargs``."""
+def count(height: int, width: int, rank: int, kwargs: dict, frames: int = TRAIN_FRAMES) -> Counts:
+    """Every figure the modes are computed from, for a DiT of ``kwargs`` and clips of ``frames``."""
     dit = build_dit(kwargs, rank)
     linears = [m for m in dit.blocks.modules() if type(m) is torch.nn.Linear]
-    saved = saved_by_one_block(dit, height, width)
-    tokens = latent_tokens(height, width)
+    saved = saved_by_one_block(dit, height, width, frames)
+    tokens = latent_tokens(height, width, frames)
     return Counts(
         dit_params=sum(p.numel() for n, p in dit.named_parameters() if "lora_" not in n),
         block_params=sum(p.numel() for p in dit.blocks[0].parameters()),
@@ -196,6 +201,29 @@ def modes(c: Counts, blocks: int, gpus: int) -> dict[str, dict[str, float]]:
     return table
 
 
+def trajectory_modes(gpus: int) -> tuple[str, ...]:
+    """The modes the trajectory table shows: the smallest single-GPU ones and FSDP."""
+    return ("cached + fp8 base + activation offload", "cached + fp8 base", f"cached + FSDP ({gpus} GPUs) + activation offload")
+
+
+def trajectory_table(rank: int, kwargs: dict, gpus: int) -> dict[str, dict[str, float]]:
+    """GiB per category for trajectory rows at :data:`TRAJECTORY_SIZES`, in :func:`trajectory_modes`."""
+    rows = {}
+    for height, width in TRAJECTORY_SIZES:
+        c = count(height, width, rank, kwargs, TRAJECTORY_FRAMES)
+        table = modes(c, kwargs["num_layers"], gpus)
+        for mode in trajectory_modes(gpus):
+            rows[f"{height}x{width}, {c.tokens} tokens, {mode}"] = table[mode]
+    return rows
+
+
+def print_table(table: dict[str, dict[str, float]]) -> None:
+    columns = list(next(iter(table.values())))
+    print("| mode | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for mode, figures in table.items():
+        print(f"| {mode} | " + " | ".join(f"{figures[k]:.1f}" if figures[k] else "0" for k in columns) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--height", type=int, default=1024)
@@ -208,12 +236,12 @@ def main() -> None:
 
     c = count(args.height, args.width, args.rank, CHRONOEDIT_14B_KWARGS)
     table = modes(c, CHRONOEDIT_14B_KWARGS["num_layers"], args.gpus)
-    columns = list(next(iter(table.values())))
     print(f"ChronoEdit-14B LoRA training at {args.height}x{args.width}, batch 1, rank {args.rank}, bf16, "
           f"gradient checkpointing; GiB on each GPU")
-    print("| mode | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-    for mode, figures in table.items():
-        print(f"| {mode} | " + " | ".join(f"{figures[k]:.1f}" if figures[k] else "0" for k in columns) + " |")
+    print_table(table)
+    trajectories = trajectory_table(args.rank, CHRONOEDIT_14B_KWARGS, args.gpus)
+    print(f"\nTrajectory rows ({TRAJECTORY_FRAMES} frames, 8 latents), batch 1, rank {args.rank}; GiB on each GPU")
+    print_table(trajectories)
     print(f"\nDiT {c.dit_params / 1e9:.2f} B parameters ({c.block_linear_weights / c.dit_params:.1%} in block linears); "
           + ", ".join(f"{name} {n / 1e9:.2f} B" for name, n in c.encoder_params.items())
           + f"; LoRA {c.lora_params / 1e6:.1f} M.")
@@ -227,7 +255,8 @@ def main() -> None:
           f"blocks ({gathered / GIB:.2f} GiB: the current one and the prefetched next) and the root's "
           f"{root / GIB:.2f} GiB (embeddings and head, gathered through forward and backward).")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table,
+                                               "trajectories": trajectories}, indent=2))
 
 
 if __name__ == "__main__":

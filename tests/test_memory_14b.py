@@ -78,3 +78,18 @@ def test_fsdp_rows_shard_the_base_and_order_by_gpu_count():
     # going from 2 to 8 GPUs saves 3/8 of the blocks' weights on each GPU
     saved = (fsdp[2]["DiT weights"] - fsdp[8]["DiT weights"]) * bench.GIB
     assert abs(saved - sharded * (1 / 2 - 1 / 8)) < 1
+
+
+def test_trajectory_rows_count_eight_latents():
+    bench = _bench()
+    kwargs = CHRONOEDIT_14B_KWARGS
+    table = bench.trajectory_table(32, kwargs, gpus=8)
+    assert len(table) == len(bench.TRAJECTORY_SIZES) * 3
+    small, large = (f"{h}x{w}, {8 * (h // 16) * (w // 16)} tokens, cached + fp8 base + activation offload"
+                    for h, w in bench.TRAJECTORY_SIZES)
+    assert table[small]["GPU total"] < table[large]["GPU total"]
+    # 480x832 with 8 latents is 12480 tokens, about 1.5x the 8192 of a 1024x1024 pair: the kept block
+    # inputs (offloaded here) grow in proportion, and nothing about the weights changes
+    pair = bench.modes(bench.count(1024, 1024, 32, kwargs), kwargs["num_layers"], 8)["cached + fp8 base + activation offload"]
+    assert abs(table[small]["CPU RAM (offloaded)"] / pair["CPU RAM (offloaded)"] - 12480 / 8192) < 1e-6
+    assert table[small]["DiT weights"] == pair["DiT weights"]
