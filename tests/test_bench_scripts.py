@@ -39,3 +39,12 @@ def test_train_step_bench_compares_one_and_two_processes(tmp_path):
     figures = _run("train_step.py", "--processes", "2", "--repeats", "1", "--steps", "3", json_path=tmp_path / "dp.json")
     assert set(figures["median"]) == {"1", "2"} and figures["processes"] == 2
     assert all(figures["median"][n]["samples_per_s"] > 0 for n in ("1", "2")) and figures["samples_per_s_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_vs_diffsynth_bench_writes_both_sides_and_modes(tmp_path):
+    figures = _run("vs_diffsynth.py", "--repeats", "1", "--steps", "3", json_path=tmp_path / "vs.json")
+    for mode in ("uncached", "cached"):
+        assert set(figures["runs"][mode]) == {"kit", "diffsynth"}
+        assert all(run["steps"] == 3 for side in figures["runs"][mode].values() for run in side)
+        assert all(ratio > 0 for ratio in figures["summary"][mode]["ratio"].values())
