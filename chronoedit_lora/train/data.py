@@ -51,6 +51,7 @@ class TrainingData:
         self.batch_size = config.batch_size
         self.seed = config.seed
         self.trajectory_share = config.trajectory_share
+        self._epochs: dict[int, list[list[int]]] = {}
         self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
         kinds = set(self.dataset.kinds)
         share = self.trajectory_share
@@ -78,6 +79,11 @@ class TrainingData:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All batches of ``epoch`` (each within one size bucket of one kind), shuffled by (seed, epoch);
         with ``trajectory_share`` set, re-dealt so that share of them are trajectory batches."""
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._deal(epoch)}  # the loop moves forward: keep the current epoch only
+        return self._epochs[epoch]
+
+    def _deal(self, epoch: int) -> list[list[int]]:
         kinds = self.dataset.kinds
         batches = bucket_batches(list(zip(kinds, self.dataset.sizes)), self.batch_size, self.seed, epoch)
         if self.trajectory_share is None:
@@ -98,3 +104,9 @@ class TrainingData:
         batches = self.epoch_batches(epoch)
         usable = len(batches) // world * world
         return batches[rank:usable:world]
+
+    def items_trained(self, positions: list[tuple[int, int]], world: int) -> list[int]:
+        """Every item that the ``world`` processes trained on at these (epoch, batch) positions of
+        their shares, computed from the deterministic split (no communication between ranks)."""
+        return sorted(i for epoch, batch in positions for rank in range(world)
+                      for i in self.rank_batches(epoch, rank, world)[batch])

@@ -12,8 +12,8 @@ every parameter, LoRA included, is a ``DTensor`` holding 1/N of it on each rank.
   the same per-parameter full tensors a DDP run saves, and :func:`load_optimizer_state` cuts each
   rank's shard back out. A checkpoint therefore has the same files and format under DDP and FSDP
   (one ``optimizer.pt``), and ``--resume`` continues exactly;
-* a gradient's finiteness is known per shard only, so :func:`grads_finite` agrees across ranks
-  (otherwise one rank would stop and the others would hang).
+* a gradient's finiteness is known per shard only, so :func:`step_status` agrees on it across
+  ranks (otherwise one rank would stop and the others would hang).
 
 Who shards: on GPUs accelerate 1.15 does it (``accelerator.prepare`` runs its FSDP2 path with the
 config's ``fsdp_transformer_layer_cls_to_wrap: DiTBlock``, reshard and mixed-precision settings).
@@ -114,11 +114,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
 
 
-def grads_finite(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> bool:
-    """Whether every gradient is finite, the same answer on every rank (shards are checked per rank)."""
+def step_status(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether every gradient is finite on every rank (under FSDP
+    each rank checks its own shards): one collective and one host read per optimizer step."""
     grads = [local(p.grad) for p in params if p.grad is not None]
-    finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
-    if any(isinstance(p, DTensor) for p in params):
-        flag = torch.tensor([float(finite)], device=accelerator.device)
-        finite = bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
-    return finite
+    bad = torch.stack([g.isfinite().all().logical_not() for g in grads]).sum() if grads else torch.zeros(())
+    status = torch.stack([loss.detach().float().reshape(()), bad.float().to(loss.device)])
+    if accelerator.num_processes > 1:
+        status = accelerator.reduce(status, reduction="sum")
+    total, non_finite = status.tolist()
+    return total / accelerator.num_processes, non_finite == 0

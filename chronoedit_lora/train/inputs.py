@@ -33,18 +33,26 @@ def collate_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 
 class PairInputs:
-    """Training inputs of dataset item ``i``: encoded now, or read from the conditioning cache."""
+    """Training inputs of dataset item ``i``: encoded now, or read from the conditioning cache.
+
+    In two halves, so the file work can run ahead on another thread (:mod:`.prefetch`):
+    :meth:`read` decodes the item (uncached) or reads its cache entry, on the CPU;
+    :meth:`inputs` encodes it, or moves the cached tensors to the device.
+    """
 
     def __init__(self, pipe: ChronoEditPipeline, dataset, cache=None):
         self.pipe, self.dataset, self.cache = pipe, dataset, cache
         self._keys: dict[int, str] = {}
 
-    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+    def read(self, index: int) -> dict:
         if self.cache is None:
-            item = self.dataset[index]
-            return encode_clip(self.pipe, item["video"], item["prompt"])
+            return self.dataset[index]
         pair_index = index % len(self.dataset.pairs)
         if pair_index not in self._keys:
             self._keys[pair_index] = self.cache.key(self.dataset, pair_index)
-        tensors = self.cache.get(self._keys[pair_index])
-        return {k: v.to(self.pipe.device, self.pipe.dtype) for k, v in tensors.items()}
+        return self.cache.get(self._keys[pair_index])
+
+    def inputs(self, read: dict) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return encode_clip(self.pipe, read["video"], read["prompt"])
+        return {k: v.to(self.pipe.device, self.pipe.dtype) for k, v in read.items()}

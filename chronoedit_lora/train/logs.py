@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..files import atomic_write, write_text
+from ..files import write_text
+from .loss_plot import plot_losses
 
 METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples", "val_loss"]
 
@@ -83,28 +84,6 @@ def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss per step and its running mean, as a PNG."""
+    """Loss per step, its running mean and the validation loss, as a PNG (None if nothing was logged)."""
     steps, losses, validation = read_losses(csv_path)
-    if not steps:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"running mean ({window})")
-    if validation:
-        ax.plot(list(validation), list(validation.values()), "o-", label="validation (fixed grid)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(png_path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return png_path
+    return plot_losses(steps, losses, validation, png_path) if steps else None

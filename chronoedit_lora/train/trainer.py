@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
@@ -35,6 +35,7 @@ from .inputs import PairInputs, collate_inputs
 from .launch import check_launch
 from .logs import TrainingLog
 from .model_card import write_model_card
+from .prefetch import Prefetcher
 from .run_folder import RunFolder, choose_checkpoint
 from .sync import assert_ranks_in_sync
 
@@ -158,23 +159,26 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     stop = _StopRequest()
     loss_value = float("nan")
 
-    # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step.
-    window_loss, window_items, window_started = 0.0, [], None  # a window may span an epoch's end
+    # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step; the
+    # next batch is read from disk while this one trains (prefetch), and the loss and the gradients'
+    # finiteness are read back once per optimizer step (step_status), the only host sync of a step.
+    window_loss, window_positions, window_started = 0.0, [], None  # a window may span an epoch's end
+    prefetch = Prefetcher(lambda indices: [pair_inputs.read(i) for i in indices])
     try:
         while progress.step < total_steps and not stop.requested:
             batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
-            for batch_indices in batches[progress.batch_in_epoch:]:
+            for batch_indices, read in prefetch(batches[progress.batch_in_epoch:]):
                 window_started = window_started or time.perf_counter()
                 with accelerator.accumulate(module):
-                    inputs = collate_inputs([pair_inputs(i) for i in batch_indices])
+                    inputs = collate_inputs([pair_inputs.inputs(item) for item in read])
                     loss = module(inputs)
                     accelerator.backward(loss)
                     window_loss = window_loss + loss.detach()
-                    window_items += batch_indices
+                    window_positions.append((progress.epoch, progress.batch_in_epoch))
                     if accelerator.sync_gradients:
-                        loss_value = accelerator.reduce(window_loss / config.gradient_accumulation, reduction="mean").item()
-                        _refuse_non_finite(loss_value, fsdp.grads_finite(accelerator, lora_parameters),
-                                           progress.step + 1, output)
+                        loss_value, grads_finite = fsdp.step_status(
+                            accelerator, window_loss / config.gradient_accumulation, lora_parameters)
+                        _refuse_non_finite(loss_value, grads_finite, progress.step + 1, output)
                         if config.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -189,10 +193,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
                     validation = _sample(accelerator, pipe, data, config, output, progress.step)
-                samples = sorted(i for items in gather_object([window_items]) for i in items)
+                samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - window_started,
                          samples, validation)
-                window_loss, window_items, window_started = 0.0, [], None
+                window_loss, window_positions, window_started = 0.0, [], None
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
                     assert_ranks_in_sync(accelerator, lora_parameters)
                 if last or stop.requested or progress.step % config.save_every == 0:
@@ -203,6 +207,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
     finally:
+        prefetch.close()
         stop.restore()
 
     lora_path = lora_export.final_path(output)
@@ -223,7 +228,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
 def _refuse_non_finite(loss: float, grads_finite: bool, step: int, output: Path) -> None:
     """Stop before a NaN/inf loss or gradient reaches the weights (the same on every rank: the loss
-    is averaged and the gradients' finiteness agreed across them, see :func:`.fsdp.grads_finite`)."""
+    is averaged and the gradients' finiteness agreed across them, see :func:`.fsdp.step_status`)."""
     if math.isfinite(loss) and grads_finite:
         return
     what = "loss" if not math.isfinite(loss) else "gradient"
