@@ -11,6 +11,10 @@ modes alternate, so machine load affects both columns alike. Then, in a further 
 forward+backward FLOPs of one step (counted by ``torch.utils.flop_counter`` on a cached pair) and
 the machine's dense float32 matmul throughput. Prints medians and ratios; never asserts a time.
 
+``--compile`` instead compares eager and compiled DiT blocks (``compile = true``, regional
+``torch.compile``), both training from cached conditioning: s/step after the first step, the first
+step's extra time (the compilation) reported separately, and each one's share of the matmul peak.
+
 ``--processes N`` instead compares data-parallel throughput: training from cached conditioning with
 1 process and with N processes (configs/accelerate/cpu_2proc.yaml, gloo), each run its own launch,
 alternating, and reports samples/s (processes x batch / median s/step of rank 0) side by side. On a
@@ -72,15 +76,18 @@ def train_args(model: Path, output: Path, side: int) -> list[str]:
             "--height", str(side), "--width", str(side)]
 
 
-def run_once(model: Path, output: Path, cache: bool, steps: int, side: int) -> dict:
-    """Train in a child process; returns median s/step (after the first step) and its peak RSS."""
+def run_once(model: Path, output: Path, cache: bool, steps: int, side: int, compile: bool = False) -> dict:
+    """Train in a child process; returns median s/step (after the first step), the first step's
+    time beyond that median (warm-up; with ``compile``, the compilation) and its peak RSS."""
     args = ["train", *train_args(model, output, side), "--max_steps", str(steps), "--save_every", "100000",
-            "--cache", str(cache).lower()]
+            "--cache", str(cache).lower(), "--compile", str(compile).lower()]
     code = (f"import resource; from chronoedit_lora.cli import main; main({args!r}); "
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_kb = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
-    return {"s_per_step": step_seconds(output), "peak_rss_mb": peak_kb / 1024}
+    seconds = step_seconds(output)
+    first = float(next(csv.DictReader((output / "logs" / "metrics.csv").open()))["seconds"])
+    return {"s_per_step": seconds, "first_step_extra_s": first - seconds, "peak_rss_mb": peak_kb / 1024}
 
 
 def step_seconds(output: Path) -> float:
@@ -131,6 +138,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1,
                         help="> 1: compare samples/s of 1 and this many processes instead of cached vs uncached")
+    parser.add_argument("--compile", action="store_true",
+                        help="compare eager and compiled DiT blocks (both cached) instead of cached vs uncached")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
@@ -146,37 +155,42 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps,
                                                        "processes": args.processes, **result}, indent=2))
             return
-        figures: dict[str, list[dict]] = {"uncached": [], "cached": []}
+        # mode -> (cached, compiled)
+        runs = {"eager": (True, False), "compiled": (True, True)} if args.compile else \
+            {"uncached": (False, False), "cached": (True, False)}
+        figures: dict[str, list[dict]] = {mode: [] for mode in runs}
         for repeat in range(args.repeats):
-            for mode in figures:
+            for mode, (cached, compiled) in runs.items():
                 output = tmp / f"{mode}-{repeat}"
-                if mode == "cached":
+                if cached:
                     shutil.copytree(cache, output / "cache")
-                figures[mode].append(run_once(model, output, mode == "cached", steps, side))
+                figures[mode].append(run_once(model, output, cached, steps, side, compiled))
         flops = measure_flops(model, cache)
     summary: dict = {mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for mode, runs in figures.items()}
     for mode in figures:
         achieved = flops["dit_flops_per_step"] / summary[mode]["s_per_step"]
         summary[mode].update(dit_flops_per_s=achieved, matmul_fraction=achieved / flops["matmul_flops_per_s"])
-    summary.update(flops, speedup_cached=summary["uncached"]["s_per_step"] / summary["cached"]["s_per_step"],
-                   rss_ratio_cached=summary["cached"]["peak_rss_mb"] / summary["uncached"]["peak_rss_mb"])
-    print_table(args.size, side, summary)
+    baseline, other = figures
+    summary.update(flops, speedup=summary[baseline]["s_per_step"] / summary[other]["s_per_step"],
+                   rss_ratio=summary[other]["peak_rss_mb"] / summary[baseline]["peak_rss_mb"])
+    print_table(args.size, side, summary, baseline, other)
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps, "runs": figures,
                                                "summary": summary}, indent=2))
 
 
-def print_table(size: str, side: int, s: dict) -> None:
-    u, c = s["uncached"], s["cached"]
+def print_table(size: str, side: int, s: dict, baseline: str, other: str) -> None:
+    a, b = s[baseline], s[other]
     rows = [
-        ("s/step (median)", f"{u['s_per_step']:.3f}", f"{c['s_per_step']:.3f}", f"{s['speedup_cached']:.2f}x faster"),
-        ("peak RSS MB (median)", f"{u['peak_rss_mb']:.0f}", f"{c['peak_rss_mb']:.0f}", f"{s['rss_ratio_cached']:.2f}x"),
-        ("DiT GFLOP/s", f"{u['dit_flops_per_s'] / 1e9:.1f}", f"{c['dit_flops_per_s'] / 1e9:.1f}", ""),
-        ("  / fp32 matmul peak", f"{u['matmul_fraction']:.1%}", f"{c['matmul_fraction']:.1%}", ""),
+        ("s/step (median)", f"{a['s_per_step']:.3f}", f"{b['s_per_step']:.3f}", f"{s['speedup']:.2f}x faster"),
+        ("first step extra s", f"{a['first_step_extra_s']:.2f}", f"{b['first_step_extra_s']:.2f}", ""),
+        ("peak RSS MB (median)", f"{a['peak_rss_mb']:.0f}", f"{b['peak_rss_mb']:.0f}", f"{s['rss_ratio']:.2f}x"),
+        ("DiT GFLOP/s", f"{a['dit_flops_per_s'] / 1e9:.1f}", f"{b['dit_flops_per_s'] / 1e9:.1f}", ""),
+        ("  / fp32 matmul peak", f"{a['matmul_fraction']:.1%}", f"{b['matmul_fraction']:.1%}", ""),
     ]
     print(f"{size} config ({side}x{side}, CPU, float32); DiT forward+backward {s['dit_flops_per_step'] / 1e9:.1f} "
           f"GFLOP/step; fp32 matmul peak {s['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (2048^3, same run)")
-    print(f"{'':<24}{'uncached':>12}{'cached':>12}{'':>4}ratio")
+    print(f"{'':<24}{baseline:>12}{other:>12}{'':>4}ratio")
     for name, *values in rows:
         print(f"{name:<24}{values[0]:>12}{values[1]:>12}    {values[2]}")
 

@@ -48,3 +48,17 @@ def test_vs_diffsynth_bench_writes_both_sides_and_modes(tmp_path):
         assert set(figures["runs"][mode]) == {"kit", "diffsynth"}
         assert all(run["steps"] == 3 for side in figures["runs"][mode].values() for run in side)
         assert all(ratio > 0 for ratio in figures["summary"][mode]["ratio"].values())
+
+
+@pytest.mark.slow
+def test_edit_latency_bench_compares_eager_and_compiled(tmp_path):
+    figures = _run("edit_latency.py", "--compile", "--repeats", "1", "--steps", "1", "--size", "32",
+                   json_path=tmp_path / "compile.json")
+    assert set(figures["median"]) == {"eager", "compiled"} and figures["first"]["compiled"] > 0
+
+
+@pytest.mark.slow
+def test_train_step_bench_compares_eager_and_compiled(tmp_path):
+    figures = _run("train_step.py", "--compile", "--repeats", "1", "--steps", "2", json_path=tmp_path / "compile.json")
+    assert set(figures["runs"]) == {"eager", "compiled"}
+    assert all(0 < figures["summary"][mode]["matmul_fraction"] <= 1 for mode in ("eager", "compiled"))

@@ -33,7 +33,6 @@ VIDEO_COLUMNS = ("video", "prompt")
 TRAJECTORY = "trajectory"  # the optional column, and the kind of its rows
 TRAJECTORY_COLUMNS = (TRAJECTORY, "prompt")
 PAIR = "pair"
-KINDS = (PAIR, TRAJECTORY)
 _DELIMITERS = (",", ";", "\t")
 
 
