@@ -219,8 +219,8 @@ def test_overfitting_one_trajectory_lowers_its_loss_and_changes_the_reasoning_fr
     fuse_lora(pipe.dit, load_lora(result.lora)[0])
     after = validation_loss(pipe, [item])
     trained = pipe(source, item["prompt"], **settings).video
-    # Measured on this tiny random base: 1.47 -> 1.06 (1.39x); no learning stays ~1.0x.
-    assert after < before / 1.25, (before, after)
+    # Measured on this tiny random base: 1.54 -> 0.89 (1.73x); no learning stays ~1.0x.
+    assert after < before / 1.4, (before, after)
     assert base.shape[2] == REASONING_FRAMES
     assert (trained[:, :, 1:-4] - base[:, :, 1:-4]).abs().max() > 1e-2  # the reasoning frames moved
 
@@ -303,3 +303,18 @@ def test_prepare_finds_trajectory_videos_and_frame_folders(tmp_path, capsys):
     assert [(r["trajectory"], r["prompt"]) for r in rows[1:]] == [
         ("trajectories/fade.mp4", "Sketch it."), ("trajectories/sketching", "Draw it in pencil, stroke by stroke.")]
     assert not has_fatal(check_dataset(source / "metadata.csv", max_pixels=4096))
+
+
+@pytest.mark.parametrize("frames", [5, REASONING_FRAMES])
+def test_training_conditioning_equals_the_edit_pipelines(pipe, frames):
+    """encode_clip batches the target and condition clips through the VAE; its y equals the one
+    DiffSynth's VAE unit builds for an edit of that clip length, and its latents the VAE's own."""
+    levels = torch.randint(0, 256, (3, frames, 32, 32), generator=torch.Generator().manual_seed(frames))
+    video = levels / 127.5 - 1  # 8-bit images, as the dataset gives them
+    inputs = encode_clip(pipe, video, "Make it a sketch.")
+    from chronoedit_lora.video import tensor_to_pil
+
+    y = pipe.condition_latents(tensor_to_pil(video[:, 0]), frames)
+    latents = pipe.components.vae.encode([video], device="cpu")
+    assert inputs["y"].shape == y.shape and inputs["input_latents"].shape == latents.shape
+    assert (inputs["y"] - y).abs().max().item() <= 1e-5 and (inputs["input_latents"] - latents).abs().max().item() <= 1e-5

@@ -15,13 +15,20 @@ def encode_clip(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> d
     ``video`` (3, T, H, W) in [-1, 1] is a pair's clip [src, tgt, tgt, tgt, tgt] (T = 5, 2 latents)
     or a trajectory's 29 frames (8 latents). The conditioning is the edit's at inference for that
     clip length: CLIP of the source, and y = [mask with ones on latent 0, VAE(source followed by
-    T - 1 zero frames)], so a trajectory is conditioned exactly as the temporal-reasoning mode is.
+    T - 1 zero frames)], as DiffSynth's ``WanVideoUnit_ImageEmbedderVAE`` builds it (equal to it,
+    tested), so a trajectory is conditioned exactly as the temporal-reasoning mode is. The target
+    clip and the condition clip go through the VAE as one batch of 2: one pass instead of two.
     """
     source = tensor_to_pil(video[:, 0])
-    latents = pipe.components.vae.encode([video.to(pipe.dtype)], device=pipe.device)
+    condition_clip = torch.cat([video[:, :1], torch.zeros_like(video[:, 1:])], dim=1)
+    pipe.placement.use("vae")
+    latents, condition = pipe.components.vae.single_encode(torch.stack([video, condition_clip]).to(pipe.dtype),
+                                                           pipe.device)
+    mask = torch.zeros_like(condition[:4])
+    mask[:, 0] = 1  # the first latent frame is given
     return {
-        "input_latents": latents.to(pipe.dtype),
-        "y": pipe.condition_latents(source, video.shape[1]),
+        "input_latents": latents[None].to(pipe.dtype),
+        "y": torch.cat([mask, condition])[None].to(pipe.dtype),
         "clip_feature": pipe.encode_image(source),
         "context": pipe.encode_prompt(prompt),
     }
