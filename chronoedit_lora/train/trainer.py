@@ -180,7 +180,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                             accelerator, window_loss / config.gradient_accumulation, lora_parameters)
                         _refuse_non_finite(loss_value, grads_finite, progress.step + 1, output)
                         if config.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                            accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)  # the only grads
                     optimizer.step()
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
                         scheduler.step()
