@@ -124,6 +124,15 @@ def compare_processes(model: Path, cache: Path, tmp: Path, processes: int, repea
             "samples_per_s_ratio": median[str(processes)]["samples_per_s"] / median["1"]["samples_per_s"]}
 
 
+def model_and_cache(tmp: Path, size: str, side: int) -> tuple[Path, Path]:
+    """Write the ``size`` checkpoint under ``tmp`` and fill a conditioning cache for it (not timed)."""
+    model = tmp / size
+    cli("make-tiny", str(model), "--size", size)
+    cache = tmp / "cache-source" / "cache"
+    cli("cache", *train_args(model, cache.parent, side))
+    return model, cache
+
+
 def measure_flops(model: Path, cache: Path) -> dict:
     entry = next(cache.rglob("*.safetensors"))
     out = subprocess.run([sys.executable, "-c", MEASURE_FLOPS, str(CONFIG), str(model), str(entry)],
@@ -145,10 +154,7 @@ def main() -> None:
     steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = tmp / args.size
-        cli("make-tiny", str(model), "--size", args.size)
-        cache = tmp / "cache-source" / "cache"
-        cli("cache", *train_args(model, cache.parent, side))  # filled once, not timed
+        model, cache = model_and_cache(tmp, args.size, side)
         if args.processes > 1:
             result = compare_processes(model, cache, tmp, args.processes, args.repeats, steps, side)
             if args.json:

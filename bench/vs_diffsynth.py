@@ -70,7 +70,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import CONFIG, SIDE, cli, step_seconds, train_args  # noqa: E402  (bench/ is not a package)
+from train_step import CONFIG, SIDE, model_and_cache, step_seconds, train_args  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_STEPS = {"tiny": 24, "mid": 5}
 MODES = ("uncached", "cached")
@@ -317,10 +317,7 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict]]] = {mode: {s: [] for s in SIDES} for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = tmp / args.size
-        cli("make-tiny", str(model), "--size", args.size)
-        cache = tmp / "cache-source" / "cache"
-        cli("cache", *train_args(model, cache.parent, side))  # filled once, not timed
+        model, cache = model_and_cache(tmp, args.size, side)
         processed = tmp / "diffsynth-processed"  # DiffSynth's split training, stage 1, not timed
         run_child(diffsynth_command("sft:data_process", model, processed, steps, side, args.threads, None), args.threads)
         for repeat in range(args.repeats):
