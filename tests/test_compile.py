@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
@@ -33,9 +35,15 @@ def test_compiled_training_equals_eager(tiny_diffusers, tmp_path):
     common = dict(max_steps=2, save_every=100, seed=4)
     eager = train(tiny_config(tiny_diffusers, dataset, tmp_path / "eager", **common))
     compiled = train(tiny_config(tiny_diffusers, dataset, tmp_path / "compiled", compile=True, **common))
+    losses = [[float(r["loss"]) for r in csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open())]
+              for run in ("eager", "compiled")]
+    assert losses[0] == pytest.approx(losses[1], rel=TOLERANCE)
+    # AdamW's first steps are lr * g / (|g| + eps): for a gradient element near eps (1e-8) a float
+    # reordering of 1e-10 in g moves that element's step by about 1e-3 of lr, so the LoRA weights
+    # are compared to 1% of one step (lr 5e-3), not to the forward's 1e-5.
     a, b = load_lora(eager.lora)[0], load_lora(compiled.lora)[0]
     difference = max((a[k].up - b[k].up).abs().max().item() for k in a)
-    assert difference <= TOLERANCE and max(a[k].up.abs().max().item() for k in a) > 1e-4, difference
+    assert difference <= 0.01 * 5e-3 and max(a[k].up.abs().max().item() for k in a) > 1e-4, difference
 
 
 def test_compile_with_block_offload_is_refused(tiny_diffusers):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
 from ..errors import ChronoEditError
@@ -120,7 +120,13 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                                 config.gradient_checkpointing, config.activation_offload)
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
         compile_blocks(pipe.dit)
-    optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # Fused AdamW: one kernel over all LoRA tensors instead of a Python loop over them (about 5x
+    # faster per step for a small LoRA on a CPU). Not under FSDP (its step on DTensor shards aborts
+    # on the CPU) or DeepSpeed (which steps the optimizer itself); there fused=None keeps torch's
+    # default (False would also turn off its foreach path on GPUs).
+    fused = True if not fsdp.requested() and accelerator.distributed_type != DistributedType.DEEPSPEED else None
+    optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=fused)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
