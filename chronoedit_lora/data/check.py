@@ -40,7 +40,7 @@ def pair_sizes(pair: EditPair, checked: CheckedFiles) -> tuple[tuple | None, lis
     frame), and the problems of its files."""
     source_column, edited_column = pair.columns
     if pair.is_trajectory:
-        ends, _, problems = checked.trajectory(pair.input_image, pair.row, source_column)
+        ends, problems = checked.trajectory(pair.input_image, pair.row, source_column)
         return (tuple(ends) if ends and not has_fatal(problems) else None), problems
     if pair.is_video:
         frames, problems = checked.video(pair.input_image, pair.row, source_column)

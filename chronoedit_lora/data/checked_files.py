@@ -64,35 +64,34 @@ class CheckedFiles:
         sizes, problems = self._verdict(path, row, column, check)
         return [tuple(size) for size in sizes], problems
 
-    def trajectory(self, path: Path, row: int, column: str) -> tuple[list[tuple[int, int]], int, list[Problem]]:
-        """A trajectory's (first, last) frame sizes, its frame count and its problems."""
+    def trajectory(self, path: Path, row: int, column: str) -> tuple[list[tuple[int, int]], list[Problem]]:
+        """A trajectory's (first, last) frame sizes and its problems."""
         def check() -> dict:
-            sizes, count, problems = check_trajectory(path, row, column)
-            return {"sizes": [list(size) for size in sizes], "frames": count, "problems": problems}
+            sizes, problems = check_trajectory(path, row, column)
+            return {"sizes": [list(size) for size in sizes], "problems": problems}
 
-        sizes, problems, entry = self._verdict(path, row, column, check, with_entry=True)
-        return [tuple(size) for size in sizes], entry["frames"], problems
+        sizes, problems = self._verdict(path, row, column, check)
+        return [tuple(size) for size in sizes], problems
 
-    def _verdict(self, path: Path, row: int, column: str, check, with_entry: bool = False):
+    def _verdict(self, path: Path, row: int, column: str, check) -> tuple[list, list[Problem]]:
         key = self._key(path)
         entry = self.entries.get(key) if key else None
         if entry is None:
             self.misses += 1
             found = check()
-            entry = {**found, "problems": [[p.reason, p.fix, p.fatal] for p in found["problems"]]}
+            entry = {"sizes": found["sizes"], "problems": [[p.reason, p.fix, p.fatal] for p in found["problems"]]}
             if key:
                 self.entries[key] = entry
         else:
             self.hits += 1
             self.entries[key] = self.entries.pop(key)  # most recently used last
-        problems = [Problem(row, column, reason, fix, fatal) for reason, fix, fatal in entry["problems"]]
-        return (entry["sizes"], problems, entry) if with_entry else (entry["sizes"], problems)
+        return entry["sizes"], [Problem(row, column, reason, fix, fatal) for reason, fix, fatal in entry["problems"]]
 
     @staticmethod
     def _key(path: Path) -> str | None:
         try:
             if path.is_dir():  # a frame folder: every frame's name, size and time, in one digest
-                stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in frame_files(path)]
+                stats = [(p.name, (s := p.stat()).st_size, s.st_mtime_ns) for p in frame_files(path)]
                 return f"v{CHECK_VERSION}:{path.resolve()}/:{hashlib.sha256(repr(stats).encode()).hexdigest()}"
             stat = path.stat()
         except OSError:

@@ -102,8 +102,7 @@ def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Ima
         with imageio.get_reader(path, format="ffmpeg") as reader:
             frames = [Image.fromarray(np.asarray(frame)) for frame in itertools.islice(reader, 3)]
     except VIDEO_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [], [Problem(row, column, f"{path.name} is not a readable video ({message}).",
+        return [], [Problem(row, column, f"{path.name} is not a readable video ({error_text(exc)}).",
                             "Re-encode it as an H.264 MP4 with 2 frames, or remove the row.")]
     if len(frames) < 2:
         return frames, [Problem(row, column, f"{path.name} has {len(frames)} frame(s); a pair video needs 2.",
@@ -113,6 +112,12 @@ def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Ima
                                     "source and frame 1 as the edited image.",
                                     "Write 2-frame videos if that is not what you meant.", fatal=False)]
     return frames, []
+
+
+def error_text(exc: BaseException) -> str:
+    """The first line of a decoder's error (ffmpeg's run to pages), or its type if it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_source_size(pair: EditPair) -> tuple[tuple[int, int] | None, list[Problem]]:

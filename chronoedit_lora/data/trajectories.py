@@ -11,6 +11,7 @@ image files in natural order (``2.png`` before ``10.png``), and all must have on
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..video import REASONING_FRAMES
-from .images import IMAGE_SUFFIXES, VIDEO_ERRORS, file_problem, image_size, read_image
+from .images import IMAGE_SUFFIXES, VIDEO_ERRORS, error_text, file_problem, image_size, read_image
 from .problems import Problem
 
 MIN_FRAMES = 3
@@ -44,17 +45,17 @@ def first_frame_size(path: Path, row: int, column: str) -> tuple[tuple[int, int]
         if not files:
             return None, [_no_frames(path, row, column)]
         return image_size(files[0], row, column)
-    frames, problems = _video_frames(path, row, column, wanted={0})
+    frames, _, problems = _video_frames(path, row, column, wanted={0})
     return (frames[0].size if frames else None), problems
 
 
-def check_trajectory(path: Path, row: int, column: str) -> tuple[list[tuple[int, int]], int, list[Problem]]:
-    """Decode every frame: the (first, last) frame sizes, the frame count and the problems (too
-    short, undecodable frames, frames whose size differs from the first)."""
+def check_trajectory(path: Path, row: int, column: str) -> tuple[list[tuple[int, int]], list[Problem]]:
+    """Decode every frame: the (first, last) frame sizes and the problems (too short, undecodable
+    frames, frames whose size differs from the first)."""
     if path.is_dir():
         files = frame_files(path)
         if not files:
-            return [], 0, [_no_frames(path, row, column)]
+            return [], [_no_frames(path, row, column)]
         sizes, problems = [], []
         for file in files:
             image, found = read_image(file, row, column)
@@ -63,12 +64,12 @@ def check_trajectory(path: Path, row: int, column: str) -> tuple[list[tuple[int,
         problems += _size_changes(path, files, sizes, row, column)
         known = [size for size in sizes if size]
         count = len(files)
-    else:
-        frames, problems = _video_frames(path, row, column, wanted=set())
-        known, count = frames, len(frames)
+    else:  # a video's frames all have the stream's size
+        frames, count, problems = _video_frames(path, row, column, wanted={0}, read_all=True)
+        known = [frames[0].size] if frames else []
     if not problems and count < MIN_FRAMES:
         problems.append(_too_short(path, count, row, column))
-    return ([known[0], known[-1]] if known else []), count, problems
+    return ([known[0], known[-1]] if known else []), problems
 
 
 def load_trajectory(path: Path, row: int, column: str,
@@ -89,54 +90,63 @@ def load_trajectory(path: Path, row: int, column: str,
         if len(sizes) > 1:
             return [], _size_changes(path, [files[i] for i in images], [im.size for im in images.values()], row, column)
         return [images[i] for i in chosen], problems
-    count = video_frame_count(path) if path.is_file() else None
+    count = video_frame_count(path)
     if count is None or count < MIN_FRAMES:  # unreadable: let the decoder say why
-        problems = _video_frames(path, row, column, wanted={0})[1] if count is None else []
+        problems = _video_frames(path, row, column, wanted={0})[2] if count is None else []
         return [], problems or [_too_short(path, count or 0, row, column)]
     chosen = resample_indices(count, frames)
-    decoded, problems = _video_frames(path, row, column, wanted=set(chosen))
+    decoded, _, problems = _video_frames(path, row, column, wanted=set(chosen))
     if not problems and len(decoded) < len(set(chosen)):
         problems = [Problem(row, column, f"{path.name} ends before the {count} frames its stream reports.",
                             "Re-encode the video (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4), or remove the row.")]
     if problems:
         return [], problems
-    by_index = dict(zip(sorted(set(chosen)), decoded))
-    return [by_index[i] for i in chosen], []
+    return [decoded[i] for i in chosen], []
 
 
 def video_frame_count(path: Path) -> int | None:
-    """How many frames the video at ``path`` has (ffmpeg counts them), or None if it cannot be read."""
+    """How many frames the video at ``path`` has (ffmpeg counts them), or None if it cannot be read.
+    Remembered per file version, so the loader of every epoch and ``dataset prepare`` count once."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _count_frames(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_frames(path: str, size: int, mtime_ns: int) -> int | None:  # noqa: ARG001 (size, time: the key)
     import imageio_ffmpeg
 
     try:
-        return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+        return imageio_ffmpeg.count_frames_and_secs(path)[0]
     except (RuntimeError, OSError, ValueError):
         return None
 
 
-def _video_frames(path: Path, row: int, column: str, wanted: set[int]) -> tuple[list, list[Problem]]:
-    """Read a video through once: the frames at ``wanted`` indices (in order) as RGB images, and
-    the size of every frame when ``wanted`` is empty (so the caller learns the count)."""
+def _video_frames(path: Path, row: int, column: str, wanted: set[int],
+                  read_all: bool = False) -> tuple[dict[int, Image.Image], int, list[Problem]]:
+    """Decode the video once: its frames at the ``wanted`` indices as RGB images, and how many
+    frames were read (all of them with ``read_all``, as a full check needs; else up to the last
+    wanted one)."""
     problem = file_problem(path, row, column)
     if problem:
-        return [], [problem]
+        return {}, 0, [problem]
     import imageio.v2 as imageio
 
-    out = []
+    frames, read = {}, 0
     try:
         with imageio.get_reader(path, format="ffmpeg") as reader:
             for index, frame in enumerate(reader):
-                if not wanted:
-                    out.append((frame.shape[1], frame.shape[0]))
-                elif index in wanted:
-                    out.append(Image.fromarray(np.asarray(frame)).convert("RGB"))
-                    if len(out) == len(wanted):
-                        break
+                read = index + 1
+                if index in wanted:
+                    frames[index] = Image.fromarray(np.asarray(frame)).convert("RGB")
+                if not read_all and len(frames) == len(wanted):
+                    break
     except VIDEO_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [], [Problem(row, column, f"{path.name} is not a readable video ({message}).",
-                            "Re-encode it as an H.264 MP4, or give a folder of numbered frames, or remove the row.")]
-    return out, []
+        return {}, read, [Problem(row, column, f"{path.name} is not a readable video ({error_text(exc)}).",
+                                  "Re-encode it as an H.264 MP4, or give a folder of numbered frames, or remove the row.")]
+    return frames, read, []
 
 
 def _size_changes(folder: Path, files: list[Path], sizes: list, row: int, column: str) -> list[Problem]:

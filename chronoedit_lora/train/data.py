@@ -53,12 +53,12 @@ class TrainingData:
         self.trajectory_share = config.trajectory_share
         self._epochs: dict[int, list[list[int]]] = {}
         self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
-        kinds = set(self.dataset.kinds)
-        share = self.trajectory_share
-        if share is not None and ((share > 0 and TRAJECTORY not in kinds) or (share < 1 and PAIR not in kinds)):
-            missing = "trajectory" if share > 0 and TRAJECTORY not in kinds else "pair"
-            raise ChronoEditError(f"trajectory_share = {share:g} asks for {missing} batches, but {config.dataset} has "
-                                  f"no {missing} rows; add some, or leave trajectory_share unset.")
+        share, kinds = self.trajectory_share, set(self.dataset.kinds)
+        if share is not None:  # before any model loads (share_batches would refuse only at the first epoch)
+            missing = [kind for kind, asked in ((TRAJECTORY, share > 0), (PAIR, share < 1)) if asked and kind not in kinds]
+            if missing:
+                raise ChronoEditError(f"trajectory_share = {share:g} asks for {missing[0]} batches, but {config.dataset} "
+                                      f"has no {missing[0]} rows; add some, or leave trajectory_share unset.")
 
     @staticmethod
     def _open(config: TrainConfig, csv_path: str, repeat: int) -> EditPairDataset:

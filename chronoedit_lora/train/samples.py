@@ -40,8 +40,8 @@ def sample_grid(pipe: ChronoEditPipeline, items: list[dict], path: Path, steps: 
         loss = validation_loss(pipe, items)
     finally:
         pipe.dit.train(was_training)
-    reasoning = len(STRIP_FRAMES) if any(len(row) > len(COLUMNS) for row in rows) else 0
-    labels = COLUMNS + tuple(f"reasoning frame {i}" for i in STRIP_FRAMES[:reasoning])
+    strip_labels = tuple(f"reasoning frame {i}" for i in STRIP_FRAMES)
+    labels = COLUMNS + (strip_labels if any(item["kind"] == TRAJECTORY for item in items) else ())
     save_image(grid_image(rows, labels), path)
     return loss
 

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
+from ..data.metadata import TRAJECTORY
 from ..errors import ChronoEditError
 from ..models.dit import compile_blocks
 from ..models.loading import DTYPES
@@ -155,7 +156,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    trajectories = data.dataset.kinds.count("trajectory")
+    trajectories = data.dataset.kinds.count(TRAJECTORY)
     accelerator.print(
         f"training a rank-{config.rank} LoRA on {len(data.dataset)} items"
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
