@@ -44,8 +44,9 @@ What differs, and why it does not change the work per step:
 * Gradient checkpointing. The stock example forces it on; here both sides use the kit config's
   setting (off in ``configs/tiny_cpu.toml``), so both run the same forward+backward.
 * Extras the kit does and the stock loop does not: gradient clipping (``max_grad_norm`` 1.0) and a
-  finite-gradient check per step, TensorBoard scalars, a checkpoint (optimizer + RNG state) at the
-  last step, a loss plot (matplotlib) and a model card at the end. They are part of its figures.
+  finite-gradient check per step (one gradient-norm computation serves both), TensorBoard scalars,
+  a checkpoint (optimizer + RNG state) at the last step, a loss plot and a model card at the end.
+  They are part of its figures.
 * Step time. Kit: its ``metrics.csv`` (batch start to end of the optimizer step). DiffSynth: the
   interval between consecutive ``on_step_end`` calls (includes data loading and tqdm).
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 
 from chronoedit_lora.cli import main
 from chronoedit_lora.errors import ChronoEditError
@@ -130,7 +131,7 @@ def test_targets_are_checked_against_the_dit_before_any_model_loads(tiny_diffuse
 
 def test_a_non_finite_loss_stops_before_the_step_and_saves_nothing_from_it(tiny_diffusers, pairs, tmp_path):
     output = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"step \d+: the training (loss|gradient) is not finite.*"
+    with pytest.raises(NonFiniteError, match=r"step \d+: the training (loss|gradient) is not finite \((norm )?(nan|inf)\).*"
                                              r"last good checkpoint is .*step-000001"):
         train(tiny_config(tiny_diffusers, pairs, output, max_steps=8, save_every=1, learning_rate=1e30,
                           max_grad_norm=0))
@@ -139,6 +140,50 @@ def test_a_non_finite_loss_stops_before_the_step_and_saves_nothing_from_it(tiny_
     for checkpoint in saved:  # every checkpoint written holds finite weights
         weights, _ = load_lora(output / "checkpoints" / checkpoint / "lora.safetensors")
         assert all(w.down.isfinite().all() and w.up.isfinite().all() for w in weights.values())
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity forward, NaN gradients backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tiny_diffusers, pairs, tmp_path, monkeypatch):
+    from chronoedit_lora.train.lora_module import LoraTrainingModule
+
+    forward = LoraTrainingModule.forward
+    monkeypatch.setattr(LoraTrainingModule, "forward", lambda self, inputs: _NanGradient.apply(forward(self, inputs)))
+    with pytest.raises(NonFiniteError, match=r"step 1: the training gradient is not finite \(norm nan\).*No checkpoint"):
+        train(tiny_config(tiny_diffusers, pairs, tmp_path / "run", max_steps=2, save_every=1))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_the_logged_gradient_norm_is_measured_once_and_clipped_to(tiny_diffusers, pairs, tmp_path, monkeypatch):
+    """The norm in metrics.csv is the gradients' norm before clipping, and clipping scales them to max_grad_norm."""
+    from chronoedit_lora.train import fsdp
+
+    seen = []
+    clip = fsdp.clip_gradients
+
+    def recording_clip(params, grad_norm, max_norm):
+        before = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+        clip(params, grad_norm, max_norm)
+        seen.append((grad_norm, before, torch.nn.utils.get_total_norm([p.grad for p in params]).item()))
+
+    monkeypatch.setattr(fsdp, "clip_gradients", recording_clip)
+    output = tmp_path / "run"
+    train(tiny_config(tiny_diffusers, pairs, output, max_steps=3, max_grad_norm=1e-3))
+    assert len(seen) == 3
+    for row, (grad_norm, before, after) in zip(metrics(output), seen):
+        assert grad_norm == pytest.approx(before, rel=1e-6) and grad_norm > 1e-3
+        assert float(row["grad_norm"]) == pytest.approx(grad_norm, rel=1e-5)
+        assert after == pytest.approx(before * 1e-3 / (before + 1e-6), rel=1e-5)  # torch's clip_grad_norm_ rule
 
 
 def test_signal_handlers_are_restored_and_accumulation_logs_whole_windows(tiny_diffusers, pairs, tmp_path, monkeypatch):

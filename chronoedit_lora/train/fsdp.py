@@ -26,6 +26,7 @@ environment), on accelerate's gloo process group; that is the path the CPU tests
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -114,13 +115,31 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
 
 
-def step_status(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[float, bool]:
-    """The loss averaged over ranks, and whether every gradient is finite on every rank (under FSDP
-    each rank checks its own shards): one collective and one host read per optimizer step."""
-    grads = [local(p.grad) for p in params if p.grad is not None]
-    bad = torch.stack([g.isfinite().all().logical_not() for g in grads]).sum() if grads else torch.zeros(())
-    status = torch.stack([loss.detach().float().reshape(()), bad.float().to(loss.device)])
+def step_status(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[float, float | None]:
+    """The loss averaged over ranks, and the gradients' global L2 norm (non-finite if any element
+    is; None when DeepSpeed holds the gradients): one collective and one host read per optimizer step.
+
+    Gradients are unscaled first (fp16), as ``accelerator.clip_grad_norm_`` does. Under FSDP each
+    rank holds a shard of every gradient, so the squared norms of the shards add up across ranks;
+    under DDP every rank holds the same full gradient, so their sum is divided by the rank count.
+    """
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded_grads = any(isinstance(g, DTensor) for g in grads)
+    squares = (torch.nn.utils.get_total_norm([local(g) for g in grads]).double().square() if grads
+               else torch.zeros((), dtype=torch.float64, device=loss.device))
+    status = torch.stack([loss.detach().double().reshape(()), squares.to(loss.device)])
     if accelerator.num_processes > 1:
         status = accelerator.reduce(status, reduction="sum")
-    total, non_finite = status.tolist()
-    return total / accelerator.num_processes, non_finite == 0
+    total, squares_sum = status.tolist()
+    if not sharded_grads:
+        squares_sum /= accelerator.num_processes
+    return total / accelerator.num_processes, math.sqrt(squares_sum) if grads else None
+
+
+def clip_gradients(params: list[torch.nn.Parameter], grad_norm: float, max_norm: float) -> None:
+    """Scale the gradients so their global norm (from :func:`step_status`) is at most ``max_norm``:
+    torch's ``clip_grad_norm_`` rule, without measuring the norm a second time."""
+    scale = max_norm / (grad_norm + 1e-6)
+    if scale < 1.0:
+        torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], scale)

@@ -35,7 +35,9 @@ def encode_clip(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> d
 
 
 def collate_inputs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-item inputs (same kind and bucket, so same shapes) into a batch."""
+    """Stack per-item inputs (same kind and bucket, so same shapes) into a batch (one item: as it is)."""
+    if len(items) == 1:
+        return items[0]
     return {key: torch.cat([item[key] for item in items]) for key in items[0]}
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..files import write_text
 from .loss_plot import plot_losses
 
-METRICS_FIELDS = ["step", "loss", "lr", "seconds", "samples", "val_loss"]
+METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "samples", "val_loss"]
 
 
 class TrainingLog:
@@ -42,20 +42,24 @@ class TrainingLog:
         writer.writerows(rows)
         write_text(self.csv_path, buffer.getvalue())
 
-    def step(self, step: int, loss: float, lr: float, seconds: float, samples: list[int],
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, samples: list[int],
              val_loss: float | None = None) -> None:
-        """One optimizer step: the mean loss over its accumulation window, the time the window took,
-        every pair it saw (all ranks), and the validation loss if one was measured at this step."""
+        """One optimizer step: the mean loss over its accumulation window, the gradients' norm before
+        clipping (None under DeepSpeed), the time the window took, every pair it saw (all ranks), and
+        the validation loss if one was measured at this step."""
         if not self.enabled:
             return
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, METRICS_FIELDS).writerow(
-                {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}", "seconds": f"{seconds:.4f}",
+                {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
+                 "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}", "seconds": f"{seconds:.4f}",
                  "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
         if val_loss is not None:
             self.tensorboard.add_scalar("validation/loss", val_loss, step)
         self.tensorboard.add_scalar("train/loss", loss, step)
         self.tensorboard.add_scalar("train/lr", lr, step)
+        if grad_norm is not None:
+            self.tensorboard.add_scalar("train/grad_norm", grad_norm, step)
         self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         self.bar.update(1)

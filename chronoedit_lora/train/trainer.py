@@ -164,7 +164,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
     log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
     stop = _StopRequest()
-    loss_value = float("nan")
+    loss_value, grad_norm = float("nan"), None
 
     # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step; the
     # next batch is read from disk while this one trains (prefetch), and the loss and the gradients'
@@ -183,11 +183,11 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                     window_loss = window_loss + loss.detach()
                     window_positions.append((progress.epoch, progress.batch_in_epoch))
                     if accelerator.sync_gradients:
-                        loss_value, grads_finite = fsdp.step_status(
+                        loss_value, grad_norm = fsdp.step_status(
                             accelerator, window_loss / config.gradient_accumulation, lora_parameters)
-                        _refuse_non_finite(loss_value, grads_finite, progress.step + 1, output)
-                        if config.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)  # the only grads
+                        _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output)
+                        if config.max_grad_norm > 0 and grad_norm is not None:  # DeepSpeed clips itself
+                            fsdp.clip_gradients(lora_parameters, grad_norm, config.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
                         scheduler.step()
@@ -201,7 +201,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
                     validation = _sample(accelerator, pipe, data, config, output, progress.step)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
-                log.step(progress.step, loss_value, scheduler.get_last_lr()[0], time.perf_counter() - window_started,
+                log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
                          samples, validation)
                 window_loss, window_positions, window_started = 0.0, [], None
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
@@ -233,15 +233,15 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                        interrupted_by=interrupted)
 
 
-def _refuse_non_finite(loss: float, grads_finite: bool, step: int, output: Path) -> None:
+def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: Path) -> None:
     """Stop before a NaN/inf loss or gradient reaches the weights (the same on every rank: the loss
-    is averaged and the gradients' finiteness agreed across them, see :func:`.fsdp.step_status`)."""
-    if math.isfinite(loss) and grads_finite:
+    and the gradient norm are reduced across them, see :func:`.fsdp.step_status`)."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
         return
-    what = "loss" if not math.isfinite(loss) else "gradient"
+    what = f"loss is not finite ({loss:g})" if not math.isfinite(loss) else f"gradient is not finite (norm {grad_norm:g})"
     good = ckpt.latest_checkpoint(output)
     raise NonFiniteError(
-        f"step {step}: the training {what} is not finite ({loss:g}); stopped before applying it, and nothing was "
+        f"step {step}: the training {what}; stopped before applying it, and nothing was "
         f"saved from this state. " + (f"The last good checkpoint is {good}. " if good else "No checkpoint was written yet. ")
         + "Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then resume "
         "with --resume CHECKPOINT --allow_changes true, or start over with --overwrite.")
