@@ -47,8 +47,9 @@ What differs, and why it does not change the work per step:
   finite-gradient check per step (one gradient-norm computation serves both), TensorBoard scalars,
   a checkpoint (optimizer + RNG state) at the last step, a loss plot and a model card at the end.
   They are part of its figures.
-* Step time. Kit: its ``metrics.csv`` (batch start to end of the optimizer step). DiffSynth: the
-  interval between consecutive ``on_step_end`` calls (includes data loading and tqdm).
+* Step time: the same interval on both sides, from the end of one optimizer step to the end of
+  the next (the whole loop: waiting for data, the step, logging). Kit: the differences of its
+  ``metrics.csv`` ``time`` column. DiffSynth: consecutive ``on_step_end`` calls.
 
 Prints the medians, min-max and the kit/DiffSynth ratios; never asserts a time.
 """
@@ -71,7 +72,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import CONFIG, SIDE, model_and_cache, step_seconds, train_args  # noqa: E402  (bench/ is not a package)
+from train_step import CONFIG, SIDE, model_and_cache, train_args  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_STEPS = {"tiny": 24, "mid": 5}
 MODES = ("uncached", "cached")
@@ -146,6 +147,7 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
 
         def __init__(self, output_path: str):
             super().__init__(output_path, remove_prefix_in_ckpt="pipe.dit.")
+            self.times: list[float] = []
             self.seconds: list[float] = []
             self.last = time.perf_counter()
 
@@ -153,6 +155,7 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
             super().on_step_end(accelerator, model, save_steps, **kwargs)
             now = time.perf_counter()
             self.seconds.append(now - self.last)
+            self.times.append(time.time())
             self.last = now
 
     class KitPairs(torch.utils.data.Dataset):
@@ -194,8 +197,8 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
     metrics.parent.mkdir(parents=True, exist_ok=True)
     with metrics.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", "seconds"])
-        writer.writerows(enumerate(logger.seconds, 1))
+        writer.writerow(["step", "seconds", "time"])
+        writer.writerows((step, *row) for step, row in enumerate(zip(logger.seconds, logger.times), 1))
     print(PEAK_MARKER, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -238,7 +241,8 @@ def diffsynth_command(task: str, model: Path, output: Path, steps: int, side: in
 def timed_run(command: list[str], output: Path, threads: int) -> dict:
     figures = run_child(command, threads)
     rows = list(csv.DictReader((output / "logs" / "metrics.csv").open()))
-    figures["s_per_step"] = step_seconds(output)
+    ends = [float(r["time"]) for r in rows]
+    figures["s_per_step"] = statistics.median(b - a for a, b in zip(ends, ends[1:]))  # step end to step end
     figures["non_step_s"] = figures["wall_s"] - sum(float(r["seconds"]) for r in rows)  # start-up, teardown, between steps
     figures["steps"] = len(rows)
     return figures

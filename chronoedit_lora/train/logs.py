@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import shlex
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from ..files import write_text
 from .loss_plot import plot_losses
 
-METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "samples", "val_loss"]
+METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"]
 
 
 class TrainingLog:
@@ -45,14 +46,16 @@ class TrainingLog:
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, samples: list[int],
              val_loss: float | None = None) -> None:
         """One optimizer step: the mean loss over its accumulation window, the gradients' norm before
-        clipping (None under DeepSpeed), the time the window took, every pair it saw (all ranks), and
-        the validation loss if one was measured at this step."""
+        clipping (None under DeepSpeed), the time the window took, the wall-clock time it was logged
+        (Unix seconds: differences give the whole loop's time per step), every pair it saw (all
+        ranks), and the validation loss if one was measured at this step."""
         if not self.enabled:
             return
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, METRICS_FIELDS).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
-                 "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}", "seconds": f"{seconds:.4f}",
+                 "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}",
+                 "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
                  "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
         if val_loss is not None:
             self.tensorboard.add_scalar("validation/loss", val_loss, step)
