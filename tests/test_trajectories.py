@@ -22,7 +22,7 @@ from chronoedit_lora.lora import fuse_lora, load_lora
 from chronoedit_lora.models.rope import chronoedit_model_fn
 from chronoedit_lora.pipeline import ChronoEditPipeline
 from chronoedit_lora.train.data import TrainingData
-from chronoedit_lora.train.inputs import encode_clip
+from chronoedit_lora.train.inputs import BATCHED_VAE_MAX_PIXELS, encode_clip
 from chronoedit_lora.train.lora_module import LoraTrainingModule
 from chronoedit_lora.train.objective import validation_loss
 from chronoedit_lora.train.trainer import cache_conditioning, train
@@ -305,11 +305,14 @@ def test_prepare_finds_trajectory_videos_and_frame_folders(tmp_path, capsys):
     assert not has_fatal(check_dataset(source / "metadata.csv", max_pixels=4096))
 
 
+@pytest.mark.parametrize("side", [32, 96])  # one batched VAE pass, two passes
 @pytest.mark.parametrize("frames", [5, REASONING_FRAMES])
-def test_training_conditioning_equals_the_edit_pipelines(pipe, frames):
-    """encode_clip batches the target and condition clips through the VAE; its y equals the one
-    DiffSynth's VAE unit builds for an edit of that clip length, and its latents the VAE's own."""
-    levels = torch.randint(0, 256, (3, frames, 32, 32), generator=torch.Generator().manual_seed(frames))
+def test_training_conditioning_equals_the_edit_pipelines(pipe, frames, side):
+    """Whether encode_clip batches the target and condition clips through the VAE or not, its y
+    equals the one DiffSynth's VAE unit builds for an edit of that clip length, and its latents
+    the VAE's own."""
+    assert 32 * 32 <= BATCHED_VAE_MAX_PIXELS < 96 * 96
+    levels = torch.randint(0, 256, (3, frames, side, side), generator=torch.Generator().manual_seed(frames))
     video = levels / 127.5 - 1  # 8-bit images, as the dataset gives them
     inputs = encode_clip(pipe, video, "Make it a sketch.")
     from chronoedit_lora.video import tensor_to_pil

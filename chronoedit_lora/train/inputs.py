@@ -7,6 +7,12 @@ import torch
 from ..pipeline import ChronoEditPipeline
 from ..video import tensor_to_pil
 
+# One VAE pass over the target and condition clips (a batch of 2) halves the per-op overhead, which
+# is most of a small clip's encoding; a large clip's passes are compute-bound, and batching them
+# only doubles the VAE's activation memory. Measured with the real Wan2.1 VAE, one thread, batched
+# vs two passes: 0.68x at 32x32, 0.84x at 64x64, 1.07-1.10x at 128x128 (the tiny and mid bench sizes).
+BATCHED_VAE_MAX_PIXELS = 64 * 64
+
 
 @torch.no_grad()
 def encode_clip(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
@@ -16,14 +22,18 @@ def encode_clip(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> d
     or a trajectory's 29 frames (8 latents). The conditioning is the edit's at inference for that
     clip length: CLIP of the source, and y = [mask with ones on latent 0, VAE(source followed by
     T - 1 zero frames)], as DiffSynth's ``WanVideoUnit_ImageEmbedderVAE`` builds it (equal to it,
-    tested), so a trajectory is conditioned exactly as the temporal-reasoning mode is. The target
-    clip and the condition clip go through the VAE as one batch of 2: one pass instead of two.
+    tested), so a trajectory is conditioned exactly as the temporal-reasoning mode is. Small clips
+    go through the VAE with their condition clip as one batch of 2 (see ``BATCHED_VAE_MAX_PIXELS``).
     """
     source = tensor_to_pil(video[:, 0])
     condition_clip = torch.cat([video[:, :1], torch.zeros_like(video[:, 1:])], dim=1)
+    clips = torch.stack([video, condition_clip]).to(pipe.dtype)
     pipe.placement.use("vae")
-    latents, condition = pipe.components.vae.single_encode(torch.stack([video, condition_clip]).to(pipe.dtype),
-                                                           pipe.device)
+    vae = pipe.components.vae
+    if video.shape[-2] * video.shape[-1] <= BATCHED_VAE_MAX_PIXELS:
+        latents, condition = vae.single_encode(clips, pipe.device)
+    else:
+        latents, condition = (vae.single_encode(clip[None], pipe.device)[0] for clip in clips)
     mask = torch.zeros_like(condition[:4])
     mask[:, 0] = 1  # the first latent frame is given
     return {
