@@ -51,7 +51,8 @@ What differs, and why it does not change the work per step:
   the next (the whole loop: waiting for data, the step, logging). Kit: the differences of its
   ``metrics.csv`` ``time`` column. DiffSynth: consecutive ``on_step_end`` calls.
 
-Prints the medians, min-max and the kit/DiffSynth ratios; never asserts a time.
+Prints the medians, min-max, the kit/DiffSynth ratio of the medians and the paired ratios (the median
+and range of each repeat's own kit/DiffSynth ratio); never asserts a time.
 """
 
 from __future__ import annotations
@@ -253,12 +254,19 @@ def summarise(runs: list[dict]) -> dict:
                   "max": max(r[key] for r in runs)} for key in METRICS}
 
 
+def paired_ratios(kit: list[dict], diffsynth: list[dict]) -> dict:
+    """Each repeat's own kit/DiffSynth ratio (its two runs ran back to back), then their median and
+    range: steadier than the ratio of medians when the machine's speed drifts between repeats."""
+    ratios = {key: [k[key] / d[key] for k, d in zip(kit, diffsynth)] for key in METRICS}
+    return {key: {"median": statistics.median(r), "min": min(r), "max": max(r)} for key, r in ratios.items()}
+
+
 def print_table(size: str, side: int, steps: int, repeats: int, threads: int, summary: dict) -> None:
     print(f"\nkit vs DiffSynth LoRA training, {size} ({side}x{side}, CPU float32, {steps} steps, "
           f"{threads} thread(s), median [min-max] of {repeats})")
     labels = {"s_per_step": "s/step", "wall_s": "process wall s", "cpu_s": "process CPU s",
               "peak_rss_mb": "peak RSS MB", "non_step_s": "non-step wall s"}
-    print(f"{'mode':<10}{'figure':<17}{'kit':>25}{'DiffSynth':>25}{'kit/DS':>9}")
+    print(f"{'mode':<10}{'figure':<17}{'kit':>25}{'DiffSynth':>25}{'kit/DS':>9}{'paired kit/DS':>23}")
     for mode in MODES:
         for key, label in labels.items():
             cells = []
@@ -266,8 +274,9 @@ def print_table(size: str, side: int, steps: int, repeats: int, threads: int, su
                 s = summary[mode][side_name][key]
                 cells.append(f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]" if key != "peak_rss_mb"
                              else f"{s['median']:.0f} [{s['min']:.0f}-{s['max']:.0f}]")
-            ratio = summary[mode]["ratio"][key]
-            print(f"{mode:<10}{label:<17}{cells[0]:>25}{cells[1]:>25}{ratio:>8.2f}x")
+            ratio, paired = summary[mode]["ratio"][key], summary[mode]["paired"][key]
+            pairs = f"{paired['median']:.2f}x [{paired['min']:.2f}-{paired['max']:.2f}]"
+            print(f"{mode:<10}{label:<17}{cells[0]:>25}{cells[1]:>25}{ratio:>8.2f}x{pairs:>23}")
 
 
 def profile(model: Path, cache: Path, processed: Path, tmp: Path, steps: int, side: int, threads: int,
@@ -346,6 +355,7 @@ def main() -> None:
         summary[mode] = {s: summarise(runs[mode][s]) for s in SIDES}
         summary[mode]["ratio"] = {k: summary[mode]["kit"][k]["median"] / summary[mode]["diffsynth"][k]["median"]
                                   for k in METRICS}
+        summary[mode]["paired"] = paired_ratios(runs[mode]["kit"], runs[mode]["diffsynth"])
     print_table(args.size, side, steps, args.repeats, args.threads, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps, "repeats": args.repeats,
