@@ -168,8 +168,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     # 4. The loop. A window is the gradient_accumulation micro-batches of one optimizer step; the
     # next batch is read from disk while this one trains (prefetch), and the loss and the gradients'
-    # finiteness are read back once per optimizer step (step_status), the only host sync of a step.
+    # norm are read back once per optimizer step (step_status), the only host sync of a step; the
+    # norm is the finiteness check and the clipping's. DeepSpeed clips by its own config.
     window_loss, window_positions, window_started = 0.0, [], None  # a window may span an epoch's end
+    clip = config.max_grad_norm > 0 and accelerator.distributed_type != DistributedType.DEEPSPEED
     prefetch = Prefetcher(lambda indices: [pair_inputs.read(i) for i in indices])
     try:
         while progress.step < total_steps and not stop.requested:
@@ -186,7 +188,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                         loss_value, grad_norm = fsdp.step_status(
                             accelerator, window_loss / config.gradient_accumulation, lora_parameters)
                         _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output)
-                        if config.max_grad_norm > 0 and grad_norm is not None:  # DeepSpeed clips itself
+                        if clip and grad_norm is not None:
                             fsdp.clip_gradients(lora_parameters, grad_norm, config.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
