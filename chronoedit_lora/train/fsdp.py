@@ -12,8 +12,10 @@ every parameter, LoRA included, is a ``DTensor`` holding 1/N of it on each rank.
   the same per-parameter full tensors a DDP run saves, and :func:`load_optimizer_state` cuts each
   rank's shard back out. A checkpoint therefore has the same files and format under DDP and FSDP
   (one ``optimizer.pt``), and ``--resume`` continues exactly;
-* a gradient's finiteness is known per shard only, so :func:`step_status` agrees on it across
-  ranks (otherwise one rank would stop and the others would hang).
+* a gradient's norm is known per shard only, so :func:`step_status` adds the shards' squared
+  norms across ranks: every rank then sees the same norm, so all stop together on a NaN (otherwise
+  one rank would stop and the others would hang) and :func:`clip_gradients` scales every shard
+  by the same factor.
 
 Who shards: on GPUs accelerate 1.15 does it (``accelerator.prepare`` runs its FSDP2 path with the
 config's ``fsdp_transformer_layer_cls_to_wrap: DiTBlock``, reshard and mixed-precision settings).
