@@ -148,16 +148,11 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
 
         def __init__(self, output_path: str):
             super().__init__(output_path, remove_prefix_in_ckpt="pipe.dit.")
-            self.times: list[float] = []
-            self.seconds: list[float] = []
-            self.last = time.perf_counter()
+            self.times = [time.time()]  # the loop's start, then every step's end
 
         def on_step_end(self, accelerator: Any, model: Any, save_steps: int | None = None, **kwargs: Any) -> None:
             super().on_step_end(accelerator, model, save_steps, **kwargs)
-            now = time.perf_counter()
-            self.seconds.append(now - self.last)
             self.times.append(time.time())
-            self.last = now
 
     class KitPairs(torch.utils.data.Dataset):
         """The kit's training clips as DiffSynth's video dataset delivers them (PIL frames + prompt)."""
@@ -199,7 +194,8 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
     with metrics.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "seconds", "time"])
-        writer.writerows((step, *row) for step, row in enumerate(zip(logger.seconds, logger.times), 1))
+        ends = logger.times
+        writer.writerows((step, ends[step] - ends[step - 1], ends[step]) for step in range(1, len(ends)))
     print(PEAK_MARKER, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
@@ -257,8 +253,7 @@ def summarise(runs: list[dict]) -> dict:
 def paired_ratios(kit: list[dict], diffsynth: list[dict]) -> dict:
     """Each repeat's own kit/DiffSynth ratio (its two runs ran back to back), then their median and
     range: steadier than the ratio of medians when the machine's speed drifts between repeats."""
-    ratios = {key: [k[key] / d[key] for k, d in zip(kit, diffsynth)] for key in METRICS}
-    return {key: {"median": statistics.median(r), "min": min(r), "max": max(r)} for key, r in ratios.items()}
+    return summarise([{key: k[key] / d[key] for key in METRICS} for k, d in zip(kit, diffsynth)])
 
 
 def print_table(size: str, side: int, steps: int, repeats: int, threads: int, summary: dict) -> None:
