@@ -3,13 +3,14 @@ stopped batch left off, and split across torchrun processes."""
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ChronoEditError
 from .files import check_writable, inside
+from .settings import check_seed
+from .user_files import check_regular, not_utf8, read_csv
 
 REQUIRED = ("image", "prompt", "output")
 
@@ -31,19 +32,26 @@ def read_batch(csv_path: str | Path, default_seed: int, allow_outside: bool = Fa
     leads out is neither read nor written, not even to check it.
     """
     csv_path = Path(csv_path)
+    check_regular(csv_path)
     if not csv_path.is_file():
         raise ChronoEditError(f"--batch {csv_path}: file not found.")
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED if c not in columns]
-        if missing:
-            raise ChronoEditError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
-                                  f"expected image,prompt,output[,seed], found {','.join(columns) or 'nothing'}.")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    records, stopped = read_csv(csv_path)
+    header = [name.strip() for name in records[0]] if records else []
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ChronoEditError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                              f"expected image,prompt,output[,seed], found {','.join(header) or 'nothing'}.")
+    problems = [f"row {len(records) + 1}: {stopped}"] if stopped else []
+    rows = []
+    for number, fields in enumerate(records[1:], start=2):
+        undecodable = [name for name, value in zip(header, fields) if name and not_utf8(value)]
+        if undecodable:
+            problems.append(f"row {number}: {', '.join(undecodable)} holds bytes that are not UTF-8; save the CSV as UTF-8")
+        elif any(field.strip() for field in fields):
+            rows.append((number, {name: (fields[i] if i < len(fields) else "").strip() for i, name in enumerate(header) if name}))
     folder = csv_path.parent
-    jobs, problems, outputs = [], [], {}
-    for number, row in enumerate(rows, start=2):
+    jobs, outputs = [], {}
+    for number, row in rows:
         image, output = folder / row["image"], folder / row["output"]
         outside = [] if allow_outside else [c for c in ("image", "output") if row[c] and not inside(row[c], folder)]
         for column in outside:
@@ -56,18 +64,23 @@ def read_batch(csv_path: str | Path, default_seed: int, allow_outside: bool = Fa
             problems.append(f"row {number}: image {row['image']!r} not found")
         if not row["prompt"]:
             problems.append(f"row {number}: empty prompt")
-        if output in outputs:
-            problems.append(f"row {number}: output {row['output']} is also written by row {outputs[output]}")
-        outputs[output] = number
+        written = Path(os.path.realpath(output))  # the file itself, however the path spells it (.., links)
+        if row["output"] and written in outputs:
+            problems.append(f"row {number}: output {row['output']} is the file row {outputs[written]} writes")
+        outputs.setdefault(written, number)
         try:
             seed = int(row["seed"]) if row.get("seed") else default_seed
+            check_seed("seed", seed)
         except ValueError:
             problems.append(f"row {number}: seed {row['seed']!r} is not a whole number")
+            continue
+        except ChronoEditError as exc:
+            problems.append(f"row {number}: {exc}")
             continue
         if outside:
             continue
         try:
-            check_writable(output, (".png",))
+            check_writable(output, (".png",), "output")
         except ChronoEditError as exc:
             problems.append(f"row {number}: {exc}")
             continue

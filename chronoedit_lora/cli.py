@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from .errors import ChronoEditError
@@ -19,6 +21,10 @@ COMMANDS = {
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}
+# OS errors that the machine, not the kit, causes: one line naming the file instead of a traceback
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+                      errno.ENOENT, errno.ESTALE}
+DEBUG_VARIABLE = "CHRONOEDIT_LORA_DEBUG"  # set to 1 to see the traceback behind any error
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,7 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return (args.run(args, extra) if args.command in OPEN_ENDED else args.run(args)) or 0
     except ChronoEditError as exc:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
         print(f"chronoedit-lora {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if os.environ.get(DEBUG_VARIABLE) or exc.errno not in ENVIRONMENT_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"chronoedit-lora {command}: error: {where}{exc.strerror} (set {DEBUG_VARIABLE}=1 for the traceback).",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nchronoedit-lora{' ' + command if command else ''}: interrupted.", file=sys.stderr)

@@ -21,8 +21,8 @@ from ..files import check_writable, save_image, save_video
 from ..lora import parse_lora_spec
 from ..offload import MODES as OFFLOAD_MODES
 from ..models.vae import AUTO_TILING_PIXELS, VAE_TILINGS
-from ..sampling import SCHEDULERS, read_scheduler_config, resolve_scheduler
-from ..settings import MAX_STEPS, check_device, check_range, check_size
+from ..sampling import SCHEDULERS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from ..settings import MAX_STEPS, check_device, check_range, check_seed, check_shift, check_size
 from .model_args import add_model_arguments, model_options
 
 # shift None: the model folder's scheduler config's flow shift, else 5.0 (see chronoedit_lora.sampling)
@@ -88,8 +88,11 @@ def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
     check_range("--steps", settings["steps"], 1, MAX_STEPS)
     check_range("--cfg", settings["cfg"], 0)  # 1 = no guidance; below 1 it blends towards the negative prompt
     if settings["shift"] is not None:
-        check_range("--shift", settings["shift"], 0, low_inclusive=False)
-    resolve_scheduler(args.scheduler, read_scheduler_config(args.model))
+        check_shift("--shift", settings["shift"])
+    check_seed("--seed", args.seed)
+    config = read_scheduler_config(args.model)
+    check_schedule(resolve_scheduler(args.scheduler, config), settings["steps"],
+                   default_shift(config) if settings["shift"] is None else settings["shift"], config)
     check_range("--temporal-reasoning-steps", args.temporal_reasoning_steps, 0, settings["steps"])
     check_device(args.device)
 
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     check_edit_settings(args, settings)
     loras = [parse_lora_spec(v) for v in args.lora]
     jobs = _jobs(args)
-    video = check_writable(args.video, (".mp4",)) if args.video else None
+    video = check_writable(args.video, (".mp4",), "--video") if args.video else None
     # with --sequence-parallel every rank works on every edit together (rank 0 writes)
     plan = plan_batch(jobs, skip_existing=bool(args.batch), split=not args.sequence_parallel)
     todo, rank, world = plan.todo, plan.rank, plan.world
@@ -119,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         from ..plugins import load_callable
 
         enhance = load_callable(args.prompt_enhancer, "--prompt-enhancer")
-        todo = [replace(job, prompt=enhance(images[job.image], job.prompt)) for job in todo]
+        todo = [replace(job, prompt=enhance(images[job.image], job.prompt,
+                                            about=f"row {job.row} ({job.image})" if job.row else str(job.image)))
+                for job in todo]
         for job in todo[:3]:
             print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:

@@ -15,6 +15,7 @@ from ..files import check_writable
 from ..lora import FORMATS, check_finite, load_lora, non_finite_layers, parse_lora_spec, save_lora
 from ..lora.formats import written_alphas
 from ..lora.io import DETECTED_FORMAT
+from ..lora.names import is_dit_layer
 from ..lora.peft_metadata import METADATA_KEY
 from ..lora.weights import LoraWeights
 
@@ -69,7 +70,7 @@ def _convert(source: Path, target: Path, fmt: str, overwrite: bool) -> int:
         raise ChronoEditError(f"{target} is a folder; give the output file's name.")
     if target.exists() and not overwrite:
         raise ChronoEditError(f"{target} exists; pass --overwrite to replace it, or choose another output.")
-    check_writable(target, (".safetensors",))
+    check_writable(target, (".safetensors",), "output")
     weights, metadata = load_lora(source)
     check_finite(weights, str(source))
     save_lora(weights, target, converted_metadata(metadata, weights, fmt, source), fmt=fmt)
@@ -79,6 +80,9 @@ def _convert(source: Path, target: Path, fmt: str, overwrite: bool) -> int:
 
 def _info(path: Path) -> int:
     weights, metadata = load_lora(path)
+    if not any(is_dit_layer(name) for name in weights):
+        raise ChronoEditError(f"{path} is not a ChronoEdit/Wan LoRA: none of its {len(weights)} layer(s) is a layer of the "
+                              f"DiT (e.g. {next(iter(weights), 'none')}); it is an adapter for another model.")
     ranks = Counter(w.rank for w in weights.values())
     alphas = Counter(w.alpha for w in weights.values())
     targets = Counter(name.split(".", 2)[2] for name in weights if name.startswith("blocks."))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import ChronoEditError
-from ..files import atomic_path, copy_file
+from ..files import atomic_folder, atomic_path, copy_file
 from ..models.components import discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit
 from ..models.loading import read_header
@@ -74,7 +74,8 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
 
     Every LoRA is checked (finite weights, layers of the DiT from its headers) before anything is written.
     With a model folder, its other components are symlinked so ``output`` is a complete model.
-    Returns the folder holding the merged DiT and the files written.
+    ``output`` (new or empty) appears whole or not at all. Returns the folder holding the merged DiT
+    and the files written.
     """
     ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
     skeleton = meta_dit(ckpt)
@@ -86,11 +87,11 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
         weights.append((lora, scale))
     dit_folder = ckpt.files[0].parent
     inside_model = model_dir is not None and dit_folder.resolve() != model_dir.resolve()
-    target = output / dit_folder.name if inside_model else output
-    written = merge_into_files(ckpt, weights, target)
-    if model_dir is not None:
-        merged = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
-        for entry in model_dir.iterdir():
-            if entry.name not in merged and not (output / entry.name).exists():
-                (output / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    return target, written
+    with atomic_folder(output) as staging:
+        written = merge_into_files(ckpt, weights, staging / dit_folder.name if inside_model else staging)
+        if model_dir is not None:
+            merged = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
+            for entry in model_dir.iterdir():
+                if entry.name not in merged and not (staging / entry.name).exists():
+                    (staging / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return (output / dit_folder.name if inside_model else output), [output / p.relative_to(staging) for p in written]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..files import write_text
+from ..files import write_text, writing
 from .loss_plot import plot_losses
 
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"]
@@ -25,18 +25,16 @@ class TrainingLog:
         if not enabled:
             return
         self.csv_path = output / "logs" / "metrics.csv"
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         self._keep_rows_up_to(start_step)  # a resumed run redoes the steps after its checkpoint
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(output / "logs" / "tensorboard"), purge_step=start_step + 1)
+        self.tensorboard_dir = output / "logs" / "tensorboard"
+        with writing(self.tensorboard_dir):  # its file is written now and on a thread: errors may surface later
+            self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
     def _keep_rows_up_to(self, step: int) -> None:
-        rows = []
-        if self.csv_path.is_file():
-            with self.csv_path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        rows = [r for r in read_rows(self.csv_path) if int(r["step"]) <= step] if self.csv_path.is_file() else []
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, METRICS_FIELDS)
         writer.writeheader()
@@ -51,19 +49,20 @@ class TrainingLog:
         ranks), and the validation loss if one was measured at this step."""
         if not self.enabled:
             return
-        with self.csv_path.open("a", newline="") as f:
+        with writing(self.csv_path), self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, METRICS_FIELDS).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}",
                  "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
                  "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
-        if val_loss is not None:
-            self.tensorboard.add_scalar("validation/loss", val_loss, step)
-        self.tensorboard.add_scalar("train/loss", loss, step)
-        self.tensorboard.add_scalar("train/lr", lr, step)
-        if grad_norm is not None:
-            self.tensorboard.add_scalar("train/grad_norm", grad_norm, step)
-        self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
+        with writing(self.tensorboard_dir):
+            if val_loss is not None:
+                self.tensorboard.add_scalar("validation/loss", val_loss, step)
+            self.tensorboard.add_scalar("train/loss", loss, step)
+            self.tensorboard.add_scalar("train/lr", lr, step)
+            if grad_norm is not None:
+                self.tensorboard.add_scalar("train/grad_norm", grad_norm, step)
+            self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         self.bar.update(1)
 
@@ -71,7 +70,8 @@ class TrainingLog:
         if not self.enabled:
             return
         self.bar.close()
-        self.tensorboard.close()
+        with writing(self.tensorboard_dir):
+            self.tensorboard.close()
         plot = plot_loss(self.csv_path, self.output / "loss.png")
         print(
             f"\nLoRA: {lora_path}\n"
@@ -82,10 +82,23 @@ class TrainingLog:
         )
 
 
+def read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics CSV that were written whole: a row cut short by a full disk or a
+    killed process (its step or loss unreadable) is left out, not trusted."""
+    def whole(row: dict) -> bool:
+        try:
+            int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return None not in row and None not in row.values()  # not cut short, no stray fields
+
+    with csv_path.open(newline="", errors="replace") as f:
+        return [row for row in csv.DictReader(f) if whole(row)]
+
+
 def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float]]:
     """Steps, training losses, and the validation losses by step."""
-    with csv_path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(csv_path)
     validation = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], validation
 

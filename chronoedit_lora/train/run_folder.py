@@ -70,8 +70,10 @@ def previous_run_files(folder: Path) -> list[Path]:
     found = [folder / name for name in RUN_FILES if (folder / name).exists()]
     found += [p for pattern in RUN_GLOBS for p in sorted(folder.glob(pattern))]
     card = folder / MODEL_CARD
-    if card.is_file() and MODEL_CARD_MARK in card.read_text(errors="replace"):
-        found.append(card)
+    if card.is_file():
+        with card.open(errors="replace") as f:
+            if MODEL_CARD_MARK in f.read(4096):  # the mark is in its YAML header
+                found.append(card)
     return found
 
 
@@ -109,13 +111,17 @@ class ResumePoint:
 def check_checkpoint(folder: Path, ranks: int) -> dict:
     """Read everything ``--resume`` will need, so a damaged file is named before any model loads;
     returns the optimizer and LR-scheduler state, the one large file."""
+    saved = len(list(folder.glob("rng-rank*.pt")))  # one per process of the run that wrote it
+    if saved and saved != ranks:
+        raise ChronoEditError(
+            f"{folder} was saved by a run of {saved} process(es), and this run has {ranks}. Each process's place in the "
+            f"epoch and its random state are kept per process, so continuing on {ranks} would train some pairs twice "
+            f"in this epoch and skip others. Resume with {saved} process(es) (e.g. accelerate launch --num_processes "
+            f"{saved}), or start over with --overwrite.")
     state = {}
     for name in ["progress.json", "optimizer.pt", "lora.safetensors"] + [f"rng-rank{r}.pt" for r in range(ranks)]:
         path = folder / name
         if not path.is_file():
-            if name.startswith("rng-rank"):
-                raise ChronoEditError(f"{folder} has no RNG state for rank {name[8:-3]}; resume with the same number "
-                                      "of processes it was saved with.")
             raise CheckpointError(f"{path} is missing.")
         try:
             if name == "progress.json":
@@ -168,6 +174,7 @@ class RunFolder:
         self.output = output
         self.lock = RunLock(output)
         self.created = not output.exists()  # before the preflight makes it
+        self.owns_run_files = False  # True once the folder holds no other run's files (a fresh start)
 
     def claim(self, config: TrainConfig) -> None:
         """Lock the folder and refuse (or clear, with ``overwrite``) another run's files."""
@@ -185,11 +192,18 @@ class RunFolder:
                     "to start over (its checkpoints, LoRAs, logs and samples are removed), or choose another --output.")
             remove_run(previous)
             print(f"--overwrite: removed the previous run's files from {self.output}")
+        self.owns_run_files = not resuming
 
     def release(self, failed: bool) -> None:
-        """Unlock; after a failure, remove the folder if this run created it and wrote nothing into it."""
+        """Unlock. After a failure that left no checkpoint, nothing of the run can be resumed: its
+        files are removed (the folder too, if this run created it), so the same command can simply
+        be run again."""
         self.lock.release()
-        if failed and self.created and self.output.is_dir():
+        if not failed:
+            return
+        if self.owns_run_files and not ckpt.latest_checkpoint(self.output):
+            remove_run(previous_run_files(self.output))
+        if self.created and self.output.is_dir():
             leftovers = [p for p in self.output.iterdir() if p.name != LOCK_NAME]
             if not leftovers:
                 shutil.rmtree(self.output, ignore_errors=True)

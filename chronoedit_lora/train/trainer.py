@@ -24,9 +24,10 @@ from safetensors import SafetensorError
 
 from ..data.metadata import TRAJECTORY
 from ..errors import ChronoEditError
+from ..files import WriteError
 from ..models.dit import compile_blocks
 from ..models.loading import DTYPES
-from ..settings import check_targets
+from ..settings import MAX_TRAIN_SEED, check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import fsdp, lora_export
@@ -90,6 +91,10 @@ def train(config: TrainConfig) -> TrainResult:
         result = _train(accelerator, config, output, run)
         failed = False
         return result
+    except WriteError as exc:  # a log, sample or cache entry; checkpoint writes say more in _save
+        good = ckpt.latest_checkpoint(output)
+        raise ChronoEditError(exc.advice(f"rerun the same command with --resume (it continues from {good})" if good
+                                         else "rerun the same command")) from None
     finally:
         if accelerator.is_main_process:
             run.release(failed)
@@ -141,7 +146,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         held, whole = fsdp.local_parameter_bytes(module)
         print(f"FSDP rank {accelerator.process_index}: holds {held} of the base's {whole} parameter bytes", flush=True)
     # Different noise/timesteps per rank; reproducible per rank.
-    set_seed(config.seed + accelerator.process_index)
+    set_seed((config.seed + accelerator.process_index) % (MAX_TRAIN_SEED + 1))
 
     # 3. Where to start: fresh, or exactly where a checkpoint left off.
     progress = ckpt.Progress()
@@ -187,7 +192,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                     if accelerator.sync_gradients:
                         loss_value, grad_norm = fsdp.step_status(
                             accelerator, window_loss / config.gradient_accumulation, lora_parameters)
-                        _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output)
+                        _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output, cache)
                         if clip and grad_norm is not None:
                             fsdp.clip_gradients(lora_parameters, grad_norm, config.max_grad_norm)
                     optimizer.step()
@@ -235,18 +240,21 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                        interrupted_by=interrupted)
 
 
-def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: Path) -> None:
+def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: Path,
+                       cache: ConditioningCache | None) -> None:
     """Stop before a NaN/inf loss or gradient reaches the weights (the same on every rank: the loss
     and the gradient norm are reduced across them, see :func:`.fsdp.step_status`)."""
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
         return
     what = f"loss is not finite ({loss:g})" if not math.isfinite(loss) else f"gradient is not finite (norm {grad_norm:g})"
     good = ckpt.latest_checkpoint(output)
+    cached = (f" The inputs came from the conditioning cache {cache.folder}: if it was copied from elsewhere or "
+              "written by another program, delete it to have it encoded again." if cache else "")
+    then = (f"resume from the last good checkpoint with --resume {good} --allow_changes true, or start over with "
+            "--overwrite" if good else "run again (no checkpoint was written yet, so nothing of this run is kept)")
     raise NonFiniteError(
-        f"step {step}: the training {what}; stopped before applying it, and nothing was "
-        f"saved from this state. " + (f"The last good checkpoint is {good}. " if good else "No checkpoint was written yet. ")
-        + "Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then resume "
-        "with --resume CHECKPOINT --allow_changes true, or start over with --overwrite.")
+        f"step {step}: the training {what}; stopped before applying it, and nothing was saved from this state. "
+        f"Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then {then}." + cached)
 
 
 def dit_linear_layers(dit: Path) -> list[str]:
@@ -269,14 +277,14 @@ def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dic
     from ..models.components import ComponentPaths
 
     return ConditioningCache(Path(config.cache_dir) if config.cache_dir else output / "cache",
-                             components_fingerprint(ComponentPaths(**paths), dtype))
+                             components_fingerprint(ComponentPaths(**paths), dtype), dtype)
 
 
 def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: TrainingData, paths: dict[str, Path],
                   dtype: torch.dtype) -> int:
     """Encode the entries the cache lacks with the encoders alone (each process its share; everyone
     waits for the rest); returns how many were missing."""
-    missing = cache.missing(data.dataset)
+    missing = cache.missing(data.dataset, report=accelerator.is_main_process)
     if missing:
         from ..pipeline import ChronoEditPipeline
 
@@ -326,10 +334,11 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
     except (OSError, SafetensorError) as exc:  # safetensors reports ENOSPC as its own error type
         shutil.rmtree(staging, ignore_errors=True)
         previous = ckpt.latest_checkpoint(output)
-        kept = f"the last complete checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
-        raise ChronoEditError(
-            f"could not write the step-{progress.step} checkpoint under {output} ({getattr(exc, 'strerror', None) or exc}); {kept}. "
-            "Free some space (or fix the folder) and rerun the same command with --resume.") from None
+        kept = (f"the last complete checkpoint, {previous}, is intact. Free some space (or fix the folder) and rerun the "
+                "same command with --resume" if previous else "no earlier checkpoint exists, so nothing of this run is "
+                "kept. Free some space (or fix the folder) and rerun the same command")
+        raise ChronoEditError(f"could not write the step-{progress.step} checkpoint under {output} "
+                              f"({getattr(exc, 'strerror', None) or exc}); {kept}.") from None
 
 
 def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path,
