@@ -12,7 +12,15 @@ from PIL import Image
 
 EDIT_FRAMES = 5  # [input, 3 in-between frames, edit] -> 2 latent frames (VAE temporal factor 4)
 REASONING_FRAMES = 29  # 8 latent frames while the model "reasons" about the trajectory
-REASONING_LATENTS = 1 + (REASONING_FRAMES - 1) // 4
+VAE_TIME_FACTOR = 4  # the Wan VAE keeps frame 0 and packs every 4 frames after it into one latent
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a clip of ``frames`` frames (5 -> 2, 29 -> 8)."""
+    return 1 + (frames - 1) // VAE_TIME_FACTOR
+
+
+REASONING_LATENTS = latent_frames(REASONING_FRAMES)
 SIZE_MULTIPLE = 16  # VAE factor 8 x DiT patch 2
 DEFAULT_MAX_AREA = 720 * 1280  # the official inference's output area
 
@@ -27,7 +35,7 @@ def default_size(width: int, height: int, max_area: int = DEFAULT_MAX_AREA) -> t
 
 def latent_tokens(width: int, height: int, frames: int = EDIT_FRAMES) -> int:
     """DiT sequence length of a clip: latent frames (VAE 4x in time) x (H / 16) x (W / 16)."""
-    return (1 + (frames - 1) // 4) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+    return latent_frames(frames) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
 
 
 def edit_clip(source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ A file's verdict (its upright size, or its frames' sizes, and the problems found
 resolved path, size and modification time (a trajectory's frame folder: those of every frame),
 and the check's version: any change to the file, or to how files are checked, makes it be checked
 again. Files are still decoded completely the first
-time, since only a full decode finds a truncated image.
+time, since only a full decode finds a truncated image. The file is derived state: entries that
+are not of the form this module writes are dropped (said once), and the file is rewritten.
 """
 
 from __future__ import annotations
@@ -40,11 +41,23 @@ class CheckedFiles:
 
     def __init__(self, path: Path | None = None):
         self.path = path or cache_folder() / FILE_NAME
-        try:
-            self.entries: dict[str, dict] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
         self.hits = self.misses = 0
+        self.entries: dict[str, dict] = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        """The remembered verdicts that have the form :meth:`_verdict` writes; the rest is dropped."""
+        try:
+            found = json.loads(self.path.read_text(encoding="utf-8"))
+        except OSError:  # none yet, or an unusable cache folder: nothing remembered
+            return {}
+        except ValueError:
+            found = None
+        entries = {key: entry for key, entry in found.items() if _well_formed(entry)} if isinstance(found, dict) else {}
+        if found is None or not isinstance(found, dict) or len(entries) < len(found):
+            print(f"note: {self.path} was damaged or written by something else; its unreadable entries were dropped "
+                  "(those files are checked again).")
+            self.misses += 1  # rewrite it at save()
+        return entries
 
     def image(self, path: Path, row: int, column: str) -> tuple[tuple[int, int] | None, list[Problem]]:
         """The upright size of the image at ``path`` (None if unreadable) and its problems."""
@@ -99,6 +112,7 @@ class CheckedFiles:
         return f"v{CHECK_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def save(self) -> None:
+        """Write the verdicts if anything changed (best effort, see the class)."""
         if not self.misses:
             return
         kept = dict(list(self.entries.items())[-MAX_ENTRIES:])
@@ -106,3 +120,14 @@ class CheckedFiles:
             write_text(self.path, json.dumps(kept))
         except OSError:
             pass  # a read-only home: checks are simply not remembered
+
+
+def _well_formed(entry: object) -> bool:
+    """``{"sizes": [[w, h], ...], "problems": [[reason, fix, fatal], ...]}``, as :meth:`CheckedFiles._verdict` writes."""
+    if not isinstance(entry, dict) or set(entry) != {"sizes", "problems"}:
+        return False
+    sizes, problems = entry["sizes"], entry["problems"]
+    return (isinstance(sizes, list) and isinstance(problems, list)
+            and all(isinstance(s, list) and len(s) == 2 and all(type(v) is int and v > 0 for v in s) for s in sizes)
+            and all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+                    and isinstance(p[2], bool) for p in problems))

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ChronoEditError
 from ..files import atomic_write, replace_folder, write_text
+from ..user_files import read_text
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
@@ -87,7 +88,12 @@ def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: di
 
 
 def load_progress(folder: Path) -> Progress:
-    return Progress(**json.loads((folder / "progress.json").read_text()))
+    """The data position saved in ``folder``; anything but whole numbers >= 0 is a damaged file (ValueError)."""
+    values = json.loads(read_text(folder / "progress.json"))
+    progress = Progress(**values)  # TypeError for other keys
+    if not all(type(value) is int and value >= 0 for value in asdict(progress).values()):
+        raise ValueError(f"progress.json holds {values!r}, not whole numbers")
+    return progress
 
 
 def load_optimizer_state(folder: Path) -> dict:
