@@ -56,6 +56,19 @@ class EditResult:
 EDIT_LATENTS = [0, -1]  # the latent frames temporal reasoning keeps: [input, edit]
 
 
+class NonFiniteEditError(ChronoEditError):
+    """An edit's latents or frames hold NaN or inf: it is refused before anything is written."""
+
+
+def _refuse_non_finite(values: torch.Tensor, what: str, request: EditRequest) -> None:
+    """Never turn NaN/inf into an image: clamped, they would be saved as a black picture."""
+    if not torch.isfinite(values).all():
+        raise NonFiniteEditError(
+            f"the edit of {request.prompt[:60]!r} (seed {request.seed}) produced NaN or inf in its {what}; nothing was "
+            "written for it. A LoRA scale or --cfg far too large, or float16 overflow, does this: lower them or use "
+            "--dtype bfloat16/float32.")
+
+
 @dataclass(frozen=True)
 class VaeTiles:
     """DiffSynth's VAE tiling arguments (sizes in latent units); ``tiled=False``: one pass."""
@@ -269,8 +282,10 @@ class ChronoEditPipeline:
             denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
                                      temporal_reasoning_steps, scheduler, batched_guidance, progress)
                         for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
-            for (latents, reasoning_clip), tile in zip(denoised, tiles):
+            for request, (latents, reasoning_clip), tile in zip(group, denoised, tiles):
+                _refuse_non_finite(latents, "denoised latents", request)
                 video = self.decode(latents, reasoning_clip, tile)
+                _refuse_non_finite(video, "decoded frames", request)
                 frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
                 yield EditResult(image=frames[-1], frames=frames, video=video)
 

@@ -10,7 +10,6 @@ outputs and sample are cut too (:meth:`Sampler.keep_frames`), as diffusers' pipe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,8 @@ from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from diffusers import UniPCMultistepScheduler
 
 from .errors import ChronoEditError
-from .settings import check_choice
+from .settings import MAX_TRAIN_TIMESTEPS, check_choice, check_range, check_shift
+from .user_files import read_json
 
 SCHEDULERS = ("unipc", "euler")
 DEFAULT_SHIFT = 5.0  # Wan2.1-I2V's and ChronoEdit's flow shift
@@ -34,13 +34,37 @@ def read_scheduler_config(model_dir: str | Path | None) -> dict | None:
     if model_dir is None or not (path := Path(model_dir) / CONFIG_FILE).is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ChronoEditError(f"{path} is not readable JSON ({exc}); repair it, or delete it to sample with "
-                              "--scheduler euler.") from None
+        config = read_json(path)
+    except (OSError, ChronoEditError) as exc:
+        raise ChronoEditError(f"{exc} Repair it, or delete it to sample with --scheduler euler.") from None
     if not isinstance(config, dict):
         raise ChronoEditError(f"{path} holds no JSON object; repair it, or delete it to sample with --scheduler euler.")
+    check_scheduler_numbers(config, path)
     return config
+
+
+# The numbers the samplers read from a scheduler config, and the rule each must follow (a flag
+# that carries the same value follows the same rule).
+SCHEDULER_NUMBERS = {
+    "flow_shift": check_shift,
+    "shift": check_shift,
+    "num_train_timesteps": lambda name, value: check_range(name, value, 1, MAX_TRAIN_TIMESTEPS),
+    "solver_order": lambda name, value: check_range(name, value, 1, 3),
+}
+
+
+def check_scheduler_numbers(config: dict, path: Path) -> None:
+    """Each number the samplers read must be a number within its rule, naming the file and the key."""
+    for key, check in SCHEDULER_NUMBERS.items():
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ChronoEditError(f"{key} must be a number, got {value!r}.")
+            check(key, value)
+        except ChronoEditError as exc:
+            raise ChronoEditError(f"{path}: {exc} Repair the file, or delete it to sample with --scheduler euler.") from None
 
 
 def resolve_scheduler(name: str | None, config: dict | None) -> str:
@@ -118,6 +142,20 @@ class UniPCSampler(Sampler):
                                for out in state.model_outputs]
         if state.last_sample is not None:
             state.last_sample = state.last_sample[:, :, frames]
+
+
+def check_schedule(name: str, steps: int, shift: float, config: dict | None = None, flag: str = "--steps") -> None:
+    """Refuse a schedule the sampler cannot step: UniPC needs distinct timesteps, and many steps at a
+    large shift crowd the shifted sigmas near 1 onto the same integer timestep (diffusers then
+    fails an assertion mid-edit)."""
+    if name != "unipc":
+        return
+    timesteps = make_sampler(name, steps, shift, config).timesteps
+    distinct = len(set(timesteps.tolist()))
+    if distinct < len(timesteps):
+        raise ChronoEditError(f"{flag} {steps} at flow shift {shift:g}: UniPC's schedule repeats timesteps "
+                              f"({distinct} distinct of {len(timesteps)}), which it cannot step. Use fewer steps "
+                              "(50 is the official recipe), a smaller --shift, or --scheduler euler.")
 
 
 def make_sampler(name: str, steps: int, shift: float, config: dict | None = None,

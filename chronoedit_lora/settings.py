@@ -6,6 +6,7 @@ Each error names the key or flag, the allowed range or choices, and suggests the
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,6 +18,14 @@ from .video import SIZE_MULTIPLE
 # More denoising steps than this buy nothing (the official recipe uses 50) and a typo such as
 # 100000000 would build a schedule of that length before the first step.
 MAX_STEPS = 1000
+# Seeds: an edit's noise generator takes any unsigned 64-bit number; training seeds numpy too
+# (accelerate's set_seed), which takes 32 bits, and each process adds its index.
+MAX_SEED = 2**64 - 1
+MAX_TRAIN_SEED = 2**32 - 1
+# Flow shifts in use are 1 to 17; far beyond, the shifted sigmas round to 1 (or to NaN).
+MAX_SHIFT = 100.0
+# Training schedules have 1000 timesteps; a typo such as 1e12 would allocate terabytes.
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
@@ -33,12 +42,27 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
                 low_inclusive: bool = True) -> None:
-    """``low <= value <= high`` (``low < value`` if not ``low_inclusive``); None: unbounded."""
+    """``low <= value <= high`` (``low < value`` if not ``low_inclusive``); None: unbounded. NaN and
+    infinities are refused whatever the bounds (they pass every comparison, then poison the numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ChronoEditError(f"{name} must be a finite number, got {value!r}.")
     too_low = low is not None and (value < low or (value == low and not low_inclusive))
     if too_low or (high is not None and value > high):
         bounds = (f"{'>=' if low_inclusive else '>'} {low:g}" if low is not None else "") + \
                  (" and " if low is not None and high is not None else "") + (f"<= {high:g}" if high is not None else "")
         raise ChronoEditError(f"{name} must be {bounds}, got {value!r}.")
+
+
+def check_shift(name: str, value: float) -> None:
+    """A flow shift, from a flag, a training config or a scheduler config: the same rule for each."""
+    check_range(name, value, 0, MAX_SHIFT, low_inclusive=False)
+
+
+def check_seed(name: str, value: int, high: int = MAX_SEED) -> None:
+    """A seed: a whole number from 0 to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ChronoEditError(f"{name} must be a whole number, got {value!r}.")
+    check_range(name, value, 0, high)
 
 
 def check_size(height: int | None, width: int | None, prefix: str = "--") -> None:

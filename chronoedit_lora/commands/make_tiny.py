@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ChronoEditError
+from ..settings import check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_seed("--seed", args.seed)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
         raise ChronoEditError(f"{output} exists and is not empty; choose a new folder.")

@@ -70,6 +70,11 @@ def from_musubi(name: str) -> str | None:
     return _MUSUBI_TOP.get(rest)
 
 
+def is_dit_layer(module: str) -> bool:
+    """Whether ``module`` (a Wan name) is a linear layer of Wan's DiT."""
+    return to_diffusers(module) is not None
+
+
 def in_blocks(module: str) -> bool:
     """Whether ``module`` is inside a transformer block (``blocks.N.…``)."""
     return _BLOCK.match(module) is not None

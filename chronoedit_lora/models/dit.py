@@ -13,7 +13,8 @@ transformer nor single-file repacks whose keys carry a ComfyUI prefix; importing
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ _CONVERTERS = {
 WAN_HEAD_DIM = 128  # every released Wan2.1 / ChronoEdit DiT uses 128-wide heads
 HEADS_METADATA_KEY = "num_attention_heads"
 DEFAULT_TEMPORAL_SKIP_LEN = 8
+MAX_ROPE_POSITIONS = 1024  # rows of WanModel's RoPE tables (DiffSynth builds them for 1024 positions)
 
 # Key of one tensor that only the given format has, and its prefix-free name.
 _FORMAT_PROBES = {
@@ -138,14 +140,20 @@ def inspect_dit(
     where = str(files[0].parent if len(files) > 1 else files[0])
     fmt, prefix = detect_format(shapes, where)
     config = read_config(files[0].parent) if fmt == "diffusers" else {}
-    heads = num_heads or config.get("num_attention_heads") or _int_or_none(metadata.get(HEADS_METADATA_KEY))
+    # each number a config or a header gives is checked where it comes from, naming the file and key
+    config_file = files[0].parent / "config.json"
+    settings = ChainMap({k: (v, config_file) for k, v in config.items()},
+                        {k: (v, files[0]) for k, v in metadata.items()})
+    dim = infer_dit_kwargs(shapes, fmt, prefix, 1)["dim"]
+    heads = num_heads or _setting(settings, HEADS_METADATA_KEY, 1, dim, lambda h: dim % h == 0 and dim // h % 2 == 0,
+                                  f"divides the DiT width {dim} (read from the weights) into heads of even width")
     kwargs = infer_dit_kwargs(shapes, fmt, prefix, heads)
     if not kwargs["has_image_input"] or kwargs["in_dim"] != 36:
         raise CheckpointError(
             f"{where} is a Wan DiT without image conditioning (in_dim {kwargs['in_dim']}); "
             "ChronoEdit is the image-to-video architecture (in_dim 36, CLIP image tokens)."
         )
-    skip = int(config.get("rope_temporal_skip_len", metadata.get("rope_temporal_skip_len", DEFAULT_TEMPORAL_SKIP_LEN)))
+    skip = _setting(settings, "rope_temporal_skip_len", 2, MAX_ROPE_POSITIONS) or DEFAULT_TEMPORAL_SKIP_LEN
     return DiTCheckpoint(
         files=tuple(files),
         format=fmt,
@@ -168,8 +176,21 @@ def load_dit(
     return load_registered(ckpt.files, entry, dtype, device), ckpt
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value else None
+def _setting(settings: Mapping[str, tuple[object, Path]], key: str, low: int, high: int,
+             valid: Callable[[int], bool] = lambda value: True, rule: str = "") -> int | None:
+    """A whole-number setting of the DiT from its config.json or its header (None if absent), or a
+    :class:`CheckpointError` naming the file, the key and the allowed values."""
+    if key not in settings or settings[key][0] is None:
+        return None
+    raw, source = settings[key]
+    try:
+        value = int(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high or not valid(value):
+        raise CheckpointError(f"{source}: {key} {raw!r} is impossible for this DiT: it must be a whole number from "
+                              f"{low} to {high}{' that ' + rule if rule else ''}. Repair the file (or re-download the model).")
+    return value
 
 
 def meta_dit(checkpoint: DiTCheckpoint) -> WanModel:

@@ -32,8 +32,9 @@ from diffsynth.configs.model_configs import MODEL_CONFIGS
 from diffsynth.core.loader.file import convert_keys_dict_to_single_str
 from diffsynth.models.model_loader import ModelPool
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ChronoEditError
 from ..files import inside
+from ..user_files import INDEX_FILE_BYTES, read_json
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # weight dtypes by name
 
@@ -93,9 +94,9 @@ def _resolve_index(index_path: Path) -> list[Path]:
     if not index_path.is_file():
         raise CheckpointError(f"DiT index not found: {index_path}.")
     try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc!r}).") from None
+        index = read_json(index_path, INDEX_FILE_BYTES)
+    except ChronoEditError as exc:
+        raise CheckpointError(f"not a valid safetensors index: {exc}") from None
     weight_map = _weight_map(index_path, index)
     folder = index_path.parent
     _check_inside(index_path, weight_map)
@@ -207,9 +208,12 @@ def read_config(path: str | Path) -> dict:
     if not config.is_file():
         return {}
     try:
-        return json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config}: invalid JSON ({exc}).") from None
+        found = read_json(config)
+    except ChronoEditError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{config} holds no JSON object; re-download the component.")
+    return found
 
 
 # -- 2. reading headers and tensors -----------------------------------------------------------

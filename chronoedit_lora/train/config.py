@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ChronoEditError
+from ..user_files import check_regular, read_text
 
 DEFAULT_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
 
@@ -94,10 +95,11 @@ def load_config(path: str | Path | None, overrides: dict[str, str]) -> TrainConf
     values: dict[str, typing.Any] = {}
     if path is not None:
         path = Path(path)
+        check_regular(path)
         if not path.is_file():
             raise ChronoEditError(f"config {path} not found.")
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(read_text(path))
         except tomllib.TOMLDecodeError as exc:
             raise ChronoEditError(f"{path}: invalid TOML ({exc}).") from None
     hints = typing.get_type_hints(TrainConfig)
@@ -128,13 +130,15 @@ def validate(config: TrainConfig) -> None:
     """Every setting that can be checked without a model: ranges, choices, combinations."""
     from ..models.loading import DTYPES
     from ..models.rope import ROPE_MODES
-    from ..settings import MAX_STEPS, check_choice, check_range, check_size
+    from ..settings import MAX_STEPS, MAX_TRAIN_SEED, check_choice, check_range, check_seed, check_shift, check_size
 
     check_choice("dtype", config.dtype, sorted(DTYPES))
     check_choice("rope", config.rope, ROPE_MODES)
     check_choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
-    for key in ("learning_rate", "alpha", "shift"):
+    for key in ("learning_rate", "alpha"):
         check_range(key, getattr(config, key), 0, low_inclusive=False)
+    check_shift("shift", config.shift)
+    check_seed("seed", config.seed, MAX_TRAIN_SEED)
     for key in ("rank", "batch_size", "gradient_accumulation", "save_every", "epochs", "repeat", "keep_checkpoints",
                 "sample_count"):
         check_range(key, getattr(config, key), 1)

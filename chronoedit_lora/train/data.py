@@ -9,6 +9,7 @@ from ..data import EditPairDataset, bucket_batches, check_dataset, format_report
 from ..data.buckets import share_batches
 from ..data.metadata import PAIR, TRAJECTORY
 from ..errors import ChronoEditError
+from ..sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
 from .config import TrainConfig
 
 
@@ -23,6 +24,10 @@ def preflight(config: TrainConfig, output: Path) -> None:
             raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
         if problems:
             print(format_report(problems))
+    if config.sample_every:  # sample edits use the model folder's sampler, as `edit` does
+        scheduler = read_scheduler_config(config.model)
+        check_schedule(resolve_scheduler(None, scheduler), config.sample_steps, default_shift(scheduler), scheduler,
+                       "sample_steps")
     check_output_folder(output, config.min_free_mb * 2**20)
 
 
