@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..data import check_dataset, format_report, has_fatal
 from ..errors import ChronoEditError
+from ..user_files import check_regular
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def resolve_csv(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "metadata.csv"
+    check_regular(path)
     if not path.is_file():
         raise ChronoEditError(f"{path}: no such metadata CSV.")
     return path

@@ -18,14 +18,14 @@ BOM, use CRLF line ends, and quote prompts that contain commas, quotes or newlin
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from ..errors import listing
 from ..files import inside
+from ..user_files import not_regular, not_utf8, read_csv
 from .problems import Problem, has_fatal
 
 IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
@@ -33,7 +33,8 @@ VIDEO_COLUMNS = ("video", "prompt")
 TRAJECTORY = "trajectory"  # the optional column, and the kind of its rows
 TRAJECTORY_COLUMNS = (TRAJECTORY, "prompt")
 PAIR = "pair"
-_DELIMITERS = (",", ";", "\t")
+CSV_FIX = ('Check the quotes (a value that starts with " must end with ", and a " inside it is written ""), and '
+           "that this is the dataset's CSV: one row per line, two paths and a prompt.")
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,17 @@ def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[li
     existence here, their content by :mod:`.images`.
     """
     csv_path = Path(os.path.abspath(csv_path))
+    if kind := not_regular(csv_path):
+        return [], [Problem(None, None, f"{csv_path} is not a regular file but {kind}.", "Pass the path of your metadata.csv.")]
     if not csv_path.is_file():
         return [], [Problem(None, None, f"{csv_path} not found.", "Pass the path of your metadata.csv.")]
-    text, problems = _decode(csv_path.read_bytes())
-    if text is None:
-        return [], problems
-    records = _records(text, problems)
+    with csv_path.open("rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return [], [Problem(None, None, "The CSV is saved as UTF-16.", "Save it as 'CSV UTF-8 (comma delimited)'.")]
+    records, stopped = read_csv(csv_path)
+    problems: list[Problem] = []
+    if stopped:
+        problems.append(Problem(len(records) + 1, None, f"{stopped[0].upper()}{stopped[1:]}.", CSV_FIX))
     if not records:
         problems.append(Problem(None, None, "The CSV is empty.",
                                 "Write a header line (input_image,edited_image,prompt) and one row per pair."))
@@ -101,30 +107,6 @@ def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[li
     if not pairs and not has_fatal(problems):
         problems.append(Problem(None, None, "The CSV has a header but no pairs.", "Add one row per edit pair."))
     return pairs, problems
-
-
-def _decode(data: bytes) -> tuple[str | None, list[Problem]]:
-    """UTF-8 text (BOM dropped); bytes that are not UTF-8 stay as surrogates and are reported per field."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return None, [Problem(None, None, "The CSV is saved as UTF-16.",
-                              "Save it as 'CSV UTF-8 (comma delimited)'.")]
-    return data.decode("utf-8-sig", errors="surrogateescape"), []
-
-
-def _records(text: str, problems: list[Problem]) -> list[list[str]]:
-    """All CSV records (blank lines kept as ``[]`` so row numbers match a spreadsheet)."""
-    first_line = text.split("\n", 1)[0]
-    delimiter = next((d for d in _DELIMITERS if d in first_line), ",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    records: list[list[str]] = []
-    try:
-        for fields in reader:
-            records.append(fields)
-    except csv.Error as exc:
-        problems.append(Problem(
-            len(records) + 1, None, f"CSV syntax error: {exc}; this row and the rest of the file were not read.",
-            'Check the quotes: a value that starts with " must end with ", and a " inside it is written "".'))
-    return records
 
 
 def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
@@ -239,7 +221,28 @@ class _RowReader:
         if TRAJECTORY not in values:  # undecodable cell, already reported
             return None
         path = self._path(row, TRAJECTORY, values[TRAJECTORY], folder_ok=True)
-        return self._unique(EditPair(path, path, prompt, row, kind=TRAJECTORY)) if path else None
+        if path is None or (path.is_dir() and not self._frames_usable(row, path)):
+            return None
+        return self._unique(EditPair(path, path, prompt, row, kind=TRAJECTORY))
+
+    def _frames_usable(self, row: int, folder: Path) -> bool:
+        """A frame folder's frames must be numbered (their order is their names') and, like every file
+        the kit reads, lead into the dataset folder (symlinks resolved) unless ``allow_outside``."""
+        from .trajectories import frame_files, misnumbered_frames  # it imports .images, which imports this module
+
+        files = frame_files(folder)
+        misnumbered = misnumbered_frames(files)
+        if misnumbered:
+            self._add(row, TRAJECTORY, f"{folder.name}/: {listing('frame(s) not named by their number', misnumbered, 5)}; "
+                      "the order of the frames is read from their names.",
+                      "Rename the frames 00.png, 01.png, ... in the order they play (one prefix, the number last).")
+        relative = [file.relative_to(self.root) if file.is_relative_to(self.root) else file for file in files]
+        outside = [] if self.allow_outside else [f"{file.name} -> {file.resolve()}" for file, rel in zip(files, relative)
+                                                  if not inside(rel, self.root)]
+        if outside:
+            self._add(row, TRAJECTORY, f"{folder.name}/: {listing('frame(s) leading outside the dataset folder', outside, 3)}.",
+                      "Copy the frames into the dataset folder instead of linking to them, or set allow_outside.")
+        return not misnumbered and not outside
 
     def _unique(self, pair: EditPair) -> EditPair:
         """``pair``, with a warning if an earlier row had the same files and prompt."""
@@ -256,9 +259,9 @@ class _RowReader:
 
     def _is_utf8(self, row: int, column: str, value: str) -> bool:
         """Undecodable bytes survive decoding as lone surrogates; report them with a likely reading."""
-        if not any("\udc80" <= ch <= "\udcff" for ch in value):
+        raw = not_utf8(value)
+        if raw is None:
             return True
-        raw = value.encode("utf-8", errors="surrogateescape")
         guess = raw.decode("cp1252", errors="replace").strip()
         self._add(row, column, f"Bytes that are not UTF-8 ({raw!r:.60}).",
                   f"Re-save the CSV as UTF-8 (as Windows-1252 this value reads {guess[:60]!r}).")
@@ -288,7 +291,8 @@ class _RowReader:
         if folder_ok and full.is_dir():
             return full
         if not full.is_file():
-            reason = "is a folder, not a file" if full.is_dir() else "not found"
+            kind = not_regular(full)
+            reason = f"is {kind}, not a file" if kind else "not found"
             self._add(row, column, f"'{value.strip()}' {reason} ({full}).", self._suggest(full))
             return None
         return full

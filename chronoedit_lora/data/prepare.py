@@ -16,7 +16,6 @@ import difflib
 import io
 import os
 import string
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from PIL import Image
 
 from ..errors import ChronoEditError
 from ..files import write_text
+from ..plugins import Plugin
+from ..user_files import read_text
 from .images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .metadata import TRAJECTORY
 from .trajectories import frame_files, load_trajectory, video_frame_count
@@ -31,7 +32,6 @@ from .trajectories import frame_files, load_trajectory, video_frame_count
 FOLDER_PAIRS = (("before", "after"), ("input", "output"), ("source", "edited"))
 TRAJECTORY_FOLDER = "trajectories"
 COLUMN_ORDER = ("input_image", "edited_image", "video", TRAJECTORY, "prompt")
-Captioner = Callable[[Image.Image, Image.Image, "str | None"], str]
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _prompt_file(source: Path, name: str, before: Path, after: Path) -> str | No
                   for suffix in (".txt", "_prompt.txt")]
     for candidate in candidates + ([before / "prompt.txt"] if before.is_dir() else []):
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip()
+            return read_text(candidate).strip()
     return None
 
 
@@ -128,7 +128,7 @@ def check_template(template: str, style: str) -> None:
 
 
 def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: str | None = None,
-            style: str = "", captioner: Captioner | None = None) -> Prepared:
+            style: str = "", captioner: Plugin | None = None) -> Prepared:
     """Build the rows (paths relative to ``csv_path``'s folder); raises if no prompt can be found
     or ``template`` is unusable (:func:`check_template`)."""
     if template is not None:
@@ -147,7 +147,9 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
         if text is None and template is not None:
             text = template.format(style=style, name=name)
         if text is None and captioner is not None and (before != after or trajectory):
-            text = captioner(*_ends(before, after, trajectory), prompt or template)
+            about = f"trajectory {_relative(before, csv_path)}" if trajectory else \
+                f"pair {_relative(before, csv_path)} -> {_relative(after, csv_path)}"
+            text = captioner(*_ends(before, after, trajectory), prompt or template, about=about)
         if not text:
             no_prompt.append(name)
             continue

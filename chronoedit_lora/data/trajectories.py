@@ -6,7 +6,9 @@ clip frame ``i`` (0..28) is source frame ``floor(i * (N - 1) / 28 + 1/2)`` of th
 frames, i.e. evenly spaced nearest frames (a tie goes to the later frame), so the first and the
 last frame are kept exactly; a trajectory of fewer than 29 frames holds frames, a longer one skips
 them. Fewer than 3 frames is refused: two frames are an edit pair. A frame folder's frames are its
-image files in natural order (``2.png`` before ``10.png``), and all must have one size.
+image files, each named by its number (``00.png``, ``2.png``, ``frame_0010.png``: the same prefix,
+digits last), in numeric order, and all must have one size. Names that are not numbers (``first.png``,
+``end.png``) are refused rather than sorted as words, which could run a clip backwards.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def frame_files(folder: Path) -> list[Path]:
         return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural)
+
+
+def misnumbered_frames(files: list[Path]) -> list[str]:
+    """The frames whose names do not give their place: no number at the end of the name, another
+    prefix than the rest's, or a number another frame has too."""
+    numbered = {file.name: re.fullmatch(r"(.*?)(\d+)", file.stem) for file in files}
+    prefixes = [match.group(1).lower() for match in numbered.values() if match]
+    common = max(set(prefixes), key=prefixes.count) if prefixes else None
+    numbers = [int(match.group(2)) for match in numbered.values() if match]
+    return [name for name, match in numbered.items()
+            if not match or match.group(1).lower() != common or numbers.count(int(match.group(2))) > 1]
 
 
 def first_frame_size(path: Path, row: int, column: str) -> tuple[tuple[int, int] | None, list[Problem]]:

@@ -1,8 +1,14 @@
 """The model card written beside a trained LoRA: a Hugging Face ``README.md`` (YAML header, then how
-the LoRA was made and how to load it in diffusers, ComfyUI and the kit)."""
+the LoRA was made and how to load it in diffusers, ComfyUI and the kit).
+
+Text that comes from the user (the example prompt, the run's and the dataset's names) is escaped
+(:func:`markdown_text`): it renders as written and cannot add headings, links, HTML or front matter.
+"""
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 from ..files import write_text
@@ -10,6 +16,19 @@ from .config import TrainConfig
 from .lora_export import FINAL_NAME
 
 BASE_MODEL = "nvidia/ChronoEdit-14B-Diffusers"
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!])")  # what both CommonMark and Python-Markdown unescape
+_ENTITIES = {"|": "&#124;", "~": "&#126;", "=": "&#61;", ":": "&#58;"}  # table pipes, strike-through, setext, autolinks
+
+
+def markdown_text(text: str) -> str:
+    """``text`` as literal Markdown: HTML and Markdown syntax escaped, one line (line breaks become spaces)."""
+    escaped = _MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(" ".join(text.split()), quote=False))
+    return "".join(_ENTITIES.get(ch, ch) for ch in escaped)
+
+
+def markdown_quote(text: str) -> str:
+    """``text`` as a block quote that shows it line for line, every line escaped (see :func:`markdown_text`)."""
+    return "\n>\n".join(f"> {markdown_text(line)}" if line.strip() else ">" for line in text.splitlines() or [""])
 
 
 def render_model_card(config: TrainConfig, steps: int, pairs: int, example_prompt: str, sample: str | None) -> str:
@@ -28,7 +47,7 @@ tags:
 - wan2.1
 ---
 
-# ChronoEdit LoRA: {Path(config.output).name}
+# ChronoEdit LoRA: {markdown_text(Path(config.output).name)}
 
 A LoRA for [ChronoEdit-14B]({"https://huggingface.co/" + BASE_MODEL}) (image editing as a short video:
 the input image is frame 0, the edit the last frame), trained with chronoedit-lora.
@@ -37,14 +56,14 @@ the input image is frame 0, the edit the last frame), trained with chronoedit-lo
 
 | | |
 |---|---|
-| data | {pairs} before/after pairs from `{Path(config.dataset).name}`, {size} |
+| data | {pairs} before/after pairs from {markdown_text(Path(config.dataset).name)}, {size} |
 | LoRA | rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
 | steps | {steps} (batch {config.batch_size} x accumulation {config.gradient_accumulation} per process), learning rate {config.learning_rate:g} |
 | RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
 
 Prompts follow the training data's form, for example:
 
-> {example_prompt}
+{markdown_quote(example_prompt)}
 {grid}
 ## Use
 
