@@ -62,7 +62,7 @@ def test_batch_problems_are_all_reported_before_loading(input_image, tmp_path, c
     err = capsys.readouterr().err
     assert "row 3: image 'missing.png' not found" in err
     assert "row 4: empty prompt" in err and "row 4: seed 'x'" in err
-    assert "row 5: output o.png is also written by row 2" in err
+    assert "row 5: output o.png is the file row 2 writes" in err
 
 
 def test_batch_paths_outside_the_csv_folder_are_refused_before_anything_is_read(input_image, tmp_path, capsys):

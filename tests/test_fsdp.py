@@ -86,3 +86,18 @@ def test_fsdp_with_accumulation_and_clipping_equals_ddp(tiny_diffusers, runs):
     diff = _max_diff(folder / "fsdp-acc" / "lora.safetensors", folder / "ddp-acc" / "lora.safetensors")
     print(f"FSDP vs DDP with accumulation 2 and clipping, max |diff|: {diff:.3g}")
     assert diff <= SAME_AS_DDP_ATOL
+
+
+@pytest.mark.parametrize("run", ["fsdp", "ddp"])
+def test_a_two_process_checkpoint_is_not_resumed_by_one_process(tiny_diffusers, runs, run):
+    """Continuing a 2-process epoch on 1 process would train some pairs twice: refused, naming both counts,
+    before any model loads; the checkpoint is left as it was."""
+    dataset, folder, _ = runs
+    checkpoint = folder / run / "checkpoints" / "step-000006"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    single = subprocess.run(_train_cmd(tiny_diffusers, dataset, folder / run, "--max_steps", "9", "--save_every", "3",
+                                       "--seed", "3", *CHECKPOINTING, "--resume"), capture_output=True, text=True)
+    assert single.returncode == 2, single.stderr[-2000:]
+    assert "saved by a run of 2 process(es), and this run has 1" in single.stderr and "Traceback" not in single.stderr
+    assert "--num_processes 2" in single.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
