@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--trajectory-max-pixels", type=int,
                        help="trajectory rows' pixel budget (default: a quarter of the pairs')")
     check.add_argument("--allow-outside", action="store_true", help="allow paths outside the CSV's folder")
+    check.add_argument("--prompt-column", default="", help="the column trained on (default: a row's caption_cot if "
+                                                           "filled, else its prompt), as the prompt_column setting")
     prep = sub.add_parser("prepare", help="write metadata.csv from before/ + after/ folders, NAME_before/NAME_after "
                                           "files or 2-frame MP4s, plus trajectories (longer videos, frame folders)")
     prep.add_argument("source", help="folder holding the pairs and/or trajectories")
@@ -68,7 +70,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     csv_path = resolve_csv(args.dataset)
     problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside,
-                             trajectory_max_pixels=args.trajectory_max_pixels)
+                             trajectory_max_pixels=args.trajectory_max_pixels, prompt_column=args.prompt_column)
     print(f"{csv_path}:")
     print(format_report(problems))
     return 1 if has_fatal(problems) else 0
