@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
         enhance = load_callable(args.prompt_enhancer, "--prompt-enhancer")
         todo = [replace(job, prompt=enhance(images[job.image], job.prompt)) for job in todo]
+        if release := getattr(enhance, "release", None):
+            release()  # e.g. the enhancer's VLM leaves the GPU before ChronoEdit loads
         for job in todo[:3]:
             print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:
