@@ -91,7 +91,6 @@ def test_diffsynth_inference_under_torchrun_splits_the_edit(original_layout, mon
     assert "--sequence-parallel needs CUDA GPUs" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_train_diffsynth_readme_command_writes_what_the_printed_command_writes(original_layout, capsys):
     """The original README's command, --num_frames 5 on 2-frame clips included (it fails on DiffSynth)."""
     (original_layout / "data/example_dataset/videos").mkdir(parents=True)
