@@ -151,31 +151,18 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
     for name, before, after, _ in items:
         text = _prompt_file(source, name, before, after) or prompt
         results.append(template.format(style=style, name=name) if text is None and template is not None else text)
-    jobs = {i: CaptionJob("|".join(dict.fromkeys(_relative(path, csv_path) for path in (before, after))),
-                          functools.partial(_ends, before, after, trajectory))
-            for i, (_, before, after, trajectory) in enumerate(items)
-            if results[i] is None and captioner is not None and (before != after or trajectory)}
-    if jobs:
-        captions = caption_pairs(list(jobs.values()), captioner, progress_path(csv_path), caption_batch_size,
-                                 keep_unchanged)
-        for i, job in jobs.items():
-            results[i] = captions[job.key]
+    if captioner is not None:
+        _caption_missing(items, results, captioner, csv_path, caption_batch_size, keep_unchanged)
     rows, no_prompt, unchanged = [], [], []
     for (name, before, after, trajectory), result in zip(items, results):
         if isinstance(result, Caption) and result.unchanged and not keep_unchanged:
             unchanged.append(name)
-            continue
-        texts = {"caption": result.caption, "caption_cot": result.caption_cot} if isinstance(result, Caption) \
-            else {"prompt": result}
-        if not (result.caption_cot if isinstance(result, Caption) else result):
+        elif not (result.caption_cot if isinstance(result, Caption) else result):
             no_prompt.append(name)
-            continue
-        if trajectory:
-            rows.append({TRAJECTORY: _relative(before, csv_path), **texts})
-        elif before == after:
-            rows.append({"video": _relative(before, csv_path), **texts})
         else:
-            rows.append({"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path), **texts})
+            texts = {"caption": result.caption, "caption_cot": result.caption_cot} if isinstance(result, Caption) \
+                else {"prompt": result}
+            rows.append({**_paths(before, after, trajectory, csv_path), **texts})
     if unchanged and not rows and not no_prompt:
         raise ChronoEditError(f"the captioner saw no change in any of the {len(unchanged)} pair(s) "
                               f"({', '.join(unchanged[:5])}): nothing to train on. Pass --keep-unchanged to keep them.")
@@ -183,6 +170,28 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
         raise ChronoEditError(f"no prompt for {len(no_prompt)} row(s) ({', '.join(no_prompt[:5])}): give --prompt, "
                               "--prompt-template, per-pair .txt files or --captioner.")
     return Prepared(rows, unmatched + unreadable, layout, len(trajectories), unchanged)
+
+
+def _caption_missing(items: list[tuple[str, Path, Path, bool]], results: list, captioner: Captioner, csv_path: Path,
+                     batch_size: int, keep_unchanged: bool) -> None:
+    """Fill the ``results`` that have no prompt yet with the captioner's (2-frame MP4s excepted)."""
+    jobs = {i: CaptionJob("|".join(_paths(before, after, trajectory, csv_path).values()),
+                          functools.partial(_ends, before, after, trajectory))
+            for i, (_, before, after, trajectory) in enumerate(items)
+            if results[i] is None and (before != after or trajectory)}
+    if jobs:
+        captions = caption_pairs(list(jobs.values()), captioner, progress_path(csv_path), batch_size, keep_unchanged)
+        for i, job in jobs.items():
+            results[i] = captions[job.key]
+
+
+def _paths(before: Path, after: Path, trajectory: bool, csv_path: Path) -> dict[str, str]:
+    """A row's path columns."""
+    if trajectory:
+        return {TRAJECTORY: _relative(before, csv_path)}
+    if before == after:
+        return {"video": _relative(before, csv_path)}
+    return {"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path)}
 
 
 def _ends(before: Path, after: Path, trajectory: bool) -> tuple[Image.Image, Image.Image]:
