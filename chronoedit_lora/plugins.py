@@ -14,25 +14,43 @@ class PluginError(ChronoEditError):
 
 
 class Plugin:
-    """A loaded ``MODULE:CALLABLE`` that must return a non-empty string; ``about`` names the pair or
-    image it is called on, for the message if it fails (the plugin's own traceback is kept as the
-    cause, shown with ``CHRONOEDIT_LORA_DEBUG=1``)."""
+    """A loaded ``MODULE:CALLABLE`` whose every answer must be text: a non-empty string, or an object
+    whose ``caption`` is one (a captioner's :class:`~chronoedit_lora.captioners.Caption`). ``about``
+    names the pair or image it is called on, for the message if it fails (the plugin's own
+    traceback is kept as the cause, shown with ``CHRONOEDIT_LORA_DEBUG=1``)."""
 
     def __init__(self, target: Callable, spec: str, option: str):
         self.target, self.spec, self.option = target, spec, option
 
-    def __call__(self, *args, about: str | None = None) -> str:
+    def __call__(self, *args, about: str | None = None):
+        return self._checked(self.target, args, about)[0]
+
+    @property
+    def caption_batch(self) -> Callable | None:
+        """The plugin's ``caption_batch(pairs, ...)`` (several pairs a call), guarded alike, or None."""
+        batch = getattr(self.target, "caption_batch", None)
+        return None if batch is None else lambda *args, about=None: self._checked(batch, args, about, many=True)
+
+    def release(self) -> None:
+        """Let the plugin free its model, if it can (``f.release``)."""
+        if release := getattr(self.target, "release", None):
+            release()
+
+    def _checked(self, function: Callable, args: tuple, about: str | None, many: bool = False) -> list:
         where = f" on {about}" if about else ""
         try:
-            text = self.target(*args)
+            answer = function(*args)
         except Exception as exc:  # noqa: BLE001 - any failure inside user code is reported the same way
-            raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else '(no message)'}") from exc
-        if not isinstance(text, str) or not text.strip():
-            got = "an empty or blank text" if isinstance(text, str) else f"a {type(text).__name__}"
-            raise PluginError(f"{self.option} {self.spec} returned {got}{where}; it must return the prompt text. "
-                              "Nothing was written.")
-        return text.strip()
+            said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+            raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}") from exc
+        answers = list(answer) if many else [answer]
+        for item in answers:
+            text = item if isinstance(item, str) else getattr(item, "caption", None)
+            if not isinstance(text, str) or not text.strip():
+                got = "an empty or blank text" if isinstance(text, str) else f"a {type(item).__name__}"
+                raise PluginError(f"{self.option} {self.spec} returned {got}{where}; it must return the prompt text. "
+                                  "Nothing was written.")
+        return [item.strip() if isinstance(item, str) else item for item in answers]
 
 
 def load_callable(spec: str, option: str = "--captioner") -> Plugin:

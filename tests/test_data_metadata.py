@@ -41,6 +41,19 @@ def test_image_layout(root: Path) -> None:
     assert pairs == [EditPair(root / "img/a.png", root / "img/b.png", "make it red", row=2)]
 
 
+def test_captioned_rows_train_on_caption_cot_unless_another_column_is_named(root: Path) -> None:
+    csv_path = write(root, "input_image,edited_image,prompt,caption,caption_cot\n"
+                           "img/a.png,img/b.png,,make it red,The user wants to make it red.\n"
+                           "img/a.png,img/c.jpg,given prompt,,\n")
+    pairs, problems = read_metadata(csv_path)
+    assert problems == [] and [p.prompt for p in pairs] == ["The user wants to make it red.", "given prompt"]
+    pairs, problems = read_metadata(csv_path, prompt_column="caption")
+    assert [p.prompt for p in pairs] == ["make it red", ""]
+    only(problems, row=3, column="caption", reason="Empty prompt.")
+    _, problems = read_metadata(write(root, "input_image,edited_image,caption\nimg/a.png,img/b.png,x\n"))
+    only(problems, row=1, column="prompt", reason="Missing column 'prompt'.")  # a concise caption alone is not used
+
+
 def test_video_layout_reads_frames_0_and_1(root: Path) -> None:
     pairs, problems = read_metadata(write(root, "video,prompt\npair.mp4,turn left\n"))
     assert problems == []

@@ -1,4 +1,5 @@
-"""Captions and prompt enhancement with a local transformers vision-language model (e.g. Qwen2.5-VL).
+"""Captions and prompt enhancement with a local transformers vision-language model: Qwen2.5-VL,
+Qwen3-VL or Qwen3-VL-MoE (the original release's default is Qwen3-VL-30B-A3B-Instruct).
 
 Nothing is downloaded: the model folder comes from ``make_captioner(path)`` or, for the plugin
 functions ``caption`` / ``enhance_prompt``, from the ``CHRONOEDIT_CAPTIONER_MODEL`` variable.
@@ -6,42 +7,43 @@ functions ``caption`` / ``enhance_prompt``, from the ``CHRONOEDIT_CAPTIONER_MODE
     chronoedit-lora dataset prepare data/pairs --captioner chronoedit_lora.captioners.qwen_vl:caption
     chronoedit-lora edit ... --prompt-enhancer chronoedit_lora.captioners.qwen_vl:enhance_prompt
 
-Captioning asks twice: first for a one-line instruction describing the before -> after edit, then
-for ChronoEdit's detailed form of it ("The user wants to ...").
+Labelling follows the original's two stages (see :mod:`.prompts`): a concise instruction or
+``no change``, then the detailed "The user wants to ..." prompt; both are returned. The weights go
+straight to the devices of a device map ("auto": spread over the GPUs), never whole through CPU RAM.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from ..errors import ChronoEditError
+from . import Caption
+from .prompts import EDIT_INSTRUCTION, ENHANCE, INTENT, REASONING
 
 MODEL_ENV = "CHRONOEDIT_CAPTIONER_MODEL"
-CONCISE = ("The first image is the original, the second is the edited version. In one short imperative "
-           "sentence, say what edit turns the first into the second.")
-DETAILED = ("Rewrite this edit instruction for an image-editing model: {instruction}\n"
-            "Start with 'The user wants to', say precisely what changes (objects, colours, materials, light, "
-            "style) and what must stay the same (composition, identities, positions, background). 50 to 90 words.")
-ENHANCE = ("Here is an image and a short edit instruction: {instruction}\nRewrite it as a detailed instruction "
-           "starting with 'The user wants to', describing what changes in this image and what stays the same.")
-INTENT = "The user wants to"
-MAX_IMAGE_PIXELS = 1024 * 1024  # about 1300 visual tokens per image for Qwen2.5-VL
+MAX_SHORT_SIDE = 1080  # the original's cap: larger images are shrunk to this short side first
+MAX_NEW_TOKENS = 512  # the original's answer limit
+
+Request = tuple[str, Sequence[Image.Image]]  # (instruction, images)
 
 
 @dataclass
 class VisionLanguageModel:
-    """A local image-text-to-text model and its processor, asked one question at a time."""
+    """A local image-text-to-text model and its processor, asked a batch of requests at a time."""
 
     path: str
-    device: str = "cpu"
-    max_new_tokens: int = 200
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are shrunk first (aspect kept)
-    exchanges: list[dict] = field(default_factory=list)  # (question, images, answer) for inspection
+    device_map: str | dict = "auto"  # transformers/accelerate device map; "auto": the GPUs, then CPU RAM
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_short_side: int = MAX_SHORT_SIDE
+    exchanges: deque = field(default_factory=lambda: deque(maxlen=32))  # the latest requests, for inspection
 
     def __post_init__(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -49,25 +51,34 @@ class VisionLanguageModel:
         if not os.path.isdir(self.path):
             raise ChronoEditError(f"captioner model {self.path!r}: not a local folder (nothing is downloaded).")
         self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(  # in the dtype it was saved in, e.g. bf16
-            self.path, local_files_only=True, dtype="auto").to(self.device).eval()
+        self.processor.tokenizer.padding_side = "left"  # a batch's answers all start at the same position
+        # transformers 5 builds the model on the meta device and loads each weight straight onto its device
+        # in the map (what low_cpu_mem_usage=True did before), in the dtype it was saved in, e.g. bf16
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.path, local_files_only=True, dtype="auto", device_map=self.device_map).eval()
 
     @torch.no_grad()
-    def ask(self, images: list[Image.Image], question: str) -> str:
-        """The model's greedy answer to ``question`` about ``images`` (shown before the question, in order)."""
-        images = [fit_pixels(image, self.max_image_pixels) for image in images]
-        messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=images, return_tensors="pt").to(self.device)
+    def ask_many(self, requests: Sequence[Request]) -> list[str]:
+        """Greedy answers to ``(instruction, images)`` requests, generated as one padded batch: the
+        instruction is the system message, the images (in order) the user's."""
+        conversations = [[{"role": "system", "content": [{"type": "text", "text": instruction}]},
+                          {"role": "user", "content": [{"type": "image"} for _ in images]}]
+                         for instruction, images in requests]
+        texts = [self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+                 for conversation in conversations]
+        images = [cap_short_side(image, self.max_short_side) for _, group in requests for image in group]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        answer = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-        self.exchanges.append({"question": question, "images": len(images), "input_ids": inputs["input_ids"], "answer": answer})
-        return answer
+        answers = [answer.strip() for answer in self.processor.batch_decode(
+            output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        for (instruction, group), ids, answer in zip(requests, inputs["input_ids"], answers):
+            self.exchanges.append({"instruction": instruction, "images": len(group), "input_ids": ids, "answer": answer})
+        return answers
 
 
-def fit_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    """``image`` as RGB, shrunk to at most ``max_pixels`` with its aspect ratio kept."""
-    scale = (max_pixels / (image.width * image.height)) ** 0.5
+def cap_short_side(image: Image.Image, max_short_side: int) -> Image.Image:
+    """``image`` as RGB, shrunk (aspect kept) so that its short side is at most ``max_short_side``."""
+    scale = max_short_side / min(image.size)
     if scale < 1:
         image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
                              Image.Resampling.LANCZOS)
@@ -83,37 +94,66 @@ def _with_intent(text: str, fallback: str) -> str:
 
 
 class Captioner:
-    """``captioner(before, after, hint)``: a concise instruction, then its detailed ChronoEdit form."""
+    """Labels (before, after) pairs in the original's two stages; rewrites instructions for ``edit``."""
 
     def __init__(self, model: VisionLanguageModel):
         self.model = model
 
-    def __call__(self, before: Image.Image, after: Image.Image, hint: str | None = None) -> str:
-        question = CONCISE + (f" Context: {hint}" if hint else "")
-        concise = self.model.ask([before, after], question) or (hint or "edit the image")
-        return _with_intent(self.model.ask([before, after], DETAILED.format(instruction=concise)), concise)
+    def caption_batch(self, pairs: Sequence[tuple[Image.Image, Image.Image]], reason_unchanged: bool = False,
+                      hint: str | None = None) -> list[Caption]:
+        """Both prompts of each pair, in two batched stages; a ``no change`` pair gets its detailed
+        prompt only if ``reason_unchanged`` (to be trained on as an edit that keeps the image)."""
+        instruction = EDIT_INSTRUCTION + (f"\n\nContext from the user: {hint}" if hint else "")
+        concise = self.model.ask_many([(instruction, pair) for pair in pairs])
+        reasoned = [i for i, text in enumerate(concise) if reason_unchanged or not Caption(text).unchanged]
+        detailed = self.model.ask_many([(REASONING.format(instruction=concise[i]), pairs[i]) for i in reasoned]) \
+            if reasoned else []
+        cot = {i: _with_intent(text, concise[i]) for i, text in zip(reasoned, detailed)}
+        return [Caption(text, cot.get(i, "")) for i, text in enumerate(concise)]
+
+    def __call__(self, before: Image.Image, after: Image.Image, hint: str | None = None) -> Caption:
+        return self.caption_batch([(before, after)], hint=hint)[0]
 
     def enhance(self, image: Image.Image, instruction: str) -> str:
-        return _with_intent(self.model.ask([image], ENHANCE.format(instruction=instruction)), instruction)
+        """``instruction`` about ``image`` in ChronoEdit's detailed form (the original's prompt enhancer)."""
+        return _with_intent(self.model.ask_many([(ENHANCE.format(instruction=instruction), [image])])[0], instruction)
 
 
-def make_captioner(path: str, device: str = "cpu", max_new_tokens: int = 200) -> Captioner:
-    return Captioner(VisionLanguageModel(path, device, max_new_tokens))
+def make_captioner(path: str, device_map: str | dict = "auto", max_new_tokens: int = MAX_NEW_TOKENS) -> Captioner:
+    return Captioner(VisionLanguageModel(path, device_map, max_new_tokens))
 
 
 @functools.lru_cache(maxsize=1)
 def _default() -> Captioner:
     path = os.environ.get(MODEL_ENV)
     if not path:
-        raise ChronoEditError(f"set {MODEL_ENV} to a local vision-language model folder (e.g. Qwen2.5-VL-7B-Instruct).")
-    return make_captioner(path, "cuda" if torch.cuda.is_available() else "cpu")
+        raise ChronoEditError(f"set {MODEL_ENV} to a local vision-language model folder (e.g. Qwen3-VL-30B-A3B-Instruct "
+                              "or Qwen2.5-VL-7B-Instruct).")
+    return make_captioner(path, "auto" if torch.cuda.is_available() else "cpu", MAX_NEW_TOKENS)
 
 
-def caption(before: Image.Image, after: Image.Image, hint: str | None = None) -> str:
+def release() -> None:
+    """Free the plugin functions' model (its GPU memory too), e.g. before ChronoEdit loads."""
+    _default.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def caption(before: Image.Image, after: Image.Image, hint: str | None = None) -> Caption:
     """Plugin entry point for ``--captioner``."""
     return _default()(before, after, hint)
 
 
+def caption_batch(pairs: Sequence[tuple[Image.Image, Image.Image]], reason_unchanged: bool = False) -> list[Caption]:
+    """``caption`` for several pairs at once (``dataset prepare`` finds it as ``caption.caption_batch``)."""
+    return _default().caption_batch(pairs, reason_unchanged)
+
+
 def enhance_prompt(image: Image.Image, instruction: str) -> str:
-    """Plugin entry point for ``--prompt-enhancer``."""
+    """Plugin entry point for ``--prompt-enhancer`` (``edit`` frees the model afterwards: ``enhance_prompt.release``)."""
     return _default().enhance(image, instruction)
+
+
+caption.caption_batch = caption_batch
+enhance_prompt.release = release

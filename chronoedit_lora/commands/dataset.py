@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..data import check_dataset, format_report, has_fatal
-from ..errors import ChronoEditError
+from ..errors import ChronoEditError, listing
+from ..settings import check_range
 from ..user_files import check_regular
 
 
@@ -20,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--trajectory-max-pixels", type=int,
                        help="trajectory rows' pixel budget (default: a quarter of the pairs')")
     check.add_argument("--allow-outside", action="store_true", help="allow paths outside the CSV's folder")
+    check.add_argument("--prompt-column", default="", help="the column trained on (default: a row's caption_cot if "
+                                                           "filled, else its prompt), as the prompt_column setting")
     prep = sub.add_parser("prepare", help="write metadata.csv from before/ + after/ folders, NAME_before/NAME_after "
                                           "files or 2-frame MP4s, plus trajectories (longer videos, frame folders)")
     prep.add_argument("source", help="folder holding the pairs and/or trajectories")
@@ -28,7 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--prompt-template", help="placeholders {style} and {name} (the pair's name), e.g. "
                                                 '"The user wants to transform the image into {style} style ..."')
     prep.add_argument("--style", default="", help="fills {style} in the template (needed when it uses {style})")
-    prep.add_argument("--captioner", metavar="MODULE:CALLABLE", help="fills missing prompts: f(before, after, hint) -> str")
+    prep.add_argument("--captioner", metavar="MODULE:CALLABLE",
+                      help="fills missing prompts: f(before, after, hint) -> str, or both prompts of the original "
+                           "release's labelling (caption and caption_cot columns), e.g. "
+                           "chronoedit_lora.captioners.qwen_vl:caption")
+    prep.add_argument("--caption-batch-size", type=int, default=4, help="pairs captioned per model call")
+    prep.add_argument("--keep-unchanged", action="store_true",
+                      help="keep pairs the captioner calls 'no change' (as edits that keep the image)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
 
@@ -47,20 +56,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ..data.prepare import prepare, write_metadata
+    from ..data.captioning import progress_path
+    from ..data.prepare import check_output, prepare, write_metadata
     from ..plugins import load_callable
 
     source = Path(args.source)
     if not source.is_dir():
         raise ChronoEditError(f"{source}: no such folder.")
     csv_path = Path(args.output) if args.output else source / "metadata.csv"
+    check_range("--caption-batch-size", args.caption_batch_size, 1)
+    check_output(csv_path, args.overwrite)
     captioner = load_callable(args.captioner) if args.captioner else None
-    result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner)
+    result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner,
+                     args.caption_batch_size, args.keep_unchanged)
     write_metadata(result.rows, csv_path, args.overwrite)
     pairs = len(result.rows) - result.trajectories
     print(f"{csv_path}: {pairs} pairs ({result.layout})" + (f", {result.trajectories} trajectories" if result.trajectories else ""))
     for line in result.unmatched:
         print(f"  unmatched: {line}")
+    if result.unchanged:
+        print(f"  no change: {listing('pair(s) left out (--keep-unchanged keeps them)', result.unchanged)}")
+    if captioner is not None:
+        print(f"  captions: {progress_path(csv_path)} (a rerun skips the pairs it holds)")
     if any(value.startswith("../") for row in result.rows for value in row.values()):
         print("  note: paths lead outside the CSV's folder; train with allow_outside = true, or write the CSV "
               "next to the pairs.")
@@ -70,7 +87,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     csv_path = resolve_csv(args.dataset)
     problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside,
-                             trajectory_max_pixels=args.trajectory_max_pixels)
+                             trajectory_max_pixels=args.trajectory_max_pixels, prompt_column=args.prompt_column)
     print(f"{csv_path}:")
     print(format_report(problems))
     return 1 if has_fatal(problems) else 0

@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         todo = [replace(job, prompt=enhance(images[job.image], job.prompt,
                                             about=f"row {job.row} ({job.image})" if job.row else str(job.image)))
                 for job in todo]
+        enhance.release()  # e.g. the enhancer's VLM leaves the GPU before ChronoEdit loads
         for job in todo[:3]:
             print(f"enhanced prompt: {job.prompt}")
     if args.batch and rank == 0:

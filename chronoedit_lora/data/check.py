@@ -14,17 +14,18 @@ __all__ = ["check_dataset", "format_report", "has_fatal"]
 
 def check_dataset(csv_path: str | Path, height: int | None = None, width: int | None = None,
                   max_pixels: int | None = None, allow_outside: bool = False,
-                  checked: CheckedFiles | None = None, trajectory_max_pixels: int | None = None) -> list[Problem]:
+                  checked: CheckedFiles | None = None, trajectory_max_pixels: int | None = None,
+                  prompt_column: str = "") -> list[Problem]:
     """All problems of the dataset at ``csv_path``: the CSV itself, then every row's files, each
     decoded completely the first time it is seen (catches truncation; ``checked`` remembers the
     verdicts, see :mod:`.checked_files`), then the row's fit to its training size.
 
-    Size options are as for :class:`EditPairDataset`; invalid ones raise ChronoEditError.
+    Size options and ``prompt_column`` are as for :class:`EditPairDataset`; invalid sizes raise ChronoEditError.
     """
     policies = {PAIR: SizePolicy.create(height, width, max_pixels),
                 TRAJECTORY: SizePolicy.for_trajectories(height, width, max_pixels, trajectory_max_pixels)}
     checked = checked or CheckedFiles()
-    pairs, problems = read_metadata(csv_path, allow_outside)
+    pairs, problems = read_metadata(csv_path, allow_outside, prompt_column)
     for pair in pairs:
         sizes, found = pair_sizes(pair, checked)
         problems += found

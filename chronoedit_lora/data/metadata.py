@@ -11,6 +11,10 @@ whose ``trajectory`` cell is filled is a trajectory (a video, or a folder of num
 whose first frame is the input and last frame the edit; see :mod:`.trajectories`) and leaves the
 pair columns empty; a row whose ``trajectory`` cell is empty is a pair.
 
+The prompt trained on is a row's ``caption_cot`` (the detailed prompt ``dataset prepare --captioner``
+writes, beside its concise ``caption``) if that cell is filled, else its ``prompt``; ``prompt_column``
+names one column to use instead (e.g. ``caption``).
+
 Paths are relative to the CSV's folder and must stay inside it, symlinks resolved (a link to a
 file outside is refused like ``../``), unless ``allow_outside``. The file may start with a UTF-8
 BOM, use CRLF line ends, and quote prompts that contain commas, quotes or newlines.
@@ -32,6 +36,8 @@ IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
 VIDEO_COLUMNS = ("video", "prompt")
 TRAJECTORY = "trajectory"  # the optional column, and the kind of its rows
 TRAJECTORY_COLUMNS = (TRAJECTORY, "prompt")
+PROMPT_COLUMNS = ("caption_cot", "prompt")  # trained on by default: a row's first filled one
+TEXT_COLUMNS = ("prompt", "caption", "caption_cot")  # accepted without a warning when not trained on
 PAIR = "pair"
 CSV_FIX = ('Check the quotes (a value that starts with " must end with ", and a " inside it is written ""), and '
            "that this is the dataset's CSV: one row per line, two paths and a prompt.")
@@ -74,8 +80,10 @@ def clean_prompt(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[list[EditPair], list[Problem]]:
-    """Parse ``csv_path`` into edit pairs and the problems found.
+def read_metadata(csv_path: str | Path, allow_outside: bool = False,
+                  prompt_column: str = "") -> tuple[list[EditPair], list[Problem]]:
+    """Parse ``csv_path`` into edit pairs and the problems found (prompts from ``prompt_column``, or
+    by default each row's first filled :data:`PROMPT_COLUMNS` cell).
 
     Every row whose files were found yields a pair, even if it has another fatal problem (an
     empty prompt, say), so that its files can be checked too: the dataset is usable only if
@@ -100,22 +108,25 @@ def read_metadata(csv_path: str | Path, allow_outside: bool = False) -> tuple[li
                                 "Write a header line (input_image,edited_image,prompt) and one row per pair."))
         return [], problems
     header = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in records[0]]
-    columns, header_problems = _match_header(header)
+    columns, prompt_columns, header_problems = _match_header(header, prompt_column)
     problems += header_problems
-    reader = _RowReader(csv_path.parent, columns, len(header), allow_outside, problems)
+    reader = _RowReader(csv_path.parent, columns, prompt_columns, len(header), allow_outside, problems)
     pairs = [pair for row, fields in enumerate(records[1:], start=2) if (pair := reader.read(row, fields))]
     if not pairs and not has_fatal(problems):
         problems.append(Problem(None, None, "The CSV has a header but no pairs.", "Add one row per edit pair."))
     return pairs, problems
 
 
-def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
+def _match_header(header: list[str], prompt_column: str = "") -> tuple[dict[str, int], tuple[str, ...], list[Problem]]:
     """Map each expected column to its field index; report missing, misspelled and extra columns.
+    Also returns the prompt columns to read, in order of preference.
 
     A misspelled column is reported as fatal but still used, so that row problems are found too.
     """
     names = [name.strip().lower() for name in header]
-    layout = _guess_layout(names)
+    prompts = ((prompt_column.strip().lower(),) if prompt_column.strip()
+               else tuple(c for c in PROMPT_COLUMNS if c in names) or ("prompt",))
+    layout = tuple(c for c in _guess_layout(names) if c != "prompt") + prompts
     problems: list[Problem] = []
     header_text = ",".join(layout) + ("" if TRAJECTORY in layout else f" (plus {TRAJECTORY}, for trajectory rows)")
     columns: dict[str, int] = {}
@@ -125,7 +136,7 @@ def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
             problems.append(Problem(1, name, f"Column '{name}' appears twice.", "Remove or rename one of them."))
         elif name in layout:
             columns[name] = index
-        else:
+        elif name not in TEXT_COLUMNS:
             unknown.append(index)
     for index in unknown:
         name = header[index].strip()
@@ -150,7 +161,7 @@ def _match_header(header: list[str]) -> tuple[dict[str, int], list[Problem]]:
         if column not in columns:
             problems.append(Problem(1, column, f"Missing column '{column}'.",
                                     f"Add a '{column}' column; the header must be: {header_text}."))
-    return columns, problems
+    return columns, prompts, problems
 
 
 def _guess_layout(names: list[str]) -> tuple[str, ...]:
@@ -169,10 +180,11 @@ def _guess_layout(names: list[str]) -> tuple[str, ...]:
 class _RowReader:
     """Turns one CSV record into an :class:`EditPair`, appending problems to a shared list."""
 
-    def __init__(self, root: Path, columns: dict[str, int], header_width: int, allow_outside: bool,
-                 problems: list[Problem]):
+    def __init__(self, root: Path, columns: dict[str, int], prompt_columns: tuple[str, ...], header_width: int,
+                 allow_outside: bool, problems: list[Problem]):
         self.root = Path(os.path.normpath(root))
         self.columns = columns
+        self.prompt_columns = tuple(c for c in prompt_columns if c in columns)
         self.header_width = header_width
         self.is_video = "video" in columns
         self.path_columns = ("video",) if self.is_video else ("input_image", "edited_image")
@@ -193,9 +205,9 @@ class _RowReader:
             return None
         values = {c: fields[i] if i < len(fields) else "" for c, i in self.columns.items()}
         values = {c: v for c, v in values.items() if self._is_utf8(row, c, v)}
-        prompt = clean_prompt(values.get("prompt", ""))
-        if "prompt" in values and not prompt:
-            self._add(row, "prompt", "Empty prompt.", "Write the edit instruction for this pair.")
+        prompt = next((text for c in self.prompt_columns if (text := clean_prompt(values.get(c, "")))), "")
+        if self.prompt_columns and not prompt and all(c in values for c in self.prompt_columns):
+            self._add(row, "/".join(self.prompt_columns), "Empty prompt.", "Write the edit instruction for this pair.")
         if values.get(TRAJECTORY, "").strip() or not self.path_columns:
             return self._trajectory(row, values, prompt)
         paths = [self._path(row, c, values[c]) for c in self.path_columns if c in values]

@@ -6,32 +6,37 @@ the pair folders) in the source folder or in its ``trajectories/`` folder.
 Prompt of a row, first found: a ``.txt`` beside it (``NAME.txt``, ``NAME_prompt.txt``, in the
 source folder or next to either image or the trajectory; a frame folder's own ``prompt.txt``),
 ``--prompt``, ``--prompt-template`` (``{style}``, ``{name}``), then ``--captioner`` (given a
-trajectory's first and last frames).
+trajectory's first and last frames; see :mod:`.captioning`). A captioner's :class:`Caption` fills the
+``caption`` and ``caption_cot`` columns (the latter is trained on); a pair it finds unchanged
+(``no change``) is left out unless ``keep_unchanged``.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import io
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from ..captioners import Caption
 from ..errors import ChronoEditError
 from ..files import write_text
 from ..plugins import Plugin
 from ..user_files import read_text
+from .captioning import CaptionJob, caption_pairs, progress_path
 from .images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .metadata import TRAJECTORY
 from .trajectories import frame_files, load_trajectory, video_frame_count
 
 FOLDER_PAIRS = (("before", "after"), ("input", "output"), ("source", "edited"))
 TRAJECTORY_FOLDER = "trajectories"
-COLUMN_ORDER = ("input_image", "edited_image", "video", TRAJECTORY, "prompt")
+COLUMN_ORDER = ("input_image", "edited_image", "video", TRAJECTORY, "prompt", "caption", "caption_cot")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Prepared:
     unmatched: list[str]
     layout: str
     trajectories: int = 0
+    unchanged: list[str] = field(default_factory=list)  # pairs the captioner saw no change in, left out
 
 
 def find_pairs(source: Path) -> tuple[list[tuple[str, Path, Path]], list[str], str]:
@@ -128,9 +134,11 @@ def check_template(template: str, style: str) -> None:
 
 
 def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: str | None = None,
-            style: str = "", captioner: Plugin | None = None) -> Prepared:
+            style: str = "", captioner: Plugin | None = None, caption_batch_size: int = 1,
+            keep_unchanged: bool = False) -> Prepared:
     """Build the rows (paths relative to ``csv_path``'s folder); raises if no prompt can be found
-    or ``template`` is unusable (:func:`check_template`)."""
+    or ``template`` is unusable (:func:`check_template`). Captions are saved as they come in
+    ``csv_path``'s progress file (:func:`.captioning.progress_path`), and reused from it."""
     if template is not None:
         check_template(template, style)
     pairs, unmatched, layout = find_pairs(source)
@@ -139,31 +147,53 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
         raise ChronoEditError(f"{source}: no pairs or trajectories found. Expected before/ + after/ folders, "
                               "NAME_before / NAME_after images, 2-frame MP4s, or videos / frame folders of "
                               "trajectories (here or in trajectories/).")
-    rows, no_prompt = [], []
     items = [(name, before, after, False) for name, before, after in pairs]
     items += [(name, path, path, True) for name, path in trajectories]
-    for name, before, after, trajectory in items:
+    results: list[Caption | str | None] = []
+    for name, before, after, _ in items:
         text = _prompt_file(source, name, before, after) or prompt
-        if text is None and template is not None:
-            text = template.format(style=style, name=name)
-        if text is None and captioner is not None and (before != after or trajectory):
-            about = f"trajectory {_relative(before, csv_path)}" if trajectory else \
-                f"pair {_relative(before, csv_path)} -> {_relative(after, csv_path)}"
-            text = captioner(*_ends(before, after, trajectory), prompt or template, about=about)
-        if not text:
+        results.append(template.format(style=style, name=name) if text is None and template is not None else text)
+    if captioner is not None:
+        _caption_missing(items, results, captioner, csv_path, caption_batch_size, keep_unchanged)
+    rows, no_prompt, unchanged = [], [], []
+    for (name, before, after, trajectory), result in zip(items, results):
+        if isinstance(result, Caption) and result.unchanged and not keep_unchanged:
+            unchanged.append(name)
+        elif not (result.caption_cot if isinstance(result, Caption) else result):
             no_prompt.append(name)
-            continue
-        if trajectory:
-            rows.append({TRAJECTORY: _relative(before, csv_path), "prompt": text})
-        elif before == after:
-            rows.append({"video": _relative(before, csv_path), "prompt": text})
         else:
-            rows.append({"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path),
-                         "prompt": text})
+            texts = {"caption": result.caption, "caption_cot": result.caption_cot} if isinstance(result, Caption) \
+                else {"prompt": result}
+            rows.append({**_paths(before, after, trajectory, csv_path), **texts})
+    if unchanged and not rows and not no_prompt:
+        raise ChronoEditError(f"the captioner saw no change in any of the {len(unchanged)} pair(s) "
+                              f"({', '.join(unchanged[:5])}): nothing to train on. Pass --keep-unchanged to keep them.")
     if no_prompt:
         raise ChronoEditError(f"no prompt for {len(no_prompt)} row(s) ({', '.join(no_prompt[:5])}): give --prompt, "
                               "--prompt-template, per-pair .txt files or --captioner.")
-    return Prepared(rows, unmatched + unreadable, layout, len(trajectories))
+    return Prepared(rows, unmatched + unreadable, layout, len(trajectories), unchanged)
+
+
+def _caption_missing(items: list[tuple[str, Path, Path, bool]], results: list, captioner: Plugin, csv_path: Path,
+                     batch_size: int, keep_unchanged: bool) -> None:
+    """Fill the ``results`` that have no prompt yet with the captioner's (2-frame MP4s excepted)."""
+    jobs = {i: CaptionJob("|".join(_paths(before, after, trajectory, csv_path).values()),
+                          functools.partial(_ends, before, after, trajectory))
+            for i, (_, before, after, trajectory) in enumerate(items)
+            if results[i] is None and (before != after or trajectory)}
+    if jobs:
+        captions = caption_pairs(list(jobs.values()), captioner, progress_path(csv_path), batch_size, keep_unchanged)
+        for i, job in jobs.items():
+            results[i] = captions[job.key]
+
+
+def _paths(before: Path, after: Path, trajectory: bool, csv_path: Path) -> dict[str, str]:
+    """A row's path columns."""
+    if trajectory:
+        return {TRAJECTORY: _relative(before, csv_path)}
+    if before == after:
+        return {"video": _relative(before, csv_path)}
+    return {"input_image": _relative(before, csv_path), "edited_image": _relative(after, csv_path)}
 
 
 def _ends(before: Path, after: Path, trajectory: bool) -> tuple[Image.Image, Image.Image]:
@@ -181,10 +211,15 @@ def _relative(path: Path, csv_path: Path) -> str:
     return os.path.relpath(path.resolve(), csv_path.parent.resolve()).replace(os.sep, "/")
 
 
-def write_metadata(rows: list[dict[str, str]], csv_path: Path, overwrite: bool = False) -> None:
-    """Write the CSV atomically; refuse to replace an existing one unless asked."""
+def check_output(csv_path: Path, overwrite: bool = False) -> None:
+    """Refuse to replace an existing CSV unless asked (checked before any captioning, and when writing)."""
     if csv_path.exists() and not overwrite:
         raise ChronoEditError(f"{csv_path} exists; pass --overwrite to replace it.")
+
+
+def write_metadata(rows: list[dict[str, str]], csv_path: Path, overwrite: bool = False) -> None:
+    """Write the CSV atomically; refuse to replace an existing one unless asked."""
+    check_output(csv_path, overwrite)
     buffer = io.StringIO()
     columns = [column for column in COLUMN_ORDER if any(column in row for row in rows)]
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")

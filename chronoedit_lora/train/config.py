@@ -29,6 +29,7 @@ class TrainConfig:
     repeat: int = 1  # times each pair is seen per epoch
     batch_size: int = 1  # pairs per process per step (drawn within one bucket)
     allow_outside: bool = False  # allow dataset paths outside the CSV's folder
+    prompt_column: str = ""  # CSV column trained on; "" -> a row's caption_cot (written by a captioner) if filled, else its prompt
     # model
     model: str | None = None  # ChronoEdit-14B-Diffusers folder or Wan2.1 file folder
     dit: str | None = None  # override: DiT shard folder, index JSON or single file

@@ -19,7 +19,7 @@ def preflight(config: TrainConfig, output: Path) -> None:
         raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
     for csv_path in filter(None, (config.dataset, config.sample_dataset)):
         problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside,
-                                 trajectory_max_pixels=config.trajectory_max_pixels)
+                                 trajectory_max_pixels=config.trajectory_max_pixels, prompt_column=config.prompt_column)
         if has_fatal(problems):
             raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
         if problems:
@@ -68,7 +68,7 @@ class TrainingData:
     @staticmethod
     def _open(config: TrainConfig, csv_path: str, repeat: int) -> EditPairDataset:
         return EditPairDataset(csv_path, config.height, config.width, config.max_pixels, repeat, config.allow_outside,
-                               config.trajectory_max_pixels)
+                               config.trajectory_max_pixels, config.prompt_column)
 
     def sample_items(self, count: int) -> list[dict]:
         """The first ``count`` rows of the sample dataset (held-out rows if one is configured), the
