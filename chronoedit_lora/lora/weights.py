@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
 @dataclass

@@ -24,12 +24,14 @@ from safetensors import SafetensorError
 
 from ..data.metadata import TRAJECTORY
 from ..errors import ChronoEditError
+from ..lora.weights import ADAPTER_NAMES
 from ..models.dit import compile_blocks
 from ..models.loading import DTYPES
 from ..settings import check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import fsdp, lora_export
+from .adapter_config import peft_config
 from .data import TrainingData, preflight
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
@@ -118,7 +120,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
-                                config.gradient_checkpointing, config.activation_offload)
+                                config.gradient_checkpointing, config.activation_offload, adapter=peft_config(config))
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
         compile_blocks(pipe.dit)
     # Fused AdamW: one kernel over all LoRA tensors instead of a Python loop over them (about 5x
@@ -134,7 +136,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
     # schedule counted in single-process batches), so a warm-up would end N times too early.
     if resume is not None:  # the full LoRA goes in before FSDP (if any) splits it
-        lora_export.load_into(module, resume.folder / "lora.safetensors")
+        lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     module, optimizer = fsdp.prepare(accelerator, module, optimizer)
     lora_parameters = accelerator.unwrap_model(module).lora_parameters()
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
@@ -158,7 +160,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     trajectories = data.dataset.kinds.count(TRAJECTORY)
     accelerator.print(
-        f"training a rank-{config.rank} LoRA on {len(data.dataset)} items"
+        f"training a rank-{config.rank} {ADAPTER_NAMES[config.adapter]} on {len(data.dataset)} items"
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
