@@ -37,7 +37,7 @@ import torch
 from ..errors import CheckpointError, listing
 from .names import MUSUBI_PREFIX, from_diffusers, from_musubi, in_blocks, to_diffusers, to_musubi
 from .peft_metadata import COMPONENT, METADATA_KEY, read_alphas, write_metadata
-from .weights import ADAPTER_TYPES, PEFT_NAMES, Adapter, LoraModule, LoraWeights, adapter_kinds, build_adapter
+from .weights import ADAPTER_NAMES, ADAPTER_TYPES, PEFT_NAMES, Adapter, LoraModule, LoraWeights, adapter_kinds, build_adapter
 
 FORMATS = ("comfyui", "wan", "diffusers", "musubi", "diffsynth")
 # the adapter types each format can hold, and why not the others
@@ -142,8 +142,19 @@ def check_holds(weights: LoraWeights, fmt: str) -> None:
     refused = [kind for kind in adapter_kinds(weights) if kind not in HOLDS[fmt]]
     if refused:
         able = [f for f in FORMATS if all(kind in HOLDS[f] for kind in adapter_kinds(weights))]
-        raise CheckpointError(f"the {fmt} format cannot hold {'/'.join(k.upper() for k in refused)} layers "
+        raise CheckpointError(f"the {fmt} format cannot hold {'/'.join(ADAPTER_NAMES[k] for k in refused)} layers "
                               f"({_WHY_NOT[fmt]}); write {', '.join(able)} instead.")
+    if fmt == "diffusers" and "dora" in adapter_kinds(weights) and _padded_by_diffusers(weights):
+        raise CheckpointError(
+            "diffusers cannot load this DoRA: for an image-to-video adapter with cross_attn.k but without "
+            "cross_attn.k_img/v_img layers it adds zero k_img/v_img layers, and no DoRA magnitudes for them "
+            "(loading then fails). Train with k_img,v_img among the targets, or keep the comfyui format.")
+
+
+def _padded_by_diffusers(weights: LoraWeights) -> bool:
+    """Whether diffusers' Wan loader would add zero k_img/v_img layers to this adapter."""
+    layers = {module.split(".", 2)[2] for module in weights if in_blocks(module)}
+    return "cross_attn.k" in layers and not {"cross_attn.k_img", "cross_attn.v_img"} <= layers
 
 
 def _stem(module: str, fmt: str) -> str:

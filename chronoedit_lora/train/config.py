@@ -70,6 +70,8 @@ class TrainConfig:
     sample_dataset: str | None = None  # CSV of held-out pairs for samples (default: first pairs of `dataset`)
     sample_count: int = 2  # pairs per sample grid
     sample_steps: int = 20  # denoising steps of sample edits
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers (accelerate's names: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio); empty: metrics.csv only
+    tracker_project: str = "chronoedit-lora"  # project (W&B, TensorBoard folder) or experiment (MLflow) the trackers log under
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
     resume: bool = False  # continue the run in `output` from its newest checkpoint
     resume_from: str | None = None  # continue from this checkpoint folder instead (implies resume)
@@ -124,13 +126,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # Settings that only change what happens after a resumed run's checkpoint (or where files go).
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
-    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir"})
+    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project"})
 
 
 def validate(config: TrainConfig) -> None:
     """Every setting that can be checked without a model: ranges, choices, combinations."""
     from ..models.loading import DTYPES
     from .adapter_config import check_adapter
+    from .trackers import check_trackers
     from ..models.rope import ROPE_MODES
     from ..settings import MAX_STEPS, check_choice, check_range, check_size
 
@@ -153,6 +156,7 @@ def validate(config: TrainConfig) -> None:
         check_range("trajectory_share", config.trajectory_share, 0, 1)
     check_size(config.height, config.width, prefix="")
     check_adapter(config)
+    check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
 

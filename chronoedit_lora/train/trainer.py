@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
 from ..data.metadata import TRAJECTORY
@@ -83,9 +83,11 @@ def train(config: TrainConfig) -> TrainResult:
     check_launch(config)  # before the Accelerator: a DeepSpeed launch without DeepSpeed fails inside it
     # Without CUDA, cpu=True makes a torchrun-style launch (accelerate's --multi_gpu launcher or
     # torchrun itself) a gloo process group instead of N unrelated single processes.
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
-                              mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
+                              mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=config.log_with or None,
+                              project_config=ProjectConfiguration(output, logging_dir=output / "logs" / "tensorboard"))
     run = RunFolder(output)
     failed = True
     try:
@@ -164,7 +166,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
-    log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
+    log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json())
     stop = _StopRequest()
     loss_value, grad_norm = float("nan"), None
 
@@ -203,7 +205,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 last = progress.step >= total_steps
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
-                    validation = _sample(accelerator, pipe, data, config, output, progress.step)
+                    validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
                          samples, validation)
@@ -226,7 +228,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if accelerator.is_main_process:
         lora_export.save(lora, lora_path, config, progress.step)
         write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
-        log.finish(lora_path)
+        log.finish(lora_path, ADAPTER_NAMES[config.adapter])
     accelerator.wait_for_everyone()
     interrupted = stop.signal if stop.requested and progress.step < total_steps else None
     if interrupted:
@@ -335,14 +337,17 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
 
 
 def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path,
-            step: int) -> float | None:
-    """Main process: sample edits with the live LoRA and return the validation loss; the others wait."""
+            step: int, log: TrainingLog) -> float | None:
+    """Main process: sample edits with the live adapter (grid and rows to the trackers too) and
+    return the validation loss; the others wait."""
     loss = None
     if accelerator.is_main_process:
         from .samples import sample_grid
 
         path = output / "samples" / f"step-{step:06d}.png"
-        loss = sample_grid(pipe, data.sample_items(config.sample_count), path, config.sample_steps, config.seed)
+        items = data.sample_items(config.sample_count)
+        loss = sample_grid(pipe, items, path, config.sample_steps, config.seed)
+        log.samples(path, items, step)
         accelerator.print(f"\nstep {step}: validation loss {loss:.4f}, samples {path}")
     accelerator.wait_for_everyone()
     return loss
