@@ -29,10 +29,12 @@ from chronoedit_lora.train.trainer import train
 
 from .lora_parity import PARITY_RTOL, diffusers_and_ours
 from .test_train import RESUME_ATOL, make_subset, tiny_config
+from .test_train_processes import _max_diff
 
 # rank 8 with alpha 4 (scale 1/2), so a lost or doubled alpha shows; the LoKr splits both factors
-# (rank 2 is below half of the tiny DiT's Kronecker factors), the path that carries alpha
-ADAPTERS = {"lora": {}, "dora": {}, "loha": {}, "lokr": {"rank": 2, "lokr_decompose_both": True}}
+# (rank 2 is below half of the tiny DiT's Kronecker factors), the path that carries alpha, and
+# learns slower from its zero start (at lr 1e-2: 1.51 -> 1.48 in 4 steps), so it gets 3e-2
+ADAPTERS = {"lora": {}, "dora": {}, "loha": {}, "lokr": {"rank": 2, "lokr_decompose_both": True, "learning_rate": "3e-2"}}
 STEPS = dict(max_steps=4, save_every=2, alpha=4, learning_rate="1e-2", max_grad_norm=0, seed=7)
 # Measured on the tiny model (one pair, 4 steps at lr 1e-2): validation loss 1.51 -> 1.13..1.42;
 # an adapter that does not learn stays at 1.51.
@@ -114,11 +116,8 @@ def test_training_lowers_the_loss(trained, tiny_diffusers, one_pair):
 
 def test_resume_is_exact(trained):
     kind, _, straight, resumed = trained
-    a, b = load_lora(straight.lora)[0], load_lora(resumed.lora)[0]
-    assert a.keys() == b.keys() and {w.kind for w in a.values()} == {kind}
-    diff = max((ta - b[name].tensors()[field]).abs().max().item()
-               for name, adapter in a.items() for field, ta in adapter.tensors().items())
-    assert diff <= RESUME_ATOL
+    assert {w.kind for w in load_lora(straight.lora)[0].values()} == {kind}
+    assert _max_diff(straight.lora, resumed.lora) <= RESUME_ATOL
 
 
 def test_saved_file_is_the_trained_module(trained, tiny_diffusers):
