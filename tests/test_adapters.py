@@ -224,6 +224,26 @@ def test_diffusers_loads_a_dora_in_its_layout(tiny_diffusers, dit, tmp_path):
     assert (expected - got).abs().max().item() <= PARITY_RTOL * expected.abs().max().item()
 
 
+def test_malformed_adapter_files_are_refused_with_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+
+    from chronoedit_lora.errors import CheckpointError
+
+    stem = "diffusion_model.blocks.0.ffn.0"
+    cases = [
+        ({f"{stem}.lokr_w1_a": torch.zeros(4, 2), f"{stem}.lokr_w2": torch.zeros(8, 8)}, "a LoKr needs w1 or both w1_a and w1_b"),
+        ({f"{stem}.hada_w1_a": torch.zeros(4, 2), f"{stem}.hada_w1_b": torch.zeros(2, 8),
+          f"{stem}.hada_w2_a": torch.zeros(4, 2), f"{stem}.hada_w2_b": torch.zeros(2, 6)}, "do not give two products of one shape"),
+        ({f"{stem}.lora_A.weight": torch.zeros(2, 8), f"{stem}.lora_B.weight": torch.zeros(4, 2),
+          f"{stem}.dora_scale": torch.zeros(3, 1)}, "does not have one value per output row"),
+        ({f"{stem}.lora_A.weight": torch.zeros(2, 8), f"{stem}.hada_w1_a": torch.zeros(4, 2)}, "are not one of the adapter types"),
+    ]
+    for state, message in cases:
+        save_file(state, str(tmp_path / "x.safetensors"))
+        with pytest.raises(CheckpointError, match=f"bad layer.*blocks.0.ffn.0: .*{message}"):
+            load_lora(tmp_path / "x.safetensors")
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"adapter": "lycoris"}, "adapter 'lycoris' is not one of 'lora', 'dora', 'loha', 'lokr'"),
     ({"adapter": "lora", "lokr_factor": "4"}, "lokr_factor set, but they shape a LoKr only"),

@@ -88,18 +88,18 @@ def test_fsdp_with_accumulation_and_clipping_equals_ddp(tiny_diffusers, runs):
     assert diff <= SAME_AS_DDP_ATOL
 
 
-def test_lokr_under_fsdp_equals_ddp(tiny_diffusers, runs):
+def test_lokr_under_fsdp_equals_ddp(tiny_diffusers, tmp_path):
     """A LoKr's parameters are not named ``lora_``: FSDP still trains, gathers, clips and saves them as DDP does."""
     from chronoedit_lora.lora import load_lora
 
-    dataset, folder, _ = runs
+    dataset = make_subset(tmp_path / "data", 4)
     flags = ["--max_steps", "3", "--save_every", "3", "--adapter", "lokr", "--rank", "2", "--lokr_decompose_both", "true",
              "--max_grad_norm", "0.01"]
     for config, name in (("cpu_2proc_fsdp.yaml", "fsdp-lokr"), ("cpu_2proc.yaml", "ddp-lokr")):
-        _launch(config, tiny_diffusers, dataset, folder / name, *flags)
-    weights, metadata = load_lora(folder / "fsdp-lokr" / "lora.safetensors")
+        _launch(config, tiny_diffusers, dataset, tmp_path / name, *flags)
+    weights, metadata = load_lora(tmp_path / "fsdp-lokr" / "lora.safetensors")
     assert {w.kind for w in weights.values()} == {"lokr"} and metadata["adapter"] == "lokr"
     assert max(w.delta().abs().max().item() for w in weights.values()) > 1e-4  # it trained
-    diff = _max_diff(folder / "fsdp-lokr" / "lora.safetensors", folder / "ddp-lokr" / "lora.safetensors")
+    diff = _max_diff(tmp_path / "fsdp-lokr" / "lora.safetensors", tmp_path / "ddp-lokr" / "lora.safetensors")
     print(f"LoKr FSDP vs DDP max |diff| after 3 steps: {diff:.3g}")
     assert diff <= SAME_AS_DDP_ATOL

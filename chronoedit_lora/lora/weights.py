@@ -101,7 +101,7 @@ class DoraModule(LoraModule):
     """DoRA (Liu et al. 2024): the LoRA-adapted weight's rows rescaled to the learned ``magnitude``."""
 
     kind: ClassVar[str] = "dora"
-    magnitude: torch.Tensor = None  # (out_features,): the norm each output row of the adapted weight gets
+    magnitude: torch.Tensor | None = None  # (out_features,): the norm each output row of the adapted weight gets
 
     def problem(self) -> str | None:
         if self.magnitude is None or self.magnitude.numel() != self.up.shape[0]:
@@ -109,17 +109,22 @@ class DoraModule(LoraModule):
             return f"DoRA magnitude {shape} does not have one value per output row ({self.up.shape[0]})"
         return super().problem()
 
+    def _adapted(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float() + self.low_rank_delta().to(weight.device)
+
+    def _gain(self, adapted: torch.Tensor) -> torch.Tensor:
+        return self.magnitude.float().to(adapted.device).reshape(-1, 1) / adapted.norm(dim=1, keepdim=True)
+
     def row_gain(self, weight: torch.Tensor) -> torch.Tensor:
         """magnitude / ‖W + L‖ per output row (float32, shape (out, 1))."""
-        adapted = weight.float() + self.low_rank_delta().to(weight.device)
-        return self.magnitude.float().to(weight.device).reshape(-1, 1) / adapted.norm(dim=1, keepdim=True)
+        return self._gain(self._adapted(weight))
 
     def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """gain * (W + L) - W: DoRA's change depends on the base weight it was trained on."""
         if weight is None:
             raise ValueError("a DoRA layer's weight change depends on the base weight: pass it")
-        weight = weight.float()
-        return self.row_gain(weight) * (weight + self.low_rank_delta().to(weight.device)) - weight
+        adapted = self._adapted(weight)
+        return self._gain(adapted) * adapted - weight.float()
 
 
 @dataclass
@@ -194,11 +199,12 @@ class LokrModule(AdapterModule):
         return w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]
 
     def problem(self) -> str | None:
-        whole_or_split = all((getattr(self, f"lokr_w{i}") is None) != (getattr(self, f"lokr_w{i}_a") is None
-                                                                     and getattr(self, f"lokr_w{i}_b") is None)
-                             for i in (1, 2))
-        if not whole_or_split or super().problem() is not None:
-            return f"LoKr factors {self._shapes()} are not w1 (or w1_a, w1_b) and w2 (or w2_a, w2_b) matrices"
+        for i in (1, 2):
+            whole, a, b = (getattr(self, f"lokr_w{i}{part}") for part in ("", "_a", "_b"))
+            if (whole is None) == (a is None) or (a is None) != (b is None):
+                return f"a LoKr needs w{i} or both w{i}_a and w{i}_b, not {self._shapes()}"
+        if super().problem() is not None:
+            return super().problem()
         for i in (1, 2):
             a, b = getattr(self, f"lokr_w{i}_a"), getattr(self, f"lokr_w{i}_b")
             if a is not None and a.shape[1] != b.shape[0]:
