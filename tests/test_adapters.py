@@ -32,13 +32,14 @@ from .test_train import RESUME_ATOL, make_subset, tiny_config
 from .test_train_processes import _max_diff
 
 # rank 8 with alpha 4 (scale 1/2), so a lost or doubled alpha shows; the LoKr splits both factors
-# (rank 2 is below half of the tiny DiT's Kronecker factors), the path that carries alpha, and
-# learns slower from its zero start (at lr 1e-2: 1.51 -> 1.48 in 4 steps), so it gets 3e-2
-ADAPTERS = {"lora": {}, "dora": {}, "loha": {}, "lokr": {"rank": 2, "lokr_decompose_both": True, "learning_rate": "3e-2"}}
+# (rank 2 is below half of the tiny DiT's Kronecker factors), the path that carries alpha. LoHa and
+# LoKr learn slower from their start (at lr 1e-2, 4 steps: 1.51 -> 1.46 and 1.48), so they get 3e-2.
+FASTER = {"learning_rate": "3e-2"}
+ADAPTERS = {"lora": {}, "dora": {}, "loha": FASTER, "lokr": {"rank": 2, "lokr_decompose_both": True, **FASTER}}
 STEPS = dict(max_steps=4, save_every=2, alpha=4, learning_rate="1e-2", max_grad_norm=0, seed=7)
-# Measured on the tiny model (one pair, 4 steps at lr 1e-2): validation loss 1.51 -> 1.13..1.42;
-# an adapter that does not learn stays at 1.51.
-LEARNS_BY = 1.03
+# Measured on the tiny model (one pair, 4 steps): validation loss 1.506 -> lora 1.199, dora 1.194,
+# loha 1.218, lokr 1.361; an adapter that does not learn stays at 1.506.
+LEARNS_BY = 1.05
 OUTPUT_ATOL = 1e-5  # fp32 layer output of the peft module vs the file's delta applied by hand
 VIDEO_ATOL = 1e-4  # fp32 edit in [-1, 1]: (W + dW) x fused vs W x + dW x hooked
 
