@@ -23,7 +23,7 @@ METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples
 class TrainingLog:
     """Logs one row per optimizer step (main process only; a no-op elsewhere).
 
-    The trackers are the ``accelerator``'s (``Accelerator(log_with=..., project_dir=...)``), started
+    The trackers are the ``accelerator``'s (``Accelerator(log_with=..., project_config=...)``), started
     here under ``project`` with the run's settings as hyperparameters.
     """
 
