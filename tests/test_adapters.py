@@ -6,6 +6,7 @@ converts like a LoRA."""
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -187,6 +188,21 @@ def test_info_and_convert(trained, dit, tmp_path, capsys):
         assert "diffusers cannot load this DoRA" in error and "k_img,v_img" in error
     elif kind != "lora":
         assert "load_lora_weights builds PEFT LoRA/DoRA adapters only" in error
+
+
+def test_dora_trains_on_a_trajectory_from_the_cache_as_without(tiny_diffusers, tmp_path):
+    """The adapter type is the DiT's business only: trajectory rows and the conditioning cache train
+    a DoRA (whose change depends on the base weight) exactly as they train a LoRA."""
+    from .test_trajectories import make_mixed
+
+    dataset = make_mixed(tmp_path / "mixed", 1, 1)
+    common = dict(max_steps=2, save_every=100, seed=2, trajectory_max_pixels=1024, trajectory_share=0.5, adapter="dora")
+    plain = train(tiny_config(tiny_diffusers, dataset, tmp_path / "plain", **common))
+    cached = train(tiny_config(tiny_diffusers, dataset, tmp_path / "cached", cache=True, **common))
+    assert len(list((tmp_path / "cached" / "cache").rglob("*.safetensors"))) == 2  # it trained from the cache
+    rows = list(csv.DictReader((tmp_path / "plain" / "logs" / "metrics.csv").open()))
+    assert sorted(r["samples"] for r in rows) == ["0", "1"]  # the pair, then the trajectory (or the other way)
+    assert _max_diff(plain.lora, cached.lora) <= 1e-6
 
 
 def test_lokr_with_whole_factors_keeps_its_scale(dit, tmp_path):
