@@ -1,5 +1,5 @@
 """FSDP on CPU, two processes over gloo (configs/accelerate/cpu_2proc_fsdp.yaml): each rank holds half
-of the frozen DiT, the LoRA equals the DDP run's, and --resume continues exactly."""
+of the frozen DiT, the LoRA (and a LoKr) equals the DDP run's, and --resume continues exactly."""
 
 from __future__ import annotations
 
@@ -101,3 +101,20 @@ def test_a_two_process_checkpoint_is_not_resumed_by_one_process(tiny_diffusers, 
     assert "saved by a run of 2 process(es), and this run has 1" in single.stderr and "Traceback" not in single.stderr
     assert "--num_processes 2" in single.stderr
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
+
+
+def test_lokr_under_fsdp_equals_ddp(tiny_diffusers, tmp_path):
+    """A LoKr's parameters are not named ``lora_``: FSDP still trains, gathers, clips and saves them as DDP does."""
+    from chronoedit_lora.lora import load_lora
+
+    dataset = make_subset(tmp_path / "data", 4)
+    flags = ["--max_steps", "3", "--save_every", "3", "--adapter", "lokr", "--rank", "2", "--lokr_decompose_both", "true",
+             "--max_grad_norm", "0.01"]
+    for config, name in (("cpu_2proc_fsdp.yaml", "fsdp-lokr"), ("cpu_2proc.yaml", "ddp-lokr")):
+        _launch(config, tiny_diffusers, dataset, tmp_path / name, *flags)
+    weights, metadata = load_lora(tmp_path / "fsdp-lokr" / "lora.safetensors")
+    assert {w.kind for w in weights.values()} == {"lokr"} and metadata["adapter"] == "lokr"
+    assert max(w.delta().abs().max().item() for w in weights.values()) > 1e-4  # it trained
+    diff = _max_diff(tmp_path / "fsdp-lokr" / "lora.safetensors", tmp_path / "ddp-lokr" / "lora.safetensors")
+    print(f"LoKr FSDP vs DDP max |diff| after 3 steps: {diff:.3g}")
+    assert diff <= SAME_AS_DDP_ATOL

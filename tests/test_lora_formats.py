@@ -196,7 +196,7 @@ def test_diffsynth_training_export_loads_as_diffsynth_applies_it(dit, tmp_path):
     a, b = ours.state_dict(), theirs.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
 
-    exported = from_peft_parameters(dict(trainer.dit.named_parameters()), alpha=8)  # the kit's trainer export
+    exported = from_peft_parameters(dict(trainer.dit.named_parameters()), alpha=8, rank=4)  # the kit's trainer export
     fused = copy.deepcopy(dit)
     fuse_lora(fused, exported)
     assert (_forward(fused) - _forward(trainer.dit)).abs().max().item() <= OUTPUT_ATOL

@@ -29,9 +29,10 @@ def _train_cmd(model: Path, dataset: Path, output: Path, *extra: str) -> list[st
 
 
 def _max_diff(a: Path, b: Path) -> float:
+    """The largest difference between the tensors of two adapter files (of any one type)."""
     wa, wb = load_lora(a)[0], load_lora(b)[0]
     assert wa.keys() == wb.keys()
-    return max(max((wa[k].down - wb[k].down).abs().max().item(), (wa[k].up - wb[k].up).abs().max().item()) for k in wa)
+    return max((tensor - wb[k].tensors()[field]).abs().max().item() for k in wa for field, tensor in wa[k].tensors().items())
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:

@@ -1,7 +1,8 @@
 """Inspect, convert and merge LoRA files (`lora info`, `lora convert`, `lora merge`).
 
-info prints a LoRA's format, rank, alpha, targets and metadata (and warns about NaN/inf layers);
-convert rewrites it in another key format; merge bakes LoRAs into the DiT as a new model folder.
+info prints an adapter file's format, type (LoRA, DoRA, LoHa, LoKr), rank, alpha, targets and
+metadata (and warns about NaN/inf layers); convert rewrites it in another key format (refusing one
+that cannot hold its type); merge bakes adapters into the DiT as a new model folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from ..errors import ChronoEditError, listing
 from ..files import check_writable
 from ..lora import FORMATS, check_finite, load_lora, non_finite_layers, parse_lora_spec, save_lora
-from ..lora.formats import written_alphas
+from ..lora.formats import check_holds, written_alphas
 from ..lora.io import DETECTED_FORMAT
 from ..lora.names import is_dit_layer
 from ..lora.peft_metadata import METADATA_KEY
@@ -25,13 +26,14 @@ ALPHA_KEYS = ("alpha", "ss_network_alpha")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    info = sub.add_parser("info", help="format, rank, alpha, targets and metadata of a LoRA file")
+    info = sub.add_parser("info", help="format, type, rank, alpha, targets and metadata of a LoRA (or DoRA/LoHa/LoKr) file")
     info.add_argument("file")
-    convert = sub.add_parser("convert", help="rewrite a LoRA in another key format (same weight delta)")
+    convert = sub.add_parser("convert", help="rewrite an adapter file in another key format (same weight delta)")
     convert.add_argument("input")
     convert.add_argument("output")
     convert.add_argument("--to", required=True, choices=FORMATS,
-                         help="comfyui = the kit's default (loads in ComfyUI and diffusers); diffusers = PEFT names")
+                         help="comfyui = the kit's default (ComfyUI loads every type, diffusers its LoRAs); "
+                         "diffusers = PEFT names (LoRA, DoRA); diffsynth: LoRA only")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     merge = sub.add_parser("merge", help="bake LoRAs into the DiT and write a model folder in the layout it was read from")
     merge.add_argument("--model", help="ChronoEdit model folder (diffusers or Wan layout)")
@@ -73,6 +75,7 @@ def _convert(source: Path, target: Path, fmt: str, overwrite: bool) -> int:
     check_writable(target, (".safetensors",), "output")
     weights, metadata = load_lora(source)
     check_finite(weights, str(source))
+    check_holds(weights, fmt)
     save_lora(weights, target, converted_metadata(metadata, weights, fmt, source), fmt=fmt)
     print(f"{source} ({metadata[DETECTED_FORMAT]}) -> {target} ({fmt}), {len(weights)} layers")
     return 0
@@ -83,11 +86,13 @@ def _info(path: Path) -> int:
     if not any(is_dit_layer(name) for name in weights):
         raise ChronoEditError(f"{path} is not a ChronoEdit/Wan LoRA: none of its {len(weights)} layer(s) is a layer of the "
                               f"DiT (e.g. {next(iter(weights), 'none')}); it is an adapter for another model.")
-    ranks = Counter(w.rank for w in weights.values())
+    kinds = Counter(w.kind for w in weights.values())
+    ranks = Counter(w.rank for w in weights.values() if w.rank is not None)
+    whole = sum(w.rank is None for w in weights.values())  # LoKr layers with both factors whole
     alphas = Counter(w.alpha for w in weights.values())
     targets = Counter(name.split(".", 2)[2] for name in weights if name.startswith("blocks."))
     blocks = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
-    params = sum(w.down.numel() + w.up.numel() for w in weights.values())
+    params = sum(w.parameter_count for w in weights.values())
     print(f"file: {path}")
     print(f"format: {metadata[DETECTED_FORMAT]}")  # from the key names; a header "format" entry is only shown below
     print(f"layers: {len(weights)} in {len(blocks)} blocks, {params / 1e6:.2f}M parameters")
@@ -95,7 +100,8 @@ def _info(path: Path) -> int:
     if bad:
         print(f"WARNING: {listing('layer(s) with NaN or inf weights', bad)}; "
               "this LoRA is damaged and edit, merge and convert refuse it.")
-    print(f"rank: {', '.join(f'{r} ({n})' for r, n in sorted(ranks.items()))}")
+    print(f"type: {', '.join(f'{k} ({n})' for k, n in sorted(kinds.items()))}")
+    print(f"rank: {', '.join([f'{r} ({n})' for r, n in sorted(ranks.items())] + ([f'none, whole factors ({whole})'] if whole else []))}")
     print(f"alpha: {', '.join(f'{a:g} ({n})' for a, n in sorted(alphas.items()))}")
     print(f"targets: {', '.join(sorted(targets))}")
     shown = sorted(k for k in metadata if k not in (DETECTED_FORMAT, "config"))

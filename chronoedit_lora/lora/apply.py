@@ -1,11 +1,12 @@
-"""Check a LoRA against a model, fuse it into the base weights, or apply it unfused through hooks."""
+"""Check adapters (LoRA, DoRA, LoHa, LoKr) against a model, fuse them into the base weights, or apply
+them unfused through hooks."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import CheckpointError, ChronoEditError, listing
-from .weights import LoraWeights, non_finite_layers
+from .weights import Adapter, DoraModule, LoraModule, LoraWeights, non_finite_layers
 
 
 class LoraMismatchError(ChronoEditError):
@@ -25,13 +26,14 @@ def check_lora_matches(weights: LoraWeights, model: torch.nn.Module, source: str
     """Raise :class:`LoraMismatchError` listing every missing layer and misfit shape (never a partial load)."""
     modules = dict(model.named_modules())
     missing, misfit = [], []
-    for name, lora in sorted(weights.items()):
+    for name, adapter in sorted(weights.items()):
         layer = modules.get(name)
         if not isinstance(layer, torch.nn.Linear):
             missing.append(name if layer is None else f"{name} ({type(layer).__name__})")
-        elif lora.down.shape[1] != layer.in_features or lora.up.shape[0] != layer.out_features or lora.up.shape[1] != lora.rank:
-            misfit.append(f"{name}: LoRA {tuple(lora.up.shape)} @ {tuple(lora.down.shape)} vs layer "
-                          f"({layer.out_features}, {layer.in_features})")
+        elif adapter.shape != (layer.out_features, layer.in_features):
+            what = (f"LoRA {tuple(adapter.up.shape)} @ {tuple(adapter.down.shape)}" if isinstance(adapter, LoraModule)
+                    else f"{adapter.kind} delta {adapter.shape}")
+            misfit.append(f"{name}: {what} vs layer ({layer.out_features}, {layer.in_features})")
     if missing or misfit:
         lines = ([listing("layer(s) not in the model (as a Linear)", missing)] if missing else []) + \
                 ([listing("shape mismatch(es)", misfit)] if misfit else [])
@@ -40,23 +42,27 @@ def check_lora_matches(weights: LoraWeights, model: torch.nn.Module, source: str
 
 @torch.no_grad()
 def fuse_lora(model: torch.nn.Module, weights: LoraWeights, scale: float = 1.0) -> None:
-    """W += scale * alpha / rank * B @ A for every layer (computed in float32, cast back).
+    """W += scale * delta(W) for every layer (computed in float32, cast back; see :mod:`.weights`).
 
     Checked first with :func:`check_lora_matches`, so a misfit changes nothing. In bf16 a small
-    delta can round away; ``fuse_lora(model, weights, -scale)`` undoes a fuse only up to that rounding.
+    delta can round away; ``fuse_lora(model, weights, -scale)`` undoes a fuse only up to that rounding
+    (and, for DoRA, whose change depends on W, only approximately).
     """
     check_lora_matches(weights, model)
     modules = dict(model.named_modules())
-    for name, lora in weights.items():
+    for name, adapter in weights.items():
         weight = modules[name].weight
-        weight.copy_((weight.float() + scale * lora.delta().to(weight.device)).to(weight.dtype))
+        base = weight.float()
+        weight.copy_((base + scale * adapter.delta(base)).to(weight.dtype))
 
 
 class UnfusedLora:
-    """A LoRA applied through forward hooks: y = layer(x) + scale * (alpha / rank) * B (A x).
+    """Adapters applied through forward hooks: y = layer(x) + scale * delta(W) x.
 
     Base weights stay untouched, so ``scale`` can be changed between runs and :meth:`remove`
-    restores the model exactly, without reloading it. Slower per step than fusing. Also a context
+    restores the model exactly, without reloading it. Slower per step than fusing: LoRA and DoRA
+    layers add their low-rank product (DoRA also rescales the base output per row, a gain computed
+    once from W), LoHa and LoKr layers rebuild their weight change at each call. Also a context
     manager that removes the hooks on exit.
     """
 
@@ -68,16 +74,37 @@ class UnfusedLora:
         self.scale = scale
         modules = dict(model.named_modules())
         self._handles = []
-        for name, lora in weights.items():
-            weight = modules[name].weight
-            down = lora.down.to(device or weight.device, weight.dtype)
-            up = (lora.up.float() * lora.scale).to(device or weight.device, weight.dtype)
-            self._handles.append(modules[name].register_forward_hook(self._hook(down, up)))
+        for name, adapter in weights.items():
+            layer = modules[name]
+            hook = self._low_rank_hook(layer, adapter, device) if isinstance(adapter, LoraModule) \
+                else self._dense_hook(layer, adapter, device)
+            self._handles.append(layer.register_forward_hook(hook))
 
-    def _hook(self, down: torch.Tensor, up: torch.Tensor):
-        def add_lora(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self.scale * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], down), up)
-        return add_lora
+    def _low_rank_hook(self, layer: torch.nn.Linear, adapter: LoraModule, device: torch.device | None):
+        """y + scale * ((g - 1) (y - b) + g * up (down x)), g the DoRA row gain (1 for a LoRA)."""
+        weight = layer.weight
+        target = dict(device=device or weight.device, dtype=weight.dtype)
+        down, up = adapter.down.to(**target), (adapter.up.float() * adapter.scale).to(**target)
+        gain = adapter.row_gain(weight.detach()).reshape(-1).to(**target) if isinstance(adapter, DoraModule) else None
+        bias = None if layer.bias is None else layer.bias.detach().to(**target)
+
+        def add_adapter(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            low_rank = torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], down), up)
+            if gain is None:
+                return output + self.scale * low_rank
+            base = output if bias is None else output - bias
+            return output + self.scale * ((gain - 1) * base + gain * low_rank)
+        return add_adapter
+
+    def _dense_hook(self, layer: torch.nn.Linear, adapter: Adapter, device: torch.device | None):
+        """y + scale * delta x, the delta rebuilt from the factors at each call (one layer's worth at a time)."""
+        weight = layer.weight
+        factors = type(adapter)(**{k: v.to(device or weight.device) for k, v in adapter.tensors().items()},
+                                alpha=adapter.alpha)
+
+        def add_adapter(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + self.scale * torch.nn.functional.linear(inputs[0], factors.delta().to(output.dtype))
+        return add_adapter
 
     def remove(self) -> None:
         """Remove the hooks: the model computes exactly as before."""

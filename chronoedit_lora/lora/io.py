@@ -1,9 +1,11 @@
-"""LoRA files: read any supported format, write one atomically.
+"""Adapter files: read any supported format, write one atomically.
 
-The kit writes ``comfyui`` by default, the layout diffusers' ``ChronoEditPipeline.load_lora_weights``,
-ComfyUI and DiffSynth all load as-is: ``diffusion_model.<module>.lora_A.weight`` /
-``.lora_B.weight`` plus a scalar ``diffusion_model.<module>.alpha`` (DiffSynth's own
-``….lora_A.default.weight`` keys are ignored by ComfyUI, nv-tlabs/ChronoEdit#22).
+The kit writes ``comfyui`` by default. For a LoRA that is the layout diffusers'
+``ChronoEditPipeline.load_lora_weights``, ComfyUI and DiffSynth all load as-is:
+``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` plus a scalar
+``diffusion_model.<module>.alpha`` (DiffSynth's own ``….lora_A.default.weight`` keys are ignored by
+ComfyUI, nv-tlabs/ChronoEdit#22); DoRA, LoHa and LoKr layers get the keys ComfyUI reads for them
+(see :mod:`.formats`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def checkpoint_key(module: str, ckpt: DiTCheckpoint) -> str:
 
 
 def merge_into_files(ckpt: DiTCheckpoint, loras: list[tuple[LoraWeights, float]], output: Path) -> list[Path]:
-    """Write ``ckpt``'s files to ``output`` with W += scale * delta for every LoRA layer.
+    """Write ``ckpt``'s files to ``output`` with W += scale * delta(W) for every adapter layer, in the
+    order given (a DoRA layer's change depends on the weight it meets, as when ComfyUI stacks them).
 
     One shard is in memory at a time; sums are done in float32 and cast back to the stored dtype.
     Returns the written files (index JSON and config.json are copied alongside).
@@ -46,7 +47,7 @@ def merge_into_files(ckpt: DiTCheckpoint, loras: list[tuple[LoraWeights, float]]
         for key in deltas.keys() & tensors.keys():
             total = tensors[key].float()
             for weights, module, scale in deltas[key]:
-                total += scale * weights[module].delta()
+                total += scale * weights[module].delta(total)
             tensors[key] = total.to(tensors[key].dtype)
             merged.add(key)
         target = output / path.name

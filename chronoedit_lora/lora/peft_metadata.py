@@ -30,11 +30,14 @@ def _config(raw: str, prefixed: bool, source: str) -> dict:
     return config
 
 
-def read_alphas(metadata: dict[str, str], ranks: dict[str, int], prefixed: bool, source: str) -> dict[str, float]:
-    """Alpha of each layer (diffusers name -> its rank) as diffusers/PEFT apply the file.
+def read_alphas(metadata: dict[str, str], ranks: dict[str, int], prefixed: bool, source: str,
+                dora: bool = False) -> dict[str, float]:
+    """Alpha of each layer (diffusers name -> its rank) as diffusers/PEFT apply the file; ``dora``:
+    the file holds DoRA magnitudes.
 
     rsLoRA (scale alpha / sqrt(rank)) is turned into the equivalent plain alpha. A rank that
-    contradicts the header (diffusers would refuse the file) or a DoRA adapter is an error.
+    contradicts the header (diffusers would refuse the file), or a header and tensors that disagree
+    on DoRA, is an error.
     """
     raw = metadata.get(METADATA_KEY)
     config = _config(raw, prefixed, source) if raw else None
@@ -47,8 +50,10 @@ def read_alphas(metadata: dict[str, str], ranks: dict[str, int], prefixed: bool,
         peft_config = LoraConfig(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: header {METADATA_KEY} is not a peft LoraConfig ({exc}).") from None
-    if peft_config.use_dora:
-        raise CheckpointError(f"{source}: a DoRA adapter; only plain LoRA is supported.")
+    if peft_config.use_dora != dora:
+        said, held = ("DoRA", "no lora_magnitude_vector tensors") if peft_config.use_dora else ("plain LoRA", "DoRA magnitudes")
+        raise CheckpointError(f"{source}: header {METADATA_KEY} says {said} but the file holds {held}; "
+                              "re-export it from the training run.")
     rank_pattern, alpha_pattern = peft_config.rank_pattern or {}, peft_config.alpha_pattern or {}
     alphas, misfit = {}, []
     for module, rank in ranks.items():
@@ -63,8 +68,9 @@ def read_alphas(metadata: dict[str, str], ranks: dict[str, int], prefixed: bool,
     return alphas
 
 
-def write_metadata(ranks: dict[str, int]) -> str:
-    """Header for a ``transformer.``-prefixed file (diffusers name -> rank) whose alphas equal the ranks.
+def write_metadata(ranks: dict[str, int], dora: bool = False) -> str:
+    """Header for a ``transformer.``-prefixed file (diffusers name -> rank) whose alphas equal the ranks
+    (``dora``: with DoRA magnitudes).
 
     The most common rank is ``r``; other layers go to ``rank_pattern``/``alpha_pattern`` by full
     name. diffusers pads an image-to-video model's LoRA that lacks ``attn2.add_k_proj``/``add_v_proj``
@@ -80,5 +86,6 @@ def write_metadata(ranks: dict[str, int]) -> str:
     counts = Counter(ranks.values())
     r = max(counts, key=lambda rank: (counts[rank], rank))
     pattern = {module: rank for module, rank in sorted(ranks.items()) if rank != r}
-    config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": pattern, "alpha_pattern": pattern}
+    config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": pattern, "alpha_pattern": pattern,
+              "use_dora": dora}
     return json.dumps({COMPONENT + k: v for k, v in config.items()}, sort_keys=True)

@@ -42,10 +42,13 @@ class TrainConfig:
     rope: str = "skip"  # "skip" (ChronoEdit [0, 7]) or "legacy" ([0, 1], original DiffSynth scripts)
     cache: bool = False  # encode each pair once (latents, y, CLIP, umT5) and train without the encoders
     cache_dir: str | None = None  # where cached conditioning lives (default: <output>/cache); shareable across runs
-    # LoRA
-    rank: int = 32  # LoRA rank
-    alpha: float = 32.0  # LoRA alpha (scale = alpha / rank)
+    # adapter
+    adapter: str = "lora"  # "lora", "dora" (LoRA + a learned norm per output row), "loha" (Hadamard product of two LoRAs) or "lokr" (Kronecker product), all through peft
+    rank: int = 32  # adapter rank (LoKr: of the factors it splits in two)
+    alpha: float = 32.0  # adapter alpha (scale = alpha / rank)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # DiT linear layers to adapt (name suffixes)
+    lokr_factor: int = -1  # LoKr: split each dimension as out = a*b with a the largest divisor <= this (-1: as square as possible)
+    lokr_decompose_both: bool = False  # LoKr: split the small Kronecker factor in two rank-`rank` factors too, not only the large one
     # optimisation
     learning_rate: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
@@ -69,6 +72,8 @@ class TrainConfig:
     sample_dataset: str | None = None  # CSV of held-out pairs for samples (default: first pairs of `dataset`)
     sample_count: int = 2  # pairs per sample grid
     sample_steps: int = 20  # denoising steps of sample edits
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers (accelerate's names: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio); empty: metrics.csv only
+    tracker_project: str = "chronoedit-lora"  # project (W&B, TensorBoard folder) or experiment (MLflow) the trackers log under
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
     resume: bool = False  # continue the run in `output` from its newest checkpoint
     resume_from: str | None = None  # continue from this checkpoint folder instead (implies resume)
@@ -124,12 +129,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # Settings that only change what happens after a resumed run's checkpoint (or where files go).
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
-    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir"})
+    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project"})
 
 
 def validate(config: TrainConfig) -> None:
     """Every setting that can be checked without a model: ranges, choices, combinations."""
     from ..models.loading import DTYPES
+    from .adapter_config import check_adapter
+    from .trackers import check_trackers
     from ..models.rope import ROPE_MODES
     from ..settings import MAX_STEPS, MAX_TRAIN_SEED, check_choice, check_range, check_seed, check_shift, check_size
 
@@ -153,8 +160,8 @@ def validate(config: TrainConfig) -> None:
     if config.trajectory_share is not None:
         check_range("trajectory_share", config.trajectory_share, 0, 1)
     check_size(config.height, config.width, prefix="")
-    if not config.targets:
-        raise ChronoEditError("targets is empty: name the DiT layers to adapt, e.g. q,k,v,o,ffn.0,ffn.2.")
+    check_adapter(config)
+    check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
 

@@ -36,6 +36,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..lora.weights import is_adapter_parameter
+
 
 def requested() -> bool:
     """True when the launch asked for FSDP (``accelerate launch`` with an FSDP config)."""
@@ -87,11 +89,11 @@ def local_parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def full_lora(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
-    """The full LoRA parameters (fp32, CPU) by peft name; all ranks must call it under FSDP,
-    only those with ``keep`` get the tensors."""
+    """The full adapter parameters (fp32, CPU) by peft name, whatever the adapter type; all ranks
+    must call it under FSDP, only those with ``keep`` get the tensors."""
     named = {}
     for name, param in module.dit.named_parameters():
-        if "lora_" in name:
+        if is_adapter_parameter(name):
             full = param.full_tensor() if isinstance(param, DTensor) else param
             if keep:
                 named[name] = full.detach().float().cpu()

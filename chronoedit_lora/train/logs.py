@@ -1,4 +1,5 @@
-"""What the user sees while training: a progress bar, metrics CSV, TensorBoard, a loss plot, a summary."""
+"""What the user sees while training: a progress bar, metrics CSV, the experiment trackers
+(TensorBoard by default, see :mod:`.trackers`), a loss plot, a summary."""
 
 from __future__ import annotations
 
@@ -8,29 +9,36 @@ import shlex
 import time
 from pathlib import Path
 
+from accelerate import Accelerator
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..files import write_text, writing
 from .loss_plot import plot_losses
+from .trackers import hyperparameters, log_image, log_table, tracker_kwargs
 
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"]
 
 
 class TrainingLog:
-    """Logs one row per optimizer step (main process only; a no-op elsewhere)."""
+    """Logs one row per optimizer step (main process only; a no-op elsewhere).
 
-    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool = True):
-        self.enabled = enabled
+    The trackers are the ``accelerator``'s (``Accelerator(log_with=..., project_config=...)``), started
+    here under ``project`` with the run's settings as hyperparameters.
+    """
+
+    def __init__(self, accelerator: Accelerator, output: Path, total_steps: int, start_step: int, project: str,
+                 config_json: str):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
         self.output = output
-        if not enabled:
+        if not self.enabled:
             return
         self.csv_path = output / "logs" / "metrics.csv"
         self._keep_rows_up_to(start_step)  # a resumed run redoes the steps after its checkpoint
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tensorboard_dir = output / "logs" / "tensorboard"
-        with writing(self.tensorboard_dir):  # its file is written now and on a thread: errors may surface later
-            self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1)
+        with writing(output / "logs"):  # the trackers write their first files now (TensorBoard: more on a thread)
+            accelerator.init_trackers(project, config=hyperparameters(config_json),
+                                      init_kwargs=tracker_kwargs(output, start_step))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
     def _keep_rows_up_to(self, step: int) -> None:
@@ -55,27 +63,37 @@ class TrainingLog:
                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}",
                  "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
                  "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
-        with writing(self.tensorboard_dir):
-            if val_loss is not None:
-                self.tensorboard.add_scalar("validation/loss", val_loss, step)
-            self.tensorboard.add_scalar("train/loss", loss, step)
-            self.tensorboard.add_scalar("train/lr", lr, step)
-            if grad_norm is not None:
-                self.tensorboard.add_scalar("train/grad_norm", grad_norm, step)
-            self.tensorboard.add_scalar("train/seconds_per_step", seconds, step)
+        scalars = {"train/loss": loss, "train/lr": lr, "train/seconds_per_step": seconds}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        if val_loss is not None:
+            scalars["validation/loss"] = val_loss
+        with writing(self.output / "logs"):
+            self.accelerator.log(scalars, step=step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         self.bar.update(1)
 
-    def finish(self, lora_path: Path) -> None:
+    def samples(self, grid: Path, items: list[dict], step: int) -> None:
+        """A sample grid (as an image) and its rows (as a table) in the trackers that take them."""
+        if not self.enabled:
+            return
+        with Image.open(grid) as image, writing(self.output / "logs"):
+            log_image(self.accelerator, "sample_grid", image, step)
+            log_table(self.accelerator, "sample_rows", ["row", "kind", "prompt"],
+                      [[i, item["kind"], item["prompt"]] for i, item in enumerate(items)], step)
+
+    def finish(self, lora_path: Path, adapter: str) -> None:
+        """Print where things are (the trainer's ``accelerator.end_training()`` closes the trackers)."""
         if not self.enabled:
             return
         self.bar.close()
-        with writing(self.tensorboard_dir):
-            self.tensorboard.close()
         plot = plot_loss(self.csv_path, self.output / "loss.png")
+        tensorboard = self.output / "logs" / "tensorboard"
         print(
-            f"\nLoRA: {lora_path}\n"
-            f"logs: {self.csv_path} (TensorBoard: {shlex.join(['tensorboard', '--logdir', str(self.output / 'logs' / 'tensorboard')])})\n"
+            f"\n{adapter}: {lora_path}\n"
+            f"logs: {self.csv_path}"
+            + (f" (TensorBoard: {shlex.join(['tensorboard', '--logdir', str(tensorboard)])})" if tensorboard.is_dir() else "")
+            + "\n"
             + (f"loss curve: {plot}\n" if plot else "")
             + "use it: " + shlex.join(["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image",
                                         "IN.png", "--prompt", "...", "--output", "OUT.png"])

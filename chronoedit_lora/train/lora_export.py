@@ -1,4 +1,4 @@
-"""Where the trained LoRA goes and what it says about itself."""
+"""Where the trained adapter goes and what it says about itself."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ChronoEditError
 from ..lora import from_peft_parameters, load_lora, save_lora
+from ..lora.weights import ADAPTER_NAMES, is_adapter_parameter, to_peft_parameters
 from .config import TrainConfig
 
 FINAL_NAME = "lora.safetensors"
@@ -26,6 +27,7 @@ def metadata(config: TrainConfig, step: int) -> dict[str, str]:
     return {
         "format": "chronoedit-lora",
         "base_model": "ChronoEdit",
+        "adapter": config.adapter,
         "model_path": str(config.model or config.dit),
         "rank": str(config.rank),
         "alpha": str(config.alpha),
@@ -37,29 +39,28 @@ def metadata(config: TrainConfig, step: int) -> dict[str, str]:
 
 
 def save(named: dict[str, torch.Tensor], path: Path, config: TrainConfig, step: int) -> None:
-    """Write the LoRA (peft parameter names -> full tensors, see :func:`.fsdp.full_lora`) in the
-    kit's format (diffusers/ComfyUI keys) with metadata."""
-    save_lora(from_peft_parameters(named, config.alpha), path, metadata(config, step))
+    """Write the adapter (peft parameter names -> full tensors, see :func:`.fsdp.full_lora`) in the
+    kit's format (ComfyUI's keys for its type) with metadata."""
+    save_lora(from_peft_parameters(named, config.alpha, config.rank), path, metadata(config, step))
 
 
-def load_into(module, path: Path) -> None:
-    """Copy a saved LoRA back into the module's peft parameters (for --resume).
+def load_into(module, path: Path, config: TrainConfig) -> None:
+    """Copy a saved adapter back into the module's peft parameters (for --resume).
 
-    A checkpoint from a different rank or target list is refused with what differs.
+    A checkpoint of another type, rank or target list is refused with what differs.
     """
     weights, _ = load_lora(path)
     params = dict(module.dit.named_parameters())
-    saved = {f"{name}.lora_{part}.default.weight": tensor for name, lora in weights.items()
-             for part, tensor in (("A", lora.down), ("B", lora.up))}
-    current = {name: p for name, p in params.items() if "lora_" in name}
+    saved = to_peft_parameters(weights, config.alpha, config.rank)
+    current = {name: p for name, p in params.items() if is_adapter_parameter(name)}
     missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
     misfit = sorted(n for n in current.keys() & saved.keys() if current[n].shape != saved[n].shape)
     if missing or extra or misfit:
         raise ChronoEditError(
-            f"--resume: {path} does not fit this run's LoRA (was it trained with another rank or targets?): "
+            f"--resume: {path} does not fit this run's {ADAPTER_NAMES[config.adapter]} (was it trained with another "
+            "adapter type, rank or targets?): "
             f"{len(missing)} layer(s) missing from the checkpoint {missing[:3]}, {len(extra)} unexpected {extra[:3]}, "
             f"{len(misfit)} with other shapes {misfit[:3]}. Resume with the settings it was saved with.")
     with torch.no_grad():
-        for name, lora in weights.items():
-            params[f"{name}.lora_A.default.weight"].copy_(lora.down)
-            params[f"{name}.lora_B.default.weight"].copy_(lora.up)
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)

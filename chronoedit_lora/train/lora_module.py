@@ -1,10 +1,13 @@
-"""The trainable module: ChronoEdit's DiT with peft LoRA layers, whose ``forward`` is the loss."""
+"""The trainable module: ChronoEdit's DiT with peft adapter layers (LoRA, DoRA, LoHa or LoKr), whose
+``forward`` is the loss."""
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.config import PeftConfig
 
+from ..lora.weights import is_adapter_parameter
 from ..models.rope import chronoedit_model_fn
 from ..pipeline import ChronoEditPipeline
 from .objective import DEFAULT_SHIFT, flow_matching_loss, training_schedule
@@ -18,11 +21,14 @@ class LoraTrainingModule(torch.nn.Module):
     """
 
     def __init__(self, pipe: ChronoEditPipeline, rank: int, alpha: float, targets: list[str],
-                 shift: float = DEFAULT_SHIFT, gradient_checkpointing: bool = True, activation_offload: bool = False):
+                 shift: float = DEFAULT_SHIFT, gradient_checkpointing: bool = True, activation_offload: bool = False,
+                 adapter: PeftConfig | None = None):
+        """``adapter``: peft's configuration of another type (see :mod:`.adapter_config`); None: a
+        LoRA of ``rank``, ``alpha`` on ``targets``."""
         super().__init__()
         self.dit = pipe.dit
         self.dit.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), self.dit)
+        inject_adapter_in_model(adapter or LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), self.dit)
         for param in self.lora_parameters():
             param.data = param.data.float()
         self.dit.train()
@@ -32,7 +38,8 @@ class LoraTrainingModule(torch.nn.Module):
                               "use_gradient_checkpointing_offload": activation_offload}
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.dit.named_parameters() if "lora_" in n]
+        """The adapter's parameters, whatever its type."""
+        return [p for n, p in self.dit.named_parameters() if is_adapter_parameter(n)]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """DiffSynth's Wan SFT loss (see :mod:`.objective`) for one batch of DiT inputs."""

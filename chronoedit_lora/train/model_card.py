@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from ..files import write_text
+from ..lora.weights import ADAPTER_NAMES
 from .config import TrainConfig
 from .lora_export import FINAL_NAME
 
@@ -33,23 +34,24 @@ def markdown_quote(text: str) -> str:
 
 def render_model_card(config: TrainConfig, steps: int, pairs: int, example_prompt: str, sample: str | None) -> str:
     """The card's Markdown (``sample``: the latest sample grid, relative to the card)."""
+    name = ADAPTER_NAMES[config.adapter]
     size = f"{config.width}x{config.height}" if config.height else f"aspect buckets under {config.max_pixels} pixels"
-    grid = (f"\n## Samples\n\nInput | edit with this LoRA | target, after {steps} steps:\n\n![samples]({sample})\n"
+    grid = (f"\n## Samples\n\nInput | edit with this {name} | target, after {steps} steps:\n\n![samples]({sample})\n"
             if sample else "")
     return f"""---
 base_model: {BASE_MODEL}
 library_name: chronoedit-lora
 pipeline_tag: image-to-image
 tags:
-- lora
+- {config.adapter}
 - image-editing
 - chronoedit
 - wan2.1
 ---
 
-# ChronoEdit LoRA: {markdown_text(Path(config.output).name)}
+# ChronoEdit {name}: {markdown_text(Path(config.output).name)}
 
-A LoRA for [ChronoEdit-14B]({"https://huggingface.co/" + BASE_MODEL}) (image editing as a short video:
+A {name} for [ChronoEdit-14B]({"https://huggingface.co/" + BASE_MODEL}) (image editing as a short video:
 the input image is frame 0, the edit the last frame), trained with chronoedit-lora.
 
 ## Training
@@ -57,7 +59,7 @@ the input image is frame 0, the edit the last frame), trained with chronoedit-lo
 | | |
 |---|---|
 | data | {pairs} before/after pairs from {markdown_text(Path(config.dataset).name)}, {size} |
-| LoRA | rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
+| adapter | {name}{_lokr_shape(config)}, rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
 | steps | {steps} (batch {config.batch_size} x accumulation {config.gradient_accumulation} per process), learning rate {config.learning_rate:g} |
 | RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
 
@@ -74,17 +76,39 @@ chronoedit-lora edit --model ChronoEdit-14B-Diffusers --lora {FINAL_NAME} \\
   --image input.png --prompt "..." --output edited.png
 ```
 
-**diffusers**
+{_diffusers_use(config.adapter)}
+**ComfyUI**: put `{FINAL_NAME}` in `models/loras/` and load it with a LoRA loader on the ChronoEdit
+model (its keys are `diffusion_model.blocks.N.…`, which ComfyUI maps{_comfy_keys(config.adapter)}).
+"""
+
+
+def _lokr_shape(config: TrainConfig) -> str:
+    if config.adapter != "lokr":
+        return ""
+    factor = "as square as possible" if config.lokr_factor == -1 else f"factor {config.lokr_factor}"
+    return f" (Kronecker split {factor}{', both factors low-rank' if config.lokr_decompose_both else ''})"
+
+
+def _diffusers_use(adapter: str) -> str:
+    if adapter == "lora":
+        return f"""**diffusers**
 
 ```python
 from diffusers import ChronoEditPipeline
 pipe = ChronoEditPipeline.from_pretrained("{BASE_MODEL}")
 pipe.load_lora_weights("{FINAL_NAME}")
 ```
-
-**ComfyUI**: put `{FINAL_NAME}` in `models/loras/` and load it with a LoRA loader on the ChronoEdit
-model (its keys are `diffusion_model.blocks.N.…`, which ComfyUI maps).
 """
+    if adapter == "dora":
+        return f"""**diffusers** reads a DoRA in its PEFT layout: `chronoedit-lora lora convert {FINAL_NAME} dora-diffusers.safetensors
+--to diffusers`, then `pipe.load_lora_weights("dora-diffusers.safetensors")`.
+"""
+    return f"**diffusers** cannot load a {ADAPTER_NAMES[adapter]} (its `load_lora_weights` builds LoRA/DoRA layers only).\n"
+
+
+def _comfy_keys(adapter: str) -> str:
+    return {"lora": "", "dora": "; DoRA magnitudes are `….dora_scale`", "loha": "; LoHa factors are `….hada_w1_a` etc.",
+            "lokr": "; LoKr factors are `….lokr_w1`, `….lokr_w2` etc."}[adapter]
 
 
 def write_model_card(output: Path, config: TrainConfig, steps: int, pairs: int, example_prompt: str) -> Path:

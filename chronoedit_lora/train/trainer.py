@@ -19,18 +19,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
 from ..data.metadata import TRAJECTORY
 from ..errors import ChronoEditError
-from ..files import WriteError
+from ..files import WriteError, writing
+from ..lora.weights import ADAPTER_NAMES
 from ..models.dit import compile_blocks
 from ..models.loading import DTYPES
 from ..settings import MAX_TRAIN_SEED, check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import fsdp, lora_export
+from .adapter_config import peft_config
 from .data import TrainingData, preflight
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
@@ -82,9 +84,11 @@ def train(config: TrainConfig) -> TrainResult:
     check_launch(config)  # before the Accelerator: a DeepSpeed launch without DeepSpeed fails inside it
     # Without CUDA, cpu=True makes a torchrun-style launch (accelerate's --multi_gpu launcher or
     # torchrun itself) a gloo process group instead of N unrelated single processes.
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
-                              mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation,
+                              mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=config.log_with or None,
+                              project_config=ProjectConfiguration(output, logging_dir=output / "logs" / "tensorboard"))
     run = RunFolder(output)
     failed = True
     try:
@@ -123,7 +127,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
-                                config.gradient_checkpointing, config.activation_offload)
+                                config.gradient_checkpointing, config.activation_offload, adapter=peft_config(config))
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
         compile_blocks(pipe.dit)
     # Fused AdamW: one kernel over all LoRA tensors instead of a Python loop over them (about 5x
@@ -139,7 +143,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
     # schedule counted in single-process batches), so a warm-up would end N times too early.
     if resume is not None:  # the full LoRA goes in before FSDP (if any) splits it
-        lora_export.load_into(module, resume.folder / "lora.safetensors")
+        lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     module, optimizer = fsdp.prepare(accelerator, module, optimizer)
     lora_parameters = accelerator.unwrap_model(module).lora_parameters()
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
@@ -163,11 +167,11 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     trajectories = data.dataset.kinds.count(TRAJECTORY)
     accelerator.print(
-        f"training a rank-{config.rank} LoRA on {len(data.dataset)} items"
+        f"training a rank-{config.rank} {ADAPTER_NAMES[config.adapter]} on {len(data.dataset)} items"
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
-    log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
+    log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json())
     stop = _StopRequest()
     loss_value, grad_norm = float("nan"), None
 
@@ -206,7 +210,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 last = progress.step >= total_steps
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
-                    validation = _sample(accelerator, pipe, data, config, output, progress.step)
+                    validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
                          samples, validation)
@@ -229,13 +233,14 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if accelerator.is_main_process:
         lora_export.save(lora, lora_path, config, progress.step)
         write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
-        log.finish(lora_path)
+        log.finish(lora_path, ADAPTER_NAMES[config.adapter])
     accelerator.wait_for_everyone()
     interrupted = stop.signal if stop.requested and progress.step < total_steps else None
     if interrupted:
         accelerator.print(f"stopped at step {progress.step}/{total_steps} (checkpoint {ckpt.latest_checkpoint(output)}); "
                           "continue with the same command plus --resume")
-    accelerator.end_training()
+    with writing(output / "logs"):  # the trackers' last flush
+        accelerator.end_training()
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders,
                        interrupted_by=interrupted)
 
@@ -342,14 +347,17 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
 
 
 def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path,
-            step: int) -> float | None:
-    """Main process: sample edits with the live LoRA and return the validation loss; the others wait."""
+            step: int, log: TrainingLog) -> float | None:
+    """Main process: sample edits with the live adapter (grid and rows to the trackers too) and
+    return the validation loss; the others wait."""
     loss = None
     if accelerator.is_main_process:
         from .samples import sample_grid
 
         path = output / "samples" / f"step-{step:06d}.png"
-        loss = sample_grid(pipe, data.sample_items(config.sample_count), path, config.sample_steps, config.seed)
+        items = data.sample_items(config.sample_count)
+        loss = sample_grid(pipe, items, path, config.sample_steps, config.seed)
+        log.samples(path, items, step)
         accelerator.print(f"\nstep {step}: validation loss {loss:.4f}, samples {path}")
     accelerator.wait_for_everyone()
     return loss
