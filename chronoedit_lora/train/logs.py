@@ -67,18 +67,21 @@ class TrainingLog:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         self.bar.update(1)
 
-    def finish(self, lora_path: Path) -> None:
+    def finish(self, lora_path: Path, full: bool = False) -> None:
+        """Close the logs and say where the result is (``full``: a full fine-tune's last checkpoint)."""
         if not self.enabled:
             return
         self.bar.close()
         self.tensorboard.close()
         plot = plot_loss(self.csv_path, self.output / "loss.png")
+        use = (["chronoedit-lora", "export", str(self.output), "--to", "diffusers", "OUT_MODEL"] if full else
+               ["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image", "IN.png", "--prompt",
+                "...", "--output", "OUT.png"])
         print(
-            f"\nLoRA: {lora_path}\n"
+            f"\n{'trained weights (sharded)' if full else 'LoRA'}: {lora_path}\n"
             f"logs: {self.csv_path} (TensorBoard: {shlex.join(['tensorboard', '--logdir', str(self.output / 'logs' / 'tensorboard')])})\n"
             + (f"loss curve: {plot}\n" if plot else "")
-            + "use it: " + shlex.join(["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image",
-                                        "IN.png", "--prompt", "...", "--output", "OUT.png"])
+            + "use it: " + shlex.join(use)
         )
 
 

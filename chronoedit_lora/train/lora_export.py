@@ -47,10 +47,8 @@ def load_into(module, path: Path) -> None:
 
     A checkpoint from a different rank or target list is refused with what differs.
     """
-    weights, _ = load_lora(path)
+    saved = peft_named(path)
     params = dict(module.dit.named_parameters())
-    saved = {f"{name}.lora_{part}.default.weight": tensor for name, lora in weights.items()
-             for part, tensor in (("A", lora.down), ("B", lora.up))}
     current = {name: p for name, p in params.items() if "lora_" in name}
     missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
     misfit = sorted(n for n in current.keys() & saved.keys() if current[n].shape != saved[n].shape)
@@ -60,6 +58,12 @@ def load_into(module, path: Path) -> None:
             f"{len(missing)} layer(s) missing from the checkpoint {missing[:3]}, {len(extra)} unexpected {extra[:3]}, "
             f"{len(misfit)} with other shapes {misfit[:3]}. Resume with the settings it was saved with.")
     with torch.no_grad():
-        for name, lora in weights.items():
-            params[f"{name}.lora_A.default.weight"].copy_(lora.down)
-            params[f"{name}.lora_B.default.weight"].copy_(lora.up)
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def peft_named(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's factors by peft parameter name (``….lora_A.default.weight``), as the run trains them."""
+    weights, _ = load_lora(path)
+    return {f"{name}.lora_{part}.default.weight": tensor for name, lora in weights.items()
+            for part, tensor in (("A", lora.down), ("B", lora.up))}
