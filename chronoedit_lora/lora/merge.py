@@ -36,11 +36,11 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path, dtype: torc
     for path in tqdm(ckpt.files, desc="writing", disable=len(ckpt.files) < 2):
         tensors = load_file(str(path))
         keys = {names[key]: key for key in tensors if key in names}
+        if dtype is not None:
+            tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
         for name, value in update({name: tensors[key] for name, key in keys.items()}).items():
             tensors[keys[name]] = value.to(tensors[keys[name]].dtype)
             changed.add(name)
-        if dtype is not None:
-            tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
         target = output / path.name
         with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata=read_header(path)[1] or None)

@@ -13,7 +13,9 @@ trained parameter (DiffSynth/Wan names, ``blocks.0.self_attn.q.weight``) and ``o
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ STATE = "state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "optimizer.step"
 # DCP warns on every single-process save/load (a 1-process run, `export`), which is the intent here
-warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+_SINGLE_PROCESS_WARNING = r"torch\.distributed is (disabled, )?unavailable or uninitialized"
 
 
 def _state(named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -46,7 +48,8 @@ def save(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torc
          ema: ExponentialMovingAverage | None) -> None:
     """Write this rank's shards into ``checkpoint/state`` (every rank must call it)."""
     writer = HuggingFaceStorageWriter(str(checkpoint / STATE), save_distributed=dist.is_initialized())
-    dcp.save(_state(named, optimizer, ema), storage_writer=writer, no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.save(_state(named, optimizer, ema), storage_writer=writer, no_dist=not dist.is_initialized())
 
 
 def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -57,9 +60,17 @@ def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torc
         optimizer.state[p].update({moment: torch.zeros_like(p, memory_format=torch.preserve_format) for moment in MOMENTS})
         optimizer.state[p]["step"] = torch.zeros((), dtype=torch.float32, device=p.device if _fused(optimizer) else "cpu")
     state = _state(named, optimizer, ema)
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=not dist.is_initialized())
+    with _quiet():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=not dist.is_initialized())
     for p in named.values():
         optimizer.state[p]["step"].copy_(state[STEP])
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        yield
 
 
 def _fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -86,7 +97,8 @@ def read_weights(checkpoint: Path, names: list[str], ema: bool = False) -> dict[
                               + (" (the run kept no EMA: train with ema_decay or ema_power)" if ema else "") + ".")
     state = {prefix + name: torch.empty(saved[prefix + name][0], dtype=saved[prefix + name][1]) for name in names}
     if state:
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=True)
+        with _quiet():
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=True)
     return {name: state[prefix + name] for name in names}
 
 

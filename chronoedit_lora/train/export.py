@@ -103,12 +103,11 @@ def export_run(run: Path, fmt: str, output: Path, ema: bool = False, model: Path
 def _write_single_file(base: DiTCheckpoint, update: Update, output: Path, prefix: str, dtype: torch.dtype | None) -> set[str]:
     """The whole DiT in original Wan names (with ``prefix``) as one safetensors file; the changed names."""
     names = wan_names(base)
-    state = {names[key]: tensor for key, tensor in read_state_dict(base.files).items() if key in names}
+    state = {names[key]: tensor for key, tensor in read_state_dict(base.files, dtype).items() if key in names}
     new = update(state)
     state.update({name: value.to(state[name].dtype) for name, value in new.items()})
     with atomic_path(output) as tmp:
-        save_file({prefix + name: (t.to(dtype) if dtype and t.is_floating_point() else t).contiguous()
-                   for name, t in state.items()}, str(tmp),
+        save_file({prefix + name: t.contiguous() for name, t in state.items()}, str(tmp),
                   metadata={HEADS_METADATA_KEY: str(base.kwargs["num_heads"]),
                             "rope_temporal_skip_len": str(base.temporal_skip_len)})
     return set(new)
