@@ -3,6 +3,7 @@ of the frozen DiT, the LoRA equals the DDP run's, and --resume continues exactly
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -86,3 +87,20 @@ def test_fsdp_with_accumulation_and_clipping_equals_ddp(tiny_diffusers, runs):
     diff = _max_diff(folder / "fsdp-acc" / "lora.safetensors", folder / "ddp-acc" / "lora.safetensors")
     print(f"FSDP vs DDP with accumulation 2 and clipping, max |diff|: {diff:.3g}")
     assert diff <= SAME_AS_DDP_ATOL
+
+
+def test_a_two_process_lora_checkpoint_continues_on_one_training_every_pair_once(tiny_diffusers, runs):
+    """A LoRA run's checkpoint (whole LoRA, gathered optimizer state) on another process count: the
+    rest of the epoch is split anew, so its pairs are trained once (steps 1-3 on 2 processes, 4-5 on 1)."""
+    dataset, folder, _ = runs
+    one = folder / "two-then-one"
+    result = subprocess.run(_train_cmd(tiny_diffusers, dataset, one, *STEPS, *CHECKPOINTING, "--max_steps", "5",
+                                       "--resume", str(folder / "fsdp" / "checkpoints" / "step-000003")),
+                            capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing a 2-process run on 1" in result.stdout
+    rows = {int(r["step"]): r["samples"].split() for run in (folder / "fsdp", one)
+            for r in csv.DictReader((run / "logs" / "metrics.csv").open()) if int(r["step"]) <= 5}
+    assert [len(rows[s]) for s in range(1, 6)] == [2, 2, 2, 1, 1]
+    assert sorted(int(i) for s in range(1, 6) for i in rows[s]) == list(range(8))
+    assert _max_diff(one / "lora.safetensors", folder / "fsdp" / "lora-step000003.safetensors") > 1e-4
