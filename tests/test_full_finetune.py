@@ -167,3 +167,18 @@ def test_extracted_lora_is_the_truncated_svd_of_the_change(tiny_diffusers, full_
             if rank == 1000:  # full rank: the change itself
                 assert (got - delta).abs().max().item() <= atol, layer
     assert metadata["extracted_from"] == str(run)
+
+
+def test_settings_are_checked_before_any_model_loads(tmp_path):
+    from chronoedit_lora.train.config import load_config
+    from chronoedit_lora.train.full_module import check_trainable
+
+    for overrides, message in (({"ema_decay": "0.9", "ema_power": "7"}, "choose one EMA"),
+                               ({"ema_decay": "1"}, "ema_decay must be"),
+                               ({"sample_ema": "true"}, "sample_ema = true needs an EMA"),
+                               ({"finetune": "full", "fp8_base": "true"}, "set fp8_base = false"),
+                               ({"finetune": "partial"}, "finetune 'partial' is not one of")):
+        with pytest.raises(ChronoEditError, match=message):
+            load_config(None, overrides)
+    with pytest.raises(ChronoEditError, match="'blocks.\\*.atn.\\*' match"):
+        check_trainable(["blocks.*", "blocks.*.atn.*"], ["blocks.0.self_attn.q.weight"])
