@@ -17,10 +17,10 @@ from ..errors import ChronoEditError
 from ..files import check_writable
 from ..models.loading import DTYPES
 
+EXPORT_FORMATS = ("diffusers", "comfyui", "wan")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train.export import EXPORT_FORMATS
-
     parser.add_argument("run_folder", metavar="RUN", help="training run folder (newest checkpoint) or a checkpoint folder")
     parser.add_argument("output", help="new folder (diffusers) or .safetensors file (comfyui, wan)")
     parser.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="model layout to write")

@@ -8,6 +8,7 @@ base, so a 14B export holds one base shard at a time in memory).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from ..errors import ChronoEditError
 from ..files import atomic_path
 from ..lora import check_finite, load_lora
 from ..lora.merge import Update, lora_update, write_model
-from ..models.components import discover_components
+from ..models.components import find_dit
 from ..models.dit import HEADS_METADATA_KEY, DiTCheckpoint, inspect_dit, wan_names
 from ..models.loading import read_state_dict
 from . import checkpoint as ckpt
@@ -26,7 +27,6 @@ from .lora_export import FINAL_NAME
 from .run_folder import saved_settings
 from .trained_state import EMA_NAME
 
-EXPORT_FORMATS = ("diffusers", "comfyui", "wan")
 # key prefixes of the single-file formats: ComfyUI's full-model saves, and the original Wan names
 SINGLE_FILE_PREFIX = {"comfyui": "model.diffusion_model.", "wan": ""}
 
@@ -64,7 +64,10 @@ def is_run(path: Path) -> bool:
     return (path / "progress.json").is_file() or (path / ckpt.CHECKPOINTS).is_dir()
 
 
-def full_run_reader(run: Path, read_base, ema: bool = False) -> tuple[object, set[str]]:
+Reader = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def full_run_reader(run: Path, read_base: Reader, ema: bool = False) -> tuple[Reader, set[str]]:
     """``(read(names) -> tensors, trained names)`` of a full fine-tune's newest checkpoint (or the
     checkpoint ``run``): its trained weights (or their EMA), the base's (``read_base``) for the rest."""
     checkpoint = run_checkpoint(run)
@@ -79,13 +82,19 @@ def full_run_reader(run: Path, read_base, ema: bool = False) -> tuple[object, se
 
 def export_run(run: Path, fmt: str, output: Path, ema: bool = False, model: Path | None = None,
                dtype: torch.dtype | None = None) -> Path:
-    """Write the run's weights (newest checkpoint, or the checkpoint ``run``) as ``fmt`` to ``output``
-    (a new folder for diffusers, a .safetensors file otherwise); the base is the run's ``model``
-    (or ``dit``) unless ``model`` is given. Tensors keep the base's dtype unless ``dtype`` is given."""
+    """Write the run's weights (newest checkpoint, or the checkpoint ``run``) as ``fmt`` (diffusers,
+    comfyui or wan) to ``output`` (a new folder for diffusers, a .safetensors file otherwise). The
+    base is the run's ``model`` (or ``dit``) unless ``model`` is given; tensors keep its dtype
+    unless ``dtype`` is given."""
     checkpoint = run_checkpoint(run)
     settings = saved_settings(checkpoint)
     model_dir = model or (Path(settings["model"]) if settings.get("model") else None)
-    base = inspect_dit(discover_components(model_dir, dit=None if model else settings.get("dit")).dit)
+    if model is None and settings.get("dit"):  # the run's own DiT override
+        base = inspect_dit(settings["dit"])
+    elif model_dir is not None:
+        base = inspect_dit(find_dit(model_dir))
+    else:
+        raise ChronoEditError(f"{checkpoint} names no base model; pass it with --model.")
     update, changes = run_update(checkpoint, settings.get("finetune", "lora") == "full", ema)
     if fmt == "diffusers":
         if base.format != "diffusers":

@@ -170,7 +170,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
                                                        config.epochs)
     trajectories = data.dataset.kinds.count(TRAJECTORY)
-    what = f"{len(trained_parameters)} DiT weights" if config.finetune == "full" else f"a rank-{config.rank} LoRA"
+    what = (f"{sum(p.numel() for p in trained_parameters) / 1e6:.1f}M DiT parameters (full fine-tune)"
+            if config.finetune == "full" else f"a rank-{config.rank} LoRA")
     accelerator.print(
         f"training {what} on {len(data.dataset)} items"
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
