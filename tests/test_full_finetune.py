@@ -167,6 +167,13 @@ def test_extracted_lora_is_the_truncated_svd_of_the_change(tiny_diffusers, full_
             if rank == 1000:  # full rank: the change itself
                 assert (got - delta).abs().max().item() <= atol, layer
     assert metadata["extracted_from"] == str(run)
+    # the same from the exported model folder (model vs model, read layer by layer from the shards)
+    assert main(["export", str(run), str(tmp_path / "model"), "--to", "diffusers", "--dtype", "float32"]) == 0
+    assert main(["lora", "extract", str(tmp_path / "m.safetensors"), "--base", str(tiny_diffusers), "--tuned",
+                 str(tmp_path / "model"), "--rank", "1000"]) == 0
+    from_model, _ = load_lora(tmp_path / "m.safetensors")
+    assert from_model.keys() == lora.keys()
+    assert all(torch.equal(from_model[k].delta(), lora[k].delta()) for k in lora)
 
 
 def test_settings_are_checked_before_any_model_loads(tmp_path):
