@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extract.add_argument("--tuned", required=True,
                          help="the fine-tuned model (folder or DiT path), or a full fine-tune's run/checkpoint folder")
     extract.add_argument("--rank", type=int, required=True, help="LoRA rank (the best rank-R approximation per layer)")
-    extract.add_argument("--targets", help="comma-separated layer name suffixes (e.g. q,k,v,o,ffn.0,ffn.2); default: every linear layer")
+    extract.add_argument("--targets",
+                         help="comma-separated layer name suffixes (e.g. q,k,v,o,ffn.0,ffn.2); default: every linear layer")
     extract.add_argument("--ema", action="store_true", help="with a run: use the EMA of its weights")
     extract.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster for 14B)")
     extract.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the LoRA factors")
@@ -164,7 +165,8 @@ def _extract(args: argparse.Namespace) -> int:
         raise ChronoEditError(f"{tuned} does not differ from {args.base} in any of its {len(layers)} linear layers.")
     share = sum(kept.values()) / len(kept)
     save_lora(weights, output, {"format": "comfyui", "base_model": "ChronoEdit", "model_path": str(args.base),
-                                "rank": str(max(w.rank for w in weights.values())), "targets": ",".join(targets or ["all linear"]),
+                                "rank": str(max(w.rank for w in weights.values())),
+                                "targets": ",".join(targets or ["all linear"]),
                                 "extracted_from": str(tuned) + (" (EMA)" if args.ema else ""),
                                 "kept_change_share": f"{share:.6f}"})
     print(f"extracted a rank-{args.rank} LoRA of {len(weights)} changed layers: {output} (it keeps {share:.1%} of the "

@@ -24,7 +24,8 @@ from .weights import LoraWeights
 Update = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path, dtype: torch.dtype | None = None) -> tuple[list[Path], set[str]]:
+def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
+                  dtype: torch.dtype | None = None) -> tuple[list[Path], set[str]]:
     """Write ``ckpt``'s files to ``output`` with the tensors ``update`` changes, one shard in memory at a time.
 
     Changed tensors are cast to the stored dtype, or every floating-point tensor to ``dtype`` if given.
