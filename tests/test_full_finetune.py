@@ -189,3 +189,18 @@ def test_settings_are_checked_before_any_model_loads(tmp_path):
             load_config(None, overrides)
     with pytest.raises(ChronoEditError, match="'blocks.\\*.atn.\\*' match"):
         check_trainable(["blocks.*", "blocks.*.atn.*"], ["blocks.0.self_attn.q.weight"])
+
+
+def test_samples_see_the_ema_inside_swapped_in_and_the_weights_after():
+    from chronoedit_lora.train.ema import ExponentialMovingAverage
+
+    layer = torch.nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(dict(layer.named_parameters()), ema_decay=0.5, ema_power=0.0)
+    trained = {name: p.detach().clone() + 1.0 for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(trained[name])
+    ema.update(2)  # d = 0.5: halfway from the initial weights to the trained ones
+    with ema.swapped_in():
+        assert all(torch.allclose(p, trained[name] - 0.5) for name, p in layer.named_parameters())
+    assert all(torch.equal(p, trained[name]) for name, p in layer.named_parameters())

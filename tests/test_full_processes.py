@@ -1,6 +1,7 @@
 """Full fine-tuning as separate processes (tiny model, gloo): two FSDP processes equal the unsharded
-run, SIGKILL then --resume is exact, and a checkpoint continues on another process count (2 -> 1
-and 1 -> 2) with every pair trained once per epoch (read from metrics.csv)."""
+run, --resume is exact (2 FSDP processes; 1 process after a SIGKILL), and a checkpoint continues on
+another process count (2 -> 1 and 1 -> 2) with every pair trained once per epoch (read from
+metrics.csv)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def test_two_fsdp_processes_equal_the_unsharded_run(runs):
     assert _max_diff(_trained(folder / "fsdp", 4), _trained(folder / "fsdp", 2)) > 1e-4  # they trained in between
     epoch = _pairs_by_step(folder / "fsdp")
     assert sorted(i for pairs in epoch.values() for i in pairs) == list(range(PAIRS))
+
+
+def test_fsdp_resume_on_two_processes_is_exact(tiny_diffusers, runs):
+    dataset, folder = runs
+    resumed = folder / "fsdp-resumed"
+    _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, resumed, *FULL, "--resume",
+            str(checkpoint_dir(folder / "fsdp", 2)), "--max_steps", "4")
+    for ema in (False, True):
+        assert _max_diff(_trained(folder / "fsdp", 4, ema), _trained(resumed, 4, ema)) <= RESUME_ATOL
 
 
 def test_a_two_process_checkpoint_continues_on_one_training_every_pair_once(tiny_diffusers, runs):
