@@ -49,8 +49,8 @@ class TrainConfig:
     finetune: str = "lora"  # "lora", or "full": train the DiT's own weights named by `trainable` (float32 masters)
     trainable: list[str] = field(default_factory=lambda: ["blocks.*"])  # full fine-tuning: DiT parameter names to train (fnmatch patterns, e.g. blocks.*.self_attn.*)
     # moving average of the trained weights
-    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, w_ema = d * w_ema + (1 - d) * w after each step (from step 2)
-    ema_power: float = 0.0  # > 0: power EMA instead, d = (1 - 1/step) ** (ema_power + 1) (Karras et al. 2024; 6.94 ~ 5% std)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, w_ema = d * w_ema + (1 - d) * w after each step (it starts at step 1's weights)
+    ema_power: float = 0.0  # > 0: power EMA instead, d = (1 - 1/step) ** (ema_power + 1) (Karras et al. 2024; 6.94 is their sigma_rel 0.10)
     sample_ema: bool = False  # samples during training use the EMA weights
     # optimisation
     learning_rate: float = 1e-4  # AdamW learning rate
