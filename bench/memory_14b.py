@@ -1,9 +1,11 @@
-"""What sits in GPU memory while training a ChronoEdit-14B LoRA, per mode, computed, not guessed.
+"""What sits in GPU memory while training a ChronoEdit-14B LoRA, or fully fine-tuning it, per mode,
+computed, not guessed.
 
     python bench/memory_14b.py [--height 1024 --width 1024] [--rank 32] [--gpus 8] [--json out.json]
 
 Besides edit pairs (5 frames, 2 latents) at --height x --width, it computes trajectory rows (29
-frames, 8 latents) at 480x832 and 720x1280 in the modes small GPUs would use.
+frames, 8 latents) at 480x832 and 720x1280 in the modes small GPUs would use, and full fine-tuning
+(``finetune = "full"``, every block trained) under FSDP on 8 and 16 GPUs.
 
 Parameter counts come from the kit's own model classes built on the meta device (no weights):
 the DiT as DiffSynth's ``WanModel`` with ChronoEdit-14B's kwargs and peft LoRA injected the way the
@@ -201,6 +203,33 @@ def modes(c: Counts, blocks: int, gpus: int) -> dict[str, dict[str, float]]:
     return table
 
 
+FULL_FINETUNE_GPUS = (8, 16)
+FULL_COLUMNS = ("DiT weights", "trained weights + grads + AdamW", "EMA", "activations", "CPU RAM (offloaded)")
+
+
+def full_modes(c: Counts, blocks: int, gpus: tuple[int, ...] = FULL_FINETUNE_GPUS) -> dict[str, dict[str, float]]:
+    """GiB per GPU for a full fine-tune of every block under FSDP (configs/accelerate/fsdp_full.yaml):
+    float32 master weights, their gradients and AdamW's two moments (16 bytes a parameter) and the
+    optional float32 EMA (4 bytes) are split 1/N; each GPU also holds the root's bf16 weights, the two
+    gathered bf16 blocks (the current and the prefetched one) and one block's whole bf16 gradient
+    before it is reduce-scattered; activations as for a LoRA (gradient checkpointing)."""
+    sharded, gathered, root = fsdp_parts(c, blocks)
+    trained = sharded // 2  # the blocks' parameters (their bf16 bytes / 2)
+    checkpointed = blocks * c.block_input_bytes + c.block_saved_bytes
+    recompute_only = c.block_saved_bytes + c.block_input_bytes
+    weights = root + gathered + gathered // FSDP_UNSHARDED_BLOCKS
+    rows = {}
+    for n in gpus:
+        rows[f"full, cached + FSDP ({n} GPUs)"] = (weights, trained * 16 / n, 0, checkpointed, 0)
+        rows[f"full, cached + FSDP ({n} GPUs) + EMA"] = (weights, trained * 16 / n, trained * 4 / n, checkpointed, 0)
+        rows[f"full, cached + FSDP ({n} GPUs) + EMA + activation offload"] = (
+            weights, trained * 16 / n, trained * 4 / n, recompute_only, blocks * c.block_input_bytes)
+    table = {mode: {name: value / GIB for name, value in zip(FULL_COLUMNS, values)} for mode, values in rows.items()}
+    for figures in table.values():
+        figures["GPU total"] = sum(v for k, v in figures.items() if k != "CPU RAM (offloaded)")
+    return table
+
+
 def trajectory_modes(gpus: int) -> tuple[str, ...]:
     """The modes the trajectory table shows: the smallest single-GPU ones and FSDP."""
     return ("cached + fp8 base + activation offload", "cached + fp8 base", f"cached + FSDP ({gpus} GPUs) + activation offload")
@@ -242,6 +271,10 @@ def main() -> None:
     trajectories = trajectory_table(args.rank, CHRONOEDIT_14B_KWARGS, args.gpus)
     print(f"\nTrajectory rows ({TRAJECTORY_FRAMES} frames, 8 latents), batch 1, rank {args.rank}; GiB on each GPU")
     print_table(trajectories)
+    full = full_modes(c, CHRONOEDIT_14B_KWARGS["num_layers"])
+    print(f"\nFull fine-tuning of every block (finetune = \"full\"), {args.height}x{args.width}, batch 1, bf16 compute, "
+          "float32 master weights; GiB on each GPU")
+    print_table(full)
     print(f"\nDiT {c.dit_params / 1e9:.2f} B parameters ({c.block_linear_weights / c.dit_params:.1%} in block linears); "
           + ", ".join(f"{name} {n / 1e9:.2f} B" for name, n in c.encoder_params.items())
           + f"; LoRA {c.lora_params / 1e6:.1f} M.")
@@ -256,7 +289,7 @@ def main() -> None:
           f"{root / GIB:.2f} GiB (embeddings and head, gathered through forward and backward).")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table,
-                                               "trajectories": trajectories}, indent=2))
+                                               "trajectories": trajectories, "full": full}, indent=2))
 
 
 if __name__ == "__main__":

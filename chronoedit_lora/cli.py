@@ -18,6 +18,7 @@ COMMANDS = {
     "lora": "lora",
     "dataset": "dataset",
     "cache": "cache",
+    "export": "export",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}

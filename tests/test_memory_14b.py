@@ -93,3 +93,18 @@ def test_trajectory_rows_count_eight_latents():
     pair = bench.modes(bench.count(1024, 1024, 32, kwargs), kwargs["num_layers"], 8)["cached + fp8 base + activation offload"]
     assert abs(table[small]["CPU RAM (offloaded)"] / pair["CPU RAM (offloaded)"] - 12480 / 8192) < 1e-6
     assert table[small]["DiT weights"] == pair["DiT weights"]
+
+
+def test_full_finetune_rows_shard_16_bytes_a_trained_parameter():
+    bench = _bench()
+    counts = bench.count(1024, 1024, 32, CHRONOEDIT_14B_KWARGS)
+    blocks = CHRONOEDIT_14B_KWARGS["num_layers"]
+    table = bench.full_modes(counts, blocks)
+    trained = blocks * (counts.block_params - counts.lora_params // blocks)  # every block's own parameters
+    for n in bench.FULL_FINETUNE_GPUS:
+        rows = {suffix: table[f"full, cached + FSDP ({n} GPUs){suffix}"] for suffix in ("", " + EMA")}
+        # float32 weight, gradient, exp_avg, exp_avg_sq per trained parameter, 1/N each; EMA 4 bytes
+        assert abs(rows[""]["trained weights + grads + AdamW"] * bench.GIB - 16 * trained / n) < 1
+        assert abs(rows[" + EMA"]["EMA"] * bench.GIB - 4 * trained / n) < 1
+        assert rows[" + EMA"]["GPU total"] < 80  # fits an 80 GB GPU before allocator slack
+    assert table["full, cached + FSDP (16 GPUs) + EMA"]["GPU total"] < table["full, cached + FSDP (8 GPUs) + EMA"]["GPU total"]

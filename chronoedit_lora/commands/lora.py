@@ -1,8 +1,9 @@
-"""Inspect, convert and merge LoRA files (`lora info`, `lora convert`, `lora merge`).
+"""Inspect, convert, merge and extract LoRA files (`lora info`, `lora convert`, `lora merge`, `lora extract`).
 
 info prints an adapter file's format, type (LoRA, DoRA, LoHa, LoKr), rank, alpha, targets and
 metadata (and warns about NaN/inf layers); convert rewrites it in another key format (refusing one
-that cannot hold its type); merge bakes adapters into the DiT as a new model folder.
+that cannot hold its type); merge bakes adapters into the DiT as a new model folder; extract makes a
+LoRA of a fine-tune's weight changes (truncated SVD per linear layer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..lora.io import DETECTED_FORMAT
 from ..lora.names import is_dit_layer
 from ..lora.peft_metadata import METADATA_KEY
 from ..lora.weights import LoraWeights
+from ..models.loading import DTYPES
+from ..settings import check_device, check_range
 
 # header entries stating the LoRA's alpha (the kit's, kohya/musubi's): rewritten for a converted file
 ALPHA_KEYS = ("alpha", "ss_network_alpha")
@@ -40,6 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("--dit", help="DiT path (instead of, or overriding, --model)")
     merge.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
     merge.add_argument("--output", required=True, help="new folder; other components are linked, not copied")
+    extract = sub.add_parser("extract", help="a rank-R LoRA of a fine-tune's weight changes (truncated SVD per layer)")
+    extract.add_argument("output", help="LoRA file to write (.safetensors, the kit's comfyui format)")
+    extract.add_argument("--base", required=True, help="the model that was fine-tuned (model folder or DiT path)")
+    extract.add_argument("--tuned", required=True,
+                         help="the fine-tuned model (folder or DiT path), or a full fine-tune's run/checkpoint folder")
+    extract.add_argument("--rank", type=int, required=True, help="LoRA rank (the best rank-R approximation per layer)")
+    extract.add_argument("--targets",
+                         help="comma-separated layer name suffixes (e.g. q,k,v,o,ffn.0,ffn.2); default: every linear layer")
+    extract.add_argument("--ema", action="store_true", help="with a run: use the EMA of its weights")
+    extract.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster for 14B)")
+    extract.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the LoRA factors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return _info(Path(args.file))
     if args.lora_command == "merge":
         return _merge(args)
+    if args.lora_command == "extract":
+        return _extract(args)
     return _convert(Path(args.input), Path(args.output), args.to, args.overwrite)
 
 
@@ -121,4 +137,48 @@ def _merge(args: argparse.Namespace) -> int:
     loras = [parse_lora_spec(value) for value in args.lora]
     target, written = merge_model(Path(args.model) if args.model else None, args.dit, loras, output)
     print(f"merged {len(loras)} LoRA(s) into {len(written)} file(s): {target}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from ..lora.extract import DiTWeights, extract, linear_layers
+    from ..models.components import find_dit
+    from ..models.dit import inspect_dit
+    from ..train.export import full_run_reader, is_run
+
+    output = Path(args.output)
+    check_range("--rank", args.rank, 1)
+    device = check_device(args.device)
+    if output.exists():
+        raise ChronoEditError(f"{output} exists; choose another file name.")
+    check_writable(output, (".safetensors",))
+    base_dit = inspect_dit(find_dit(args.base))
+    base = DiTWeights(base_dit)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    layers = linear_layers(base_dit, targets)
+    tuned = Path(args.tuned)
+    if is_run(tuned):
+        read_tuned, trained = full_run_reader(tuned, base.read, args.ema)
+        layers = [layer for layer in layers if f"{layer}.weight" in trained]
+    else:
+        if args.ema:
+            raise ChronoEditError("--ema needs --tuned to be a training run (its EMA is in its checkpoints).")
+        tuned_dit = inspect_dit(find_dit(tuned))
+        if tuned_dit.kwargs != base_dit.kwargs:
+            raise ChronoEditError(f"--tuned {tuned} is not the same architecture as --base {args.base} "
+                                  f"({tuned_dit.kwargs} vs {base_dit.kwargs}).")
+        read_tuned = DiTWeights(tuned_dit).read
+    if not layers:
+        raise ChronoEditError(f"no linear layer{' matches --targets' if targets else ''} was trained in {tuned}.")
+    weights, kept = extract(base, read_tuned, layers, args.rank, device, DTYPES[args.dtype])
+    if not weights:
+        raise ChronoEditError(f"{tuned} does not differ from {args.base} in any of its {len(layers)} linear layers.")
+    share = sum(kept.values()) / len(kept)
+    save_lora(weights, output, {"format": "comfyui", "base_model": "ChronoEdit", "model_path": str(args.base),
+                                "rank": str(max(w.rank for w in weights.values())),
+                                "targets": ",".join(targets or ["all linear"]),
+                                "extracted_from": str(tuned) + (" (EMA)" if args.ema else ""),
+                                "kept_change_share": f"{share:.6f}"})
+    print(f"extracted a rank-{args.rank} LoRA of {len(weights)} changed layers: {output} (it keeps {share:.1%} of the "
+          "weight change's squared norm, averaged over layers)")
     return 0

@@ -92,6 +92,18 @@ def discover_components(model_dir: str | Path | None = None, **overrides: str | 
     return ComponentPaths(**found)
 
 
+def find_dit(path: str | Path) -> Path:
+    """The DiT of a model folder (diffusers or Wan layout), or ``path`` itself when it is the DiT
+    (its folder, index JSON or single file)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model folder or DiT file.")
+    found, searched = _find(path, "dit") if path.is_dir() else (path, [])
+    if found is None:
+        raise CheckpointError(f"{path}: no DiT found (looked for {', '.join(searched)}).")
+    return found
+
+
 def _find(root: Path, name: str) -> tuple[Path | None, list[str]]:
     folder = root / DIFFUSERS_FOLDERS[name]
     searched = [str(folder)]

@@ -13,6 +13,7 @@ transformer nor single-file repacks whose keys carry a ComfyUI prefix; importing
 
 from __future__ import annotations
 
+import importlib
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -198,6 +199,15 @@ def meta_dit(checkpoint: DiTCheckpoint) -> WanModel:
     for checks against its layer names, and for DiffSynth units that only read its flags."""
     with torch.device("meta"):
         return WanModel(**checkpoint.kwargs)
+
+
+def wan_names(checkpoint: DiTCheckpoint) -> dict[str, str]:
+    """Each checkpoint key's DiffSynth/Wan parameter name (``attn1.to_q.weight`` -> ``self_attn.q.weight``),
+    found by running the checkpoint's own key converter on the key names (it only renames); keys the
+    model does not use are left out."""
+    module, _, name = _CONVERTERS[(checkpoint.format, checkpoint.key_prefix)].rpartition(".")
+    converter = getattr(importlib.import_module(module), name)
+    return {key: wan for wan, key in converter({key: key for key in checkpoint.shapes}).items()}
 
 
 def ensure_dit_entry(model_hash: str, fmt: str, prefix: str, kwargs: dict) -> dict:

@@ -1,7 +1,12 @@
 """Crash-safe training checkpoints for exact ``--resume``.
 
-A checkpoint is a folder ``checkpoints/step-000123/`` holding the LoRA (shareable safetensors),
-the optimizer and LR-scheduler state, the data position and every rank's RNG states. It is written
+A checkpoint is a folder ``checkpoints/step-000123/`` holding the LoRA (shareable safetensors; its
+EMA in ``lora-ema.safetensors``), the optimizer and LR-scheduler state, the data position and every
+rank's RNG states; a full fine-tune keeps its weights, AdamW moments and EMA sharded in ``state/``
+instead (:mod:`.dcp`; ``optimizer.pt`` then holds the LR schedule only) and its settings in
+``settings.json``. The data position is process-count independent (:class:`Progress`), so a
+checkpoint continues on another number of processes with every pair still trained once per epoch.
+It is written
 under a temporary name, synced, then renamed (:mod:`chronoedit_lora.files`), so a crash or a full disk mid-save leaves the
 previous checkpoint untouched. Everything is read back with ``torch.load(weights_only=True)``.
 """
@@ -26,11 +31,35 @@ _PREFIX = "step-"
 
 @dataclass
 class Progress:
-    """Where training is: optimizer steps done, epoch, and batches of that epoch already consumed."""
+    """Where training is: optimizer steps done, the epoch, and how far into its batches.
+
+    The ``processes`` ranks split the epoch's batches from ``epoch_start`` on (every ``processes``-th
+    one each, see :meth:`.data.TrainingData.rank_batches`), and each has consumed ``batch_in_epoch``
+    of its share: together the first :meth:`consumed` batches of the epoch.
+    """
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    epoch_start: int = 0  # the epoch's batch where this split began (> 0 after resuming on another process count)
+    processes: int = 1
+
+    def consumed(self) -> int:
+        """Batches of the current epoch trained so far, by all processes together."""
+        return self.epoch_start + self.batch_in_epoch * self.processes
+
+    def position(self) -> tuple[int, int, int]:
+        """(epoch, epoch_start, batch_in_epoch): which batch each rank trains next."""
+        return self.epoch, self.epoch_start, self.batch_in_epoch
+
+    def next_epoch(self) -> None:
+        self.epoch, self.epoch_start, self.batch_in_epoch = self.epoch + 1, 0, 0
+
+    def continued_on(self, processes: int) -> Progress:
+        """The same point of training, split across ``processes`` from the next untrained batch on."""
+        if processes == self.processes:
+            return self
+        return Progress(self.step, self.epoch, 0, self.consumed(), processes)
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -76,8 +105,10 @@ def write_rank_state(staging: Path, rank: int) -> None:
         torch.save(rng_state(), f)
 
 
-def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: dict, scheduler_state: dict, keep: int) -> None:
-    """Rank 0: write the shared state, rename the folder into place, prune old checkpoints."""
+def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: dict | None, scheduler_state: dict,
+             keep: int) -> None:
+    """Rank 0: write the shared state (``optimizer_state`` None: it is in ``state/``), rename the folder
+    into place, prune old checkpoints."""
     with atomic_write(staging / "optimizer.pt") as f:
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, f)
     write_text(staging / "progress.json", json.dumps(asdict(progress)))
@@ -88,10 +119,13 @@ def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: di
 
 
 def load_progress(folder: Path) -> Progress:
-    """The data position saved in ``folder``; anything but whole numbers >= 0 is a damaged file (ValueError)."""
+    """The checkpoint's position, checked: whole numbers >= 0 (else a damaged file: ValueError). One
+    saved before the process count was recorded counts its processes from its RNG files."""
     values = json.loads(read_text(folder / "progress.json"))
-    progress = Progress(**values)  # TypeError for other keys
-    if not all(type(value) is int and value >= 0 for value in asdict(progress).values()):
+    if isinstance(values, dict):
+        values.setdefault("processes", max(len(list(folder.glob("rng-rank*.pt"))), 1))
+    progress = Progress(**values)  # TypeError for another form
+    if not all(type(value) is int and value >= 0 for value in asdict(progress).values()) or progress.processes < 1:
         raise ValueError(f"progress.json holds {values!r}, not whole numbers")
     return progress
 

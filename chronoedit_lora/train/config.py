@@ -13,6 +13,7 @@ from ..errors import ChronoEditError
 from ..user_files import check_regular, read_text
 
 DEFAULT_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+FINETUNE_MODES = ("lora", "full")
 
 
 @dataclass
@@ -49,6 +50,13 @@ class TrainConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # DiT linear layers to adapt (name suffixes)
     lokr_factor: int = -1  # LoKr: split each dimension as out = a*b with a the largest divisor <= this (-1: as square as possible)
     lokr_decompose_both: bool = False  # LoKr: split the small Kronecker factor in two rank-`rank` factors too, not only the large one
+    # full fine-tuning
+    finetune: str = "lora"  # "lora", or "full": train the DiT's own weights named by `trainable` (float32 masters)
+    trainable: list[str] = field(default_factory=lambda: ["blocks.*"])  # full fine-tuning: DiT parameter names to train (fnmatch patterns, e.g. blocks.*.self_attn.*)
+    # moving average of the trained weights
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights, w_ema = d * w_ema + (1 - d) * w after each step (it starts at step 1's weights)
+    ema_power: float = 0.0  # > 0: power EMA instead, d = (1 - 1/step) ** (ema_power + 1) (Karras et al. 2024; 6.94 is their sigma_rel 0.10)
+    sample_ema: bool = False  # samples during training use the EMA weights
     # optimisation
     learning_rate: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
@@ -129,7 +137,8 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # Settings that only change what happens after a resumed run's checkpoint (or where files go).
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
-    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project"})
+    "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project",
+    "sample_ema"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -143,6 +152,22 @@ def validate(config: TrainConfig) -> None:
     check_choice("dtype", config.dtype, sorted(DTYPES))
     check_choice("rope", config.rope, ROPE_MODES)
     check_choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    check_choice("finetune", config.finetune, FINETUNE_MODES)
+    if not 0 <= config.ema_decay < 1:
+        raise ChronoEditError(f"ema_decay must be >= 0 and < 1 (0: no EMA), got {config.ema_decay!r}.")
+    check_range("ema_power", config.ema_power, 0)
+    if config.ema_decay and config.ema_power:
+        raise ChronoEditError("ema_decay and ema_power both set: choose one EMA (a fixed decay, or the power EMA).")
+    if config.sample_ema and not (config.ema_decay or config.ema_power):
+        raise ChronoEditError("sample_ema = true needs an EMA: set ema_decay (e.g. 0.999) or ema_power.")
+    if config.finetune == "full" and config.fp8_base:
+        raise ChronoEditError("finetune = \"full\" trains the DiT's weights, which fp8_base stores frozen in float8; "
+                              "set fp8_base = false (FSDP shards the weights instead).")
+    if config.finetune == "full" and config.adapter != "lora":
+        raise ChronoEditError(f"adapter = {config.adapter!r} with finetune = \"full\": a full fine-tune trains the DiT's own "
+                              "weights, not an adapter; drop adapter, or set finetune = \"lora\".")
+    if config.finetune == "full" and not config.trainable:
+        raise ChronoEditError("trainable is empty: name the DiT parameters to train, e.g. blocks.* (every block).")
     for key in ("learning_rate", "alpha"):
         check_range(key, getattr(config, key), 0, low_inclusive=False)
     check_shift("shift", config.shift)

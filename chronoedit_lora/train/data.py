@@ -10,6 +10,7 @@ from ..data.buckets import share_batches
 from ..data.metadata import PAIR, TRAJECTORY
 from ..errors import ChronoEditError
 from ..sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from .checkpoint import Progress
 from .config import TrainConfig
 
 
@@ -104,14 +105,26 @@ class TrainingData:
             )
         return count
 
-    def rank_batches(self, epoch: int, rank: int, world: int) -> list[list[int]]:
-        """This process's batches: every ``world``-th one, the remainder dropped so ranks stay in step."""
-        batches = self.epoch_batches(epoch)
+    def rank_batches(self, epoch: int, rank: int, world: int, start: int = 0) -> list[list[int]]:
+        """This process's batches of the epoch from batch ``start`` on (the first ``start`` were trained
+        before a resume on another process count): every ``world``-th one, the remainder dropped so
+        ranks stay in step."""
+        batches = self.epoch_batches(epoch)[start:]
         usable = len(batches) // world * world
         return batches[rank:usable:world]
 
-    def items_trained(self, positions: list[tuple[int, int]], world: int) -> list[int]:
-        """Every item that the ``world`` processes trained on at these (epoch, batch) positions of
-        their shares, computed from the deterministic split (no communication between ranks)."""
-        return sorted(i for epoch, batch in positions for rank in range(world)
-                      for i in self.rank_batches(epoch, rank, world)[batch])
+    def items_trained(self, positions: list[tuple[int, int, int]], world: int) -> list[int]:
+        """Every item that the ``world`` processes trained on at these (epoch, start, batch) positions
+        of their shares (:meth:`.checkpoint.Progress.position`), computed from the deterministic split
+        (no communication between ranks)."""
+        return sorted(i for epoch, start, batch in positions for rank in range(world)
+                      for i in self.rank_batches(epoch, rank, world, start)[batch])
+
+    def total_steps(self, progress: Progress, world: int, accumulation: int, epochs: int) -> int:
+        """Optimizer steps of an ``epochs``-long run continued from ``progress`` on ``world`` processes,
+        its current epoch split from ``progress.epoch_start`` on."""
+        steps_per_epoch = max(self.batches_per_rank(world) // accumulation, 1)
+        if progress.epoch_start == 0:
+            return steps_per_epoch * epochs
+        left = len(self.rank_batches(progress.epoch, 0, world, progress.epoch_start)) - progress.batch_in_epoch
+        return progress.step + (left + (epochs - progress.epoch - 1) * self.batches_per_rank(world)) // accumulation

@@ -7,7 +7,8 @@ would otherwise fail late or silently: DeepSpeed without its package or without 
 an fp8 base under FSDP (FSDP2 shards and all-gathers floating-point parameters; the kit's float8
 block weights with their per-row scales are not exercised that way, so they are refused), and
 sampling during FSDP training (the main process alone cannot run a DiT split across all ranks),
-and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them).
+and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
+fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def check_launch(config: TrainConfig) -> None:
         raise ChronoEditError(
             "compile = true is not supported with an FSDP launch yet (compiled blocks under FSDP2's sharding hooks "
             "are untested here). Set compile = false, or use configs/accelerate/multi_gpu_ddp.yaml.")
+    if deepspeed_requested() and config.finetune == "full":
+        raise ChronoEditError(
+            'finetune = "full" shards its weights with FSDP and saves them with torch.distributed.checkpoint; DeepSpeed '
+            "holds the optimizer itself. Use configs/accelerate/fsdp.yaml (or fsdp_multi_node.yaml).")
     if fsdp.requested() and config.fp8_base:
         raise ChronoEditError(
             "fp8_base = true cannot be combined with an FSDP launch (distributed_type: FSDP): the float8 block "

@@ -82,21 +82,24 @@ class TrainingLog:
             log_table(self.accelerator, "sample_rows", ["row", "kind", "prompt"],
                       [[i, item["kind"], item["prompt"]] for i, item in enumerate(items)], step)
 
-    def finish(self, lora_path: Path, adapter: str) -> None:
-        """Print where things are (the trainer's ``accelerator.end_training()`` closes the trackers)."""
+    def finish(self, lora_path: Path, adapter: str, full: bool = False) -> None:
+        """Say where the result is (``full``: a full fine-tune's last checkpoint; the trainer's
+        ``accelerator.end_training()`` closes the trackers)."""
         if not self.enabled:
             return
         self.bar.close()
         plot = plot_loss(self.csv_path, self.output / "loss.png")
         tensorboard = self.output / "logs" / "tensorboard"
+        use = (["chronoedit-lora", "export", str(self.output), "--to", "diffusers", "OUT_MODEL"] if full else
+               ["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image", "IN.png", "--prompt",
+                "...", "--output", "OUT.png"])
         print(
-            f"\n{adapter}: {lora_path}\n"
+            f"\n{'trained weights (sharded)' if full else adapter}: {lora_path}\n"
             f"logs: {self.csv_path}"
             + (f" (TensorBoard: {shlex.join(['tensorboard', '--logdir', str(tensorboard)])})" if tensorboard.is_dir() else "")
             + "\n"
             + (f"loss curve: {plot}\n" if plot else "")
-            + "use it: " + shlex.join(["chronoedit-lora", "edit", "--model", "MODEL", "--lora", str(lora_path), "--image",
-                                        "IN.png", "--prompt", "...", "--output", "OUT.png"])
+            + "use it: " + shlex.join(use)
         )
 
 

@@ -49,9 +49,8 @@ def load_into(module, path: Path, config: TrainConfig) -> None:
 
     A checkpoint of another type, rank or target list is refused with what differs.
     """
-    weights, _ = load_lora(path)
     params = dict(module.dit.named_parameters())
-    saved = to_peft_parameters(weights, config.alpha, config.rank)
+    saved = peft_named(path, config)
     current = {name: p for name, p in params.items() if is_adapter_parameter(name)}
     missing, extra = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
     misfit = sorted(n for n in current.keys() & saved.keys() if current[n].shape != saved[n].shape)
@@ -64,3 +63,9 @@ def load_into(module, path: Path, config: TrainConfig) -> None:
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
+
+
+def peft_named(path: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors by peft parameter name (``….lora_A.default.weight``, ``….hada_w1_a…``), as
+    the run trains them."""
+    return to_peft_parameters(load_lora(path)[0], config.alpha, config.rank)

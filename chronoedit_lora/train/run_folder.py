@@ -30,7 +30,7 @@ from .config import TrainConfig, changed_settings
 
 LOCK_NAME = ".lock"
 # What a run writes, relative to its folder (the cache is not the run's: it is shared and keyed).
-RUN_FILES = ("checkpoints", "logs", "samples", "lora.safetensors", "loss.png")
+RUN_FILES = ("checkpoints", "logs", "samples", "lora.safetensors", "lora-ema.safetensors", "loss.png")
 RUN_GLOBS = ("lora-step*.safetensors",)
 MODEL_CARD = "README.md"
 MODEL_CARD_MARK = "library_name: chronoedit-lora"
@@ -90,8 +90,13 @@ def remove_debris(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+SETTINGS = "settings.json"  # a full fine-tune's settings (a LoRA run's are in its LoRA's header)
+
+
 def saved_settings(checkpoint: Path) -> dict:
-    """The settings a checkpoint was trained with (from its LoRA's header)."""
+    """The settings a checkpoint was trained with (from ``settings.json`` or its LoRA's header)."""
+    if (checkpoint / SETTINGS).is_file():
+        return json.loads((checkpoint / SETTINGS).read_text())
     _, metadata = read_header(checkpoint / "lora.safetensors")
     try:
         return json.loads(metadata["config"])
@@ -108,36 +113,40 @@ class ResumePoint:
     optimizer_state: dict
 
 
-def check_checkpoint(folder: Path, ranks: int) -> dict:
+def check_checkpoint(folder: Path) -> dict:
     """Read everything ``--resume`` will need, so a damaged file is named before any model loads;
-    returns the optimizer and LR-scheduler state, the one large file."""
-    saved = len(list(folder.glob("rng-rank*.pt")))  # one per process of the run that wrote it
-    if saved and saved != ranks:
-        raise ChronoEditError(
-            f"{folder} was saved by a run of {saved} process(es), and this run has {ranks}. Each process's place in the "
-            f"epoch and its random state are kept per process, so continuing on {ranks} would train some pairs twice "
-            f"in this epoch and skip others. Resume with {saved} process(es) (e.g. accelerate launch --num_processes "
-            f"{saved}), or start over with --overwrite.")
+    returns the optimizer and LR-scheduler state (``optimizer`` None for a full fine-tune, whose
+    moments are sharded in ``state/``)."""
     state = {}
-    for name in ["progress.json", "optimizer.pt", "lora.safetensors"] + [f"rng-rank{r}.pt" for r in range(ranks)]:
+    full = (folder / SETTINGS).is_file()
+    try:
+        ranks = ckpt.load_progress(folder).processes if (folder / "progress.json").is_file() else 0
+    except Exception as exc:  # noqa: BLE001 - damaged JSON or fields
+        raise CheckpointError(f"{folder / 'progress.json'} is damaged ({type(exc).__name__}).") from None
+    names = ["progress.json", "optimizer.pt", SETTINGS if full else "lora.safetensors"]
+    for name in names + [f"rng-rank{r}.pt" for r in range(ranks)]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing.")
         try:
-            if name == "progress.json":
-                ckpt.load_progress(folder)
-            elif name == "lora.safetensors":
+            if name == "lora.safetensors":
                 read_header(path)
+            elif name == SETTINGS:
+                json.loads(path.read_text())
             elif name == "optimizer.pt":
                 state = ckpt.load_optimizer_state(folder)
-            else:
+            elif name != "progress.json":
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged pickle or JSON raises many types
             raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+    if full:
+        from .dcp import saved_tensors
+
+        saved_tensors(folder)  # every shard's header
     return state
 
 
-def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: bool = True) -> ResumePoint | None:
+def choose_checkpoint(config: TrainConfig, output: Path, report: bool = True) -> ResumePoint | None:
     """The checkpoint to resume from (None: a fresh run), checked, with its settings compared."""
     if not (config.resume or config.resume_from):
         return None
@@ -151,13 +160,17 @@ def choose_checkpoint(config: TrainConfig, output: Path, ranks: int, report: boo
         if chosen is None:
             raise ChronoEditError(f"--resume: no checkpoint under {output / ckpt.CHECKPOINTS}.")
     try:
-        optimizer_state = check_checkpoint(chosen, ranks)
+        optimizer_state = check_checkpoint(chosen)
     except CheckpointError as exc:
         earlier = [c for c in ckpt.complete_checkpoints(chosen.parent) if c.name < chosen.name]
         hint = (f" Resume from the previous one with --resume {earlier[-1]}." if earlier
                 else " There is no earlier checkpoint; start over with --overwrite.")
         raise ChronoEditError(f"cannot resume from {chosen}: {exc}{hint}") from None
-    allowed, refused = changed_settings(saved_settings(chosen), config)
+    saved = saved_settings(chosen)
+    if saved.get("finetune", "lora") != config.finetune:
+        raise ChronoEditError(f"--resume: {chosen} is a finetune = {saved.get('finetune', 'lora')!r} run; this one is "
+                              f"{config.finetune!r}. Resume it with its own mode, or start over with --overwrite.")
+    allowed, refused = changed_settings(saved, config)
     if refused and not config.allow_changes:
         raise ChronoEditError(f"--resume: these settings differ from the run being resumed ({chosen}):\n  "
                               + "\n  ".join(refused) + "\nResume with the saved settings, or pass --allow_changes true "

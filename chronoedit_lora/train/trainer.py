@@ -1,5 +1,6 @@
-"""The LoRA training loop, readable top to bottom: preflight -> models -> LoRA -> optimizer ->
-resume -> (encode, loss, backward, step, log, checkpoint) -> final LoRA.
+"""The training loop, readable top to bottom: preflight -> models -> LoRA (or the DiT's own weights,
+``finetune = "full"``) -> optimizer -> resume -> (encode, loss, backward, step, EMA, log, checkpoint)
+-> final LoRA (a full fine-tune's weights stay in its last checkpoint, for ``chronoedit-lora export``).
 
 Multi-GPU / multi-node / FSDP / DeepSpeed come from ``accelerate launch`` and its config; the loop
 only talks to ``Accelerator``. Each process trains on its own shard of every epoch's batches; DDP
@@ -10,6 +11,7 @@ each of its functions is the plain operation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -31,9 +33,10 @@ from ..models.loading import DTYPES
 from ..settings import MAX_TRAIN_SEED, check_targets
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from . import fsdp, lora_export
-from .adapter_config import peft_config
+from . import fsdp, lora_export, trained_state
 from .data import TrainingData, preflight
+from .ema import ExponentialMovingAverage
+from .full_module import check_trainable, training_module
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
 from .launch import check_launch
@@ -46,7 +49,7 @@ from .sync import assert_ranks_in_sync
 
 @dataclass
 class TrainResult:
-    lora: Path
+    lora: Path  # the LoRA file; for a full fine-tune, its last checkpoint (see `chronoedit-lora export`)
     steps: int
     final_loss: float
     loaded_encoders: bool  # False when every pair came from the conditioning cache
@@ -109,12 +112,15 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     _on_main_then_everyone(accelerator, lambda: (preflight(config, output), run.claim(config)))
     data = TrainingData(config)
     paths = component_paths(config)
-    check_targets(config.targets, dit_linear_layers(paths["dit"]))
-    resume = choose_checkpoint(config, output, accelerator.num_processes, report=accelerator.is_main_process)
+    if config.finetune == "full":
+        check_trainable(config.trainable, [name for name, _ in _skeleton(paths["dit"]).named_parameters()])
+    else:
+        check_targets(config.targets, dit_linear_layers(paths["dit"]))
+    resume = choose_checkpoint(config, output, report=accelerator.is_main_process)
 
-    # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank).
+    # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank), or its
+    # `trainable` weights train.
     from ..pipeline import ChronoEditPipeline
-    from .lora_module import LoraTrainingModule
 
     dtype = DTYPES[config.dtype]
     cache = open_cache(config, output, dtype, paths) if config.cache else None
@@ -126,8 +132,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     loaded_encoders = cache is None or filled > 0 or config.sample_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
-    module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
-                                config.gradient_checkpointing, config.activation_offload, adapter=peft_config(config))
+    module = training_module(pipe, config)
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
         compile_blocks(pipe.dit)
     # Fused AdamW: one kernel over all LoRA tensors instead of a Python loop over them (about 5x
@@ -135,39 +140,48 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # on the CPU) or DeepSpeed (which steps the optimizer itself); there fused=None keeps torch's
     # default (False would also turn off its foreach path on GPUs).
     fused = True if not fsdp.requested() and accelerator.distributed_type != DistributedType.DEEPSPEED else None
-    optimizer = torch.optim.AdamW(module.lora_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+    optimizer = torch.optim.AdamW(module.trained_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=fused)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
     # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
     # schedule counted in single-process batches), so a warm-up would end N times too early.
-    if resume is not None:  # the full LoRA goes in before FSDP (if any) splits it
+    if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     module, optimizer = fsdp.prepare(accelerator, module, optimizer)
-    lora_parameters = accelerator.unwrap_model(module).lora_parameters()
+    trained_parameters = accelerator.unwrap_model(module).trained_parameters()
+    ema = ExponentialMovingAverage.maybe(config, accelerator.unwrap_model(module).named_trained())
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
         held, whole = fsdp.local_parameter_bytes(module)
         print(f"FSDP rank {accelerator.process_index}: holds {held} of the base's {whole} parameter bytes", flush=True)
     # Different noise/timesteps per rank; reproducible per rank.
-    set_seed((config.seed + accelerator.process_index) % (MAX_TRAIN_SEED + 1))
+    set_seed(_rank_seed(config.seed + accelerator.process_index))
 
-    # 3. Where to start: fresh, or exactly where a checkpoint left off.
-    progress = ckpt.Progress()
+    # 3. Where to start: fresh, or exactly where a checkpoint left off. On another process count
+    # the ranks split the rest of the epoch anew and draw new noise (the saved RNG states are per rank).
+    progress = ckpt.Progress(processes=accelerator.num_processes)
     if resume is not None:
-        progress = ckpt.load_progress(resume.folder)
-        state = resume.optimizer_state
-        fsdp.load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.load_rank_state(resume.folder, accelerator.process_index)
+        saved = ckpt.load_progress(resume.folder)
+        progress = saved.continued_on(accelerator.num_processes)
+        trained_state.load(resume, accelerator, config, module, optimizer, scheduler, ema)
+        if progress is saved:
+            ckpt.load_rank_state(resume.folder, accelerator.process_index)
+        else:
+            set_seed(_rank_seed(config.seed + accelerator.num_processes * progress.step + accelerator.process_index))
+            accelerator.print(f"continuing a {saved.processes}-process run on {accelerator.num_processes}: the "
+                              f"{progress.epoch_start} batches of epoch {progress.epoch} trained so far are not repeated")
         accelerator.print(f"resumed from {resume.folder} at step {progress.step}")
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
+                                                       config.epochs)
     trajectories = data.dataset.kinds.count(TRAJECTORY)
+    what = (f"{sum(p.numel() for p in trained_parameters) / 1e6:.1f}M DiT parameters (full fine-tune)"
+            if config.finetune == "full" else f"a rank-{config.rank} {ADAPTER_NAMES[config.adapter]}")
     accelerator.print(
-        f"training a rank-{config.rank} {ADAPTER_NAMES[config.adapter]} on {len(data.dataset)} items"
+        f"training {what} on {len(data.dataset)} items"
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
@@ -184,7 +198,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     prefetch = Prefetcher(lambda indices: [pair_inputs.read(i) for i in indices])
     try:
         while progress.step < total_steps and not stop.requested:
-            batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes)
+            batches = data.rank_batches(progress.epoch, accelerator.process_index, accelerator.num_processes,
+                                        progress.epoch_start)
             for batch_indices, read in prefetch(batches[progress.batch_in_epoch:]):
                 window_started = window_started or time.perf_counter()
                 with accelerator.accumulate(module):
@@ -192,16 +207,18 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                     loss = module(inputs)
                     accelerator.backward(loss)
                     window_loss = window_loss + loss.detach()
-                    window_positions.append((progress.epoch, progress.batch_in_epoch))
+                    window_positions.append(progress.position())
                     if accelerator.sync_gradients:
                         loss_value, grad_norm = fsdp.step_status(
-                            accelerator, window_loss / config.gradient_accumulation, lora_parameters)
+                            accelerator, window_loss / config.gradient_accumulation, trained_parameters)
                         _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output, cache)
                         if clip and grad_norm is not None:
-                            fsdp.clip_gradients(lora_parameters, grad_norm, config.max_grad_norm)
+                            fsdp.clip_gradients(trained_parameters, grad_norm, config.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
                         scheduler.step()
+                        if ema is not None:
+                            ema.update(progress.step + 1)
                     optimizer.zero_grad(set_to_none=True)
                 progress.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
@@ -210,30 +227,34 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 last = progress.step >= total_steps
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
-                    validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
+                    with ema.swapped_in() if config.sample_ema else contextlib.nullcontext():
+                        validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
                          samples, validation)
                 window_loss, window_positions, window_started = 0.0, [], None
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
-                    assert_ranks_in_sync(accelerator, lora_parameters)
+                    assert_ranks_in_sync(accelerator, trained_parameters)
                 if last or stop.requested or progress.step % config.save_every == 0:
-                    _save(accelerator, module, optimizer, scheduler, progress, config, output)
+                    _save(accelerator, module, optimizer, scheduler, ema, progress, config, output)
                 if last or stop.requested:
                     break
             else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
+                progress.next_epoch()
     finally:
         prefetch.close()
         stop.restore()
 
-    lora_path = lora_export.final_path(output)
-    lora = fsdp.full_lora(accelerator.unwrap_model(module), keep=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        lora_export.save(lora, lora_path, config, progress.step)
-        write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
-        log.finish(lora_path, ADAPTER_NAMES[config.adapter])
+    if config.finetune == "full":  # its weights are in the last checkpoint (saved at the last step)
+        lora_path = ckpt.latest_checkpoint(output)
+        log.finish(lora_path, ADAPTER_NAMES[config.adapter], full=True)
+    else:
+        lora_path = lora_export.final_path(output)
+        lora = trained_state.gather(accelerator, config, module, None, ema, output)
+        if accelerator.is_main_process:
+            trained_state.write(lora, output, config, progress.step)
+            write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
+            log.finish(lora_path, ADAPTER_NAMES[config.adapter])
     accelerator.wait_for_everyone()
     interrupted = stop.signal if stop.requested and progress.step < total_steps else None
     if interrupted:
@@ -243,6 +264,11 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         accelerator.end_training()
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders,
                        interrupted_by=interrupted)
+
+
+def _rank_seed(value: int) -> int:
+    """A process's seed, kept in the range accelerate's ``set_seed`` takes (numpy's 32 bits)."""
+    return value % (MAX_TRAIN_SEED + 1)
 
 
 def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: Path,
@@ -262,12 +288,16 @@ def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: 
         f"Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then {then}." + cached)
 
 
-def dit_linear_layers(dit: Path) -> list[str]:
-    """Names of the DiT's linear layers, from its headers alone (a meta-device model)."""
+def _skeleton(dit: Path) -> torch.nn.Module:
+    """The DiT from its headers alone (a meta-device model)."""
     from ..models.dit import inspect_dit, meta_dit
 
-    skeleton = meta_dit(inspect_dit(dit))
-    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    return meta_dit(inspect_dit(dit))
+
+
+def dit_linear_layers(dit: Path) -> list[str]:
+    """Names of the DiT's linear layers, from its headers alone."""
+    return [name for name, module in _skeleton(dit).named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
@@ -313,8 +343,10 @@ def cache_conditioning(config: TrainConfig) -> int:
     return _fill_missing(accelerator, open_cache(config, output, dtype, paths), data, paths, dtype)
 
 
-def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
-    """Write checkpoint step-N (all ranks' RNG states, rank 0 the rest) and lora-stepN.safetensors.
+def _save(accelerator: Accelerator, module, optimizer, scheduler, ema: ExponentialMovingAverage | None,
+          progress: ckpt.Progress, config: TrainConfig, output: Path) -> None:
+    """Write checkpoint step-N (all ranks' RNG states and, for a full fine-tune, their shards; rank 0
+    the rest) and lora-stepN.safetensors.
 
     A failed write (disk full, folder gone) removes the partial checkpoint, keeps the previous one
     and stops with a message saying how to continue.
@@ -326,15 +358,15 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
             staging.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         ckpt.write_rank_state(staging, accelerator.process_index)
-        # gathered on every rank under FSDP (collectives), kept by the main process only
-        lora = fsdp.full_lora(accelerator.unwrap_model(module), keep=accelerator.is_main_process)
-        optimizer_state = fsdp.optimizer_state(optimizer)
+        # a LoRA run's state is gathered on every rank under FSDP (collectives), kept by the main process only
+        gathered = trained_state.gather(accelerator, config, module, optimizer, ema, staging)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            lora_export.save(lora, staging / "lora.safetensors", config, progress.step)
+            trained_state.write(gathered, staging, config, progress.step)
             ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
-                          optimizer_state, scheduler.state_dict(), config.keep_checkpoints)
-            lora_export.save(lora, lora_export.step_path(output, progress.step), config, progress.step)
+                          gathered.optimizer, scheduler.state_dict(), config.keep_checkpoints)
+            if gathered.lora is not None:
+                lora_export.save(gathered.lora, lora_export.step_path(output, progress.step), config, progress.step)
         accelerator.wait_for_everyone()
     except (OSError, SafetensorError) as exc:  # safetensors reports ENOSPC as its own error type
         shutil.rmtree(staging, ignore_errors=True)

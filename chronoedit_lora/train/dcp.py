@@ -1,0 +1,107 @@
+"""Sharded training state of a full fine-tune with ``torch.distributed.checkpoint`` (DCP).
+
+Every rank writes its own shards of the trained weights, AdamW's moments and the EMA (if any) into
+``state/`` of the checkpoint being staged, as safetensors files whose headers record each shard's
+offset in the whole tensor (DCP's Hugging Face storage: no pickle to read back). Loading asks DCP
+for each tensor in this run's layout, and DCP reads the pieces that overlap each rank's shard from
+whichever files hold them: a checkpoint resumes on any process count, and a single process without
+a process group (``export``) reads whole tensors.
+
+Keys: ``model.<name>``, ``exp_avg.<name>``, ``exp_avg_sq.<name>``, ``ema.<name>`` for every
+trained parameter (DiffSynth/Wan names, ``blocks.0.self_attn.q.weight``) and ``optimizer.step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+from ..errors import CheckpointError
+from .ema import ExponentialMovingAverage
+
+STATE = "state"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STEP = "optimizer.step"
+# DCP warns on every single-process save/load (a 1-process run, `export`), which is the intent here
+_SINGLE_PROCESS_WARNING = r"torch\.distributed is (disabled, )?unavailable or uninitialized"
+
+
+def _state(named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+           ema: ExponentialMovingAverage | None) -> dict[str, torch.Tensor]:
+    state = {f"model.{name}": p.detach() for name, p in named.items()}
+    for name, p in named.items():
+        state.update({f"{moment}.{name}": optimizer.state[p][moment] for moment in MOMENTS})
+    if ema is not None:
+        state.update({f"ema.{name}": tensor for name, tensor in ema.average.items()})
+    state[STEP] = optimizer.state[next(iter(named.values()))]["step"]
+    return state
+
+
+def save(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+         ema: ExponentialMovingAverage | None) -> None:
+    """Write this rank's shards into ``checkpoint/state`` (every rank must call it)."""
+    writer = HuggingFaceStorageWriter(str(checkpoint / STATE), save_distributed=dist.is_initialized())
+    with _quiet():
+        dcp.save(_state(named, optimizer, ema), storage_writer=writer, no_dist=not dist.is_initialized())
+
+
+def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+         ema: ExponentialMovingAverage | None) -> None:
+    """Fill the trained weights, AdamW's state and the EMA from ``checkpoint/state``, each rank its
+    shards, whatever process count wrote it (every rank must call it)."""
+    for p in named.values():  # AdamW creates its state at the first step; make it now, to be filled
+        optimizer.state[p].update({moment: torch.zeros_like(p, memory_format=torch.preserve_format) for moment in MOMENTS})
+        optimizer.state[p]["step"] = torch.zeros((), dtype=torch.float32, device=p.device if _fused(optimizer) else "cpu")
+    state = _state(named, optimizer, ema)
+    with _quiet():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=not dist.is_initialized())
+    for p in named.values():
+        optimizer.state[p]["step"].copy_(state[STEP])
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        yield
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.param_groups[0].get("fused"))
+
+
+def saved_tensors(checkpoint: Path) -> dict[str, tuple[list[int], torch.dtype]]:
+    """Every tensor's whole shape and dtype, from the shard headers alone."""
+    folder = checkpoint / STATE
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder} holds no sharded training state (*.safetensors).")
+    metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
+    return {key: (list(entry.size), entry.properties.dtype) for key, entry in metadata.state_dict_metadata.items()}
+
+
+def read_weights(checkpoint: Path, names: list[str], ema: bool = False) -> dict[str, torch.Tensor]:
+    """Whole trained weights (or their EMA) by parameter name, in one process (no process group)."""
+    prefix = "ema." if ema else "model."
+    saved = saved_tensors(checkpoint)
+    missing = [name for name in names if prefix + name not in saved]
+    if missing:
+        what = "EMA of the " if ema else ""
+        raise CheckpointError(f"{checkpoint}: no {what}weights for {', '.join(missing[:3])}"
+                              + (" (the run kept no EMA: train with ema_decay or ema_power)" if ema else "") + ".")
+    state = {prefix + name: torch.empty(saved[prefix + name][0], dtype=saved[prefix + name][1]) for name in names}
+    if state:
+        with _quiet():
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=True)
+    return {name: state[prefix + name] for name in names}
+
+
+def trained_names(checkpoint: Path) -> list[str]:
+    """The names of the parameters a full fine-tune trained, from its checkpoint."""
+    return sorted(key[len("model."):] for key in saved_tensors(checkpoint) if key.startswith("model."))
