@@ -27,13 +27,12 @@ from ..errors import CheckpointError, ChronoEditError
 from ..models.loading import read_header
 from . import checkpoint as ckpt
 from .config import TrainConfig, changed_settings
+from .model_card import CARD_MARK, CARD_NAME
 
 LOCK_NAME = ".lock"
 # What a run writes, relative to its folder (the cache is not the run's: it is shared and keyed).
-RUN_FILES = ("checkpoints", "logs", "samples", "lora.safetensors", "loss.png")
+RUN_FILES = ("checkpoints", "logs", "samples", "eval", "lora.safetensors", "lora-best.safetensors", "loss.png")
 RUN_GLOBS = ("lora-step*.safetensors",)
-MODEL_CARD = "README.md"
-MODEL_CARD_MARK = "library_name: chronoedit-lora"
 
 
 class RunLock:
@@ -69,8 +68,8 @@ def previous_run_files(folder: Path) -> list[Path]:
     """The files of an earlier run in ``folder``."""
     found = [folder / name for name in RUN_FILES if (folder / name).exists()]
     found += [p for pattern in RUN_GLOBS for p in sorted(folder.glob(pattern))]
-    card = folder / MODEL_CARD
-    if card.is_file() and MODEL_CARD_MARK in card.read_text(errors="replace"):
+    card = folder / CARD_NAME
+    if card.is_file() and CARD_MARK in card.read_text(errors="replace"):
         found.append(card)
     return found
 

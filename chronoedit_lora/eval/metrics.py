@@ -1,0 +1,34 @@
+"""The metric columns of an evaluation: what each measures and which way is better."""
+
+from __future__ import annotations
+
+from .quantile_loss import LOSS, QUANTILES, quantile_column
+
+HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"  # neutral: shown, never ranked
+
+METRICS: dict[str, tuple[str, str]] = {
+    LOSS: (LOWER, "held-out flow-matching loss, mean over the timestep quantiles (fixed noise)"),
+    **{quantile_column(q): (LOWER, f"held-out loss at timestep quantile {q:g}") for q in QUANTILES},
+    "psnr": (HIGHER, "PSNR of the edit to the target, dB"),
+    "ssim": (HIGHER, "SSIM of the edit to the target"),
+    "lpips": (LOWER, "LPIPS distance of the edit to the target"),
+    "clip_image": (HIGHER, "CLIP image similarity of the edit to the target"),
+    "clip_text_direction": (HIGHER, "CLIP: the input-to-edit change against the instruction's text"),
+    "dino": (HIGHER, "DINOv2 similarity of the edit to the target"),
+    "source_ssim": (NEUTRAL, "SSIM of the edit to the input: how much of the input survives"),
+    "source_dino": (NEUTRAL, "DINOv2 similarity of the edit to the input"),
+    "judge_instruction": (HIGHER, "VLM judge: instruction following, 0-10"),
+    "judge_quality": (HIGHER, "VLM judge: perceptual quality, 0-10"),
+    "judge_overall": (HIGHER, "VLM judge: sqrt(instruction x quality), 0-10"),
+    "judge_unparsed": (NEUTRAL, "VLM judge: answers without a readable score (count)"),
+}
+# The overall pick ranks the checkpoints on each of these that was measured (one per kind of evidence).
+PICK_METRICS = ("loss", "psnr", "ssim", "lpips", "clip_image", "clip_text_direction", "dino", "judge_overall")
+# What training-time evaluation measures (the cheap part), so what keep_best may name.
+TRAINING_METRICS = (LOSS, *(quantile_column(q) for q in QUANTILES), "psnr", "ssim", "source_ssim")
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether value ``a`` of ``metric`` is strictly better than ``b``."""
+    direction = METRICS[metric][0]
+    return a > b if direction == HIGHER else a < b if direction == LOWER else False
