@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..eval.figures import write_figures
     from ..eval.held_out import encode_pairs
-    from ..eval.quantile_loss import QUANTILES
+    from ..eval.metrics import QUANTILES
     from ..eval.report import summary, write_tables
     from ..eval.runner import evaluate_checkpoints, score_with_models
     from ..eval.image_metrics import ssim

@@ -14,8 +14,7 @@ from ..train.loss_plot import Line, draw_chart
 from ..train.samples import grid_image
 from .checkpoints import BASE, Checkpoint
 from .held_out import HeldOutPair
-from .metrics import METRICS, NEUTRAL
-from .quantile_loss import LOSS, QUANTILES, quantile_column
+from .metrics import LOSS, METRICS, NEUTRAL, QUANTILES, quantile_column
 from .report import Table, best_per_metric, measured
 
 PANEL = (520, 300)

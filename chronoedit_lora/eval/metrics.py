@@ -1,8 +1,16 @@
-"""The metric columns of an evaluation: what each measures and which way is better."""
+"""The metric columns of an evaluation: their names, what each measures and which way is better
+(no heavy imports: the training config checks keep_best against them)."""
 
 from __future__ import annotations
 
-from .quantile_loss import LOSS, QUANTILES, quantile_column
+LOSS = "loss"
+QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)  # of training's timestep distribution, see .quantile_loss
+
+
+def quantile_column(quantile: float) -> str:
+    """``loss_q10`` for quantile 0.1."""
+    return f"{LOSS}_q{round(quantile * 100):02d}"
+
 
 HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"  # neutral: shown, never ranked
 

@@ -15,14 +15,7 @@ from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from ..pipeline import ChronoEditPipeline
 from ..train.objective import fixed_noise_losses, training_schedule
 from .held_out import HeldOutPair
-
-QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
-LOSS = "loss"
-
-
-def quantile_column(quantile: float) -> str:
-    """``loss_q10`` for quantile 0.1."""
-    return f"{LOSS}_q{round(quantile * 100):02d}"
+from .metrics import LOSS, QUANTILES, quantile_column
 
 
 def quantile_timesteps(scheduler: FlowMatchScheduler, quantiles: tuple[float, ...] = QUANTILES) -> list[torch.Tensor]:

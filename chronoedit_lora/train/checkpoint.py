@@ -25,11 +25,13 @@ _PREFIX = "step-"
 
 @dataclass
 class Progress:
-    """Where training is: optimizer steps done, epoch, and batches of that epoch already consumed."""
+    """Where training is: optimizer steps done, epoch, batches of that epoch already consumed, and
+    (with keep_best) the best evaluation so far: ``{"metric", "step", "value"}``."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    best: dict | None = None
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:

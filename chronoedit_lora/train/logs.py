@@ -19,9 +19,12 @@ METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples
 class TrainingLog:
     """Logs one row per optimizer step (main process only; a no-op elsewhere)."""
 
-    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool = True,
+                 extra_fields: list[str] = ()):
+        """``extra_fields``: columns after :data:`METRICS_FIELDS` (the evaluation's ``eval/<metric>``)."""
         self.enabled = enabled
         self.output = output
+        self.fields = METRICS_FIELDS + list(extra_fields)
         if not enabled:
             return
         self.csv_path = output / "logs" / "metrics.csv"
@@ -38,27 +41,31 @@ class TrainingLog:
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, METRICS_FIELDS)
+        writer = csv.DictWriter(buffer, self.fields, extrasaction="ignore")  # drops columns no longer logged
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.csv_path, buffer.getvalue())
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, samples: list[int],
-             val_loss: float | None = None) -> None:
+             val_loss: float | None = None, evaluation: dict[str, float] | None = None) -> None:
         """One optimizer step: the mean loss over its accumulation window, the gradients' norm before
         clipping (None under DeepSpeed), the time the window took, the wall-clock time it was logged
         (Unix seconds: differences give the whole loop's time per step), every pair it saw (all
-        ranks), and the validation loss if one was measured at this step."""
+        ranks), and the validation loss and the evaluation's metrics if they were measured at this step."""
         if not self.enabled:
             return
+        evaluated = {f"eval/{k}": v for k, v in (evaluation or {}).items() if f"eval/{k}" in self.fields and v is not None}
         with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, METRICS_FIELDS).writerow(
+            csv.DictWriter(f, self.fields).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}",
                  "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
-                 "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
+                 "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}",
+                 **{k: f"{v:.6g}" for k, v in evaluated.items()}})
         if val_loss is not None:
             self.tensorboard.add_scalar("validation/loss", val_loss, step)
+        for tag, value in evaluated.items():
+            self.tensorboard.add_scalar(tag, value, step)
         self.tensorboard.add_scalar("train/loss", loss, step)
         self.tensorboard.add_scalar("train/lr", lr, step)
         if grad_norm is not None:
@@ -82,15 +89,18 @@ class TrainingLog:
         )
 
 
-def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float]]:
-    """Steps, training losses, and the validation losses by step."""
+def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float], dict[int, float]]:
+    """Steps, training losses, and the validation and held-out (evaluation) losses by step."""
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    validation = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
-    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], validation
+
+    def by_step(column: str) -> dict[int, float]:
+        return {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], by_step("val_loss"), by_step("eval/loss")
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss per step, its running mean and the validation loss, as a PNG (None if nothing was logged)."""
-    steps, losses, validation = read_losses(csv_path)
-    return plot_losses(steps, losses, validation, png_path) if steps else None
+    """Loss per step, its running mean, the validation and held-out losses, as a PNG (None if nothing was logged)."""
+    steps, losses, validation, held_out = read_losses(csv_path)
+    return plot_losses(steps, losses, validation, png_path, held_out) if steps else None

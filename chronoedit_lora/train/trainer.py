@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from . import fsdp, lora_export
 from .data import TrainingData, preflight
+from .evaluation import TrainingEvaluation, evaluate_step, restore_best, snapshot_best
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
 from .launch import check_launch
@@ -113,8 +114,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **paths)
-    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0
+        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base, **paths)
+    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0 or config.eval_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift,
@@ -151,6 +152,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         fsdp.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.load_rank_state(resume.folder, accelerator.process_index)
+        if accelerator.is_main_process:
+            restore_best(output, resume.folder)
         accelerator.print(f"resumed from {resume.folder} at step {progress.step}")
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
@@ -162,7 +165,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
-    log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process)
+    evaluation = TrainingEvaluation(config, data.held_out) if config.eval_every else None
+    log = TrainingLog(output, total_steps, progress.step, enabled=accelerator.is_main_process,
+                      extra_fields=evaluation.fields() if evaluation else [])
     stop = _StopRequest()
     loss_value, grad_norm = float("nan"), None
 
@@ -202,9 +207,12 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
                     validation = _sample(accelerator, pipe, data, config, output, progress.step)
+                evaluated = None
+                if evaluation and evaluation.due(progress.step, last):
+                    evaluated = evaluate_step(accelerator, pipe, module, evaluation, progress, config, output)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
-                         samples, validation)
+                         samples, validation, evaluated)
                 window_loss, window_positions, window_started = 0.0, [], None
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
                     assert_ranks_in_sync(accelerator, lora_parameters)
@@ -319,6 +327,7 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, progress: ckpt
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             lora_export.save(lora, staging / "lora.safetensors", config, progress.step)
+            snapshot_best(output, staging)
             ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
                           optimizer_state, scheduler.state_dict(), config.keep_checkpoints)
             lora_export.save(lora, lora_export.step_path(output, progress.step), config, progress.step)
