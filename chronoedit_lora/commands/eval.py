@@ -65,6 +65,8 @@ def _check_settings(args: argparse.Namespace, settings: dict) -> None:
         check_range("--shift", settings["shift"], 0, low_inclusive=False)
     resolve_scheduler(args.scheduler, read_scheduler_config(args.model))
     check_device(args.device)
+    if args.sequence_parallel:
+        raise ChronoEditError("eval runs in one process; drop --sequence-parallel (use --offload on a small GPU).")
 
 
 def _held_out_items(args: argparse.Namespace) -> list[dict]:
