@@ -30,22 +30,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "example_dataset"
 CHECKPOINTS, PAIRS = 5, 4
 
 
-def write_inputs(folder: Path, model: Path) -> tuple[Path, list[Path]]:
-    """The held-out CSV (the example dataset's first pairs) and 5 random rank-32 LoRA files."""
+def write_loras(folder: Path, model: Path) -> list[Path]:
+    """5 random rank-32 LoRA files on the training's default targets."""
     from chronoedit_lora.lora import LoraModule, save_lora
-    from chronoedit_lora.models.dit import inspect_dit, meta_dit
     from chronoedit_lora.models.components import discover_components
+    from chronoedit_lora.models.dit import inspect_dit, meta_dit
     from chronoedit_lora.train.config import DEFAULT_TARGETS
 
-    rows = list(csv.DictReader((EXAMPLE / "metadata.csv").open()))[:PAIRS]
-    for row in rows:
-        for column in ("input_image", "edited_image"):
-            (folder / row[column]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(EXAMPLE / row[column], folder / row[column])
-    with (folder / "metadata.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["input_image", "edited_image", "prompt"])
-        writer.writeheader()
-        writer.writerows(rows)
+    folder.mkdir()
     skeleton = meta_dit(inspect_dit(discover_components(model).dit))
     suffixes = tuple(f".{target}" for target in DEFAULT_TARGETS)  # as peft matches the training targets
     layers = {n: m for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)}
@@ -56,7 +48,7 @@ def write_inputs(folder: Path, model: Path) -> tuple[Path, list[Path]]:
                                  torch.randn(m.out_features, 32, generator=generator) * 0.01, 32.0) for n, m in layers.items()}
         loras.append(folder / f"lora-{index}.safetensors")
         save_lora(weights, loras[-1])
-    return folder / "metadata.csv", loras
+    return loras
 
 
 def timed(commands: list[list[str]]) -> dict[str, float]:
@@ -84,10 +76,11 @@ def main() -> None:
         tmp = Path(tmp)
         model = tmp / "model"
         subprocess.run(cli + ["make-tiny", str(model), "--size", args.model_size], check=True, capture_output=True)
-        dataset, loras = write_inputs(tmp / "held_out", model)
+        loras = write_loras(tmp / "loras", model)
+        dataset = EXAMPLE / "metadata.csv"  # its first PAIRS rows are the held-out pairs
         common = ["--model", str(model), "--steps", str(args.steps), "--cfg", "1", "--height", str(args.size),
                   "--width", str(args.size), "--dtype", "float32"]
-        eval_command = cli + ["eval", *common, "--dataset", str(dataset), "--output", str(tmp / "eval"),
+        eval_command = cli + ["eval", *common, "--dataset", str(dataset), "--count", str(PAIRS), "--output", str(tmp / "eval"),
                               *(x for lora in loras for x in ("--lora", str(lora)))]
         batches = []
         for index, lora in enumerate(loras):
@@ -96,7 +89,7 @@ def main() -> None:
             with (folder / "edits.csv").open("w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["image", "prompt", "output"])
-                for row in csv.DictReader(dataset.open()):
+                for row in list(csv.DictReader(dataset.open()))[:PAIRS]:
                     writer.writerow([str(dataset.parent / row["input_image"]), row["prompt"], f"out/{Path(row['input_image']).name}"])
             batches.append(cli + ["edit", *common, "--batch", str(folder / "edits.csv"), "--allow-outside", "--lora", str(lora)])
         runs: dict[str, list[dict]] = {"eval": [], "edit --batch x5": []}

@@ -38,22 +38,40 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-class ClipScorer:
-    """CLIP image and text embeddings from a local ``CLIPModel`` folder."""
+class _ImageEmbedder:
+    """A transformers model class loaded from a local folder named by ``FLAG``, with its image processor."""
+
+    MODEL_CLASS = ""
+    FLAG = ""
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        import transformers
 
-        folder = check_model_folder(folder, "--clip")
+        self.folder = check_model_folder(folder, self.FLAG)
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model_class = getattr(transformers, self.MODEL_CLASS)
+        self.model = model_class.from_pretrained(str(self.folder), local_files_only=True).to(self.device).eval()
+        self.processor = transformers.AutoImageProcessor.from_pretrained(str(self.folder), local_files_only=True)
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """The folder's own preprocessing (resize, crop, normalise) of RGB images, as one batch."""
+        return self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"].to(self.device)
+
+
+class ClipScorer(_ImageEmbedder):
+    """CLIP image and text embeddings from a local ``CLIPModel`` folder."""
+
+    MODEL_CLASS, FLAG = "CLIPModel", "--clip"
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+        from transformers import AutoTokenizer
+
+        super().__init__(folder, device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-        return _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device))).float().cpu()
+        return _pooled(self.model.get_image_features(pixel_values=self.pixels(images))).float().cpu()
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
@@ -62,18 +80,11 @@ class ClipScorer:
                                                        if k in ("input_ids", "attention_mask")})).float().cpu()
 
 
-class DinoScorer:
+class DinoScorer(_ImageEmbedder):
     """DINOv2 CLS embeddings from a local ``Dinov2Model`` folder."""
 
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoImageProcessor, Dinov2Model
-
-        folder = check_model_folder(folder, "--dino")
-        self.device = torch.device(device)
-        self.model = Dinov2Model.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    MODEL_CLASS, FLAG = "Dinov2Model", "--dino"
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
-        return self.model(pixel_values=pixels.to(self.device)).pooler_output.float().cpu()
+        return self.model(pixel_values=self.pixels(images)).pooler_output.float().cpu()

@@ -49,6 +49,7 @@ def fixed_noise_losses(pipe: ChronoEditPipeline, scheduler: FlowMatchScheduler, 
     """The unweighted loss of one encoded clip (:func:`~.inputs.encode_clip`) at each timestep with its noise."""
     x0 = inputs["input_latents"].float()  # noised and compared in float32, run in the DiT's dtype
     conditioning = {key: value for key, value in inputs.items() if key != "input_latents"}
+    pipe.placement.use("dit")  # with offloading, the DiT's weights onto the compute device
 
     def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return chronoedit_model_fn(pipe.dit, latents.to(pipe.dtype), timestep, rope=pipe.rope,
