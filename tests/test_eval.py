@@ -189,7 +189,8 @@ def test_eval_during_training_keeps_the_best_lora_exactly_across_resume(tiny_dif
     train(tiny_config(tiny_diffusers, two_pairs, straight, max_steps=6, **common))
     split = tmp_path / "split"
     train(tiny_config(tiny_diffusers, two_pairs, split, max_steps=4, **common))
-    (split / "lora-best.safetensors").write_bytes(b"a later best of an abandoned run")  # replaced by the checkpoint's
+    # what an abandoned continuation could leave (written in place, as a copy over it would): the checkpoint's wins
+    (split / "lora-best.safetensors").write_bytes(b"a later best of an abandoned run")
     train(tiny_config(tiny_diffusers, two_pairs, split, max_steps=6, resume=True, **common))
 
     logs = {run: _rows(run / "logs" / "metrics.csv") for run in (straight, split)}

@@ -14,7 +14,7 @@ from ..train.loss_plot import Line, draw_chart
 from ..train.samples import grid_image
 from .checkpoints import BASE, Checkpoint
 from .held_out import HeldOutPair
-from .metrics import LOSS, METRICS, NEUTRAL, QUANTILES, quantile_column
+from .metrics import COUNTED, LOSS, METRICS, NEUTRAL, QUANTILES, quantile_column
 from .report import Table, best_per_metric, measured
 
 PANEL = (520, 300)
@@ -37,7 +37,7 @@ def metrics_figure(checkpoints: list[Checkpoint], table: Table) -> Image.Image:
     xs, names, x_label = positions(checkpoints)
     best = best_per_metric(checkpoints, table)
     quantiles = {quantile_column(q) for q in QUANTILES}
-    panels = [m for m in measured(table) if m not in quantiles]
+    panels = [m for m in measured(table) if m not in quantiles and m not in COUNTED]
     rows = (len(panels) + COLUMNS - 1) // COLUMNS
     image = Image.new("RGB", (PANEL[0] * COLUMNS, PANEL[1] * rows), "white")
     for index, metric in enumerate(panels):

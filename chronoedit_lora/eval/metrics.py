@@ -30,6 +30,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "judge_overall": (HIGHER, "VLM judge: sqrt(instruction x quality), 0-10"),
     "judge_unparsed": (NEUTRAL, "VLM judge: answers without a readable score (count)"),
 }
+COUNTED = ("judge_unparsed",)  # summed over the pairs, not averaged
 # The overall pick ranks the checkpoints on each of these that was measured (one per kind of evidence).
 PICK_METRICS = ("loss", "psnr", "ssim", "lpips", "clip_image", "clip_text_direction", "dino", "judge_overall")
 # What training-time evaluation measures (the cheap part), so what keep_best may name.

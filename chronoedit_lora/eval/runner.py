@@ -20,10 +20,10 @@ from .held_out import EditSettings, HeldOutPair, edit_pair, negative_embedding
 from .image_metrics import psnr, ssim
 from .judge import Judge, Judgement
 from .lpips import Lpips, lpips_files
+from .metrics import COUNTED
 from .quantile_loss import quantile_losses
 
 Values = dict[str, list[float | None]]  # metric -> one value per held-out pair (None: not measured)
-COUNTED = ("judge_unparsed",)  # summed over pairs, not averaged
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ live LoRA on a few held-out pairs (encoded once), on the main process as samplin
 ``keep_best``: the best evaluated step's LoRA kept as ``lora-best.safetensors``.
 
 The best is exact across ``--resume``: its metric, step and value are in the checkpoint's
-``progress.json`` and its file is in the checkpoint folder (a hard link where the file system
-allows, else a copy), put back in place when a run resumes.
+``progress.json`` and a copy of its file is in the checkpoint folder (a copy, not a link: a file
+copied over ``lora-best.safetensors`` in place must not change the checkpoint), put back in place
+when a run resumes.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -91,13 +91,8 @@ def evaluate_step(accelerator: Accelerator, pipe, module, evaluation: TrainingEv
 
 def snapshot_best(output: Path, staging: Path) -> None:
     """Put the current ``lora-best.safetensors`` (if any) into a checkpoint being written."""
-    best = output / BEST_NAME
-    if not best.is_file():
-        return
-    try:
-        os.link(best, staging / BEST_NAME)  # the file is replaced, never rewritten in place: a link is a snapshot
-    except OSError:
-        copy_file(best, staging / BEST_NAME)
+    if (output / BEST_NAME).is_file():
+        copy_file(output / BEST_NAME, staging / BEST_NAME)
 
 
 def restore_best(output: Path, checkpoint: Path) -> None:
