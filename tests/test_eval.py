@@ -24,7 +24,7 @@ from chronoedit_lora.train.loss_plot import COLOURS, HELD_OUT
 from chronoedit_lora.train.samples import LABEL_HEIGHT
 from chronoedit_lora.train.trainer import train
 
-from .test_train import RESUME_ATOL, make_subset, tiny_config
+from .test_train import EXAMPLE, RESUME_ATOL, make_subset, tiny_config
 from .tiny_metric_models import write_tiny_clip, write_tiny_dino, write_tiny_lpips
 from .tiny_vlm import write_tiny_qwen_vl
 
@@ -75,6 +75,31 @@ def test_quantile_loss_is_the_objective_by_hand(tiny_diffusers, two_pairs):
         assert values["loss"][p_index] == pytest.approx(sum(per_quantile) / len(per_quantile), rel=1e-12)
     again = encode_pairs(pipe, [dataset[0], dataset[1]], len(QUANTILES), seed=3)  # fixed noise: same numbers
     assert quantile_losses(pipe, again) == values
+
+
+def test_eval_edits_are_the_pipelines_edits_for_pairs_and_trajectories(tiny_diffusers):
+    """One encoding serves loss and edit: the edit equals the pipeline's own (a trajectory row's in
+    the temporal-reasoning mode throughout), and every metric of the cheap part is filled."""
+    from chronoedit_lora.eval.held_out import EditSettings, encode_pairs, edit_pair
+    from chronoedit_lora.eval.runner import score_current
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+
+    pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
+    dataset = EditPairDataset(EXAMPLE / "with_trajectories.csv", 32, 32)
+    items = [dataset[0], dataset[12]]
+    assert [item["kind"] for item in items] == ["pair", "trajectory"]  # the trajectory at its own (smaller) size
+    pairs = encode_pairs(pipe, items, len(QUANTILES))
+    settings = EditSettings(steps=2, seed=4)
+    values, edits = score_current(pipe, pairs, settings, None)
+    for pair, edit in zip(pairs, edits):
+        reasoning = settings.steps if pair.kind == "trajectory" else 0
+        expected = pipe(pair.source, pair.prompt, seed=4, steps=2, cfg=1.0, height=pair.source.height,
+                        width=pair.source.width, temporal_reasoning_steps=reasoning, progress=False).image
+        # equal up to the VAE condition's float noise (its own pass vs batched with the clip): one level at most
+        assert np.abs(np.asarray(edit, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+        assert edit_pair(pipe, pair, settings, None).tobytes() == edit.tobytes()  # reproducible
+    assert set(values) == {"loss", *(quantile_column(q) for q in QUANTILES), "psnr", "ssim", "source_ssim"}
+    assert all(len(v) == 2 for v in values.values())
 
 
 def _rows(path) -> list[dict]:
