@@ -14,8 +14,8 @@ from ..train.loss_plot import Line, draw_chart
 from ..train.samples import grid_image
 from .checkpoints import BASE, Checkpoint
 from .held_out import HeldOutPair
-from .metrics import COUNTED, LOSS, METRICS, NEUTRAL, QUANTILES, quantile_column
-from .report import Table, best_per_metric, measured
+from .metrics import COUNTED, LOSS, METRICS, NEUTRAL
+from .report import QUANTILE_COLUMNS, Table, best_per_metric, measured
 
 PANEL = (520, 300)
 COLUMNS = 2
@@ -36,15 +36,14 @@ def metrics_figure(checkpoints: list[Checkpoint], table: Table) -> Image.Image:
     """One panel per measured metric (the quantile losses drawn faintly in the loss panel)."""
     xs, names, x_label = positions(checkpoints)
     best = best_per_metric(checkpoints, table)
-    quantiles = {quantile_column(q) for q in QUANTILES}
-    panels = [m for m in measured(table) if m not in quantiles and m not in COUNTED]
+    panels = [m for m in measured(table) if m not in QUANTILE_COLUMNS and m not in COUNTED]
     rows = (len(panels) + COLUMNS - 1) // COLUMNS
     image = Image.new("RGB", (PANEL[0] * COLUMNS, PANEL[1] * rows), "white")
     for index, metric in enumerate(panels):
         def points(column: str) -> list[tuple[float, float]]:
             return [(xs[c.label], table[c.label][column]) for c in checkpoints if table[c.label].get(column) is not None]
 
-        lines = [Line(column, points(column), QUANTILE_LINE, width=1) for column in sorted(quantiles & set(measured(table)))
+        lines = [Line(column, points(column), QUANTILE_LINE, width=1) for column in sorted(QUANTILE_COLUMNS & set(measured(table)))
                  ] if metric == LOSS else []
         lines.append(Line(metric, points(metric), LINE, dots=True))
         direction = METRICS[metric][0]

@@ -11,12 +11,13 @@ from pathlib import Path
 from ..files import write_text
 from .checkpoints import BASE, Checkpoint
 from .judge import Judgement
-from .metrics import METRICS, NEUTRAL, PICK_METRICS, better
+from .metrics import METRICS, NEUTRAL, PICK_METRICS, QUANTILES, better, quantile_column
 
 Table = dict[str, dict[str, float | None]]  # checkpoint label -> metric -> value
 # metric columns of the model card's table (the per-quantile losses stay in metrics.csv)
 CARD_METRICS = ("loss", "psnr", "ssim", "lpips", "clip_image", "clip_text_direction", "dino", "source_ssim",
                 "judge_overall")
+QUANTILE_COLUMNS = {quantile_column(q) for q in QUANTILES}
 PICK_RULE = ("the LoRA checkpoint (base excluded) with the best mean rank over the measured metrics among "
              f"{', '.join(PICK_METRICS)} (rank 1 = best on that metric; a tie goes to the earlier checkpoint)")
 
@@ -94,8 +95,10 @@ def overall_pick(checkpoints: list[Checkpoint], table: Table) -> tuple[str, floa
 def summary(checkpoints: list[Checkpoint], table: Table, targets_source_ssim: float | None = None) -> str:
     """The printed summary: each metric's best checkpoint beside the base's value, then the overall pick."""
     best = best_per_metric(checkpoints, table)
-    lines = ["best checkpoint per metric (base included):"]
+    lines = ["best checkpoint per metric (base included; the per-quantile losses are in metrics.csv):"]
     for metric, label in best.items():
+        if metric in QUANTILE_COLUMNS:
+            continue
         base = table.get(BASE, {}).get(metric)
         lines.append(f"  {metric:<20} {label:<14} {table[label][metric]:.4g}"
                      + (f"   (base {base:.4g}; {METRICS[metric][0]} is better)" if base is not None else ""))
