@@ -19,6 +19,7 @@ COMMANDS = {
     "dataset": "dataset",
     "cache": "cache",
     "export": "export",
+    "eval": "eval",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}

@@ -64,3 +64,10 @@ def test_train_step_bench_compares_eager_and_compiled(tmp_path):
     figures = _run("train_step.py", "--compile", "--repeats", "1", "--steps", "2", json_path=tmp_path / "compile.json")
     assert set(figures["runs"]) == {"eager", "compiled"}
     assert all(0 < figures["summary"][mode]["matmul_fraction"] <= 1 for mode in ("eager", "compiled"))
+
+
+@pytest.mark.slow
+def test_eval_checkpoints_bench_runs_both_sides(tmp_path):
+    figures = _run("eval_checkpoints.py", "--repeats", "1", "--steps", "1", "--size", "32", json_path=tmp_path / "eval.json")
+    assert set(figures["median"]) == {"eval", "edit --batch x5"} and (figures["checkpoints"], figures["pairs"]) == (5, 4)
+    assert all(figures["median"][side]["wall_s"] > 0 for side in figures["median"]) and figures["ratio"]["wall_s"] > 0

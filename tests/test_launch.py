@@ -121,6 +121,8 @@ def test_check_launch_refuses_what_cannot_work(monkeypatch):
         check_launch(TrainConfig(fp8_base=True))
     with pytest.raises(ChronoEditError, match="sample_every = 5 cannot be used with an FSDP launch"):
         check_launch(TrainConfig(sample_every=5))
+    with pytest.raises(ChronoEditError, match="eval_every = 5 cannot be used with an FSDP launch.*chronoedit-lora eval"):
+        check_launch(TrainConfig(eval_every=5))
     with pytest.raises(ChronoEditError, match="compile = true is not supported with an FSDP launch"):
         check_launch(TrainConfig(compile=True))
     check_launch(TrainConfig())  # plain FSDP is fine

@@ -25,9 +25,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "example_dataset"
 RESUME_ATOL = 1e-6
 
 
-def make_subset(folder: Path, count: int) -> Path:
-    """The first ``count`` pairs of the example dataset, in their own folder."""
-    rows = list(csv.DictReader((EXAMPLE / "metadata.csv").open()))[:count]
+def make_subset(folder: Path, count: int, start: int = 0) -> Path:
+    """``count`` pairs of the example dataset from row ``start`` on, in their own folder."""
+    rows = list(csv.DictReader((EXAMPLE / "metadata.csv").open()))[start:start + count]
     for row in rows:
         for column in ("input_image", "edited_image"):
             (folder / row[column]).parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ class Progress:
     The ``processes`` ranks split the epoch's batches from ``epoch_start`` on (every ``processes``-th
     one each, see :meth:`.data.TrainingData.rank_batches`), and each has consumed ``batch_in_epoch``
     of its share: together the first :meth:`consumed` batches of the epoch.
+    With ``keep_best``, ``best`` is the best evaluation so far: ``{"metric", "step", "value"}``.
     """
 
     step: int = 0
@@ -43,6 +44,7 @@ class Progress:
     batch_in_epoch: int = 0
     epoch_start: int = 0  # the epoch's batch where this split began (> 0 after resuming on another process count)
     processes: int = 1
+    best: dict | None = None
 
     def consumed(self) -> int:
         """Batches of the current epoch trained so far, by all processes together."""
@@ -59,7 +61,7 @@ class Progress:
         """The same point of training, split across ``processes`` from the next untrained batch on."""
         if processes == self.processes:
             return self
-        return Progress(self.step, self.epoch, 0, self.consumed(), processes)
+        return Progress(self.step, self.epoch, 0, self.consumed(), processes, self.best)
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -125,8 +127,13 @@ def load_progress(folder: Path) -> Progress:
     if isinstance(values, dict):
         values.setdefault("processes", max(len(list(folder.glob("rng-rank*.pt"))), 1))
     progress = Progress(**values)  # TypeError for another form
-    if not all(type(value) is int and value >= 0 for value in asdict(progress).values()) or progress.processes < 1:
-        raise ValueError(f"progress.json holds {values!r}, not whole numbers")
+    counts = [value for name, value in asdict(progress).items() if name != "best"]
+    best = progress.best
+    if not all(type(value) is int and value >= 0 for value in counts) or progress.processes < 1 or not (
+            best is None or (isinstance(best, dict) and set(best) == {"metric", "step", "value"}
+                             and isinstance(best["metric"], str) and type(best["step"]) is int
+                             and isinstance(best["value"], (int, float)))):
+        raise ValueError(f"progress.json holds {values!r}, not whole numbers and a best evaluation")
     return progress
 
 

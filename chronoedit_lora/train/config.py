@@ -82,6 +82,11 @@ class TrainConfig:
     sample_steps: int = 20  # denoising steps of sample edits
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers (accelerate's names: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio); empty: metrics.csv only
     tracker_project: str = "chronoedit-lora"  # project (W&B, TensorBoard folder) or experiment (MLflow) the trackers log under
+    eval_every: int = 0  # > 0: every N steps, score held-out pairs (quantile loss; PSNR/SSIM of few-step edits) as eval/<metric> in logs/metrics.csv
+    eval_dataset: str | None = None  # CSV of held-out pairs for eval_every (required with it; never the training pairs)
+    eval_count: int = 4  # held-out pairs scored at each evaluation (the CSV's first rows)
+    eval_steps: int = 4  # denoising steps of the evaluation's edits (0: the quantile loss only)
+    keep_best: str | None = None  # eval metric whose best step's LoRA is kept as lora-best.safetensors (loss, loss_q10..q90, psnr, ssim)
     check_sync_every: int = 100  # compare LoRA weights across processes every N steps (0: never)
     resume: bool = False  # continue the run in `output` from its newest checkpoint
     resume_from: str | None = None  # continue from this checkpoint folder instead (implies resume)
@@ -138,7 +143,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
     "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project",
-    "sample_ema"})
+    "sample_ema", "eval_every"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -166,6 +171,9 @@ def validate(config: TrainConfig) -> None:
     if config.finetune == "full" and config.adapter != "lora":
         raise ChronoEditError(f"adapter = {config.adapter!r} with finetune = \"full\": a full fine-tune trains the DiT's own "
                               "weights, not an adapter; drop adapter, or set finetune = \"lora\".")
+    if config.finetune == "full" and config.keep_best:
+        raise ChronoEditError("keep_best keeps the best step's adapter as lora-best.safetensors; a full fine-tune has "
+                              "none. Keep checkpoints (keep_checkpoints) and score them with `chronoedit-lora eval`.")
     if config.finetune == "full" and not config.trainable:
         raise ChronoEditError("trainable is empty: name the DiT parameters to train, e.g. blocks.* (every block).")
     for key in ("learning_rate", "alpha"):
@@ -173,12 +181,14 @@ def validate(config: TrainConfig) -> None:
     check_shift("shift", config.shift)
     check_seed("seed", config.seed, MAX_TRAIN_SEED)
     for key in ("rank", "batch_size", "gradient_accumulation", "save_every", "epochs", "repeat", "keep_checkpoints",
-                "sample_count"):
+                "sample_count", "eval_count"):
         check_range(key, getattr(config, key), 1)
     for key in ("weight_decay", "warmup_steps", "max_grad_norm", "max_steps", "min_free_mb", "sample_every",
-                "check_sync_every"):
+                "check_sync_every", "eval_every"):
         check_range(key, getattr(config, key), 0)
     check_range("sample_steps", config.sample_steps, 1, MAX_STEPS)
+    check_range("eval_steps", config.eval_steps, 0, MAX_STEPS)
+    validate_evaluation(config)
     check_range("max_pixels", config.max_pixels, 16 * 16)
     if config.trajectory_max_pixels is not None:
         check_range("trajectory_max_pixels", config.trajectory_max_pixels, 16 * 16)
@@ -189,6 +199,22 @@ def validate(config: TrainConfig) -> None:
     check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
+
+
+def validate_evaluation(config: TrainConfig) -> None:
+    """eval_every needs held-out pairs; keep_best names a metric that eval_every measures."""
+    from ..eval.metrics import METRICS, NEUTRAL, TRAINING_METRICS
+    from ..settings import check_choice
+
+    if config.eval_every and not config.eval_dataset:
+        raise ChronoEditError("eval_every needs eval_dataset: a CSV of held-out pairs (rows not in `dataset`), "
+                              "e.g. made by moving a few rows of metadata.csv into heldout.csv.")
+    if config.keep_best is None:
+        return
+    if not config.eval_every:
+        raise ChronoEditError(f"keep_best = {config.keep_best!r} needs eval_every > 0 (the steps it is measured at).")
+    measured = [m for m in TRAINING_METRICS if METRICS[m][0] != NEUTRAL and (config.eval_steps or m.startswith("loss"))]
+    check_choice("keep_best", config.keep_best, measured)
 
 
 # How a run was started, not what it trains: never a difference worth listing.

@@ -6,7 +6,7 @@ would otherwise fail late or silently: DeepSpeed without its package or without 
 ``Accelerator(cpu=True)`` ignores DeepSpeed and would train as plain DDP under a ZeRO config), and
 an fp8 base under FSDP (FSDP2 shards and all-gathers floating-point parameters; the kit's float8
 block weights with their per-row scales are not exercised that way, so they are refused), and
-sampling during FSDP training (the main process alone cannot run a DiT split across all ranks),
+sampling or evaluating during FSDP training (the main process alone cannot run a DiT split across all ranks),
 and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
 fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards).
 """
@@ -44,11 +44,13 @@ def check_launch(config: TrainConfig) -> None:
             f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the kit trains with "
             "FSDP2 only (its LoRA and optimizer-state gathering work on FSDP2's per-parameter shards). Set "
             "fsdp_version: 2 under fsdp_config, as in configs/accelerate/fsdp.yaml.")
-    if fsdp.requested() and config.sample_every:
-        raise ChronoEditError(
-            f"sample_every = {config.sample_every} cannot be used with an FSDP launch: sampling runs the DiT on the "
-            "main process alone, and under FSDP the DiT's weights are split across all processes. Set "
-            "sample_every = 0 and sample the saved lora-stepNNNNNN.safetensors with `chronoedit-lora edit --lora`.")
+    for key, fix in (("sample_every", "sample the saved lora-stepNNNNNN.safetensors with `chronoedit-lora edit --lora`"),
+                     ("eval_every", "evaluate the saved LoRAs afterwards with `chronoedit-lora eval --run`")):
+        if fsdp.requested() and getattr(config, key):
+            raise ChronoEditError(
+                f"{key} = {getattr(config, key)} cannot be used with an FSDP launch: it runs the DiT on the main "
+                f"process alone, and under FSDP the DiT's weights are split across all processes. Set {key} = 0 "
+                f"and {fix}.")
     if fsdp.requested() and config.compile:
         raise ChronoEditError(
             "compile = true is not supported with an FSDP launch yet (compiled blocks under FSDP2's sharding hooks "

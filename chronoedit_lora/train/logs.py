@@ -28,10 +28,12 @@ class TrainingLog:
     """
 
     def __init__(self, accelerator: Accelerator, output: Path, total_steps: int, start_step: int, project: str,
-                 config_json: str):
+                 config_json: str, extra_fields: list[str] = ()):
+        """``extra_fields``: columns after :data:`METRICS_FIELDS` (the evaluation's ``eval/<metric>``)."""
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.output = output
+        self.fields = METRICS_FIELDS + list(extra_fields)
         if not self.enabled:
             return
         self.csv_path = output / "logs" / "metrics.csv"
@@ -44,26 +46,28 @@ class TrainingLog:
     def _keep_rows_up_to(self, step: int) -> None:
         rows = [r for r in read_rows(self.csv_path) if int(r["step"]) <= step] if self.csv_path.is_file() else []
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, METRICS_FIELDS)
+        writer = csv.DictWriter(buffer, self.fields, extrasaction="ignore")  # drops columns no longer logged
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.csv_path, buffer.getvalue())
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, samples: list[int],
-             val_loss: float | None = None) -> None:
+             val_loss: float | None = None, evaluation: dict[str, float] | None = None) -> None:
         """One optimizer step: the mean loss over its accumulation window, the gradients' norm before
         clipping (None under DeepSpeed), the time the window took, the wall-clock time it was logged
         (Unix seconds: differences give the whole loop's time per step), every pair it saw (all
-        ranks), and the validation loss if one was measured at this step."""
+        ranks), and the validation loss and the evaluation's metrics if they were measured at this step."""
         if not self.enabled:
             return
+        evaluated = {f"eval/{k}": v for k, v in (evaluation or {}).items() if f"eval/{k}" in self.fields and v is not None}
         with writing(self.csv_path), self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, METRICS_FIELDS).writerow(
+            csv.DictWriter(f, self.fields).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.6g}",
                  "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
-                 "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
-        scalars = {"train/loss": loss, "train/lr": lr, "train/seconds_per_step": seconds}
+                 "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}",
+                 **{k: f"{v:.6g}" for k, v in evaluated.items()}})
+        scalars = {"train/loss": loss, "train/lr": lr, "train/seconds_per_step": seconds, **evaluated}
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if val_loss is not None:
@@ -117,14 +121,17 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if whole(row)]
 
 
-def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float]]:
-    """Steps, training losses, and the validation losses by step."""
+def read_losses(csv_path: Path) -> tuple[list[int], list[float], dict[int, float], dict[int, float]]:
+    """Steps, training losses, and the validation and held-out (evaluation) losses by step."""
     rows = read_rows(csv_path)
-    validation = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss")}
-    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], validation
+
+    def by_step(column: str) -> dict[int, float]:
+        return {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+
+    return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], by_step("val_loss"), by_step("eval/loss")
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss per step, its running mean and the validation loss, as a PNG (None if nothing was logged)."""
-    steps, losses, validation = read_losses(csv_path)
-    return plot_losses(steps, losses, validation, png_path) if steps else None
+    """Loss per step, its running mean, the validation and held-out losses, as a PNG (None if nothing was logged)."""
+    steps, losses, validation, held_out = read_losses(csv_path)
+    return plot_losses(steps, losses, validation, png_path, held_out) if steps else None

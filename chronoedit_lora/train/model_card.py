@@ -31,6 +31,11 @@ def markdown_quote(text: str) -> str:
     """``text`` as a block quote that shows it line for line, every line escaped (see :func:`markdown_text`)."""
     return "\n>\n".join(f"> {markdown_text(line)}" if line.strip() else ">" for line in text.splitlines() or [""])
 
+CARD_NAME = "README.md"
+CARD_MARK = "library_name: chronoedit-lora"  # what tells the kit's card from any other README
+EVAL_START, EVAL_END = "<!-- chronoedit-lora eval -->", "<!-- /chronoedit-lora eval -->"
+EVAL_METRICS = Path("eval") / "metrics.csv"
+
 
 def render_model_card(config: TrainConfig, steps: int, pairs: int, example_prompt: str, sample: str | None) -> str:
     """The card's Markdown (``sample``: the latest sample grid, relative to the card)."""
@@ -111,10 +116,44 @@ def _comfy_keys(adapter: str) -> str:
             "lokr": "; LoKr factors are `….lokr_w1`, `….lokr_w2` etc."}[adapter]
 
 
+def evaluation_section(metrics_csv: Path, card_folder: Path) -> str:
+    """The card's "Evaluation" section: the table of an evaluation's ``metrics.csv`` and its plot."""
+    from ..eval.report import markdown_table, read_metrics_csv
+
+    checkpoints, table = read_metrics_csv(metrics_csv)
+    plot = metrics_csv.parent / "metrics.png"
+    link = f"\n![metrics]({plot.relative_to(card_folder)})\n" if plot.is_file() and plot.is_relative_to(card_folder) else ""
+    return (f"{EVAL_START}\n## Evaluation\n\nOn held-out pairs with `chronoedit-lora eval` (best value per column in "
+            f"bold; loss and lpips: lower is better, the others higher; source_ssim is how much of the input survives):"
+            f"\n\n{markdown_table(checkpoints, table)}\n{link}{EVAL_END}\n")
+
+
+def with_evaluation(card: str, section: str) -> str:
+    """``card`` with its evaluation section replaced by ``section`` (put before "## Use" if it had none)."""
+    if EVAL_START in card and EVAL_END in card:
+        before, rest = card.split(EVAL_START, 1)
+        return before + section + rest.split(EVAL_END, 1)[1].lstrip("\n")
+    head, use, tail = card.partition("## Use")
+    return head + section + "\n" + use + tail if use else card + "\n" + section
+
+
+def add_evaluation(output: Path, metrics_csv: Path) -> bool:
+    """Put the evaluation table into the kit's model card in ``output`` (False if there is none)."""
+    path = output / CARD_NAME
+    if not path.is_file() or CARD_MARK not in path.read_text(errors="replace"):
+        return False
+    write_text(path, with_evaluation(path.read_text(), evaluation_section(metrics_csv, output)))
+    return True
+
+
 def write_model_card(output: Path, config: TrainConfig, steps: int, pairs: int, example_prompt: str) -> Path:
-    """Write ``output/README.md`` for the LoRA in ``output``; links the newest sample grid, if any."""
+    """Write ``output/README.md`` for the LoRA in ``output``; links the newest sample grid, if any,
+    and keeps an evaluation's table (``output/eval/metrics.csv``)."""
     grids = sorted((output / "samples").glob("step-*.png"))
     sample = str(grids[-1].relative_to(output)) if grids else None
-    path = output / "README.md"
-    write_text(path, render_model_card(config, steps, pairs, example_prompt, sample))
+    path = output / CARD_NAME
+    card = render_model_card(config, steps, pairs, example_prompt, sample)
+    if (output / EVAL_METRICS).is_file():
+        card = with_evaluation(card, evaluation_section(output / EVAL_METRICS, output))
+    write_text(path, card)
     return path

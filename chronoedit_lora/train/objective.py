@@ -44,6 +44,22 @@ def flow_matching_loss(scheduler: FlowMatchScheduler, predict: Predictor, x0: to
 
 
 @torch.no_grad()
+def fixed_noise_losses(pipe: ChronoEditPipeline, scheduler: FlowMatchScheduler, inputs: dict[str, torch.Tensor],
+                       noises: list[torch.Tensor], timesteps: list[torch.Tensor]) -> list[float]:
+    """The unweighted loss of one encoded clip (:func:`~.inputs.encode_clip`) at each timestep with its noise."""
+    x0 = inputs["input_latents"].float()  # noised and compared in float32, run in the DiT's dtype
+    conditioning = {key: value for key, value in inputs.items() if key != "input_latents"}
+    pipe.placement.use("dit")  # with offloading, the DiT's weights onto the compute device
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return chronoedit_model_fn(pipe.dit, latents.to(pipe.dtype), timestep, rope=pipe.rope,
+                                   skip_len=pipe.components.temporal_skip_len, **conditioning)
+
+    return [flow_matching_loss(scheduler, predict, x0, noise.to(x0.device), timestep.reshape(1).to(x0.device, pipe.dtype),
+                               weighted=False).item() for noise, timestep in zip(noises, timesteps)]
+
+
+@torch.no_grad()
 def validation_loss(pipe: ChronoEditPipeline, items: list[dict], sigmas: tuple[float, ...] = VALIDATION_SIGMAS,
                     seed: int = 0) -> float:
     """Mean unweighted loss over ``items`` x ``sigmas`` with fixed noise: comparable between runs,
@@ -54,14 +70,6 @@ def validation_loss(pipe: ChronoEditPipeline, items: list[dict], sigmas: tuple[f
     losses = []
     for item in items:
         inputs = encode_clip(pipe, item["video"], item["prompt"])
-        x0 = inputs.pop("input_latents").float()  # noised and compared in float32, run in the DiT's dtype
-
-        def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            return chronoedit_model_fn(pipe.dit, latents.to(pipe.dtype), timestep, rope=pipe.rope,
-                                       skip_len=pipe.components.temporal_skip_len, **inputs)
-
-        for timestep in timesteps:
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            t = timestep.reshape(1).to(x0.device, pipe.dtype)
-            losses.append(flow_matching_loss(scheduler, predict, x0, noise, t, weighted=False).item())
+        noises = [torch.randn(inputs["input_latents"].shape, generator=generator) for _ in timesteps]
+        losses += fixed_noise_losses(pipe, scheduler, inputs, noises, timesteps)
     return sum(losses) / len(losses)

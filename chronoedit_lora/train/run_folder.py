@@ -27,13 +27,13 @@ from ..errors import CheckpointError, ChronoEditError
 from ..models.loading import read_header
 from . import checkpoint as ckpt
 from .config import TrainConfig, changed_settings
+from .model_card import CARD_MARK, CARD_NAME
 
 LOCK_NAME = ".lock"
 # What a run writes, relative to its folder (the cache is not the run's: it is shared and keyed).
-RUN_FILES = ("checkpoints", "logs", "samples", "lora.safetensors", "lora-ema.safetensors", "loss.png")
+RUN_FILES = ("checkpoints", "logs", "samples", "eval", "lora.safetensors", "lora-ema.safetensors",
+             "lora-best.safetensors", "loss.png")
 RUN_GLOBS = ("lora-step*.safetensors",)
-MODEL_CARD = "README.md"
-MODEL_CARD_MARK = "library_name: chronoedit-lora"
 
 
 class RunLock:
@@ -69,10 +69,10 @@ def previous_run_files(folder: Path) -> list[Path]:
     """The files of an earlier run in ``folder``."""
     found = [folder / name for name in RUN_FILES if (folder / name).exists()]
     found += [p for pattern in RUN_GLOBS for p in sorted(folder.glob(pattern))]
-    card = folder / MODEL_CARD
+    card = folder / CARD_NAME
     if card.is_file():
         with card.open(errors="replace") as f:
-            if MODEL_CARD_MARK in f.read(4096):  # the mark is in its YAML header
+            if CARD_MARK in f.read(4096):  # the mark is in its YAML header
                 found.append(card)
     return found
 

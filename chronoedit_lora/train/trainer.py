@@ -37,6 +37,7 @@ from . import fsdp, lora_export, trained_state
 from .data import TrainingData, preflight
 from .ema import ExponentialMovingAverage
 from .full_module import check_trainable, training_module
+from .evaluation import TrainingEvaluation, evaluate_step, restore_best, snapshot_best
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
 from .launch import check_launch
@@ -128,8 +129,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0, fp8_base=config.fp8_base, **paths)
-    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0
+        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base, **paths)
+    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0 or config.eval_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
     module = training_module(pipe, config)
@@ -171,6 +172,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
             set_seed(_rank_seed(config.seed + accelerator.num_processes * progress.step + accelerator.process_index))
             accelerator.print(f"continuing a {saved.processes}-process run on {accelerator.num_processes}: the "
                               f"{progress.epoch_start} batches of epoch {progress.epoch} trained so far are not repeated")
+        if accelerator.is_main_process:
+            restore_best(output, resume.folder)
         accelerator.print(f"resumed from {resume.folder} at step {progress.step}")
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
@@ -185,7 +188,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
-    log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json())
+    evaluation = TrainingEvaluation(config, data.held_out) if config.eval_every else None
+    log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json(),
+                      extra_fields=evaluation.fields() if evaluation else [])
     stop = _StopRequest()
     loss_value, grad_norm = float("nan"), None
 
@@ -229,9 +234,12 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
                     with ema.swapped_in() if config.sample_ema else contextlib.nullcontext():
                         validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
+                evaluated = None
+                if evaluation and evaluation.due(progress.step, last):
+                    evaluated = evaluate_step(accelerator, pipe, module, evaluation, progress, config, output)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
-                         samples, validation)
+                         samples, validation, evaluated)
                 window_loss, window_positions, window_started = 0.0, [], None
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
                     assert_ranks_in_sync(accelerator, trained_parameters)
@@ -363,6 +371,7 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, ema: Exponenti
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             trained_state.write(gathered, staging, config, progress.step)
+            snapshot_best(output, staging)
             ckpt.finalize(staging, ckpt.checkpoint_dir(output, progress.step), progress,
                           gathered.optimizer, scheduler.state_dict(), config.keep_checkpoints)
             if gathered.lora is not None:
