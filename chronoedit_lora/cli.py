@@ -16,6 +16,7 @@ COMMANDS = {
     "lora": "lora",
     "dataset": "dataset",
     "cache": "cache",
+    "ui": "ui",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}

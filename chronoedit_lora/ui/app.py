@@ -1,0 +1,93 @@
+"""The web app: checks, the model loaded once, five tabs, and the server (loopback, folders, upload
+bound and login from :mod:`.safety`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import ChronoEditError
+from ..settings import check_device, check_range
+from .safety import check_folder, check_host, login
+
+# Offline and private: no usage statistics, no web fonts, no share link, no server-side rendering (node).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+MONO_FONTS = ["ui-monospace", "monospace"]
+
+
+def folders_of(args: argparse.Namespace):
+    from .session import Folders
+
+    history = Path(args.history)
+    try:
+        history.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ChronoEditError(f"--history {history}: cannot create it ({exc.strerror}).") from None
+    if not os.access(history, os.W_OK):
+        raise ChronoEditError(f"--history {history} is not writable; choose another folder.")
+    return Folders(check_folder("--runs", args.runs), check_folder("--loras", args.loras),
+                   check_folder("--datasets", args.datasets), history.resolve())
+
+
+def build_app(session):
+    """The page: Edit, Compare, Runs, Train and Dataset tabs over one loaded model."""
+    import gradio as gr
+
+    from . import compare, dataset, edit, runs, train
+
+    with gr.Blocks(title="chronoedit-lora", analytics_enabled=False) as app:
+        gr.Markdown(f"### chronoedit-lora · model `{session.args.model or session.args.dit}` on "
+                    f"{session.pipe.device} ({session.args.dtype})")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Edit", id="edit"):
+                edit_tab = edit.build(session)
+            with gr.Tab("Compare", id="compare"):
+                compare.build(session)
+            with gr.Tab("Runs", id="runs"):
+                runs.build(session, tabs, edit_tab.loras[0])
+            with gr.Tab("Train", id="train"):
+                train.build(session)
+            with gr.Tab("Dataset", id="dataset"):
+                dataset.build(session)
+        app.load(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in edit_tab.loras], None, edit_tab.loras)
+    return app
+
+
+def serve(args: argparse.Namespace, block: bool = True):
+    """Check everything, load the model, start the server; returns ``(app, url)`` when not ``block``."""
+    check_host(args.host, args.auth)
+    auth = login(args.auth)
+    check_range("--port", args.port, 1, 65535)
+    check_range("--max-upload-mb", args.max_upload_mb, 0, low_inclusive=False)
+    folders = folders_of(args)
+    check_device(args.device)
+    enhancer = None
+    if args.prompt_enhancer:
+        from ..plugins import load_callable
+
+        enhancer = load_callable(args.prompt_enhancer, "--prompt-enhancer")
+
+    import gradio as gr
+
+    from ..commands.model_args import model_options
+    from ..pipeline import ChronoEditPipeline
+    from .session import Session
+
+    pipe = ChronoEditPipeline.from_pretrained(**model_options(args), offload=args.offload)
+    app = build_app(Session(pipe, args, folders, enhancer))
+    app.queue(default_concurrency_limit=1)
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+    _, url, _ = app.launch(server_name=args.host, server_port=args.port, auth=auth, allowed_paths=folders.served(),
+                           max_file_size=int(args.max_upload_mb * 1024 * 1024), share=False, inbrowser=False, ssr_mode=False,
+                           mcp_server=False, pwa=False, show_error=False, theme=theme, prevent_thread_lock=True,
+                           quiet=True)
+    print(f"chronoedit-lora ui: open {url} (Ctrl-C stops it)", flush=True)
+    if not block:
+        return app, url
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+    return None
