@@ -15,6 +15,7 @@ from .safety import check_folder, check_host, login
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
+CSS = "#edit-status pre, #edit-status code { white-space: pre-wrap; word-break: break-all; }"  # long commands wrap
 
 
 def folders_of(args: argparse.Namespace):
@@ -81,7 +82,7 @@ def serve(args: argparse.Namespace, block: bool = True):
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
     _, url, _ = app.launch(server_name=args.host, server_port=args.port, auth=auth, allowed_paths=folders.served(),
                            max_file_size=int(args.max_upload_mb * 1024 * 1024), share=False, inbrowser=False, ssr_mode=False,
-                           mcp_server=False, pwa=False, show_error=False, theme=theme, prevent_thread_lock=True,
+                           mcp_server=False, pwa=False, show_error=False, theme=theme, css=CSS, prevent_thread_lock=True,
                            quiet=True)
     print(f"chronoedit-lora ui: open {url} (Ctrl-C stops it)", flush=True)
     if not block:

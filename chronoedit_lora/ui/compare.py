@@ -70,20 +70,20 @@ def build(session: Session) -> None:
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="compare-prompt")
             mode = gr.Radio(list(MODES), value=OFF_ON, label="compare", elem_id="compare-mode")
             with gr.Row():
-                lora_a = gr.Dropdown(session.lora_choices(), label="LoRA A", elem_id="compare-lora-a")
+                lora_a = gr.Dropdown(session.lora_choices(), value=None, label="LoRA A", elem_id="compare-lora-a")
                 scale_a = gr.Number(1.0, label="scale A", elem_id="compare-scale-a")
             with gr.Row():
-                lora_b = gr.Dropdown(session.lora_choices(), label="LoRA B", elem_id="compare-lora-b")
+                lora_b = gr.Dropdown(session.lora_choices(), value=None, label="LoRA B", elem_id="compare-lora-b")
                 scale_b = gr.Number(1.0, label="scale B")
             scales = gr.Textbox("0, 0.5, 1", label="scales (sweep)", elem_id="compare-scales")
-            run = gr.Dropdown(runs.list_runs(session.folders.runs), label="run (checkpoints)", elem_id="compare-run")
+            run = gr.Dropdown(runs.list_runs(session.folders.runs), value=None, label="run (checkpoints)", elem_id="compare-run")
             fields = settings_fields("compare")
             with gr.Row():
                 go = gr.Button("Compare", variant="primary", elem_id="compare-run-button")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
         with gr.Column():
             grid = gr.Image(type="pil", label="grid", elem_id="compare-grid", format="png")
-            cells = gr.Gallery(label="variants", columns=4, height=220, elem_id="compare-cells")
+            cells = gr.Gallery(label="variants", columns=4, height=220, elem_id="compare-cells", object_fit="contain")
             status = gr.Markdown(elem_id="compare-status")
 
     @user_errors

@@ -109,12 +109,12 @@ def build(session: Session) -> EditTab:
             slider = gr.ImageSlider(label="before / after", type="pil", elem_id="edit-result", height=360)
             status = gr.Markdown(elem_id="edit-status")
             frames = gr.Gallery(label="clip frames (reasoning frames, then the edit)", columns=8, height=140,
-                                elem_id="edit-frames")
+                                elem_id="edit-frames", object_fit="contain")
             video = gr.Video(label="clip", elem_id="edit-video", height=200)
             downloads = gr.File(label="downloads (PNG, MP4)", file_count="multiple", elem_id="edit-downloads")
     with gr.Accordion("history", open=False):
         gallery = gr.Gallery(history_items, label=f"saved edits ({session.folders.history})", columns=8, height=200,
-                             elem_id="edit-history")  # filled on each page load and after each edit
+                             elem_id="edit-history", object_fit="contain")  # filled on each page load and after each edit
         details = gr.JSON(label="settings of the chosen edit", elem_id="edit-history-settings")
 
     @user_errors

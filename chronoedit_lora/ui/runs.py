@@ -13,6 +13,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..errors import ChronoEditError
+from ..models.loading import read_header
 from ..train.checkpoint import CHECKPOINTS
 from ..train.lora_export import FINAL_NAME
 from .safety import user_errors, within
@@ -43,6 +45,16 @@ def checkpoint_loras(run: Path) -> list[tuple[str, Path]]:
     found = sorted((f"step-{int(m.group(1)):06d}", p) for p in run.glob("lora-step*.safetensors")
                    if (m := STEP_LORA.match(p.name)))
     return found + ([("final", run / FINAL_NAME)] if (run / FINAL_NAME).is_file() else [])
+
+
+def lora_step(label: str, path: Path | None) -> int | None:
+    """The step of a checkpoint LoRA: from its label, else from the trainer's header (``step``)."""
+    if label.startswith("step-"):
+        return int(label[5:])
+    try:
+        return int(read_header(path)[1]["step"]) if path is not None else None
+    except (ChronoEditError, KeyError, ValueError):
+        return None
 
 
 def read_log(path: Path) -> pd.DataFrame | None:
@@ -90,8 +102,7 @@ def checkpoint_table(run: Path) -> pd.DataFrame:
         if label == "base" and label not in scores:
             continue
         score = scores.get(label)
-        step = int(score["step"]) if score is not None and pd.notna(score.get("step")) else \
-            (int(label[5:]) if label.startswith("step-") else None)
+        step = int(score["step"]) if score is not None and pd.notna(score.get("step")) else lora_step(label, path)
         rows.append({"checkpoint": label, "step": step, "file": path.name if path else "(no LoRA)",
                      "training loss": losses.get(step),
                      **{EVAL_PREFIX + c: (score[c] if score is not None else None) for c in eval_columns}})
@@ -115,7 +126,7 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
     with gr.Row():
         checkpoint = gr.Dropdown([], label="checkpoint LoRA", elem_id="runs-lora", scale=3)
         use = gr.Button("Use in Edit", elem_id="runs-use", scale=1)
-    grids = gr.Gallery(label="sample grids", columns=4, height=260, elem_id="runs-samples")
+    grids = gr.Gallery(label="sample grids", columns=3, height=300, object_fit="contain", elem_id="runs-samples")
     timer = gr.Timer(REFRESH_SECONDS)
 
     @user_errors
@@ -127,9 +138,9 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
         names = list(dict.fromkeys(points["metric"]))
         selected = [m for m in names if DEFAULT_METRICS.match(m)] if new_run or chosen is None else chosen
         loras = checkpoint_loras(path)
+        newest = {"value": str(loras[-1][1]) if loras else None} if new_run else {}
         return (gr.CheckboxGroup(choices=names, value=selected), points[points["metric"].isin(selected)],
-                checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras],
-                                                    value=str(loras[-1][1]) if new_run and loras else gr.skip()),
+                checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras], **newest),
                 sample_grids(path))
 
     outputs = [metrics, plot, table, checkpoint, grids]

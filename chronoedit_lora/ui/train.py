@@ -17,6 +17,7 @@ import gradio as gr
 
 from ..errors import ChronoEditError
 from ..train.config import TrainConfig, load_config
+from ..train.run_folder import LOCK_NAME, RunLock
 from .safety import user_errors
 from .session import Session
 
@@ -96,6 +97,7 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
                               f"under {runs}).")
     if not dataset:
         raise ChronoEditError("choose a dataset (metadata.csv under --datasets).")
+    check_unlocked(runs / name)
     config = config_file or preset
     try:
         extra_args = shlex.split(extra or "")
@@ -113,6 +115,15 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
     args, leftover = build_parser().parse_known_args(argv)
     load_config(args.config, overrides_from(args, leftover))  # every setting checked before starting
     return [sys.executable, "-m", "chronoedit_lora.cli", *argv]
+
+
+def check_unlocked(folder: Path) -> None:
+    """Refuse at once if another training holds the run folder's lock (the trainer takes the lock
+    itself, so this only saves starting a process that would be refused)."""
+    if (folder / LOCK_NAME).is_file():
+        lock = RunLock(folder)
+        lock.acquire()
+        lock.release()
 
 
 def setting(value: float | None) -> str | None:
