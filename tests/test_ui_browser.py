@@ -24,8 +24,9 @@ from PIL import Image
 from chronoedit_lora.cli import build_parser, main
 from chronoedit_lora.files import save_image
 from chronoedit_lora.lora import save_lora
+from chronoedit_lora.train.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
 
-from .test_train import make_subset
+from .test_train import EXAMPLE, make_subset
 
 pytestmark = pytest.mark.slow
 gr = pytest.importorskip("gradio")
@@ -57,11 +58,13 @@ def folders(tmp_path_factory, random_lora, input_image) -> dict[str, Path]:
     with (run / "logs" / "metrics.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"])
-        writer.writerows([[s, round(0.9 / s, 4), 1e-3, 0.5, 0.1, 1e9 + s, "0", 0.7 if s == 4 else ""] for s in range(1, 5)])
+        writer.writerows([[s, round(0.9 / s, 4), 1e-3, 0.5, 0.1, 1e9 + s, "0", round(0.8 - 0.05 * s, 4) if s % 2 == 0 else ""]
+                          for s in range(1, 7)])
     (run / "eval").mkdir()
     (run / "eval" / "metrics.csv").write_text("checkpoint,step,clip_score\nbase,0,0.2\nstep-000002,2,0.25\n")
     shutil.copy(found["loras"] / "style.safetensors", run / "lora-step000002.safetensors")
-    save_image(input_image, run / "samples" / "step-000002.png")
+    pair = [Image.open(EXAMPLE / folder / "000.png") for folder in ("before", "after")]
+    save_image(grid_image([(pair[0], pair[1], pair[1])], COLUMNS), run / "samples" / "step-000002.png")
     found["model-side"].mkdir()
     (found["model-side"] / "secret.txt").write_text("not served")
     found["image"] = root / "input.png"
@@ -172,6 +175,28 @@ def test_page_edit_equals_the_cli_edit(page, server, tiny_diffusers, folders, tm
     assert np.array_equal(np.asarray(Image.open(entry / "edit.png")), cli_edit)
 
 
+def saved_edits(history: Path) -> list[Path]:
+    return sorted(p.parent for p in history.glob("*/settings.json"))
+
+
+def test_cancel_stops_the_running_edit(page, folders):
+    """A long edit is cancelled mid-way: it is never saved, and the next edit (queued behind it,
+    one at a time) is the only new entry in the history."""
+    before = saved_edits(folders["history"])
+    page.set_input_files("#edit-image input[type=file]", str(folders["image"]))
+    page.locator("#edit-prompt textarea").fill(PROMPT)
+    fill(page, "edit", {**EDIT, "steps": "1000"})
+    choose(page, "edit-scheduler", "euler")  # diffusers' UniPC fails an assertion at 1000 steps
+    page.click("#edit-run")
+    page.wait_for_selector("#edit-result :text('denoising')")  # the denoising loop's progress
+    page.click("#edit-cancel")
+    fill(page, "edit", EDIT)
+    page.click("#edit-run")
+    page.wait_for_selector("#edit-status :text('saved to')")
+    new = [p for p in saved_edits(folders["history"]) if p not in before]
+    assert len(new) == 1 and "--steps 2" in json.loads((new[0] / "settings.json").read_text())["command"]
+
+
 def test_a_bad_input_shows_the_kits_one_line_error(page, folders):
     page.click("#edit-run")
     assert "upload an input image first" in toast(page)
@@ -200,18 +225,17 @@ def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     assert [c.strip() for c in captions] == ["style x0", "style x0.5", "style x1"]
     src = page.locator("#compare-grid img").first.get_attribute("src")
     grid = Image.open(io.BytesIO(fetch(src)))
-    from chronoedit_lora.train.samples import CELL, LABEL_HEIGHT
-
     assert grid.size == (4 * CELL, LABEL_HEIGHT + CELL)  # input + 3 variants, one row
 
 
 def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     choose(page, "runs-run", "logged")
-    page.wait_for_selector("#runs-plot [aria-label^='step: 4']", state="attached")  # SVG marks: not "visible"
+    page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
+    page.wait_for_selector("#runs-samples img")
+    screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()
     page.wait_for_selector("#runs-plot [aria-label*='metric: lr']", state="attached")
-    screenshot(page, "runs", tmp_path)
     shown = set()
     for label in page.locator("#runs-plot [aria-label^='step: ']").evaluate_all("els => els.map(e => e.ariaLabel)"):
         step, value, metric = re.match(r"step: (\d+); value: ([-\d.e]+); metric: (.+)", label).groups()

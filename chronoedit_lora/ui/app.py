@@ -45,14 +45,15 @@ def build_app(session):
             with gr.Tab("Edit", id="edit"):
                 edit_tab = edit.build(session)
             with gr.Tab("Compare", id="compare"):
-                compare.build(session)
+                compare_loras = compare.build(session)
             with gr.Tab("Runs", id="runs"):
                 runs.build(session, tabs, edit_tab.loras[0])
             with gr.Tab("Train", id="train"):
                 train.build(session)
             with gr.Tab("Dataset", id="dataset"):
                 dataset.build(session)
-        app.load(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in edit_tab.loras], None, edit_tab.loras)
+        lora_lists = edit_tab.loras + compare_loras  # LoRAs written since the server started appear on reload
+        app.load(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in lora_lists], None, lora_lists)
     return app
 
 

@@ -63,7 +63,8 @@ def variants(mode: str, lora_a: str | None, scale_a: float, lora_b: str | None, 
     return found
 
 
-def build(session: Session) -> None:
+def build(session: Session) -> list[gr.Dropdown]:
+    """The tab; returns its LoRA choices (refreshed on page load)."""
     with gr.Row():
         with gr.Column():
             image = gr.Image(type="filepath", label="input image", height=240, elem_id="compare-image")
@@ -76,7 +77,8 @@ def build(session: Session) -> None:
                 lora_b = gr.Dropdown(session.lora_choices(), value=None, label="LoRA B", elem_id="compare-lora-b")
                 scale_b = gr.Number(1.0, label="scale B")
             scales = gr.Textbox("0, 0.5, 1", label="scales (sweep)", elem_id="compare-scales")
-            run = gr.Dropdown(runs.list_runs(session.folders.runs), value=None, label="run (checkpoints)", elem_id="compare-run")
+            run = gr.Dropdown(runs.list_runs(session.folders.runs), value=None, label="run (checkpoints)",
+                              elem_id="compare-run")
             fields = settings_fields("compare")
             with gr.Row():
                 go = gr.Button("Compare", variant="primary", elem_id="compare-run-button")
@@ -88,7 +90,7 @@ def build(session: Session) -> None:
 
     @user_errors
     def compare(image_path, instruction, chosen_mode, a, sa, b, sb, scale_text, run_folder, *form,
-                progress=gr.Progress(track_tqdm=True)):
+                progress=gr.Progress()):
         if not image_path:
             raise ChronoEditError("upload an input image first.")
         if not (instruction or "").strip():
@@ -98,14 +100,19 @@ def build(session: Session) -> None:
         settings = form_settings(*form)
         asked = variants(chosen_mode, a, float(sa or 0), b, float(sb or 0), scale_text, run_folder)
         results = []
-        for label, loras in progress.tqdm(asked, desc="variants"):
+
+        def report(number: int):
+            return lambda i, n: progress((number * n + i, len(asked) * n), desc=f"variant {number + 1} of {len(asked)}")
+
+        for number, (label, loras) in enumerate(asked):
             args = session.edit_args(prompt=instruction, lora=session.lora_specs(loras), **settings)
-            results.append((label, session.edit(source, args).image))
+            results.append((label, session.edit(source, args, report(number)).image))
         size = results[0][1].size
         picture = grid_image([(source.convert("RGB").resize(size), *(edit for _, edit in results))],
                              ("input", *(label for label, _ in results)))
         return picture, [(edit, label) for label, edit in results], f"{len(results)} variants, {size[0]}x{size[1]}"
 
     event = go.click(compare, [image, prompt, mode, lora_a, scale_a, lora_b, scale_b, scales, run, *fields],
-             [grid, cells, status], concurrency_limit=1, concurrency_id="model")
+                     [grid, cells, status], concurrency_limit=1, concurrency_id="model")
     cancel.click(session.cancel.set, None, None, cancels=[event], queue=False)
+    return [lora_a, lora_b]

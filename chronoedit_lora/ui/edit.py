@@ -62,7 +62,8 @@ def settings_fields(prefix: str) -> list[gr.components.Component]:
         steps = gr.Number(DEFAULTS["steps"], precision=0, label="steps", elem_id=f"{prefix}-steps")
         cfg = gr.Number(DEFAULTS["cfg"], label="cfg", elem_id=f"{prefix}-cfg")
         shift = gr.Textbox("", label="shift (empty: the model's)", elem_id=f"{prefix}-shift")
-        scheduler = gr.Dropdown([AUTO_SCHEDULER, "unipc", "euler"], value=AUTO_SCHEDULER, label="scheduler")
+        scheduler = gr.Dropdown([AUTO_SCHEDULER, "unipc", "euler"], value=AUTO_SCHEDULER, label="scheduler",
+                                elem_id=f"{prefix}-scheduler")
     with gr.Row():
         seed = gr.Number(0, precision=0, label="seed", elem_id=f"{prefix}-seed")
         height = gr.Number(0, precision=0, label="height (0: auto)", elem_id=f"{prefix}-height")
@@ -119,7 +120,7 @@ def build(session: Session) -> EditTab:
 
     @user_errors
     def run_edit(image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed, height, width,
-                 reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress(track_tqdm=True)):
+                 reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
         if not image_path:
             raise ChronoEditError("upload an input image first.")
         if not (instruction or "").strip():
@@ -132,7 +133,7 @@ def build(session: Session) -> EditTab:
                                  temporal_reasoning_steps=number(reasoning_steps, "temporal reasoning steps", integer=True),
                                  **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
         started = time.perf_counter()
-        result = session.edit(source, args)
+        result = session.edit(source, args, lambda i, n: progress((i, n), desc="denoising", unit="steps"))
         seconds = time.perf_counter() - started
         entry = history.save(session.folders.history, source, result.frames)
         args.image, args.output, args.video = str(entry.folder / history.INPUT), str(entry.edit), str(entry.clip)

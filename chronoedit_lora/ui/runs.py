@@ -121,7 +121,7 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
         refresh = gr.Button("Refresh run list", size="sm", scale=1)
         live = gr.Checkbox(True, label=f"live (every {REFRESH_SECONDS:g} s)", scale=1)
     metrics = gr.CheckboxGroup([], label="metrics", elem_id="runs-metrics")
-    plot = gr.LinePlot(x="step", y="value", color="metric", label="metrics per step", elem_id="runs-plot", height=320)
+    plot = gr.LinePlot(x="step", y="value", color="metric", label="metrics per step", elem_id="runs-plot")
     table = gr.Dataframe(label="checkpoints", elem_id="runs-checkpoints", interactive=False)
     with gr.Row():
         checkpoint = gr.Dropdown([], label="checkpoint LoRA", elem_id="runs-lora", scale=3)

@@ -133,17 +133,21 @@ class Session:
                 argv += [flag, str(value)]
         return argv
 
-    def edit(self, image: Image.Image, args: argparse.Namespace) -> EditResult:
+    def edit(self, image: Image.Image, args: argparse.Namespace,
+             report: Callable[[int, int], None] | None = None) -> EditResult:
         """One edit of ``image`` with ``args`` (checked first, as the command checks them); stopped
-        by :attr:`cancel`, which the caller clears when its job starts."""
+        by :attr:`cancel`, which the caller clears when its job starts; ``report(step, steps)``
+        before each denoising step."""
         settings = edit_command.sampling_settings(args)
         edit_command.check_edit_settings(args, settings)
         request = EditRequest(image, args.prompt, args.negative_prompt, args.seed)
         with self._busy:
             self.use_loras([parse_lora_spec(value) for value in args.lora])
-            return next(self.pipe.edit_many([request], progress=True, on_step=self._stop_if_cancelled,
+            return next(self.pipe.edit_many([request], progress=True, on_step=lambda i, n: self._step(i, n, report),
                                             **edit_command.edit_options(args, settings)))
 
-    def _stop_if_cancelled(self, step: int, steps: int) -> None:
+    def _step(self, step: int, steps: int, report: Callable[[int, int], None] | None) -> None:
         if self.cancel.is_set():
             raise EditCancelled(f"edit cancelled before step {step + 1} of {steps}.")
+        if report is not None:
+            report(step, steps)
