@@ -44,14 +44,20 @@ def check_writable(path: str | Path, suffixes: tuple[str, ...]) -> Path:
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise ChronoEditError(f"{path}: expected a {' or '.join(suffixes)} file name.")
-    folder = path.parent
+    check_writable_folder(path.parent)
+    return path
+
+
+def check_writable_folder(folder: str | Path, flag: str = "--output") -> Path:
+    """Create ``folder`` if needed and fail early if it cannot be written (``flag`` names the option)."""
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ChronoEditError(f"Cannot create output folder {folder}: {exc.strerror}.") from None
     if not os.access(folder, os.W_OK):
-        raise ChronoEditError(f"Output folder {folder} is not writable; choose another --output.")
-    return path
+        raise ChronoEditError(f"Output folder {folder} is not writable; choose another {flag}.")
+    return folder
 
 
 def _umask() -> int:

@@ -10,3 +10,8 @@ def caption(before: Image.Image, after: Image.Image, hint: str | None) -> str:
     saturation = lambda im: float(np.asarray(im.convert("HSV"))[..., 1].mean())  # noqa: E731
     change = "removes the colour" if saturation(after) < saturation(before) / 2 else "keeps the colour"
     return f"The user wants an edit that {change} of this {before.width}x{before.height} image."
+
+
+def enhance(image: Image.Image, instruction: str) -> str:
+    """A prompt enhancer for the tests: the instruction in ChronoEdit's detailed form."""
+    return f"The user wants to {instruction.rstrip('.').lower()} in this {image.width}x{image.height} image."

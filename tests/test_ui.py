@@ -65,7 +65,8 @@ def test_run_metrics_are_read_generically(tmp_path):
 
     run = tmp_path / "run"
     log = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "grad_norm": "", "seconds": 0.5, "time": 1e9 + s,
-            "samples": "0 1", "val_loss": 0.5 if s == 2 else "", "eval/psnr": 20 + s if s % 2 else ""} for s in (1, 2, 3)]
+            "samples": "0 1", "val_loss": 0.5 if s == 2 else "", "eval/psnr": 20 + s if s % 2 else ""}
+           for s in (1, 2, 3)]
     write_csv(run / "logs" / "metrics.csv", log)
     write_csv(run / "eval" / "metrics.csv", [{"checkpoint": "base", "step": 0, "clip": 0.1},
                                              {"checkpoint": "step-000002", "step": 2, "clip": 0.3},

@@ -58,8 +58,8 @@ def folders(tmp_path_factory, random_lora, input_image) -> dict[str, Path]:
     with (run / "logs" / "metrics.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"])
-        writer.writerows([[s, round(0.9 / s, 4), 1e-3, 0.5, 0.1, 1e9 + s, "0", round(0.8 - 0.05 * s, 4) if s % 2 == 0 else ""]
-                          for s in range(1, 7)])
+        writer.writerows([[s, round(0.9 / s, 4), 1e-3, 0.5, 0.1, 1e9 + s, "0",
+                           round(0.8 - 0.05 * s, 4) if s % 2 == 0 else ""] for s in range(1, 7)])
     (run / "eval").mkdir()
     (run / "eval" / "metrics.csv").write_text("checkpoint,step,clip_score\nbase,0,0.2\nstep-000002,2,0.25\n")
     shutil.copy(found["loras"] / "style.safetensors", run / "lora-step000002.safetensors")
@@ -85,7 +85,8 @@ def server(tiny_diffusers, folders):
     args = build_parser().parse_args([
         "ui", "--model", str(tiny_diffusers), "--runs", str(folders["runs"]), "--loras", str(folders["loras"]),
         "--datasets", str(folders["datasets"]), "--history", str(folders["history"]), "--device", "cpu",
-        "--dtype", "float32", "--port", str(free_port()), "--max-upload-mb", str(UPLOAD_LIMIT_MB)])
+        "--dtype", "float32", "--port", str(free_port()), "--max-upload-mb", str(UPLOAD_LIMIT_MB),
+        "--prompt-enhancer", "tests.captioner_plugin:enhance"])
     app, url = serve(args, block=False)
     yield url
     app.close()
@@ -197,6 +198,21 @@ def test_cancel_stops_the_running_edit(page, folders):
     assert len(new) == 1 and "--steps 2" in json.loads((new[0] / "settings.json").read_text())["command"]
 
 
+def test_the_prompt_enhancer_rewrites_the_instruction_first(page, folders, input_image):
+    from .captioner_plugin import enhance
+
+    page.set_input_files("#edit-image input[type=file]", str(folders["image"]))
+    page.locator("#edit-prompt textarea").fill("Turn the square blue.")
+    fill(page, "edit", EDIT)
+    page.get_by_label("rewrite the instruction first").check()
+    page.click("#edit-run")
+    expected = enhance(input_image, "Turn the square blue.")
+    page.wait_for_selector(f"#edit-status :text('prompt used: {expected}')")
+    entry = saved_edits(folders["history"])
+    settings = [json.loads((p / "settings.json").read_text()) for p in entry]
+    assert any(s["prompt"] == expected and s["instruction"] == "Turn the square blue." for s in settings)
+
+
 def test_a_bad_input_shows_the_kits_one_line_error(page, folders):
     page.click("#edit-run")
     assert "upload an input image first" in toast(page)
@@ -232,7 +248,7 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
-    page.wait_for_selector("#runs-samples img")
+    page.wait_for_function("() => [...document.querySelectorAll('#runs-samples img')].some(i => i.naturalWidth > 0)")
     screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()
     page.wait_for_selector("#runs-plot [aria-label*='metric: lr']", state="attached")

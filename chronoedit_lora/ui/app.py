@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from ..errors import ChronoEditError
+from ..files import check_writable_folder
 from ..settings import check_device, check_range
 from .safety import check_folder, check_host, login
 
@@ -19,15 +18,10 @@ CSS = "#edit-status pre, #edit-status code { white-space: pre-wrap; word-break: 
 
 
 def folders_of(args: argparse.Namespace):
+    """The folders the app serves, checked (the history is created if needed)."""
     from .session import Folders
 
-    history = Path(args.history)
-    try:
-        history.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ChronoEditError(f"--history {history}: cannot create it ({exc.strerror}).") from None
-    if not os.access(history, os.W_OK):
-        raise ChronoEditError(f"--history {history} is not writable; choose another folder.")
+    history = check_writable_folder(args.history, "--history")
     return Folders(check_folder("--runs", args.runs), check_folder("--loras", args.loras),
                    check_folder("--datasets", args.datasets), history.resolve())
 
@@ -82,8 +76,9 @@ def serve(args: argparse.Namespace, block: bool = True):
     app.queue(default_concurrency_limit=1)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
     _, url, _ = app.launch(server_name=args.host, server_port=args.port, auth=auth, allowed_paths=folders.served(),
-                           max_file_size=int(args.max_upload_mb * 1024 * 1024), share=False, inbrowser=False, ssr_mode=False,
-                           mcp_server=False, pwa=False, show_error=False, theme=theme, css=CSS, prevent_thread_lock=True,
+                           max_file_size=int(args.max_upload_mb * 1024 * 1024), share=False, inbrowser=False,
+                           ssr_mode=False, mcp_server=False, pwa=False, show_error=False, theme=theme, css=CSS,
+                           prevent_thread_lock=True,
                            quiet=True)
     print(f"chronoedit-lora ui: open {url} (Ctrl-C stops it)", flush=True)
     if not block:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..data.images import open_image
 from ..errors import ChronoEditError
 from ..train.samples import grid_image
 from . import runs
@@ -55,7 +54,8 @@ def variants(mode: str, lora_a: str | None, scale_a: float, lora_b: str | None, 
         found = [("base", [])] + [(label, [(str(path), scale_a)]) for label, path in loras]
     elif mode == PAIR:
         a, b = need(lora_a, "LoRA A"), need(lora_b, "LoRA B")
-        found = [(f"A: {Path(a).stem} x{scale_a:g}", [(a, scale_a)]), (f"B: {Path(b).stem} x{scale_b:g}", [(b, scale_b)])]
+        found = [(f"A: {Path(a).stem} x{scale_a:g}", [(a, scale_a)]),
+                 (f"B: {Path(b).stem} x{scale_b:g}", [(b, scale_b)])]
     else:
         raise ChronoEditError(f"unknown comparison {mode!r}; choose one of {', '.join(MODES)}.")
     if len(found) > MAX_VARIANTS:
@@ -91,12 +91,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     @user_errors
     def compare(image_path, instruction, chosen_mode, a, sa, b, sb, scale_text, run_folder, *form,
                 progress=gr.Progress()):
-        if not image_path:
-            raise ChronoEditError("upload an input image first.")
-        if not (instruction or "").strip():
-            raise ChronoEditError("write an instruction first.")
-        session.cancel.clear()
-        source = open_image(image_path, "input image")
+        source = session.start(image_path, instruction)
         settings = form_settings(*form)
         asked = variants(chosen_mode, a, float(sa or 0), b, float(sb or 0), scale_text, run_folder)
         results = []

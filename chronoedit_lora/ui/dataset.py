@@ -33,8 +33,9 @@ def dataset_view(csv_path: Path) -> tuple[pd.DataFrame, str, list[tuple[str, str
     for problem in problems:
         if problem.row is not None:
             by_row.setdefault(problem.row, []).append(problem_text(problem))
-    rows = [{"row": pair.row, "kind": pair.kind, "source": os.path.relpath(pair.input_image, csv_path.parent),
-             "edited": "" if pair.edited_image == pair.input_image else os.path.relpath(pair.edited_image, csv_path.parent),
+    folder = csv_path.parent
+    rows = [{"row": pair.row, "kind": pair.kind, "source": os.path.relpath(pair.input_image, folder),
+             "edited": "" if pair.edited_image == pair.input_image else os.path.relpath(pair.edited_image, folder),
              "prompt": pair.prompt[:PROMPT_CHARS] + ("…" if len(pair.prompt) > PROMPT_CHARS else ""),
              "problems": "; ".join(by_row.pop(pair.row, []))} for pair in pairs]
     rows += [{"row": row, "kind": "", "source": "", "edited": "", "prompt": "", "problems": "; ".join(texts)}
@@ -42,8 +43,9 @@ def dataset_view(csv_path: Path) -> tuple[pd.DataFrame, str, list[tuple[str, str
     errors = sum(p.fatal for p in problems)
     summary = [f"**{len(rows)} rows**, {errors} error(s), {len(problems) - errors} warning(s)"]
     summary += [f"- file: {problem_text(p)}" for p in problems if p.row is None]
-    thumbnails = [(str(path), f"row {pair.row}: {label}") for pair in pairs if not (pair.is_video or pair.is_trajectory)
-                  for path, label in ((pair.input_image, "source"), (pair.edited_image, pair.prompt[:50]))][:2 * SHOWN_PAIRS]
+    image_pairs = [pair for pair in pairs if not (pair.is_video or pair.is_trajectory)][:SHOWN_PAIRS]
+    thumbnails = [(str(path), f"row {pair.row}: {label}") for pair in image_pairs
+                  for path, label in ((pair.input_image, "source"), (pair.edited_image, pair.prompt[:50]))]
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("row")
     return table, "\n".join(summary), thumbnails
 
@@ -57,7 +59,8 @@ def build(session: Session) -> None:
         check = gr.Button("Check again", scale=1)
     summary = gr.Markdown(elem_id="dataset-summary")
     table = gr.Dataframe(label="rows (problems from dataset check)", wrap=True, interactive=False,
-                         elem_id="dataset-table", max_height=420, column_widths=["6%", "8%", "32%", "12%", "12%", "30%"])
+                         elem_id="dataset-table", max_height=420,
+                         column_widths=["6%", "8%", "32%", "12%", "12%", "30%"])
     thumbnails = gr.Gallery(label="image pairs: source, edit", columns=8, height=220, elem_id="dataset-pairs",
                             object_fit="contain")
 

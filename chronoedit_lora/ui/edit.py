@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..commands.edit import DEFAULTS, PRESETS
-from ..data.images import open_image
 from ..errors import ChronoEditError
 from . import history
 from .safety import user_errors
@@ -20,6 +19,9 @@ from .session import Session
 LORA_SLOTS = 3
 AUTO_SCHEDULER = "model default"
 NO_PRESET = "none"
+# edit settings written to each history entry's settings.json (beside the full command)
+SIDECAR_SETTINGS = ("preset", "steps", "cfg", "shift", "scheduler", "seed", "height", "width",
+                    "temporal_reasoning_steps", "negative_prompt", "guidance", "vae_tiling", "dtype", "rope")
 
 
 @dataclass
@@ -87,7 +89,8 @@ def lora_slot(session: Session, prefix: str, index: int) -> tuple[gr.Dropdown, g
 
 def build(session: Session) -> EditTab:
     def history_items() -> list[tuple[str, str]]:
-        return [(str(e.edit), e.settings().get("instruction", "")[:60]) for e in history.entries(session.folders.history)]
+        return [(str(entry.edit), entry.settings().get("instruction", "")[:60])
+                for entry in history.entries(session.folders.history)]
 
     with gr.Row():
         with gr.Column():
@@ -110,27 +113,23 @@ def build(session: Session) -> EditTab:
             slider = gr.ImageSlider(label="before / after", type="pil", elem_id="edit-result", height=360)
             status = gr.Markdown(elem_id="edit-status")
             frames = gr.Gallery(label="clip frames (reasoning frames, then the edit)", columns=8, height=140,
-                                elem_id="edit-frames", object_fit="contain")
+                                elem_id="edit-frames", object_fit="contain", visible=False)
             video = gr.Video(label="clip", elem_id="edit-video", height=200)
             downloads = gr.File(label="downloads (PNG, MP4)", file_count="multiple", elem_id="edit-downloads")
     with gr.Accordion("history", open=False):
         gallery = gr.Gallery(history_items, label=f"saved edits ({session.folders.history})", columns=8, height=200,
-                             elem_id="edit-history", object_fit="contain")  # filled on each page load and after each edit
+                             elem_id="edit-history", object_fit="contain")  # filled on page load and after each edit
         details = gr.JSON(label="settings of the chosen edit", elem_id="edit-history-settings")
 
     @user_errors
     def run_edit(image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed, height, width,
                  reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
-        if not image_path:
-            raise ChronoEditError("upload an input image first.")
-        if not (instruction or "").strip():
-            raise ChronoEditError("write an instruction first.")
-        session.cancel.clear()
-        source = open_image(image_path, "input image")
+        source = session.start(image_path, instruction)
         text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
         loras = session.lora_specs(list(zip(lora_values[::2], lora_values[1::2])))
+        reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
         args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
-                                 temporal_reasoning_steps=number(reasoning_steps, "temporal reasoning steps", integer=True),
+                                 temporal_reasoning_steps=reasoning_count,
                                  **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
         started = time.perf_counter()
         result = session.edit(source, args, lambda i, n: progress((i, n), desc="denoising", unit="steps"))
@@ -139,7 +138,9 @@ def build(session: Session) -> EditTab:
         args.image, args.output, args.video = str(entry.folder / history.INPUT), str(entry.edit), str(entry.clip)
         command = shlex.join(session.command(args))
         history.write_settings(entry, {"instruction": instruction, "prompt": text, "seconds": round(seconds, 3),
-                                       "size": list(result.image.size), "loras": loras, "command": command})
+                                       "size": list(result.image.size), "loras": loras,
+                                       "settings": {key: getattr(args, key) for key in SIDECAR_SETTINGS},
+                                       "command": command})
         before = source.convert("RGB").resize(result.image.size)
         frame_items = [(frame, f"frame {i}") for i, frame in enumerate(result.frames)]
         note = (f"**{result.image.width}x{result.image.height}** in {seconds:.1f} s, saved to `{entry.folder}`"

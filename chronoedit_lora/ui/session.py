@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..commands import edit as edit_command
+from ..data.images import open_image
 from ..errors import ChronoEditError
 from ..lora import parse_lora_spec
 from ..pipeline import ChronoEditPipeline, EditRequest, EditResult
@@ -103,6 +104,16 @@ class Session:
             self._loras[path][1].scale = scale
 
     # -- one edit -----------------------------------------------------------------------------
+    def start(self, image_path: str | None, instruction: str | None) -> Image.Image:
+        """A page job's start: its input checked and decoded (as ``edit --image`` decodes it), the
+        cancel flag cleared."""
+        if not image_path:
+            raise ChronoEditError("upload an input image first.")
+        if not (instruction or "").strip():
+            raise ChronoEditError("write an instruction first.")
+        self.cancel.clear()
+        return open_image(image_path, "input image")
+
     def edit_args(self, **values) -> argparse.Namespace:
         """The edit command's arguments: its defaults, this app's model flags, then ``values``
         (edit flags by their argparse names, e.g. ``steps``, ``lora``, ``temporal_reasoning_steps``)."""

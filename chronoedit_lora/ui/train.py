@@ -150,11 +150,13 @@ def build(session: Session) -> None:
     datasets = sorted(str(p) for p in session.folders.datasets.rglob("*.csv")) if session.folders.datasets else []
     with gr.Row():
         with gr.Column():
-            name = gr.Textbox("my-lora", label=f"run name (a folder under {session.folders.runs})", elem_id="train-name")
+            name = gr.Textbox("my-lora", label=f"run name (a folder under {session.folders.runs})",
+                              elem_id="train-name")
             dataset = gr.Dropdown(datasets, value=None, label="dataset (metadata.csv)", elem_id="train-dataset")
             with gr.Row():
                 preset = gr.Dropdown(presets, value=None, label="base preset", elem_id="train-preset")
-                config_file = gr.File(label="or a config file (.toml)", file_types=[".toml"], type="filepath", height=120)
+                config_file = gr.File(label="or a config file (.toml)", file_types=[".toml"], type="filepath",
+                                      height=120)
             defaults = preset_values(None)
             helps = TrainConfig.field_help()
             with gr.Row():
