@@ -249,6 +249,7 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
     page.wait_for_function("() => [...document.querySelectorAll('#runs-samples img')].some(i => i.naturalWidth > 0)")
+    page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
     screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()
     page.wait_for_selector("#runs-plot [aria-label*='metric: lr']", state="attached")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import ChronoEditError
 from ..files import check_writable_folder
 from ..settings import check_device, check_range
 from .safety import check_folder, check_host, login
@@ -55,6 +56,9 @@ def serve(args: argparse.Namespace, block: bool = True):
     """Check everything, load the model, start the server; returns ``(app, url)`` when not ``block``."""
     check_host(args.host, args.auth)
     auth = login(args.auth)
+    if args.sequence_parallel:
+        raise ChronoEditError("--sequence-parallel splits one edit across torchrun processes; the web app is one "
+                              "process: drop the flag (or use scripts/infer.py under torchrun).")
     check_range("--port", args.port, 1, 65535)
     check_range("--max-upload-mb", args.max_upload_mb, 0, low_inclusive=False)
     folders = folders_of(args)

@@ -19,7 +19,7 @@ from PIL import Image
 from ..commands import edit as edit_command
 from ..data.images import open_image
 from ..errors import ChronoEditError
-from ..lora import parse_lora_spec
+from ..lora import UnfusedLora, parse_lora_spec
 from ..pipeline import ChronoEditPipeline, EditRequest, EditResult
 from ..train.checkpoint import CHECKPOINTS
 from .safety import readable
@@ -44,6 +44,14 @@ class Folders:
         return [folder for folder in (self.runs, self.loras, self.datasets, self.history) if folder is not None]
 
 
+def modified(path: Path) -> float | None:
+    """A file's modification time (None once it is gone)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def edit_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronoedit-lora edit", add_help=False)
     edit_command.add_arguments(parser)
@@ -62,7 +70,7 @@ class Session:
         self.cancel = threading.Event()
         self._busy = threading.Lock()  # one edit at a time, even if a cancelled one is still ending its step
         self._parser = edit_parser()
-        self._loras: dict[Path, tuple[float, object]] = {}  # path -> (file mtime, UnfusedLora)
+        self._loras: dict[Path, tuple[float | None, UnfusedLora]] = {}  # path -> (file mtime, its hooks)
 
     # -- LoRAs --------------------------------------------------------------------------------
     def lora_choices(self) -> list[tuple[str, str]]:
@@ -95,12 +103,12 @@ class Session:
             wanted[path] = scale
         for path in list(self._loras):
             mtime, hooks = self._loras[path]
-            if path not in wanted or path.stat().st_mtime != mtime:
+            if path not in wanted or modified(path) != mtime:  # unwanted, rewritten or removed
                 hooks.remove()
                 del self._loras[path]
         for path, scale in wanted.items():
             if path not in self._loras:
-                self._loras[path] = (path.stat().st_mtime, self.pipe.load_lora(path, scale, fuse=False))
+                self._loras[path] = (modified(path), self.pipe.load_lora(path, scale, fuse=False))
             self._loras[path][1].scale = scale
 
     # -- one edit -----------------------------------------------------------------------------

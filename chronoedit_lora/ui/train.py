@@ -1,7 +1,8 @@
 """The Train tab: a form over the training settings, run as a background ``chronoedit-lora
 train`` process (one at a time), its progress and log tail; stop sends SIGINT (the trainer
-finishes its step and saves a checkpoint) and resume reruns the same command with ``--resume``.
-The run folder's lock is the trainer's own: a refusal shows up as the process's error line."""
+finishes its step and saves a checkpoint) and resume reruns the form with ``--resume``.
+The run folder's lock is the trainer's own; a locked folder is refused before a process starts,
+and any later refusal of the trainer shows up as the process's error line."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import gradio as gr
 from ..errors import ChronoEditError
 from ..train.config import TrainConfig, load_config
 from ..train.run_folder import LOCK_NAME, RunLock
-from .safety import user_errors
+from .safety import readable, user_errors
 from .session import Session
 
 # the form's settings, passed as --key value; the rest come from the preset or the config file
@@ -97,6 +98,7 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
                               f"under {runs}).")
     if not dataset:
         raise ChronoEditError("choose a dataset (metadata.csv under --datasets).")
+    dataset = str(readable(dataset, [session.folders.datasets], "dataset"))
     check_unlocked(runs / name)
     config = config_file or preset
     try:
