@@ -135,3 +135,44 @@ def test_switching_loras_needs_no_reload_and_leaves_no_trace(tiny_diffusers, ran
     assert torch.equal(layer(x), base)
     with pytest.raises(ChronoEditError, match="chosen twice"):
         session.use_loras([(path, 1.0), (path, 0.5)])
+
+
+def test_auth_requires_a_login(tiny_diffusers, tmp_path):
+    """With --auth the page's data and the served files need a login; a wrong password is refused."""
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from chronoedit_lora.cli import build_parser
+    from chronoedit_lora.ui.app import serve
+
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "loss.png").write_bytes(b"\x89PNG")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = build_parser().parse_args(["ui", "--model", str(tiny_diffusers), "--runs", str(runs), "--device", "cpu",
+                                      "--dtype", "float32", "--port", str(port), "--auth", "alice:s3cret",
+                                      "--history", str(tmp_path / "history")])
+    app, url = serve(args, block=False)
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def status(path: str, data: dict | None = None) -> int:
+        request = urllib.request.Request(url + path, data=urllib.parse.urlencode(data).encode() if data else None)
+        try:
+            return browser.open(request).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        served = f"gradio_api/file={runs / 'a' / 'loss.png'}"
+        assert status("config") == 401 and status(served) == 401
+        assert status("login", {"username": "alice", "password": "wrong"}) == 400
+        assert status("login", {"username": "alice", "password": "s3cret"}) == 200
+        assert status("config") == 200 and status(served) == 200
+    finally:
+        app.close()

@@ -198,16 +198,21 @@ def test_cancel_stops_the_running_edit(page, folders):
     assert len(new) == 1 and "--steps 2" in json.loads((new[0] / "settings.json").read_text())["command"]
 
 
-def test_the_prompt_enhancer_rewrites_the_instruction_first(page, folders, input_image):
+def test_prompt_enhancer_and_reasoning_frames(page, folders, input_image):
+    """The instruction is rewritten first (and both are saved); with temporal reasoning the clip's
+    frames (reasoning frames, then the edit) are shown."""
+    from chronoedit_lora.video import REASONING_FRAMES
+
     from .captioner_plugin import enhance
 
     page.set_input_files("#edit-image input[type=file]", str(folders["image"]))
     page.locator("#edit-prompt textarea").fill("Turn the square blue.")
-    fill(page, "edit", EDIT)
+    fill(page, "edit", {**EDIT, "reasoning": "1"})
     page.get_by_label("rewrite the instruction first").check()
     page.click("#edit-run")
     expected = enhance(input_image, "Turn the square blue.")
     page.wait_for_selector(f"#edit-status :text('prompt used: {expected}')")
+    assert page.locator("#edit-frames img").count() == REASONING_FRAMES
     entry = saved_edits(folders["history"])
     settings = [json.loads((p / "settings.json").read_text()) for p in entry]
     assert any(s["prompt"] == expected and s["instruction"] == "Turn the square blue." for s in settings)
