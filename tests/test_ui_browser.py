@@ -64,7 +64,8 @@ def folders(tmp_path_factory, random_lora, input_image) -> dict[str, Path]:
     (run / "eval" / "metrics.csv").write_text("checkpoint,step,clip_score\nbase,0,0.2\nstep-000002,2,0.25\n")
     shutil.copy(found["loras"] / "style.safetensors", run / "lora-step000002.safetensors")
     pair = [Image.open(EXAMPLE / folder / "000.png") for folder in ("before", "after")]
-    save_image(grid_image([(pair[0], pair[1], pair[1])], COLUMNS), run / "samples" / "step-000002.png")
+    for step in (2, 4):
+        save_image(grid_image([(pair[0], pair[1], pair[1])], COLUMNS), run / "samples" / f"step-{step:06d}.png")
     found["model-side"].mkdir()
     (found["model-side"] / "secret.txt").write_text("not served")
     found["image"] = root / "input.png"
@@ -253,7 +254,8 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
-    page.wait_for_function("() => [...document.querySelectorAll('#runs-samples img')].some(i => i.naturalWidth > 0)")
+    page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
+    assert page.locator("#runs-samples img").count() == 2  # both sample grids
     page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
     screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()

@@ -38,16 +38,16 @@ def build_app(session):
                     f"{session.pipe.device} ({session.args.dtype})")
         with gr.Tabs() as tabs:
             with gr.Tab("Edit", id="edit"):
-                edit_tab = edit.build(session)
+                edit_loras = edit.build(session)
             with gr.Tab("Compare", id="compare"):
                 compare_loras = compare.build(session)
             with gr.Tab("Runs", id="runs"):
-                runs.build(session, tabs, edit_tab.loras[0])
+                runs.build(session, tabs, edit_loras[0])
             with gr.Tab("Train", id="train"):
                 train.build(session)
             with gr.Tab("Dataset", id="dataset"):
                 dataset.build(session)
-        lora_lists = edit_tab.loras + compare_loras  # LoRAs written since the server started appear on reload
+        lora_lists = edit_loras + compare_loras  # LoRAs written since the server started appear on reload
         app.load(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in lora_lists], None, lora_lists)
     return app
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass
 
 import gradio as gr
 
@@ -22,15 +21,6 @@ NO_PRESET = "none"
 # edit settings written to each history entry's settings.json (beside the full command)
 SIDECAR_SETTINGS = ("preset", "steps", "cfg", "shift", "scheduler", "seed", "height", "width",
                     "temporal_reasoning_steps", "negative_prompt", "guidance", "vae_tiling", "dtype", "rope")
-
-
-@dataclass
-class EditTab:
-    """What other tabs drive: the LoRA slots ("use in Edit") and the queue's cancel."""
-
-    loras: list[gr.Dropdown]
-    scales: list[gr.Slider]
-    cancel: gr.Button
 
 
 def number(value: float | str | None, name: str, integer: bool = False, optional: bool = False) -> float | int | None:
@@ -87,7 +77,8 @@ def lora_slot(session: Session, prefix: str, index: int) -> tuple[gr.Dropdown, g
     return lora, scale
 
 
-def build(session: Session) -> EditTab:
+def build(session: Session) -> list[gr.Dropdown]:
+    """The tab; returns its LoRA slots (refreshed on page load, filled by "Use in Edit")."""
     def history_items() -> list[tuple[str, str]]:
         return [(str(entry.edit), entry.settings().get("instruction", "")[:60])
                 for entry in history.entries(session.folders.history)]
@@ -160,4 +151,4 @@ def build(session: Session) -> EditTab:
     refresh.click(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in slots], None,
                   [lora for lora, _ in slots], queue=False)
     gallery.select(show_settings, None, details, queue=False)
-    return EditTab([lora for lora, _ in slots], [scale for _, scale in slots], cancel)
+    return [lora for lora, _ in slots]

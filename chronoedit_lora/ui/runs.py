@@ -126,27 +126,29 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
     with gr.Row():
         checkpoint = gr.Dropdown([], label="checkpoint LoRA", elem_id="runs-lora", scale=3)
         use = gr.Button("Use in Edit", elem_id="runs-use", scale=1)
-    grids = gr.Gallery(label="sample grids", columns=3, height=300, object_fit="contain", elem_id="runs-samples")
+    newest = gr.Image(label="newest sample grid", type="filepath", interactive=False, elem_id="runs-newest-sample")
+    grids = gr.Gallery(label="sample grids", columns=6, height=160, object_fit="contain", elem_id="runs-samples")
     timer = gr.Timer(REFRESH_SECONDS)
 
     @user_errors
     def show(folder: str | None, chosen: list[str] | None, new_run: bool):
         if not folder:
-            return gr.CheckboxGroup(), None, None, gr.Dropdown(), []
+            return gr.CheckboxGroup(), None, None, gr.Dropdown(), None, []
         path = within(folder, [runs_root], "run")
         points = metric_points(path)
         names = list(dict.fromkeys(points["metric"]))
         selected = [m for m in names if DEFAULT_METRICS.match(m)] if new_run or chosen is None else chosen
         loras = checkpoint_loras(path)
-        newest = {"value": str(loras[-1][1]) if loras else None} if new_run else {}
+        last_lora = {"value": str(loras[-1][1]) if loras else None} if new_run else {}
+        samples = sample_grids(path)
         return (gr.CheckboxGroup(choices=names, value=selected), points[points["metric"].isin(selected)],
-                checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras], **newest),
-                sample_grids(path))
+                checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras], **last_lora),
+                samples[-1][0] if samples else None, samples)
 
-    outputs = [metrics, plot, table, checkpoint, grids]
+    outputs = [metrics, plot, table, checkpoint, newest, grids]
     run.change(lambda folder: show(folder, None, True), run, outputs)
     metrics.input(lambda folder, chosen: show(folder, chosen, False), [run, metrics], outputs)
-    timer.tick(lambda folder, chosen, on: show(folder, chosen, False) if on and folder else [gr.skip()] * 5,
+    timer.tick(lambda folder, chosen, on: show(folder, chosen, False) if on and folder else [gr.skip()] * len(outputs),
                [run, metrics, live], outputs)
     refresh.click(lambda: gr.Dropdown(choices=list_runs(runs_root)), None, run)
 
