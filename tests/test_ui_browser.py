@@ -248,6 +248,9 @@ def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     src = page.locator("#compare-grid img").first.get_attribute("src")
     grid = Image.open(io.BytesIO(fetch(src)))
     assert grid.size == (4 * CELL, LABEL_HEIGHT + CELL)  # input + 3 variants, one row
+    cells = [np.asarray(grid.convert("RGB").crop((i * CELL, LABEL_HEIGHT, (i + 1) * CELL, LABEL_HEIGHT + CELL)))
+             for i in range(4)]
+    assert not np.array_equal(cells[1], cells[3])  # scale 0 and scale 1 differ: each variant has its own scale
 
 
 def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
