@@ -358,6 +358,17 @@ def test_files_outside_the_given_folders_are_refused(server, folders):
                     folders["runs"] / ".." / "model-side" / "secret.txt"):
         assert status(outside) in (403, 404), outside
 
+    # nor can an API call name a server file as its input image: only uploads are taken
+    before = saved_edits(folders["history"])
+    image = {"path": str(folders["image"]), "meta": {"_type": "gradio.FileData"}}
+    form = [image, PROMPT, False, "none", 2, 2, "", "model default", 3, 32, 32, 0, "", None, 1, None, 1, None, 1]
+    endpoint = f"{server.rstrip('/')}/gradio_api/call/run_edit"
+    call = urllib.request.Request(endpoint, data=json.dumps({"data": form}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(call))["event_id"]
+    assert "event: error" in fetch(f"{endpoint}/{event}").decode()
+    assert saved_edits(folders["history"]) == before
+
 
 def test_uploads_over_the_bound_are_refused(server):
     body = b"x" * int(UPLOAD_LIMIT_MB * 1024 * 1024 * 2)
