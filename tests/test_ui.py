@@ -109,21 +109,29 @@ def test_compare_variants_are_labelled_and_bounded(tmp_path):
         variants(SWEEP, "/l/a.safetensors", 1, None, 1, "0, half", None)
 
 
-def test_switching_loras_needs_no_reload_and_leaves_no_trace(tiny_diffusers, random_lora, tmp_path):
-    """Hooks kept between edits: rescaling equals a fresh application at that scale, and removing
-    them gives the base model's output bit for bit."""
+@pytest.fixture(scope="module")
+def session(tiny_diffusers, random_lora, tmp_path_factory):
+    """The app's session on the tiny model (fp32, CPU), with one LoRA under --loras."""
+    from chronoedit_lora.cli import build_parser
     from chronoedit_lora.lora import save_lora
     from chronoedit_lora.pipeline import ChronoEditPipeline
     from chronoedit_lora.ui.session import Folders, Session
 
-    loras = tmp_path / "loras"
-    save_lora(random_lora, loras / "a.safetensors")
+    root = tmp_path_factory.mktemp("session")
+    save_lora(random_lora, root / "loras" / "a.safetensors")
+    args = build_parser().parse_args(["ui", "--model", str(tiny_diffusers), "--device", "cpu", "--dtype", "float32"])
     pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
-    session = Session(pipe, None, Folders(None, loras, None, tmp_path / "history"))
+    return Session(pipe, args, Folders(None, (root / "loras").resolve(), None, root / "history"))
+
+
+def test_switching_loras_needs_no_reload_and_leaves_no_trace(session, random_lora):
+    """Hooks kept between edits: rescaling equals a fresh application at that scale, and removing
+    them gives the base model's output bit for bit."""
+    pipe = session.pipe
     x = torch.randn(3, pipe.dit.blocks[0].self_attn.q.in_features, generator=torch.Generator().manual_seed(0))
     layer = pipe.dit.blocks[0].self_attn.q
     base = layer(x)
-    path = (loras / "a.safetensors").resolve()
+    path = session.folders.loras / "a.safetensors"
     session.use_loras([(path, 1.0)])
     hooks = session._loras[path][1]
     session.use_loras([(path, 0.25)])
@@ -135,6 +143,27 @@ def test_switching_loras_needs_no_reload_and_leaves_no_trace(tiny_diffusers, ran
     assert torch.equal(layer(x), base)
     with pytest.raises(ChronoEditError, match="chosen twice"):
         session.use_loras([(path, 1.0), (path, 0.5)])
+
+
+def test_an_edit_reports_each_step_and_cancel_stops_it_between_steps(session, input_image):
+    from chronoedit_lora.ui.session import EditCancelled
+
+    args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
+    seen = []
+    session.cancel.clear()
+    result = session.edit(input_image, args, lambda i, n: seen.append((i, n)))
+    assert seen == [(0, 3), (1, 3), (2, 3)] and result.image.size == (32, 32)
+
+    def cancel_after_first(i: int, n: int) -> None:
+        seen.append((i, n))
+        session.cancel.set()
+
+    seen.clear()
+    with pytest.raises(EditCancelled, match="before step 2 of 3"):
+        session.edit(input_image, args, cancel_after_first)
+    assert seen == [(0, 3)]
+    session.cancel.clear()
+    assert "--steps 3" in " ".join(session.command(args)) and "--unfused" in session.command(args)
 
 
 def test_auth_requires_a_login(tiny_diffusers, tmp_path):
