@@ -287,7 +287,19 @@ def wait_for(condition, seconds: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_training_from_the_page_stops_with_a_checkpoint_and_resumes(page, folders, tmp_path):
+@pytest.fixture()
+def own_processes_ended():
+    """Processes this test starts (the page's training) are ended after it, even if it fails."""
+    import psutil  # accelerate's dependency
+
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    yield
+    for child in psutil.Process().children(recursive=True):
+        if child.pid not in before:
+            child.terminate()
+
+
+def test_training_from_the_page_stops_with_a_checkpoint_and_resumes(page, folders, tmp_path, own_processes_ended):
     from chronoedit_lora.models.loading import read_header
 
     page.get_by_role("tab", name="Train").click()
