@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import ChronoEditError
 from ..files import check_writable_folder
 from ..settings import check_device, check_range
 from .safety import check_folder, check_host, login
+
+if TYPE_CHECKING:  # gradio and the model load only once the inputs are checked
+    import gradio as gr
+
+    from .session import Folders, Session
 
 # Offline and private: no usage statistics, no web fonts, no share link, no server-side rendering (node).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -18,7 +24,7 @@ MONO_FONTS = ["ui-monospace", "monospace"]
 CSS = "#edit-status pre, #edit-status code { white-space: pre-wrap; word-break: break-all; }"  # long commands wrap
 
 
-def folders_of(args: argparse.Namespace):
+def folders_of(args: argparse.Namespace) -> Folders:
     """The folders the app serves, checked (the history is created if needed)."""
     from .session import Folders
 
@@ -27,7 +33,7 @@ def folders_of(args: argparse.Namespace):
                    check_folder("--datasets", args.datasets), history.resolve())
 
 
-def build_app(session):
+def build_app(session: Session) -> gr.Blocks:
     """The page: Edit, Compare, Runs, Train and Dataset tabs over one loaded model."""
     import gradio as gr
 
@@ -52,7 +58,7 @@ def build_app(session):
     return app
 
 
-def serve(args: argparse.Namespace, block: bool = True):
+def serve(args: argparse.Namespace, block: bool = True) -> tuple[gr.Blocks, str] | None:
     """Check everything, load the model, start the server; returns ``(app, url)`` when not ``block``."""
     check_host(args.host, args.auth)
     auth = login(args.auth)
