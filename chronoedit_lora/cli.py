@@ -20,6 +20,7 @@ COMMANDS = {
     "cache": "cache",
     "export": "export",
     "eval": "eval",
+    "ui": "ui",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}

@@ -88,16 +88,24 @@ def check_writable(path: str | Path, suffixes: tuple[str, ...], flag: str = "--o
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise ChronoEditError(f"{flag} {path}: expected a {' or '.join(suffixes)} file name.")
-    folder = path.parent
+    if path.is_dir():
+        raise ChronoEditError(f"{flag} {path} is a folder; give a file name.")
+    check_writable_folder(path.parent, flag, path)
+    return path
+
+
+def check_writable_folder(folder: str | Path, flag: str = "--output", path: Path | None = None) -> Path:
+    """Create ``folder`` if needed and fail early if it cannot be written (``flag`` names the option,
+    ``path`` the file to be written in it, if any)."""
+    folder = Path(folder)
+    named = f"{flag} {path}: its folder {folder}" if path else f"{flag} {folder}: the folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ChronoEditError(f"{flag} {path}: cannot create its folder {folder} ({exc.strerror}).") from None
+        raise ChronoEditError(f"{named} cannot be created ({exc.strerror}).") from None
     if not os.access(folder, os.W_OK):
-        raise ChronoEditError(f"{flag} {path}: the folder {folder} is not writable; choose another {flag}.")
-    if path.is_dir():
-        raise ChronoEditError(f"{flag} {path} is a folder; give a file name.")
-    return path
+        raise ChronoEditError(f"{named} is not writable; choose another {flag}.")
+    return folder
 
 
 def _umask() -> int:

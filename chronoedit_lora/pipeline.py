@@ -9,7 +9,7 @@ RoPE applied around the DiT call; the sampler is the model folder's UniPC or Dif
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +257,7 @@ class ChronoEditPipeline:
         tile_size: tuple[int, int] = TILE_SIZE,
         tile_stride: tuple[int, int] = TILE_STRIDE,
         chunk: int = 8,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> Iterator[EditResult]:
         """Edit each request, yielding the results in order.
 
@@ -267,6 +268,7 @@ class ChronoEditPipeline:
         flow shift (default: the folder's config, else 5.0). ``batched_guidance``: with ``cfg`` > 1,
         one DiT call of batch 2 per step instead of two. ``vae_tiling``: ``auto`` (tile frames above
         :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
+        ``on_step(i, steps)`` is called before each denoising step (progress; raising in it stops the edit).
         """
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
@@ -280,7 +282,7 @@ class ChronoEditPipeline:
             clip_features = [self.encode_image(image) for image in images]
             ys = [self.condition_latents(image, num_frames, tile) for image, tile in zip(images, tiles)]
             denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
-                                     temporal_reasoning_steps, scheduler, batched_guidance, progress)
+                                     temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step)
                         for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
             for request, (latents, reasoning_clip), tile in zip(group, denoised, tiles):
                 _refuse_non_finite(latents, "denoised latents", request)
@@ -301,7 +303,8 @@ class ChronoEditPipeline:
 
     def denoise(self, context: torch.Tensor, context_neg: torch.Tensor | None, clip_feature: torch.Tensor,
                 y: torch.Tensor, seed: int, steps: int, cfg: float, shift: float | None, temporal_reasoning_steps: int,
-                scheduler: str | None, batched_guidance: bool, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                scheduler: str | None, batched_guidance: bool, progress: bool,
+                on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut."""
         sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
                                default_shift(self.scheduler_config) if shift is None else shift,
@@ -312,6 +315,8 @@ class ChronoEditPipeline:
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
         for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
+            if on_step is not None:
+                on_step(i, len(sampler.timesteps))
             if temporal_reasoning_steps and i == temporal_reasoning_steps:
                 reasoning_clip = denoised
                 latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]

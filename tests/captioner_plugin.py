@@ -19,3 +19,8 @@ def labels(before: Image.Image, after: Image.Image, hint: str | None) -> Caption
     if np.array_equal(np.asarray(before), np.asarray(after)):
         return Caption("no change")
     return Caption("Remove the colour.", f"The user wants to remove the colour of this {before.width}x{before.height} image.")
+
+
+def enhance(image: Image.Image, instruction: str) -> str:
+    """A prompt enhancer for the tests: the instruction in ChronoEdit's detailed form."""
+    return f"The user wants to {instruction.rstrip('.').lower()} in this {image.width}x{image.height} image."

@@ -162,13 +162,13 @@ def test_convert_checks_the_output_folder_before_reading_the_input(tmp_path, cap
     blocker.write_text("x")
     assert main(["lora", "convert", str(junk), str(blocker / "sub" / "out.safetensors"), "--to", "wan"]) == 2
     err = capsys.readouterr().err
-    assert "cannot create its folder" in err and str(blocker / "sub") in err and "junk" not in err
+    assert "cannot be created" in err and str(blocker / "sub") in err and "junk" not in err
     assert main(["lora", "convert", str(junk), str(tmp_path / "out.txt"), "--to", "wan"]) == 2
     assert "expected a .safetensors file name" in capsys.readouterr().err
     monkeypatch.setattr("chronoedit_lora.files.os.access", lambda path, mode: False)  # root can write anywhere
     assert main(["lora", "convert", str(junk), str(tmp_path / "ro" / "out.safetensors"), "--to", "wan"]) == 2
     err = capsys.readouterr().err
-    assert f"the folder {tmp_path / 'ro'} is not writable" in err and "junk" not in err
+    assert f"its folder {tmp_path / 'ro'} is not writable" in err and "junk" not in err
     assert not (tmp_path / "ro" / "out.safetensors").exists()
 
 

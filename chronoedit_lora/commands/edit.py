@@ -97,6 +97,14 @@ def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
     check_device(args.device)
 
 
+def edit_options(args: argparse.Namespace, settings: dict) -> dict:
+    """``edit_many`` keyword arguments from the edit flags and :func:`sampling_settings` (the CLI's
+    edits and the web app's go through this one mapping)."""
+    return {"height": args.height, "width": args.width, "temporal_reasoning_steps": args.temporal_reasoning_steps,
+            "scheduler": args.scheduler, "batched_guidance": args.guidance == "batched",
+            "vae_tiling": args.vae_tiling, **settings}
+
+
 def _jobs(args: argparse.Namespace) -> list[EditJob]:
     if args.batch:
         if args.image or args.prompt or args.output or args.video:
@@ -141,9 +149,7 @@ def run(args: argparse.Namespace) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
     requests = [EditRequest(images[job.image], job.prompt, args.negative_prompt, job.seed) for job in todo]
-    results = pipe.edit_many(requests, height=args.height, width=args.width, progress=len(todo) == 1,
-                             temporal_reasoning_steps=args.temporal_reasoning_steps, scheduler=args.scheduler,
-                             batched_guidance=args.guidance == "batched", vae_tiling=args.vae_tiling, **settings)
+    results = pipe.edit_many(requests, progress=len(todo) == 1, **edit_options(args, settings))
     started = time.perf_counter()
     for job, result in zip(tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2),
                            results):

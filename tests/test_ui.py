@@ -1,0 +1,207 @@
+"""The web app's parts without a browser: start-up refusals, logins, metrics read from run logs,
+compare variants, and LoRA switching on the loaded model."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from chronoedit_lora.cli import main
+from chronoedit_lora.errors import ChronoEditError
+from chronoedit_lora.ui.safety import check_host, login, readable
+
+gr = pytest.importorskip("gradio")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.org", "::"])
+def test_a_non_loopback_host_is_refused_at_start_without_auth(host, tmp_path, capsys):
+    # refused before the model folder is even looked at (it does not exist)
+    assert main(["ui", "--model", str(tmp_path / "no-model"), "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert f"--host {host}" in err and "--auth" in err and "Traceback" not in err
+    check_host(host, "user:secret")  # with a login it may listen there
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_need_no_auth(host):
+    check_host(host, None)
+
+
+def test_login_user_password_and_token():
+    check = login("alice:s3cret:with-colon")
+    assert check("alice", "s3cret:with-colon") and not check("alice", "wrong") and not check("bob", "s3cret:with-colon")
+    token = login("tok3n")
+    assert token("anyone", "tok3n") and not token("anyone", "tok3")
+    with pytest.raises(ChronoEditError, match="user name and a password"):
+        login(":nopassword")
+
+
+def test_only_files_inside_the_served_folders_are_readable(tmp_path):
+    served, other = tmp_path / "served", tmp_path / "other"
+    served.mkdir(), other.mkdir()
+    (served / "a.safetensors").write_bytes(b"x")
+    (other / "b.safetensors").write_bytes(b"x")
+    (served / "link.safetensors").symlink_to(other / "b.safetensors")
+    assert readable(served / "a.safetensors", [served]) == (served / "a.safetensors").resolve()
+    for outside in (other / "b.safetensors", served / "link.safetensors", served / ".." / "other" / "b.safetensors"):
+        with pytest.raises(ChronoEditError, match="outside the folders"):
+            readable(outside, [served, None])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_run_metrics_are_read_generically(tmp_path):
+    from chronoedit_lora.ui.runs import checkpoint_table, metric_points
+
+    run = tmp_path / "run"
+    log = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "grad_norm": "", "seconds": 0.5, "time": 1e9 + s,
+            "samples": "0 1", "val_loss": 0.5 if s == 2 else "", "eval/psnr": 20 + s if s % 2 else ""}
+           for s in (1, 2, 3)]
+    write_csv(run / "logs" / "metrics.csv", log)
+    write_csv(run / "eval" / "metrics.csv", [{"checkpoint": "base", "step": 0, "clip": 0.1},
+                                             {"checkpoint": "step-000002", "step": 2, "clip": 0.3},
+                                             {"checkpoint": "final", "step": 3, "clip": 0.4}])
+    for name in ("lora-step000002.safetensors", "lora.safetensors"):
+        (run / name).write_bytes(b"")
+    points = metric_points(run)
+    found = {(int(r.step), r.metric): r.value for r in points.itertuples()}
+    # every non-empty numeric cell but the bookkeeping columns (step, time, samples), read back by hand
+    expected = {(int(row["step"]), key): float(value) for row in log for key, value in row.items()
+                if key not in ("step", "time", "samples") and value != ""}
+    expected |= {(0, "eval: clip"): 0.1, (2, "eval: clip"): 0.3, (3, "eval: clip"): 0.4}
+    assert found.keys() == expected.keys()
+    assert all(math.isclose(found[key], value, rel_tol=1e-12) for key, value in expected.items())
+
+    table = checkpoint_table(run)
+    assert list(table["checkpoint"]) == ["base", "step-000002", "final"]
+    assert list(table["file"]) == ["(no LoRA)", "lora-step000002.safetensors", "lora.safetensors"]
+    assert list(table["eval: clip"]) == [0.1, 0.3, 0.4]
+    assert table["training loss"][1] == pytest.approx(0.5) and table["training loss"][2] == pytest.approx(1 / 3)
+
+
+def test_compare_variants_are_labelled_and_bounded(tmp_path):
+    from chronoedit_lora.ui.compare import CHECKPOINTS, MAX_VARIANTS, OFF_ON, PAIR, SWEEP, variants
+
+    assert variants(OFF_ON, "/l/a.safetensors", 0.8, None, 1, "", None) == \
+        [("no LoRA", []), ("a x0.8", [("/l/a.safetensors", 0.8)])]
+    assert [label for label, _ in variants(SWEEP, "/l/a.safetensors", 1, None, 1, "0, 0.5;1", None)] == \
+        ["a x0", "a x0.5", "a x1"]
+    assert len(variants(PAIR, "/l/a.safetensors", 1, "/l/b.safetensors", 0.5, "", None)) == 2
+    (tmp_path / "lora-step000004.safetensors").write_bytes(b"")
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    assert [label for label, _ in variants(CHECKPOINTS, None, 1, None, 1, "", str(tmp_path))] == \
+        ["base", "step-000004", "final"]
+    with pytest.raises(ChronoEditError, match="choose LoRA B"):
+        variants(PAIR, "/l/a.safetensors", 1, None, 1, "", None)
+    with pytest.raises(ChronoEditError, match=f"at most {MAX_VARIANTS}"):
+        variants(SWEEP, "/l/a.safetensors", 1, None, 1, ",".join(["1"] * (MAX_VARIANTS + 1)), None)
+    with pytest.raises(ChronoEditError, match="not a number|numbers separated"):
+        variants(SWEEP, "/l/a.safetensors", 1, None, 1, "0, half", None)
+
+
+@pytest.fixture(scope="module")
+def session(tiny_diffusers, random_lora, tmp_path_factory):
+    """The app's session on the tiny model (fp32, CPU), with one LoRA under --loras."""
+    from chronoedit_lora.cli import build_parser
+    from chronoedit_lora.lora import save_lora
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+    from chronoedit_lora.ui.session import Folders, Session
+
+    root = tmp_path_factory.mktemp("session")
+    save_lora(random_lora, root / "loras" / "a.safetensors")
+    args = build_parser().parse_args(["ui", "--model", str(tiny_diffusers), "--device", "cpu", "--dtype", "float32"])
+    pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
+    return Session(pipe, args, Folders(None, (root / "loras").resolve(), None, root / "history"))
+
+
+def test_switching_loras_needs_no_reload_and_leaves_no_trace(session, random_lora):
+    """Hooks kept between edits: rescaling equals a fresh application at that scale, and removing
+    them gives the base model's output bit for bit."""
+    pipe = session.pipe
+    x = torch.randn(3, pipe.dit.blocks[0].self_attn.q.in_features, generator=torch.Generator().manual_seed(0))
+    layer = pipe.dit.blocks[0].self_attn.q
+    base = layer(x)
+    path = session.folders.loras / "a.safetensors"
+    session.use_loras([(path, 1.0)])
+    hooks = session._loras[path][1]
+    session.use_loras([(path, 0.25)])
+    assert session._loras[path][1] is hooks  # rescaled, not reloaded
+    lora = random_lora["blocks.0.self_attn.q"]
+    reference = base + 0.25 * lora.scale * (x @ lora.down.T @ lora.up.T)
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)  # fp32 matmul order
+    session.use_loras([])
+    assert torch.equal(layer(x), base)
+    with pytest.raises(ChronoEditError, match="chosen twice"):
+        session.use_loras([(path, 1.0), (path, 0.5)])
+
+
+def test_an_edit_reports_each_step_and_cancel_stops_it_between_steps(session, input_image):
+    from chronoedit_lora.ui.session import EditCancelled
+
+    args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
+    seen = []
+    session.cancel.clear()
+    result = session.edit(input_image, args, lambda i, n: seen.append((i, n)))
+    assert seen == [(0, 3), (1, 3), (2, 3)] and result.image.size == (32, 32)
+
+    def cancel_after_first(i: int, n: int) -> None:
+        seen.append((i, n))
+        session.cancel.set()
+
+    seen.clear()
+    with pytest.raises(EditCancelled, match="before step 2 of 3"):
+        session.edit(input_image, args, cancel_after_first)
+    assert seen == [(0, 3)]
+    session.cancel.clear()
+    assert "--steps 3" in " ".join(session.command(args)) and "--unfused" in session.command(args)
+
+
+def test_auth_requires_a_login(tiny_diffusers, tmp_path):
+    """With --auth the page's data and the served files need a login; a wrong password is refused."""
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from chronoedit_lora.cli import build_parser
+    from chronoedit_lora.ui.app import serve
+
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "a" / "loss.png").write_bytes(b"\x89PNG")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = build_parser().parse_args(["ui", "--model", str(tiny_diffusers), "--runs", str(runs), "--device", "cpu",
+                                      "--dtype", "float32", "--port", str(port), "--auth", "alice:s3cret",
+                                      "--history", str(tmp_path / "history")])
+    app, url = serve(args, block=False)
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def status(path: str, data: dict | None = None) -> int:
+        request = urllib.request.Request(url + path, data=urllib.parse.urlencode(data).encode() if data else None)
+        try:
+            return browser.open(request).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        served = f"gradio_api/file={runs / 'a' / 'loss.png'}"
+        assert status("config") == 401 and status(served) == 401
+        assert status("login", {"username": "alice", "password": "wrong"}) == 400
+        assert status("login", {"username": "alice", "password": "s3cret"}) == 200
+        assert status("config") == 200 and status(served) == 200
+    finally:
+        app.close()
