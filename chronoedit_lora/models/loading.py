@@ -31,6 +31,7 @@ import torch
 from diffsynth.configs.model_configs import MODEL_CONFIGS
 from diffsynth.core.loader.file import convert_keys_dict_to_single_str
 from diffsynth.models.model_loader import ModelPool
+from transformers.initialization import no_init_weights
 
 from ..errors import CheckpointError
 from ..files import inside
@@ -400,7 +401,11 @@ def ensure_entry(model_hash: str, model_name: str, model_class: str, kwargs: dic
 # -- 4. loading -------------------------------------------------------------------------------
 
 def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
-    """Let DiffSynth build ``entry``'s model class and fill it from ``files`` (read lean, in ``dtype``)."""
+    """Let DiffSynth build ``entry``'s model class and fill it from ``files`` (read lean, in ``dtype``).
+
+    DiffSynth builds the model on the meta device, where each layer's random initialisation still
+    runs, op by op, through PyTorch's Python meta kernels; every parameter is replaced by a loaded
+    tensor anyway (strict ``load_state_dict``), so the initialisers are skipped (``no_init_weights``)."""
     pool = ModelPool()
     vram_config = pool.default_vram_config()
     device = torch.device(device)
@@ -408,7 +413,7 @@ def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, devi
     vram_config.update(computation_dtype=dtype, computation_device="cpu" if device.type == "cpu" else str(device))
     paths = [str(f) for f in files]
     state_dict = read_state_dict(files, dtype)
-    with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
+    with no_init_weights(), contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
         return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config, state_dict=state_dict)
 
 
