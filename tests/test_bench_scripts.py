@@ -64,3 +64,15 @@ def test_train_step_bench_compares_eager_and_compiled(tmp_path):
     figures = _run("train_step.py", "--compile", "--repeats", "1", "--steps", "2", json_path=tmp_path / "compile.json")
     assert set(figures["runs"]) == {"eager", "compiled"}
     assert all(0 < figures["summary"][mode]["matmul_fraction"] <= 1 for mode in ("eager", "compiled"))
+
+
+@pytest.mark.slow
+def test_vs_diffusers_edit_bench_pairs_whole_processes(tmp_path):
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--repeats", "1", json_path=tmp_path / "edit.json")
+    assert set(figures["runs"]) == {"kit", "diffusers"}
+    for side in ("kit", "diffusers"):
+        run = figures["runs"][side][0]
+        assert 0 < run["load_s"] + run["edit_s"] < run["wall_s"] and 0 <= run["sys_s"] <= run["cpu_s"]
+    kit, diffusers = (figures["runs"][side][0]["edit_s"] for side in ("kit", "diffusers"))
+    assert figures["summary"]["paired"]["edit_s"]["median"] == pytest.approx(kit / diffusers)
+    assert figures["png_difference_levels"] <= 2  # the same edit on both sides
