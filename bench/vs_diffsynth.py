@@ -263,14 +263,14 @@ def paired_ratios(kit: list[dict], other: list[dict], keys: tuple[str, ...] = ME
 
 
 def print_table(size: str, side: int, steps: int, repeats: int, threads: int, summary: dict) -> None:
-    kits = [name for name in (SIDES[0], KIT_COMPILED) if name in summary[MODES[0]]]
+    kits = [name for name in (SIDES[0], KIT_COMPILED) if name in next(iter(summary.values()))]
     print(f"\nkit vs DiffSynth LoRA training, {size} ({side}x{side}, CPU float32, {steps} steps, "
           f"{threads} thread(s), median [min-max] of {repeats}; paired: each repeat's own ratio)")
     labels = {"s_per_step": "s/step", "first_step_s": "first step s", "wall_s": "process wall s",
               "cpu_s": "process CPU s", "peak_rss_mb": "peak RSS MB", "non_step_s": "non-step wall s"}
     print(f"{'mode':<10}{'figure':<17}" + "".join(f"{name:>25}" for name in (*kits, "DiffSynth"))
           + "".join(f"{name + '/DS, paired':>34}" for name in kits))
-    for mode in MODES:
+    for mode in summary:
         for key, label in labels.items():
             cells = []
             for side_name in (*kits, "diffsynth"):
@@ -323,6 +323,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads in each child")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--profile", help="also profile one run of each side and mode (cProfile); .prof files go here")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
     parser.add_argument("--compile", action="store_true",
                         help="also run the kit with compiled DiT blocks in each mode, paired with the same DiffSynth run")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one DiffSynth task
@@ -336,14 +337,15 @@ def main() -> None:
         return
     steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
     kits = ("kit", KIT_COMPILED) if args.compile else ("kit",)
-    runs: dict[str, dict[str, list[dict]]] = {mode: {s: [] for s in (*kits, "diffsynth")} for mode in MODES}
+    modes = [mode for mode in MODES if mode in args.modes]
+    runs: dict[str, dict[str, list[dict]]] = {mode: {s: [] for s in (*kits, "diffsynth")} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, cache = model_and_cache(tmp, args.size, side)
         processed = tmp / "diffsynth-processed"  # DiffSynth's split training, stage 1, not timed
         run_child(diffsynth_command("sft:data_process", model, processed, steps, side, args.threads, None), args.threads)
         for repeat in range(args.repeats):
-            for mode in MODES:
+            for mode in modes:
                 for side_name in runs[mode]:
                     output = tmp / f"{side_name.replace(' ', '-')}-{mode}-{repeat}"
                     cached = mode == "cached"
@@ -359,7 +361,7 @@ def main() -> None:
                         f"{k}={runs[mode][side_name][-1][k]:.3f}" for k in METRICS), flush=True)
         profiles = profile(model, cache, processed, tmp, steps, side, args.threads, Path(args.profile)) if args.profile else None
     summary: dict = {}
-    for mode in MODES:
+    for mode in modes:
         summary[mode] = {s: summarise(runs[mode][s]) for s in runs[mode]}
         for name in kits:
             summary[mode][f"{name} ratio"] = {k: summary[mode][name][k]["median"] / summary[mode]["diffsynth"][k]["median"]
