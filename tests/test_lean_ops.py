@@ -29,6 +29,23 @@ def test_lean_rmsnorm_equals_diffsynth(dtype):
     assert ((got - expected).abs() <= tolerance * expected.abs() + 1e-7).all()
 
 
+def test_lean_rmsnorm_gradients_equal_diffsynth():
+    """Training backpropagates through the norms (LoRA on q and k): the same input and weight gradients."""
+    g = torch.Generator().manual_seed(1)
+    reference, lean = RMSNorm(32, eps=1e-6), LeanRMSNorm(32, eps=1e-6)
+    reference.weight.data = torch.rand(32, generator=g) + 0.5
+    lean.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 7, 32, generator=g)
+    upstream = torch.randn(2, 7, 32, generator=g)
+    grads = []
+    for norm in (reference, lean):
+        leaf = x.clone().requires_grad_(True)
+        (norm(leaf) * upstream).sum().backward()
+        grads.append((leaf.grad, norm.weight.grad))
+    for ours, theirs in zip(grads[1], grads[0]):
+        assert torch.allclose(ours, theirs, rtol=FP32_RTOL, atol=1e-6)
+
+
 def test_inplace_gelu_overwrites_only_without_gradients():
     x = torch.randn(4, 64)
     expected = torch.nn.functional.gelu(x, approximate="tanh")

@@ -20,8 +20,8 @@ class LeanRMSNorm(RMSNorm):
     """DiffSynth's ``RMSNorm`` (x / rms(x) in float32, cast back, times the weight) without float32 copies."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_() / x.shape[-1]
-        return (x * mean_square.add_(self.eps).rsqrt_()).to(x.dtype) * self.weight
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+        return (x * torch.rsqrt(mean_square + self.eps)).to(x.dtype) * self.weight
 
 
 class InplaceGELU(torch.nn.GELU):
