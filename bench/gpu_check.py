@@ -13,7 +13,8 @@ Each process is a small ``python -c`` wrapper around ``chronoedit_lora.cli.main`
 ``torch.cuda.max_memory_allocated()`` (and the time of the pipeline call) as one JSON line. The
 JSON report puts each measurement beside the figure ``bench/memory_edit_14b.py`` (edits) or
 ``bench/memory_14b.py`` (training) computes for the same checkpoint shapes and size. Without CUDA
-it refuses at once (exit code 2).
+it refuses at once (exit code 2). ``bench/gpu_bundle.py run`` installs what it needs on a bare GPU
+machine from carried wheels and runs it in one call.
 """
 
 from __future__ import annotations

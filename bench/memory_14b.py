@@ -96,11 +96,16 @@ def saved_by_one_block(dit: torch.nn.Module, height: int, width: int, frames: in
     """
     import torch.nn.functional as F
 
+    from chronoedit_lora.models.lean_ops import use_lean_ops
+    from chronoedit_lora.models.rope import use_real_rope
+
+    use_lean_ops(dit)  # the block as chronoedit_model_fn runs it
+    use_real_rope(dit)
     block = dit.blocks[0]
     seq = latent_tokens(height, width, frames)
     like = {"device": block.modulation.device, "dtype": torch.bfloat16}
-    # RoPE rotations, one complex number per token and head-dim pair; their values do not matter here
-    freqs = torch.ones(seq, 1, block.self_attn.head_dim // 2, device=like["device"], dtype=dit.freqs[0].dtype)
+    # RoPE rotations, a float32 (cos, sin) pair per token and head-dim pair; their values do not matter here
+    freqs = torch.ones(seq, 1, block.self_attn.head_dim, device=like["device"])
     x = torch.randn(1, seq, dit.dim, **like, requires_grad=True)
     context = torch.randn(1, CLIP_TOKENS + TEXT_TOKENS, dit.dim, **like)
     t_mod = torch.randn(1, 6, dit.dim, **like)

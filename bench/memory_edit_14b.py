@@ -327,12 +327,17 @@ def decode_tiles(latent_height: int, latent_width: int) -> int:
 def block_peak(dit: torch.nn.Module, tokens: int, batch: int = 1) -> int:
     """Peak bytes of the intermediates of one no-grad block forward (its inputs x, context,
     t_mod and the RoPE table created outside, so not counted), on ``dit``'s device."""
+    from chronoedit_lora.models.lean_ops import use_lean_ops
+    from chronoedit_lora.models.rope import use_real_rope
+
+    use_lean_ops(dit)  # the block as chronoedit_model_fn runs it
+    use_real_rope(dit)
     block = dit.blocks[0]
     device = block.modulation.device
     x = torch.randn(batch, tokens, dit.dim, device=device, dtype=block.modulation.dtype)
     context = torch.randn(batch, CLIP_TOKENS + TEXT_TOKENS, dit.dim, device=device, dtype=x.dtype)
     t_mod = torch.randn(batch, 6, dit.dim, device=device, dtype=x.dtype)
-    freqs = torch.ones(tokens, 1, block.self_attn.head_dim // 2, device=device, dtype=dit.freqs[0].dtype)
+    freqs = torch.ones(tokens, 1, block.self_attn.head_dim, device=device)  # float32 (cos, sin) pairs
     return measure(block, x, context, t_mod, freqs)
 
 
@@ -433,7 +438,7 @@ def kept_across_blocks(dit_kwargs: dict, tokens: int, batch: int) -> int:
     x = batch * tokens * dim * 2
     context = batch * (CLIP_TOKENS + TEXT_TOKENS) * dim * 2
     t_mod = 6 * dim * 2
-    freqs = tokens * (head_dim // 2) * 16  # complex128
+    freqs = tokens * head_dim * 4  # float32 (cos, sin) pairs
     return x + context + t_mod + freqs
 
 

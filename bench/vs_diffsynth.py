@@ -79,7 +79,8 @@ DEFAULT_STEPS = {"tiny": 24, "mid": 5}
 MODES = ("uncached", "cached")
 SIDES = ("kit", "diffsynth")
 PEAK_MARKER = "PEAK_RSS_KB"
-METRICS = ("s_per_step", "wall_s", "cpu_s", "peak_rss_mb", "non_step_s")
+KIT_COMPILED = "kit compiled"  # with --compile: the kit with compiled DiT blocks, paired with the same DiffSynth run
+METRICS = ("s_per_step", "first_step_s", "wall_s", "cpu_s", "peak_rss_mb", "non_step_s")
 
 # The kit's run: its own CLI, in a child with the thread count fixed.
 KIT_CHILD = (
@@ -209,7 +210,8 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def run_child(command: list[str], threads: int) -> dict:
-    """Run one child; its wall time, CPU time (user + system) and peak RSS (the child's own)."""
+    """Run one child; its wall time, CPU time (user + system, and system alone), peak RSS (the
+    child's own) and ``stdout``."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=child_env(threads))
@@ -217,14 +219,16 @@ def run_child(command: list[str], threads: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"{command[:4]} failed:\n{result.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    system = after.ru_stime - before.ru_stime
     peak = [line for line in result.stdout.splitlines() if line.startswith(PEAK_MARKER)]
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan")}
+    return {"wall_s": wall, "cpu_s": after.ru_utime - before.ru_utime + system, "sys_s": system,
+            "peak_rss_mb": int(peak[-1].split()[1]) / 1024 if peak else float("nan"), "stdout": result.stdout}
 
 
-def kit_command(model: Path, output: Path, cached: bool, steps: int, side: int, threads: int) -> list[str]:
+def kit_command(model: Path, output: Path, cached: bool, steps: int, side: int, threads: int,
+                compile: bool = False) -> list[str]:
     args = ["train", *train_args(model, output, side), "--max_steps", str(steps), "--save_every", "100000",
-            "--cache", str(cached).lower()]
+            "--cache", str(cached).lower(), "--compile", str(compile).lower()]
     return [sys.executable, "-c", KIT_CHILD.format(threads=threads, args=args)]
 
 
@@ -237,41 +241,47 @@ def diffsynth_command(task: str, model: Path, output: Path, steps: int, side: in
 
 def timed_run(command: list[str], output: Path, threads: int) -> dict:
     figures = run_child(command, threads)
+    del figures["stdout"]
     rows = list(csv.DictReader((output / "logs" / "metrics.csv").open()))
     ends = [float(r["time"]) for r in rows]
     figures["s_per_step"] = statistics.median(b - a for a, b in zip(ends, ends[1:]))  # step end to step end
+    figures["first_step_s"] = float(rows[0]["seconds"])  # with compiled blocks: the compilation too
     figures["non_step_s"] = figures["wall_s"] - sum(float(r["seconds"]) for r in rows)  # start-up, teardown, between steps
     figures["steps"] = len(rows)
     return figures
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
     return {key: {"median": statistics.median(r[key] for r in runs), "min": min(r[key] for r in runs),
-                  "max": max(r[key] for r in runs)} for key in METRICS}
+                  "max": max(r[key] for r in runs)} for key in keys}
 
 
-def paired_ratios(kit: list[dict], diffsynth: list[dict]) -> dict:
-    """Each repeat's own kit/DiffSynth ratio (its two runs ran back to back), then their median and
+def paired_ratios(kit: list[dict], other: list[dict], keys: tuple[str, ...] = METRICS) -> dict:
+    """Each repeat's own kit/other ratio (its two runs ran back to back), then their median and
     range: steadier than the ratio of medians when the machine's speed drifts between repeats."""
-    return summarise([{key: k[key] / d[key] for key in METRICS} for k, d in zip(kit, diffsynth)])
+    return summarise([{key: k[key] / o[key] for key in keys} for k, o in zip(kit, other)], keys)
 
 
 def print_table(size: str, side: int, steps: int, repeats: int, threads: int, summary: dict) -> None:
+    kits = [name for name in (SIDES[0], KIT_COMPILED) if name in next(iter(summary.values()))]
     print(f"\nkit vs DiffSynth LoRA training, {size} ({side}x{side}, CPU float32, {steps} steps, "
-          f"{threads} thread(s), median [min-max] of {repeats})")
-    labels = {"s_per_step": "s/step", "wall_s": "process wall s", "cpu_s": "process CPU s",
-              "peak_rss_mb": "peak RSS MB", "non_step_s": "non-step wall s"}
-    print(f"{'mode':<10}{'figure':<17}{'kit':>25}{'DiffSynth':>25}{'kit/DS':>9}{'paired kit/DS':>23}")
-    for mode in MODES:
+          f"{threads} thread(s), median [min-max] of {repeats}; paired: each repeat's own ratio)")
+    labels = {"s_per_step": "s/step", "first_step_s": "first step s", "wall_s": "process wall s",
+              "cpu_s": "process CPU s", "peak_rss_mb": "peak RSS MB", "non_step_s": "non-step wall s"}
+    print(f"{'mode':<10}{'figure':<17}" + "".join(f"{name:>25}" for name in (*kits, "DiffSynth"))
+          + "".join(f"{name + '/DS, paired':>34}" for name in kits))
+    for mode in summary:
         for key, label in labels.items():
             cells = []
-            for side_name in SIDES:
+            for side_name in (*kits, "diffsynth"):
                 s = summary[mode][side_name][key]
                 cells.append(f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]" if key != "peak_rss_mb"
                              else f"{s['median']:.0f} [{s['min']:.0f}-{s['max']:.0f}]")
-            ratio, paired = summary[mode]["ratio"][key], summary[mode]["paired"][key]
-            pairs = f"{paired['median']:.2f}x [{paired['min']:.2f}-{paired['max']:.2f}]"
-            print(f"{mode:<10}{label:<17}{cells[0]:>25}{cells[1]:>25}{ratio:>8.2f}x{pairs:>23}")
+            for name in kits:
+                ratio, paired = summary[mode][f"{name} ratio"][key], summary[mode][f"{name} paired"][key]
+                cells.append(f"{ratio:.2f}x, {paired['median']:.2f}x [{paired['min']:.2f}-{paired['max']:.2f}]")
+            print(f"{mode:<10}{label:<17}" + "".join(f"{cell:>25}" for cell in cells[:len(kits) + 1])
+                  + "".join(f"{cell:>34}" for cell in cells[len(kits) + 1:]))
 
 
 def profile(model: Path, cache: Path, processed: Path, tmp: Path, steps: int, side: int, threads: int,
@@ -313,6 +323,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads in each child")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--profile", help="also profile one run of each side and mode (cProfile); .prof files go here")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run the kit with compiled DiT blocks in each mode, paired with the same DiffSynth run")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one DiffSynth task
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -323,38 +336,41 @@ def main() -> None:
         diffsynth_child(args.child, args.model, args.output, args.steps, args.side, args.threads, args.processed)
         return
     steps, side = args.steps or DEFAULT_STEPS[args.size], SIDE[args.size]
-    runs: dict[str, dict[str, list[dict]]] = {mode: {s: [] for s in SIDES} for mode in MODES}
+    kits = ("kit", KIT_COMPILED) if args.compile else ("kit",)
+    modes = [mode for mode in MODES if mode in args.modes]
+    runs: dict[str, dict[str, list[dict]]] = {mode: {s: [] for s in (*kits, "diffsynth")} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, cache = model_and_cache(tmp, args.size, side)
         processed = tmp / "diffsynth-processed"  # DiffSynth's split training, stage 1, not timed
         run_child(diffsynth_command("sft:data_process", model, processed, steps, side, args.threads, None), args.threads)
         for repeat in range(args.repeats):
-            for mode in MODES:
-                for side_name in SIDES:
-                    output = tmp / f"{side_name}-{mode}-{repeat}"
+            for mode in modes:
+                for side_name in runs[mode]:
+                    output = tmp / f"{side_name.replace(' ', '-')}-{mode}-{repeat}"
                     cached = mode == "cached"
-                    if side_name == "kit":
+                    if side_name in kits:
                         if cached:
                             shutil.copytree(cache, output / "cache")
-                        command = kit_command(model, output, cached, steps, side, args.threads)
+                        command = kit_command(model, output, cached, steps, side, args.threads, side_name == KIT_COMPILED)
                     else:
                         command = diffsynth_command("sft:train" if cached else "sft", model, output, steps, side,
                                                     args.threads, processed if cached else None)
                     runs[mode][side_name].append(timed_run(command, output, args.threads))
-                    print(f"repeat {repeat} {mode:<9}{side_name:<10}" + "  ".join(
+                    print(f"repeat {repeat} {mode:<9}{side_name:<13}" + "  ".join(
                         f"{k}={runs[mode][side_name][-1][k]:.3f}" for k in METRICS), flush=True)
         profiles = profile(model, cache, processed, tmp, steps, side, args.threads, Path(args.profile)) if args.profile else None
     summary: dict = {}
-    for mode in MODES:
-        summary[mode] = {s: summarise(runs[mode][s]) for s in SIDES}
-        summary[mode]["ratio"] = {k: summary[mode]["kit"][k]["median"] / summary[mode]["diffsynth"][k]["median"]
-                                  for k in METRICS}
-        summary[mode]["paired"] = paired_ratios(runs[mode]["kit"], runs[mode]["diffsynth"])
+    for mode in modes:
+        summary[mode] = {s: summarise(runs[mode][s]) for s in runs[mode]}
+        for name in kits:
+            summary[mode][f"{name} ratio"] = {k: summary[mode][name][k]["median"] / summary[mode]["diffsynth"][k]["median"]
+                                              for k in METRICS}
+            summary[mode][f"{name} paired"] = paired_ratios(runs[mode][name], runs[mode]["diffsynth"])
     print_table(args.size, side, steps, args.repeats, args.threads, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "side": side, "steps": steps, "repeats": args.repeats,
-                                               "threads": args.threads, "runs": runs, "summary": summary,
+                                               "threads": args.threads, "compile": args.compile, "runs": runs, "summary": summary,
                                                "profiles": profiles}, indent=2))
 
 

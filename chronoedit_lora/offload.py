@@ -24,9 +24,9 @@ STAGES = ("text_encoder", "image_encoder", "vae", "dit")
 GIB = 2**30
 # Working memory beside the weights, measured by bench/memory_edit_14b.py for ChronoEdit-14B in
 # bf16 (720x1280 and 1024x1024 agree): the DiT's denoising step per 1000 tokens (guidance as one
-# batch-2 call), and the untiled VAE decode of the 5-frame clip per output pixel. They steer only
-# --offload auto.
-DIT_WORKING_PER_KTOKEN = 0.26 * GIB
+# batch-2 call; 0.16 GiB with bf16 blocks, 0.18 with fp8 ones, whose dequantized weight adds), and
+# the untiled VAE decode of the 5-frame clip per output pixel. They steer only --offload auto.
+DIT_WORKING_PER_KTOKEN = 0.19 * GIB
 VAE_WORKING_PER_PIXEL = 8.4 * 2**10
 AUTO_MARGIN = 1.5 * GIB  # CUDA context, allocator slack
 

@@ -47,9 +47,9 @@ def test_vs_diffsynth_bench_writes_both_sides_and_modes(tmp_path):
     for mode in ("uncached", "cached"):
         assert set(figures["runs"][mode]) == {"kit", "diffsynth"}
         assert all(run["steps"] == 3 for side in figures["runs"][mode].values() for run in side)
-        assert all(ratio > 0 for ratio in figures["summary"][mode]["ratio"].values())
+        assert all(ratio > 0 for ratio in figures["summary"][mode]["kit ratio"].values())
         kit, diffsynth = (figures["runs"][mode][side][0]["s_per_step"] for side in ("kit", "diffsynth"))
-        assert figures["summary"][mode]["paired"]["s_per_step"]["median"] == pytest.approx(kit / diffsynth)
+        assert figures["summary"][mode]["kit paired"]["s_per_step"]["median"] == pytest.approx(kit / diffsynth)
 
 
 @pytest.mark.slow
@@ -71,3 +71,14 @@ def test_eval_checkpoints_bench_runs_both_sides(tmp_path):
     figures = _run("eval_checkpoints.py", "--repeats", "1", "--steps", "1", "--size", "32", json_path=tmp_path / "eval.json")
     assert set(figures["median"]) == {"eval", "edit --batch x5"} and (figures["checkpoints"], figures["pairs"]) == (5, 4)
     assert all(figures["median"][side]["wall_s"] > 0 for side in figures["median"]) and figures["ratio"]["wall_s"] > 0
+
+
+def test_vs_diffusers_edit_bench_pairs_whole_processes(tmp_path):
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--repeats", "1", json_path=tmp_path / "edit.json")
+    assert set(figures["runs"]) == {"kit", "diffusers"}
+    for side in ("kit", "diffusers"):
+        run = figures["runs"][side][0]
+        assert 0 < run["load_s"] + run["edit_s"] < run["wall_s"] and 0 <= run["sys_s"] <= run["cpu_s"]
+    kit, diffusers = (figures["runs"][side][0]["edit_s"] for side in ("kit", "diffusers"))
+    assert figures["summary"]["paired"]["edit_s"]["median"] == pytest.approx(kit / diffusers)
+    assert figures["png_difference_levels"] <= 2  # the same edit on both sides

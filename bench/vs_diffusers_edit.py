@@ -1,0 +1,172 @@
+"""The kit's ``chronoedit-lora edit`` vs diffusers' ``ChronoEditPipeline`` on the same checkpoint folder,
+each edit a whole process, the two alternating.
+
+    python bench/vs_diffusers_edit.py [--size tiny|mid] [--model DIR] [--repeats 3] [--threads 1] [--json out.json]
+
+Both sides edit the same input image (already at the edit size, so neither resizes it) with the
+same instruction, an empty negative prompt, the folder's scheduler (UniPC, as both load it), the
+same steps, cfg, seed and size, in float32 on the CPU. The kit runs its CLI
+(``chronoedit_lora.cli.main(["edit", ...])``); diffusers runs ``ChronoEditPipeline.from_pretrained``
+and one call, and saves the last frame as the CLI does. Every child has its thread count fixed
+(``--threads``, default 1: CPU work, not two processes' contention) and reports, besides what the
+parent measures (whole-process wall, CPU and system time, peak RSS), the seconds spent loading
+the pipeline and in the edit call. The largest difference between the two edited PNGs is printed
+as a check that both did the same work (they agree to a level or so, tests/test_pipeline.py).
+
+``--size`` picks the checkpoint the script writes into a temporary folder (``mid``: ``make-tiny
+--size mid``, 128x128, 8 steps, cfg 5; ``tiny``: 32x32, 2 steps), unless ``--model`` names one.
+Prints medians, ranges, the ratio of the medians and the paired ratios (each repeat's own
+kit/diffusers ratio); never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_diffsynth import PEAK_MARKER, paired_ratios, run_child, summarise  # noqa: E402  (bench/ is not a package)
+
+SIDES = ("kit", "diffusers")
+SETTINGS = {"tiny": {"side": 32, "steps": 2, "cfg": 5.0}, "mid": {"side": 128, "steps": 8, "cfg": 5.0}}
+PROMPT = "The user wants to turn the photo into a watercolor painting, keeping the composition."
+SEED = 0
+TIMES_MARKER = "EDIT_TIMES"
+METRICS = ("wall_s", "cpu_s", "sys_s", "peak_rss_mb", "load_s", "edit_s", "other_s")
+
+# Shared by both children: time loading and the edit call, then print them and the peak RSS.
+TIMING = """
+import json, resource, sys, time
+import torch
+torch.set_num_threads({threads})
+times = {{}}
+
+def timed(name, fn, consume=False):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+            return list(result) if consume else result  # consume: a generator (the kit's edit_many), run it here
+        finally:
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    return run
+"""
+DONE = (f"\nprint('{TIMES_MARKER}', json.dumps(times))"
+        f"\nprint('{PEAK_MARKER}', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+KIT_CHILD = TIMING + """
+from chronoedit_lora import pipeline
+from chronoedit_lora.cli import main
+pipeline.ChronoEditPipeline.from_pretrained = timed("load_s", pipeline.ChronoEditPipeline.from_pretrained)
+pipeline.ChronoEditPipeline.edit_many = timed("edit_s", pipeline.ChronoEditPipeline.edit_many, consume=True)
+main({args!r})""" + DONE
+DIFFUSERS_CHILD = TIMING + """
+from diffusers import ChronoEditPipeline
+from PIL import Image
+model, image, output, side, steps, cfg, seed, prompt = {args!r}
+pipe = timed("load_s", ChronoEditPipeline.from_pretrained)(model, torch_dtype=torch.float32)
+pipe.set_progress_bar_config(disable=True)
+frames = timed("edit_s", pipe)(image=Image.open(image).convert("RGB"), prompt=prompt, negative_prompt="",
+                               height=side, width=side, num_frames=5, num_inference_steps=steps,
+                               guidance_scale=cfg, generator=torch.Generator().manual_seed(seed),
+                               output_type="pil").frames[0]
+frames[-1].save(output)""" + DONE
+
+
+def kit_command(model: Path, image: Path, output: Path, settings: dict, threads: int) -> list[str]:
+    args = ["edit", "--model", str(model), "--image", str(image), "--prompt", PROMPT, "--output", str(output),
+            "--height", str(settings["side"]), "--width", str(settings["side"]), "--steps", str(settings["steps"]),
+            "--cfg", str(settings["cfg"]), "--seed", str(SEED), "--scheduler", "unipc", "--dtype", "float32",
+            "--device", "cpu"]
+    return [sys.executable, "-c", KIT_CHILD.format(threads=threads, args=args)]
+
+
+def diffusers_command(model: Path, image: Path, output: Path, settings: dict, threads: int) -> list[str]:
+    args = [str(model), str(image), str(output), settings["side"], settings["steps"], settings["cfg"], SEED, PROMPT]
+    return [sys.executable, "-c", DIFFUSERS_CHILD.format(threads=threads, args=args)]
+
+
+def timed_edit(command: list[str], threads: int) -> dict:
+    """One child's figures: the parent's measurements plus its load and edit seconds."""
+    figures = run_child(command, threads)
+    line = [line for line in figures.pop("stdout").splitlines() if line.startswith(TIMES_MARKER)][-1]
+    figures.update(json.loads(line[len(TIMES_MARKER):]))
+    figures["other_s"] = figures["wall_s"] - figures["load_s"] - figures["edit_s"]  # imports, inputs, saving, exit
+    return figures
+
+
+def make_input(path: Path, side: int) -> Path:
+    """A structured RGB image at the edit size (gradients and a square)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    rgb = np.stack([x * 255 // side, y * 255 // side, ((x // 8 + y // 8) % 2) * 255], axis=-1).astype(np.uint8)
+    rgb[side // 4: side // 2, side // 3: 2 * side // 3] = (250, 40, 40)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def png_difference(a: Path, b: Path) -> int:
+    """The largest difference of two PNGs, in 8-bit levels."""
+    import numpy as np
+    from PIL import Image
+
+    return int(np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)).max())
+
+
+def print_table(size: str, settings: dict, repeats: int, threads: int, summary: dict, levels: int) -> None:
+    print(f"\nkit edit vs diffusers ChronoEditPipeline, {size} ({settings['side']}x{settings['side']}, "
+          f"{settings['steps']} steps, cfg {settings['cfg']}, UniPC, CPU float32, {threads} thread(s), median "
+          f"[min-max] of {repeats}; paired: each repeat's own ratio)")
+    labels = {"wall_s": "process wall s", "cpu_s": "process CPU s", "sys_s": "system CPU s",
+              "peak_rss_mb": "peak RSS MB", "load_s": "load s", "edit_s": "edit call s", "other_s": "rest of wall s"}
+    print(f"{'figure':<16}{'kit':>24}{'diffusers':>24}{'kit/diffusers':>15}{'paired':>22}")
+    for key, label in labels.items():
+        cells = [f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]" for s in (summary[side][key] for side in SIDES)]
+        paired = summary["paired"][key]
+        print(f"{label:<16}{cells[0]:>24}{cells[1]:>24}{summary['ratio'][key]:>14.2f}x"
+              f"{paired['median']:>9.2f}x [{paired['min']:.2f}-{paired['max']:.2f}]")
+    print(f"largest difference between the two edited PNGs: {levels} levels of 255")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SETTINGS), default="mid")
+    parser.add_argument("--model", help="an existing checkpoint folder (diffusers layout) instead of writing one")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads in each child")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    settings = SETTINGS[args.size]
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = Path(args.model) if args.model else tmp / args.size
+        if not args.model:
+            subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", args.size],
+                           check=True, capture_output=True)
+        image = make_input(tmp / "input.png", settings["side"])
+        commands = {"kit": kit_command, "diffusers": diffusers_command}
+        for repeat in range(args.repeats):
+            for side in SIDES:
+                output = tmp / f"{side}-{repeat}.png"
+                runs[side].append(timed_edit(commands[side](model, image, output, settings, args.threads), args.threads))
+                print(f"repeat {repeat} {side:<10}" + "  ".join(f"{k}={runs[side][-1][k]:.2f}" for k in METRICS),
+                      flush=True)
+        levels = png_difference(tmp / "kit-0.png", tmp / "diffusers-0.png")
+    summary: dict = {side: summarise(runs[side], METRICS) for side in SIDES}
+    summary["ratio"] = {k: summary["kit"][k]["median"] / summary["diffusers"][k]["median"] for k in METRICS}
+    summary["paired"] = paired_ratios(runs["kit"], runs["diffusers"], METRICS)
+    print_table(args.size, settings, args.repeats, args.threads, summary, levels)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "settings": settings, "repeats": args.repeats,
+                                               "threads": args.threads, "runs": runs, "summary": summary,
+                                               "png_difference_levels": levels}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
