@@ -47,7 +47,7 @@ WHEELS = {
     "pandas==3.1.1": "pandas",
     "python-dateutil==4.0.0": "dateutil",
     "tzdata==2026.6": "",
-    "pillow==13.0.0": "PIL",
+    "pillow==12.3.0": "PIL",  # below 13 for gradio (the web app)
     "torchvision==0.26.0": "torchvision",  # the build for torch 2.11, the GPU machine's
     "tensorboard==2.21.0": "tensorboard",  # the training log (torch.utils.tensorboard)
     "protobuf==7.36.2": "google.protobuf",
