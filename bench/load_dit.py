@@ -23,7 +23,8 @@ MEASURE = r"""
 import json, resource, sys, time
 from pathlib import Path
 import torch
-import chronoedit_lora.models  # noqa: F401  (imports settled before the baseline)
+import chronoedit_lora.models  # noqa: F401  (imports settled before the baseline,
+import transformers.modeling_utils  # noqa: F401  and the one load_dit makes lazily for no_init_weights: ~55 MB)
 from chronoedit_lora.models.dit import load_dit
 folder, mode, dtype = Path(sys.argv[1]), sys.argv[2], getattr(torch, sys.argv[3])
 files = sorted(folder.glob("*.safetensors"))

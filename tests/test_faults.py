@@ -6,10 +6,8 @@ what is left on disk (nothing half-written, the previous state intact, a rerun t
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from chronoedit_lora.data import check_dataset
 from chronoedit_lora.data.checked_files import CheckedFiles
 from chronoedit_lora.data.metadata import read_metadata
 from chronoedit_lora.errors import ChronoEditError
-from chronoedit_lora.lora import LoraModule, save_lora
+from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.cache import CacheEntryError
 from chronoedit_lora.train.trainer import train
 

@@ -24,7 +24,7 @@ STEPS = 3
 EMA_DECAY = 0.8
 EMA_POWER = 2.0
 EMA_ATOL = 1e-6  # float32 lerp vs a float64 hand computation of three steps
-EXTRACT_RTOL = 1e-6  # of the weights' magnitude: a few float32 ulps
+EXTRACT_RTOL = 8 * torch.finfo(torch.float32).eps  # of the change's largest singular value
 TRAINABLE = "blocks.*.self_attn.*,blocks.1.ffn.*"  # attention of every block, one block's feed-forward
 
 
@@ -161,8 +161,9 @@ def test_extracted_lora_is_the_truncated_svd_of_the_change(tiny_diffusers, full_
             r = min(rank, s.numel())
             best = (u[:, :r] * s[:r]) @ vh[:r]
             got = lora[layer].delta().double()
-            # float32 difference, SVD and factors vs float64: equal to float32 precision of the weights
-            atol = EXTRACT_RTOL * trained[f"{layer}.weight"].abs().max().item()
+            # float32 difference, SVD and factors vs float64: a float32 SVD's backward error is a few ulps of the
+            # change's largest singular value (measured: at most 1.5 ulps of it here; the weights' size does not enter)
+            atol = EXTRACT_RTOL * s[0].item()
             assert (got - best).abs().max().item() <= atol, layer
             if rank == 1000:  # full rank: the change itself
                 assert (got - delta).abs().max().item() <= atol, layer

@@ -82,8 +82,8 @@ def sampling_settings(args: argparse.Namespace) -> dict:
             for key, default in DEFAULTS.items()}
 
 
-def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
-    """Every flag that can be checked before loading a model."""
+def check_sampling(args: argparse.Namespace, settings: dict) -> None:
+    """The size, sampler and noise flags (those ``eval`` shares), before any model loads."""
     check_size(args.height, args.width)
     check_range("--steps", settings["steps"], 1, MAX_STEPS)
     check_range("--cfg", settings["cfg"], 0)  # 1 = no guidance; below 1 it blends towards the negative prompt
@@ -93,8 +93,13 @@ def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
     config = read_scheduler_config(args.model)
     check_schedule(resolve_scheduler(args.scheduler, config), settings["steps"],
                    default_shift(config) if settings["shift"] is None else settings["shift"], config)
-    check_range("--temporal-reasoning-steps", args.temporal_reasoning_steps, 0, settings["steps"])
     check_device(args.device)
+
+
+def check_edit_settings(args: argparse.Namespace, settings: dict) -> None:
+    """Every flag that can be checked before loading a model."""
+    check_sampling(args, settings)
+    check_range("--temporal-reasoning-steps", args.temporal_reasoning_steps, 0, settings["steps"])
 
 
 def edit_options(args: argparse.Namespace, settings: dict) -> dict:

@@ -13,9 +13,9 @@ from pathlib import Path
 from ..errors import ChronoEditError
 from ..files import check_writable
 from ..offload import MODES as OFFLOAD_MODES
-from ..sampling import SCHEDULERS, read_scheduler_config, resolve_scheduler
-from ..settings import MAX_STEPS, check_device, check_range, check_size
-from .edit import DEFAULTS, PRESETS, sampling_settings
+from ..sampling import SCHEDULERS
+from ..settings import check_range
+from .edit import DEFAULTS, PRESETS, check_sampling, sampling_settings
 from .model_args import COMPONENTS, add_model_arguments, model_options
 
 DEFAULT_MAX_PIXELS = 1024 * 1024
@@ -55,16 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_settings(args: argparse.Namespace, settings: dict) -> None:
-    check_size(args.height, args.width)
+    check_sampling(args, settings)
     check_range("--max-pixels", args.max_pixels, 16 * 16)
     if args.count is not None:
         check_range("--count", args.count, 1)
-    check_range("--steps", settings["steps"], 1, MAX_STEPS)
-    check_range("--cfg", settings["cfg"], 0)
-    if settings["shift"] is not None:
-        check_range("--shift", settings["shift"], 0, low_inclusive=False)
-    resolve_scheduler(args.scheduler, read_scheduler_config(args.model))
-    check_device(args.device)
     if args.sequence_parallel:
         raise ChronoEditError("eval runs in one process; drop --sequence-parallel (use --offload on a small GPU).")
 

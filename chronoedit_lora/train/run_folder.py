@@ -176,7 +176,7 @@ def choose_checkpoint(config: TrainConfig, output: Path, report: bool = True) ->
                               + "\n  ".join(refused) + "\nResume with the saved settings, or pass --allow_changes true "
                               "to continue with the new ones anyway.")
     if report and (allowed or refused):
-        print(f"resuming with changed settings:\n  " + "\n  ".join(allowed + refused))
+        print("resuming with changed settings:\n  " + "\n  ".join(allowed + refused))
     return ResumePoint(chosen, optimizer_state)
 
 
