@@ -158,7 +158,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tiny_dif
     from chronoedit_lora.train.lora_module import LoraTrainingModule
 
     forward = LoraTrainingModule.forward
-    monkeypatch.setattr(LoraTrainingModule, "forward", lambda self, inputs: _NanGradient.apply(forward(self, inputs)))
+    monkeypatch.setattr(LoraTrainingModule, "forward", lambda self, inputs, **kw: _NanGradient.apply(forward(self, inputs, **kw)))
     with pytest.raises(NonFiniteError, match=r"step 1: the training gradient is not finite \(norm nan\).*no checkpoint"):
         train(tiny_config(tiny_diffusers, pairs, tmp_path / "run", max_steps=2, save_every=1))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
@@ -192,7 +192,7 @@ def test_signal_handlers_are_restored_and_accumulation_logs_whole_windows(tiny_d
     micro_losses = []
     forward = LoraTrainingModule.forward
     monkeypatch.setattr(LoraTrainingModule, "forward",
-                        lambda self, inputs: micro_losses.append(loss := forward(self, inputs)) or loss)
+                        lambda self, inputs, **kw: micro_losses.append(loss := forward(self, inputs, **kw)) or loss)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     output = tmp_path / "run"
     train(tiny_config(tiny_diffusers, pairs, output, max_steps=2, gradient_accumulation=2))

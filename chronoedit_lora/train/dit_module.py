@@ -34,13 +34,17 @@ class DiTTrainingModule(torch.nn.Module):
     def trained_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.named_trained().values())
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """DiffSynth's Wan SFT loss (see :mod:`.objective`) for one batch of DiT inputs."""
+    def forward(self, inputs: dict[str, torch.Tensor], noise_seed: int | None = None) -> torch.Tensor:
+        """DiffSynth's Wan SFT loss (see :mod:`.objective`) for one batch of DiT inputs. ``noise_seed``
+        draws the batch's timestep and noise from a generator of their own (the trainer derives it
+        from the batch's pairs, so they do not depend on which process trains it); None: the global RNG."""
         conditioning = dict(inputs)
         x0 = conditioning.pop("input_latents")
-        index = torch.randint(0, len(self.scheduler.timesteps), (1,))  # uniform over the 1000 shifted timesteps
+        generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+        # uniform over the 1000 shifted timesteps
+        index = torch.randint(0, len(self.scheduler.timesteps), (1,), generator=generator)
         timestep = self.scheduler.timesteps[index].to(dtype=x0.dtype, device=x0.device)
-        noise = torch.randn_like(x0)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # with ChronoEdit's temporal RoPE
             return chronoedit_model_fn(self.dit, latents, t, skip_len=self.skip_len, rope=self.rope,

@@ -12,6 +12,7 @@ each of its functions is the plain operation.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import signal
@@ -156,11 +157,12 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
         held, whole = fsdp.local_parameter_bytes(module)
         print(f"FSDP rank {accelerator.process_index}: holds {held} of the base's {whole} parameter bytes", flush=True)
-    # Different noise/timesteps per rank; reproducible per rank.
+    # Each batch's noise and timestep come from its own seed (_noise_seed); the global RNG, per rank, is
+    # left for anything else.
     set_seed(_rank_seed(config.seed + accelerator.process_index))
 
     # 3. Where to start: fresh, or exactly where a checkpoint left off. On another process count
-    # the ranks split the rest of the epoch anew and draw new noise (the saved RNG states are per rank).
+    # the ranks split the rest of the epoch anew; its batches' noise does not depend on the count.
     progress = ckpt.Progress(processes=accelerator.num_processes)
     if resume is not None:
         saved = ckpt.load_progress(resume.folder)
@@ -169,7 +171,6 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         if progress is saved:
             ckpt.load_rank_state(resume.folder, accelerator.process_index)
         else:
-            set_seed(_rank_seed(config.seed + accelerator.num_processes * progress.step + accelerator.process_index))
             accelerator.print(f"continuing a {saved.processes}-process run on {accelerator.num_processes}: the "
                               f"{progress.epoch_start} batches of epoch {progress.epoch} trained so far are not repeated")
         if accelerator.is_main_process:
@@ -209,7 +210,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 window_started = window_started or time.perf_counter()
                 with accelerator.accumulate(module):
                     inputs = collate_inputs([pair_inputs.inputs(item) for item in read])
-                    loss = module(inputs)
+                    loss = module(inputs, noise_seed=_noise_seed(config.seed, progress.epoch, batch_indices))
                     accelerator.backward(loss)
                     window_loss = window_loss + loss.detach()
                     window_positions.append(progress.position())
@@ -272,6 +273,14 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         accelerator.end_training()
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders,
                        interrupted_by=interrupted)
+
+
+def _noise_seed(seed: int, epoch: int, batch: list[int]) -> int:
+    """The seed of one batch's timestep and noise: a function of the run's seed, the epoch and the
+    batch's items, whichever process trains it, so a run on N processes, one on fewer with gradient
+    accumulation, and one resumed on another process count draw the same noise for the same pairs."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{','.join(map(str, batch))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def _rank_seed(value: int) -> int:
