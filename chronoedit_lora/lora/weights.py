@@ -40,6 +40,11 @@ class AdapterModule:
                 if isinstance(getattr(self, f.name), torch.Tensor)}
 
     @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on the product of the factors (each type holds ``alpha`` and ``rank``)."""
+        return self.alpha / self.rank
+
+    @property
     def parameter_count(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
@@ -66,11 +71,6 @@ class LoraModule(AdapterModule):
     def rank(self) -> int:
         """Inner dimension of the factors."""
         return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, the factor on up @ down."""
-        return self.alpha / self.rank
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,10 +141,6 @@ class LohaModule(AdapterModule):
     @property
     def rank(self) -> int:
         return self.hada_w1_b.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def shape(self) -> tuple[int, int]:
