@@ -18,7 +18,7 @@ from chronoedit_lora.train.checkpoint import checkpoint_dir
 from chronoedit_lora.train.trainer import train
 
 from .lora_parity import PARITY_RTOL
-from .test_train import make_subset, tiny_config
+from .test_train import RESUME_ATOL, make_subset, tiny_config
 
 STEPS = 3
 EMA_DECAY = 0.8
@@ -83,6 +83,22 @@ def test_lora_power_ema_equals_hand_computation(lora_run):
                for k, (down, up) in expected.items())
     assert diff <= EMA_ATOL
     assert (lora_run / "checkpoints" / f"step-{STEPS:06d}" / "lora-ema.safetensors").is_file()
+
+
+def test_a_lora_runs_ema_resumes_exactly(tiny_diffusers, lora_run, tmp_path):
+    """Stopped after step 1 and resumed to step 3: the EMA (read back from the checkpoint's
+    lora-ema.safetensors) ends where the uninterrupted run's did."""
+    dataset = lora_run.parent / "data" / "metadata.csv"
+    common = dict(save_every=1, ema_power=EMA_POWER, learning_rate=1e-2)
+    train(tiny_config(tiny_diffusers, dataset, tmp_path / "split", max_steps=1, **common))
+    train(tiny_config(tiny_diffusers, dataset, tmp_path / "split", max_steps=STEPS, resume=True, **common))
+    straight, _ = load_lora(lora_run / "lora-ema.safetensors")
+    resumed, _ = load_lora(tmp_path / "split" / "lora-ema.safetensors")
+    assert resumed.keys() == straight.keys()
+    diff = max(max((resumed[k].down - straight[k].down).abs().max().item(),
+                   (resumed[k].up - straight[k].up).abs().max().item()) for k in straight)
+    assert diff <= RESUME_ATOL
+    assert max(straight[k].up.abs().max().item() for k in straight) > 1e-4  # the average moved from zero
 
 
 def test_a_lora_runs_ema_exports_baked_into_the_base(tiny_diffusers, lora_run, tmp_path, capsys):

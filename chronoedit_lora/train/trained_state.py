@@ -64,7 +64,7 @@ def load(resume: ResumePoint, accelerator: Accelerator, config: TrainConfig, mod
     else:
         fsdp.load_optimizer_state(optimizer, state["optimizer"])
         if ema is not None and (resume.folder / EMA_NAME).is_file():  # else the EMA starts here
-            ema.load_full(lora_export.peft_named(resume.folder / EMA_NAME))
+            ema.load_full(lora_export.peft_named(resume.folder / EMA_NAME, config))
     scheduler.load_state_dict(state["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # what the optimizer's saved param groups restore for a LoRA run
