@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ChronoEditError
+from ..data.buckets import DEFAULT_MAX_PIXELS
 from ..files import check_writable
 from ..offload import MODES as OFFLOAD_MODES
 from ..sampling import SCHEDULERS
@@ -18,7 +19,6 @@ from ..settings import check_range
 from .edit import DEFAULTS, PRESETS, check_sampling, sampling_settings
 from .model_args import COMPONENTS, add_model_arguments, model_options
 
-DEFAULT_MAX_PIXELS = 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import ChronoEditError, listing
 from ..files import check_writable
 from ..lora import FORMATS, check_finite, load_lora, non_finite_layers, parse_lora_spec, save_lora
-from ..lora.formats import check_holds, written_alphas
+from ..lora.formats import written_alphas
 from ..lora.io import DETECTED_FORMAT
 from ..lora.names import is_dit_layer
 from ..lora.peft_metadata import METADATA_KEY
@@ -91,7 +91,6 @@ def _convert(source: Path, target: Path, fmt: str, overwrite: bool) -> int:
     check_writable(target, (".safetensors",), "output")
     weights, metadata = load_lora(source)
     check_finite(weights, str(source))
-    check_holds(weights, fmt)
     save_lora(weights, target, converted_metadata(metadata, weights, fmt, source), fmt=fmt)
     print(f"{source} ({metadata[DETECTED_FORMAT]}) -> {target} ({fmt}), {len(weights)} layers")
     return 0

@@ -51,9 +51,16 @@ def read_progress(path: Path) -> dict[str, Result]:
     return done
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last byte is a newline (read alone: the file grows with every batch)."""
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def _append(path: Path, results: list[tuple[str, Result]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
     with path.open("a", encoding="utf-8") as f:
         if torn:  # end the line a crash cut short, so that it alone is lost
             f.write("\n")

@@ -24,7 +24,6 @@ class DiTWeights:
     """A DiT checkpoint's tensors by DiffSynth/Wan name, read on demand."""
 
     def __init__(self, checkpoint: DiTCheckpoint):
-        self.checkpoint = checkpoint
         names = wan_names(checkpoint)
         self.where: dict[str, tuple[Path, str]] = {}
         for path in checkpoint.files:

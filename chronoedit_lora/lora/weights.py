@@ -214,7 +214,6 @@ class LokrModule(AdapterModule):
 
 Adapter = LoraModule | DoraModule | LohaModule | LokrModule
 LoraWeights = dict[str, Adapter]
-ADAPTER_CLASSES: dict[str, type[AdapterModule]] = {cls.kind: cls for cls in (LoraModule, DoraModule, LohaModule, LokrModule)}
 
 
 def build_adapter(fields: dict[str, torch.Tensor], alpha: float | None) -> Adapter | str:

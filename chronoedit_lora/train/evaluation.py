@@ -36,10 +36,9 @@ class TrainingEvaluation:
 
     def fields(self) -> list[str]:
         """The metrics.csv columns it fills."""
-        from ..eval.metrics import LOSS, QUANTILES, quantile_column
+        from ..eval.metrics import LOSS, TRAINING_METRICS
 
-        metrics = [LOSS, *(quantile_column(q) for q in QUANTILES)] + (["psnr", "ssim", "source_ssim"] if self.settings else [])
-        return [PREFIX + m for m in metrics]
+        return [PREFIX + m for m in TRAINING_METRICS if self.settings or m.startswith(LOSS)]
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.config.eval_every == 0 or last
