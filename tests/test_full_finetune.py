@@ -4,13 +4,15 @@ truncated SVD of the weight change."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from chronoedit_lora.cli import main
 from chronoedit_lora.errors import ChronoEditError
-from chronoedit_lora.lora import load_lora
+from chronoedit_lora.lora import load_lora, save_lora
 from chronoedit_lora.models.dit import load_dit
 from chronoedit_lora.models.rope import chronoedit_model_fn
 from chronoedit_lora.train import dcp
@@ -111,6 +113,21 @@ def test_a_lora_runs_ema_exports_baked_into_the_base(tiny_diffusers, lora_run, t
     assert torch.allclose(state[f"{layer}.weight"], base[f"{layer}.weight"] + ema[layer].delta(), atol=1e-6)
     assert main(["export", str(tmp_path), str(tmp_path / "y"), "--to", "diffusers"]) == 2
     assert "nor a checkpoint folder" in capsys.readouterr().err
+
+
+def test_export_refuses_a_run_whose_layers_the_base_lacks_before_writing(lora_run, tmp_path, capsys):
+    """A LoRA layer the base has no weight for (blocks.9 of a 2-block DiT): refused naming it, and
+    neither a model folder nor a file is left behind."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    final = checkpoint_dir(run, STEPS) / "lora.safetensors"
+    weights, metadata = load_lora(final)
+    weights["blocks.9.self_attn.q"] = weights["blocks.0.self_attn.q"]
+    save_lora(weights, final, metadata)
+    for fmt, out in (("diffusers", tmp_path / "model"), ("wan", tmp_path / "wan.safetensors")):
+        assert main(["export", str(run), str(out), "--to", fmt]) == 2
+        assert "lacks: ['blocks.9.self_attn.q.weight']" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def _inputs(seed: int = 0):

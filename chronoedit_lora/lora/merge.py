@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import ChronoEditError
 from ..files import atomic_folder, atomic_path, copy_file
 from ..models.components import discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
@@ -25,15 +24,15 @@ Update = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
-                  dtype: torch.dtype | None = None) -> tuple[list[Path], set[str]]:
+                  dtype: torch.dtype | None = None) -> list[Path]:
     """Write ``ckpt``'s files to ``output`` with the tensors ``update`` changes, one shard in memory at a time.
 
     Changed tensors are cast to the stored dtype, or every floating-point tensor to ``dtype`` if given.
-    Returns the written files (index JSON and config.json are copied alongside) and the changed names.
+    Returns the written files (index JSON and config.json are copied alongside).
     """
     names = wan_names(ckpt)
     output.mkdir(parents=True, exist_ok=True)
-    written, changed = [], set()
+    written = []
     for path in tqdm(ckpt.files, desc="writing", disable=len(ckpt.files) < 2):
         tensors = load_file(str(path))
         keys = {names[key]: key for key in tensors if key in names}
@@ -41,7 +40,6 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
             tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
         for name, value in update({name: tensors[key] for name, key in keys.items()}).items():
             tensors[keys[name]] = value.to(tensors[keys[name]].dtype)
-            changed.add(name)
         target = output / path.name
         with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata=read_header(path)[1] or None)
@@ -52,7 +50,7 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
             copy_file(index, output / index.name)
     if ckpt.format == "diffusers" and (folder / "config.json").is_file():
         copy_file(folder / "config.json", output / "config.json")
-    return written, changed
+    return written
 
 
 def lora_update(loras: list[tuple[LoraWeights, float]]) -> Update:
@@ -71,21 +69,21 @@ def lora_update(loras: list[tuple[LoraWeights, float]]) -> Update:
 
 
 def write_model(model_dir: Path | None, ckpt: DiTCheckpoint, update: Update, output: Path,
-                dtype: torch.dtype | None = None) -> tuple[Path, list[Path], set[str]]:
+                dtype: torch.dtype | None = None) -> tuple[Path, list[Path]]:
     """:func:`rewrite_files` into ``output`` (the DiT's own subfolder when it is one of ``model_dir``'s)
     and, with a model folder, its other components symlinked so ``output`` is a complete model.
-    ``output`` (new or empty) appears whole or not at all. Returns the folder holding the DiT, the
-    files written and the changed names."""
+    ``output`` (new or empty) appears whole or not at all. Returns the folder holding the DiT and the
+    files written."""
     dit_folder = ckpt.files[0].parent
     inside_model = model_dir is not None and dit_folder.resolve() != model_dir.resolve()
     with atomic_folder(output) as staging:
-        written, changed = rewrite_files(ckpt, update, staging / dit_folder.name if inside_model else staging, dtype)
+        written = rewrite_files(ckpt, update, staging / dit_folder.name if inside_model else staging, dtype)
         if model_dir is not None:
             merged = {dit_folder.name} if inside_model else {f.name for f in ckpt.files} | {p.name for p in dit_folder.glob("*.index.json")}
             for entry in model_dir.iterdir():
                 if entry.name not in merged and not (staging / entry.name).exists():
                     (staging / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    return (output / dit_folder.name if inside_model else output), [output / p.relative_to(staging) for p in written], changed
+    return (output / dit_folder.name if inside_model else output), [output / p.relative_to(staging) for p in written]
 
 
 def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tuple[Path, float]],
@@ -104,8 +102,4 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
         check_finite(lora, str(path))
         check_lora_matches(lora, skeleton, str(path))
         weights.append((lora, scale))
-    target, written, changed = write_model(model_dir, ckpt, lora_update(weights), output)
-    missing = {f"{module}.weight" for lora, _ in weights for module in lora} - changed
-    if missing:
-        raise ChronoEditError(f"LoRA layers not found in the checkpoint: {sorted(missing)[:5]}")
-    return target, written
+    return write_model(model_dir, ckpt, lora_update(weights), output)

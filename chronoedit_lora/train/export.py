@@ -96,21 +96,22 @@ def export_run(run: Path, fmt: str, output: Path, ema: bool = False, model: Path
     else:
         raise ChronoEditError(f"{checkpoint} names no base model; pass it with --model.")
     update, changes = run_update(checkpoint, settings.get("finetune", "lora") == "full", ema)
+    lacking = changes - set(wan_names(base).values())
+    if lacking:  # before anything is written
+        raise ChronoEditError(f"{checkpoint} trained weights the base {base.files[0].parent} lacks: "
+                              f"{sorted(lacking)[:3]}; pass the run's base with --model.")
     if fmt == "diffusers":
         if base.format != "diffusers":
             raise ChronoEditError(f"--to diffusers rewrites a diffusers-layout base, and this run's DiT ({base.files[0]}) is "
                                   "in the Wan layout; export --to wan or comfyui, or pass --model DIFFUSERS_FOLDER.")
-        _, _, changed = write_model(model_dir, base, update, output, dtype)
+        write_model(model_dir, base, update, output, dtype)
     else:
-        changed = _write_single_file(base, update, output, SINGLE_FILE_PREFIX[fmt], dtype)
-    if changes - changed:
-        raise ChronoEditError(f"{checkpoint} trained weights the base {base.files[0].parent} lacks: "
-                              f"{sorted(changes - changed)[:3]}; pass the run's base with --model.")
+        _write_single_file(base, update, output, SINGLE_FILE_PREFIX[fmt], dtype)
     return output
 
 
-def _write_single_file(base: DiTCheckpoint, update: Update, output: Path, prefix: str, dtype: torch.dtype | None) -> set[str]:
-    """The whole DiT in original Wan names (with ``prefix``) as one safetensors file; the changed names."""
+def _write_single_file(base: DiTCheckpoint, update: Update, output: Path, prefix: str, dtype: torch.dtype | None) -> None:
+    """The whole DiT in original Wan names (with ``prefix``) as one safetensors file."""
     names = wan_names(base)
     state = {names[key]: tensor for key, tensor in read_state_dict(base.files, dtype).items() if key in names}
     new = update(state)
@@ -119,4 +120,3 @@ def _write_single_file(base: DiTCheckpoint, update: Update, output: Path, prefix
         save_file({prefix + name: t.contiguous() for name, t in state.items()}, str(tmp),
                   metadata={HEADS_METADATA_KEY: str(base.kwargs["num_heads"]),
                             "rope_temporal_skip_len": str(base.temporal_skip_len)})
-    return set(new)
