@@ -16,6 +16,11 @@ FINAL = "final"
 STEP_FILE = re.compile(r"^lora-step(\d+)\.safetensors$")
 
 
+def step_label(step: int) -> str:
+    """A step LoRA's label in ``eval/metrics.csv`` (``step-000010``)."""
+    return f"step-{step:06d}"
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A label (``base``, ``step-000010``, ``final`` or a file's stem), the LoRA file (None for the
@@ -44,7 +49,7 @@ def run_checkpoints(run: Path) -> list[Checkpoint]:
     steps = sorted((int(m.group(1)), p) for p in run.iterdir() if (m := STEP_FILE.match(p.name)))
     final = run / FINAL_NAME
     final_step = _saved_step(final) if final.is_file() else None
-    found = [Checkpoint(f"step-{step:06d}", path, step) for step, path in steps if step != final_step]
+    found = [Checkpoint(step_label(step), path, step) for step, path in steps if step != final_step]
     if final.is_file():
         found.append(Checkpoint(FINAL, final, final_step))
     if not found:

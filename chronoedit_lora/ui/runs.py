@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from ..errors import ChronoEditError
+from ..eval.checkpoints import BASE, FINAL, STEP_FILE, step_label
 from ..models.loading import read_header
 from ..train.checkpoint import CHECKPOINTS
 from ..train.lora_export import FINAL_NAME
@@ -24,7 +25,6 @@ TRAINING_LOG = Path("logs") / "metrics.csv"
 EVAL_LOG = Path("eval") / "metrics.csv"
 BOOKKEEPING = ("step", "time", "samples", "checkpoint")
 DEFAULT_METRICS = re.compile(r"^(loss|val_loss|eval[/:].*)$")
-STEP_LORA = re.compile(r"^lora-step(\d+)\.safetensors$")
 EVAL_PREFIX = "eval: "
 REFRESH_SECONDS = 3.0
 
@@ -42,9 +42,9 @@ def list_runs(root: Path | None) -> list[tuple[str, str]]:
 def checkpoint_loras(run: Path) -> list[tuple[str, Path]]:
     """(label, file) of a run's LoRAs, oldest first: ``step-NNNNNN`` per checkpoint, ``final`` last
     (the labels an evaluation's ``eval/metrics.csv`` uses)."""
-    found = sorted((f"step-{int(m.group(1)):06d}", p) for p in run.glob("lora-step*.safetensors")
-                   if (m := STEP_LORA.match(p.name)))
-    return found + ([("final", run / FINAL_NAME)] if (run / FINAL_NAME).is_file() else [])
+    found = sorted((step_label(int(m.group(1))), p) for p in run.glob("lora-step*.safetensors")
+                   if (m := STEP_FILE.match(p.name)))
+    return found + ([(FINAL, run / FINAL_NAME)] if (run / FINAL_NAME).is_file() else [])
 
 
 def lora_step(label: str, path: Path | None) -> int | None:
@@ -98,8 +98,8 @@ def checkpoint_table(run: Path) -> pd.DataFrame:
         if evaluation is not None and "checkpoint" in evaluation else {}
     eval_columns = [c for c in (evaluation.columns if evaluation is not None else []) if c not in BOOKKEEPING]
     rows = []
-    for label, path in [("base", None), *checkpoint_loras(run)]:
-        if label == "base" and label not in scores:
+    for label, path in [(BASE, None), *checkpoint_loras(run)]:
+        if label == BASE and label not in scores:
             continue
         score = scores.get(label)
         step = int(score["step"]) if score is not None and pd.notna(score.get("step")) else lora_step(label, path)
