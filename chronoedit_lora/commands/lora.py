@@ -140,7 +140,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from ..lora.extract import DiTWeights, extract, linear_layers
+    from ..lora.extract import DiTWeights, extract
+    from ..models.dit import linear_layers
     from ..models.components import find_dit
     from ..models.dit import inspect_dit
     from ..train.export import full_run_reader, is_run

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..models.dit import DiTCheckpoint, meta_dit, wan_names
+from ..models.dit import DiTCheckpoint, wan_names
 from .weights import LoraModule, LoraWeights
 
 
@@ -39,12 +39,6 @@ class DiTWeights:
             with safe_open(str(path), framework="pt") as f:
                 tensors.update({name: f.get_tensor(self.where[name][1]) for name in file_names})
         return tensors
-
-
-def linear_layers(checkpoint: DiTCheckpoint, targets: list[str] | None = None) -> list[str]:
-    """The DiT's linear layers (``blocks.0.self_attn.q``), those ending in one of ``targets`` if given."""
-    layers = [name for name, module in meta_dit(checkpoint).named_modules() if isinstance(module, torch.nn.Linear)]
-    return [name for name in layers if not targets or any(name == t or name.endswith("." + t) for t in targets)]
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[LoraModule, float]:

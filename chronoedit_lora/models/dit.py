@@ -201,6 +201,13 @@ def meta_dit(checkpoint: DiTCheckpoint) -> WanModel:
         return WanModel(**checkpoint.kwargs)
 
 
+def linear_layers(checkpoint: DiTCheckpoint, targets: list[str] | None = None) -> list[str]:
+    """The DiT's linear layers (``blocks.0.self_attn.q``) from its headers, those ending in one of
+    ``targets`` if given."""
+    layers = [name for name, module in meta_dit(checkpoint).named_modules() if isinstance(module, torch.nn.Linear)]
+    return [name for name in layers if not targets or any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def wan_names(checkpoint: DiTCheckpoint) -> dict[str, str]:
     """Each checkpoint key's DiffSynth/Wan parameter name (``attn1.to_q.weight`` -> ``self_attn.q.weight``),
     found by running the checkpoint's own key converter on the key names (it only renames); keys the

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import TrainConfig
-from .fsdp import local
+from .fsdp import full_tensors, local
 
 
 def decay(step: int, ema_decay: float, ema_power: float) -> float:
@@ -52,12 +52,7 @@ class ExponentialMovingAverage:
     def full(self, keep: bool) -> dict[str, torch.Tensor]:
         """The whole average (CPU), gathered from the shards under FSDP (every rank must call it;
         only those with ``keep`` get the tensors)."""
-        named = {}
-        for name, tensor in self.average.items():
-            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if keep:
-                named[name] = whole.detach().cpu()
-        return named
+        return full_tensors(self.average, keep)
 
     @torch.no_grad()
     def load_full(self, named: dict[str, torch.Tensor]) -> None:

@@ -88,16 +88,22 @@ def local_parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
     return held, sum(p.numel() * p.element_size() for p in frozen)
 
 
+def full_tensors(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """The whole tensors (CPU), gathered from their shards under FSDP; all ranks must call it, only
+    those with ``keep`` get the tensors."""
+    gathered = {}
+    for name, tensor in named.items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            gathered[name] = whole.detach().cpu()
+    return gathered
+
+
 def full_lora(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
-    """The full adapter parameters (fp32, CPU) by peft name, whatever the adapter type; all ranks
-    must call it under FSDP, only those with ``keep`` get the tensors."""
-    named = {}
-    for name, param in module.dit.named_parameters():
-        if is_adapter_parameter(name):
-            full = param.full_tensor() if isinstance(param, DTensor) else param
-            if keep:
-                named[name] = full.detach().float().cpu()
-    return named
+    """The full adapter parameters (fp32, CPU) by peft name, whatever the adapter type (see
+    :func:`full_tensors`)."""
+    adapter = {name: param for name, param in module.dit.named_parameters() if is_adapter_parameter(name)}
+    return {name: tensor.float() for name, tensor in full_tensors(adapter, keep).items()}
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

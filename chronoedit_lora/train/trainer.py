@@ -314,7 +314,9 @@ def _skeleton(dit: Path) -> torch.nn.Module:
 
 def dit_linear_layers(dit: Path) -> list[str]:
     """Names of the DiT's linear layers, from its headers alone."""
-    return [name for name, module in _skeleton(dit).named_modules() if isinstance(module, torch.nn.Linear)]
+    from ..models.dit import inspect_dit, linear_layers
+
+    return linear_layers(inspect_dit(dit))
 
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
