@@ -87,6 +87,8 @@ def main() -> None:
                   "--width", str(args.size), "--dtype", "float32"]
         eval_command = cli + ["eval", *common, "--dataset", str(dataset), "--count", str(PAIRS), "--output", str(tmp / "eval"),
                               *(x for lora in loras for x in ("--lora", str(lora)))]
+        with dataset.open() as f:
+            held_out = list(csv.DictReader(f))[:PAIRS]
         batches = []
         for index, lora in enumerate(loras):
             folder = tmp / f"batch-{index}"
@@ -94,7 +96,7 @@ def main() -> None:
             with (folder / "edits.csv").open("w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["image", "prompt", "output"])
-                for row in list(csv.DictReader(dataset.open()))[:PAIRS]:
+                for row in held_out:
                     writer.writerow([str(dataset.parent / row["input_image"]), row["prompt"], f"out/{Path(row['input_image']).name}"])
             batches.append(cli + ["edit", *common, "--batch", str(folder / "edits.csv"), "--allow-outside", "--lora", str(lora)])
         runs: dict[str, list[dict]] = {"eval": [], "edit --batch x5": []}

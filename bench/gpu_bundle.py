@@ -143,7 +143,8 @@ def run(out: Path, wheels: Path, target: Path, limit: float, check_args: list[st
         print("the carried wheels are incomplete:\n" + "\n".join(problems), file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    files = [str(wheel_for(spec, sorted(wheels.glob("*.whl")))) for spec in WHEELS]
+    found = sorted(wheels.glob("*.whl"))
+    files = [str(wheel_for(spec, found)) for spec in WHEELS]
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--target",
                     str(target), "--quiet", *files], check=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO)]), DIFFSYNTH_SKIP_DOWNLOAD="true")
