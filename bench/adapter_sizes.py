@@ -3,7 +3,7 @@
     python bench/adapter_sizes.py [--rank 32] [--json out.json]
 
 Builds the 14B DiT (DiffSynth's ``WanModel`` with ChronoEdit-14B's kwargs) on the meta device, injects
-each adapter with the trainer's own peft configuration (:func:`chronoedit_lora.train.adapter_config.peft_config`,
+each adapter with the trainer's own peft configuration (:func:`chronoedit_lora.train.objective.adapter_config.peft_config`,
 default targets q,k,v,o,ffn.0,ffn.2 in the 40 blocks) and counts its parameters. The kit saves
 adapters in float32 (the header and alpha scalars add a few kB); bf16 halves it.
 """
@@ -33,8 +33,8 @@ def adapter_parameters(kwargs: dict, overrides: dict[str, str]) -> int:
     from peft import inject_adapter_in_model
 
     from chronoedit_lora.lora.weights import is_adapter_parameter
-    from chronoedit_lora.train.adapter_config import peft_config
-    from chronoedit_lora.train.config import load_config
+    from chronoedit_lora.train.objective.adapter_config import peft_config
+    from chronoedit_lora.train.loop.config import load_config
 
     with torch.device("meta"):
         dit = WanModel(**kwargs)

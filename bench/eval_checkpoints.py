@@ -40,7 +40,7 @@ def write_loras(folder: Path, model: Path) -> list[Path]:
     from chronoedit_lora.lora import LoraModule, save_lora
     from chronoedit_lora.models.components import discover_components
     from chronoedit_lora.models.dit import inspect_dit, meta_dit
-    from chronoedit_lora.train.config import DEFAULT_TARGETS
+    from chronoedit_lora.train.loop.config import DEFAULT_TARGETS
 
     folder.mkdir()
     skeleton = meta_dit(inspect_dit(discover_components(model).dit))

@@ -62,7 +62,7 @@ WHEELS = {
     "sniffio==1.3.1": "sniffio",
 }
 # The check's own imports, tried after installing (a missing or broken wheel fails here, in seconds).
-CHECK_IMPORTS = ("chronoedit_lora.cli", "chronoedit_lora.pipeline", "chronoedit_lora.train.trainer",
+CHECK_IMPORTS = ("chronoedit_lora.cli", "chronoedit_lora.pipeline", "chronoedit_lora.train.loop.trainer",
                  "torch.utils.tensorboard")
 NO_CUDA = ("gpu_bundle.py run needs a CUDA GPU, and torch.cuda.is_available() is False here; nothing was "
            "installed or run.")

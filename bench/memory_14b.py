@@ -58,7 +58,7 @@ def add_lora(dit: torch.nn.Module, rank: int) -> torch.nn.Module:
     """peft LoRA on the trainer's default targets; only LoRA trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from chronoedit_lora.train.config import DEFAULT_TARGETS
+    from chronoedit_lora.train.loop.config import DEFAULT_TARGETS
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=DEFAULT_TARGETS), dit)
     for name, param in dit.named_parameters():

@@ -48,8 +48,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.lora_module import LoraTrainingModule
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 config_path, model, cache_entry = sys.argv[1:4]
 config = load_config(config_path, {"model": model})
 pipe = ChronoEditPipeline.from_pretrained(model, dtype=torch.float32, encoders=False)

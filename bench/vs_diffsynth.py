@@ -102,7 +102,7 @@ def diffsynth_child(task: str, model: str, output: str, steps: int, side: int, t
 
     from chronoedit_lora.data import EditPairDataset
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.config import load_config
+    from chronoedit_lora.train.loop.config import load_config
     from chronoedit_lora.video import tensor_to_pil
 
     torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ import os
 import typing
 
 from .cli import build_parser
-from .train.config import TrainConfig
+from .train.loop.config import TrainConfig
 
 WIDTH = "100"
 

@@ -24,8 +24,8 @@ def die() -> None:
 def install(moment: str, step: int) -> None:
     import chronoedit_lora.files as files
     import chronoedit_lora.lora.io as lora_io
-    import chronoedit_lora.train.checkpoint as checkpoint
-    import chronoedit_lora.train.logs as logs
+    import chronoedit_lora.train.state.checkpoint as checkpoint
+    import chronoedit_lora.train.state.logs as logs
 
     tag = f"{step:06d}"
     if moment == "step":

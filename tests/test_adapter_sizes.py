@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
-from chronoedit_lora.train.adapter_config import peft_config
-from chronoedit_lora.train.config import load_config
+from chronoedit_lora.train.objective.adapter_config import peft_config
+from chronoedit_lora.train.loop.config import load_config
 
 from .bench_scripts import load_bench
 
@@ -30,7 +30,7 @@ def test_14b_counts_equal_the_hand_formulas():
 def test_tiny_counts_equal_the_trained_parameters(tiny_diffusers, kind):
     from chronoedit_lora.models.dit import inspect_dit
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.lora_module import LoraTrainingModule
+    from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 
     overrides = {"adapter": kind, "rank": "4", "alpha": "4"}
     counted = load_bench("adapter_sizes").adapter_parameters(inspect_dit(tiny_diffusers / "transformer").kwargs, overrides)

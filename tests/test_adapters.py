@@ -21,12 +21,12 @@ from chronoedit_lora.lora.weights import from_peft_parameters, to_peft_parameter
 from chronoedit_lora.models.components import discover_components
 from chronoedit_lora.models.dit import load_dit
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.adapter_config import peft_config
-from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.lora_export import load_into
-from chronoedit_lora.train.lora_module import LoraTrainingModule
-from chronoedit_lora.train.objective import validation_loss
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.objective.adapter_config import peft_config
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.state.lora_export import load_into
+from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
+from chronoedit_lora.train.objective.loss import validation_loss
+from chronoedit_lora.train.loop.trainer import train
 
 from .lora_parity import PARITY_RTOL, diffusers_and_ours
 from .test_train import RESUME_ATOL, make_subset, tiny_config

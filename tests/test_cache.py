@@ -7,7 +7,7 @@ import csv
 import torch
 
 from chronoedit_lora.lora import load_lora
-from chronoedit_lora.train.trainer import cache_conditioning, train
+from chronoedit_lora.train.loop.trainer import cache_conditioning, train
 
 from .test_train import make_subset, tiny_config
 
@@ -51,7 +51,7 @@ def test_entries_are_reused_until_an_input_changes(tiny_diffusers, tmp_path):
 def test_filling_the_cache_never_loads_dit_weights(tiny_diffusers, tmp_path):
     """The encoders-only pipeline that fills the cache holds the DiT as a weightless meta shell."""
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.inputs import encode_clip
+    from chronoedit_lora.train.loop.inputs import encode_clip
 
     encoders = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, with_dit=False)
     full = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from chronoedit_lora.errors import ChronoEditError
-from chronoedit_lora.train.checkpoint import latest_checkpoint, load_progress
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.state.checkpoint import latest_checkpoint, load_progress
+from chronoedit_lora.train.loop.trainer import train
 
 from .test_train import make_subset, tiny_config
 

@@ -10,7 +10,7 @@ import torch
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import load_lora
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.loop.trainer import train
 
 from .test_train import make_subset, tiny_config
 

@@ -11,7 +11,7 @@ import pytest
 
 from chronoedit_lora.cli import build_parser
 from chronoedit_lora.reference import _subparsers, render
-from chronoedit_lora.train.config import TrainConfig
+from chronoedit_lora.train.loop.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -20,9 +20,9 @@ from chronoedit_lora.eval.checkpoints import Checkpoint, find_checkpoints
 from chronoedit_lora.eval.metrics import QUANTILES, quantile_column
 from chronoedit_lora.eval.report import best_per_metric, metrics_csv, overall_pick
 from chronoedit_lora.lora import load_lora
-from chronoedit_lora.train.loss_plot import COLOURS, HELD_OUT
-from chronoedit_lora.train.samples import LABEL_HEIGHT
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.state.loss_plot import COLOURS, HELD_OUT
+from chronoedit_lora.train.loop.samples import LABEL_HEIGHT
+from chronoedit_lora.train.loop.trainer import train
 
 from .test_train import EXAMPLE, RESUME_ATOL, make_subset, tiny_config
 from .tiny_metric_models import write_tiny_clip, write_tiny_dino, write_tiny_lpips
@@ -50,7 +50,7 @@ def test_quantile_loss_is_the_objective_by_hand(tiny_diffusers, two_pairs):
     from chronoedit_lora.eval.quantile_loss import quantile_losses
     from chronoedit_lora.models.rope import chronoedit_model_fn
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.objective import training_schedule
+    from chronoedit_lora.train.objective.loss import training_schedule
 
     pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)
     dataset = EditPairDataset(two_pairs, 32, 32)
@@ -148,7 +148,7 @@ def test_eval_of_an_overfitted_run_beats_the_base_and_writes_every_output(tiny_d
     for column in range(5):  # each column is labelled
         assert min(grid.convert("L").crop((column * GRID_CELL, 0, (column + 1) * GRID_CELL, LABEL_HEIGHT)).getdata()) < 128
     plot = np.asarray(Image.open(run / "eval" / "metrics.png").convert("RGB"))
-    from chronoedit_lora.train.loss_plot import MARK
+    from chronoedit_lora.train.state.loss_plot import MARK
 
     assert (plot == MARK).all(axis=2).sum() > 20  # the best of each metric is ringed
     card = (run / "README.md").read_text()

@@ -24,8 +24,8 @@ from chronoedit_lora.data.checked_files import CheckedFiles
 from chronoedit_lora.data.metadata import read_metadata
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import save_lora
-from chronoedit_lora.train.cache import CacheEntryError
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.loop.cache import CacheEntryError
+from chronoedit_lora.train.loop.trainer import train
 
 from .test_batch_edit import FAST, write_batch
 from .test_train import make_subset, tiny_config
@@ -396,7 +396,7 @@ def test_prompt_markup_stays_inside_the_model_cards_quote(tmp_path):
 
     import markdown
 
-    from chronoedit_lora.train.model_card import render_model_card
+    from chronoedit_lora.train.state.model_card import render_model_card
 
     hostile = ("---\nbase_model: evil/model\n---\n<script>alert(1)</script> [click](http://x.example) **bold**\n"
                "# Heading\n| a | b |\n|---|---|\n~~strike~~ - item")

@@ -9,7 +9,7 @@ import torch
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.models.fp8 import FP8, Fp8Linear, dequantize, quantize_, store_blocks_in_fp8
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.lora_module import LoraTrainingModule
+from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 
 from .test_train import make_subset, tiny_config
 
@@ -132,7 +132,7 @@ def test_fp8_base_trains_and_edits_with_an_unfused_lora(tiny_diffusers, tmp_path
 
 
 def train_config_run(model, dataset, output):
-    from chronoedit_lora.train.trainer import train
+    from chronoedit_lora.train.loop.trainer import train
 
     config = tiny_config(model, dataset, output, fp8_base="true", max_steps=3, learning_rate="2e-2")
     result = train(config)

@@ -15,9 +15,9 @@ from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import load_lora, save_lora
 from chronoedit_lora.models.dit import load_dit
 from chronoedit_lora.models.rope import chronoedit_model_fn
-from chronoedit_lora.train import dcp
-from chronoedit_lora.train.checkpoint import checkpoint_dir
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.state import dcp
+from chronoedit_lora.train.state.checkpoint import checkpoint_dir
+from chronoedit_lora.train.loop.trainer import train
 
 from .lora_parity import PARITY_RTOL
 from .test_train import RESUME_ATOL, make_subset, tiny_config
@@ -211,8 +211,8 @@ def test_extracted_lora_is_the_truncated_svd_of_the_change(tiny_diffusers, full_
 
 
 def test_settings_are_checked_before_any_model_loads(tmp_path):
-    from chronoedit_lora.train.config import load_config
-    from chronoedit_lora.train.full_module import check_trainable
+    from chronoedit_lora.train.loop.config import load_config
+    from chronoedit_lora.train.objective.full_module import check_trainable
 
     for overrides, message in (({"ema_decay": "0.9", "ema_power": "7"}, "choose one EMA"),
                                ({"ema_decay": "1"}, "ema_decay must be"),
@@ -226,7 +226,7 @@ def test_settings_are_checked_before_any_model_loads(tmp_path):
 
 
 def test_samples_see_the_ema_inside_swapped_in_and_the_weights_after():
-    from chronoedit_lora.train.ema import ExponentialMovingAverage
+    from chronoedit_lora.train.state.ema import ExponentialMovingAverage
 
     layer = torch.nn.Linear(3, 2)
     ema = ExponentialMovingAverage(dict(layer.named_parameters()), ema_decay=0.5, ema_power=0.0)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chronoedit_lora.train import dcp
-from chronoedit_lora.train.checkpoint import checkpoint_dir
+from chronoedit_lora.train.state import dcp
+from chronoedit_lora.train.state.checkpoint import checkpoint_dir
 
 from .test_fsdp import ACCUMULATION_ATOL, _launch
 from .test_train import RESUME_ATOL, make_subset

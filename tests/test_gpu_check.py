@@ -13,7 +13,7 @@ import torch
 
 from chronoedit_lora.cli import build_parser
 from chronoedit_lora.commands.train import overrides_from
-from chronoedit_lora.train.config import load_config
+from chronoedit_lora.train.loop.config import load_config
 
 from .bench_scripts import BENCH, load_bench
 

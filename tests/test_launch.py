@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from chronoedit_lora.errors import ChronoEditError
-from chronoedit_lora.train.config import TrainConfig
-from chronoedit_lora.train.launch import check_launch
+from chronoedit_lora.train.loop.config import TrainConfig
+from chronoedit_lora.train.distributed.launch import check_launch
 
 from .test_train import make_subset
 from .test_train_processes import ROOT, _train_cmd

@@ -29,7 +29,7 @@ EXPECTED_LORA_NORM = 8.974132432494901
 
 def pinned_run(model: Path, workdir: Path) -> tuple[list[float], float]:
     """Train the pinned run; returns the 8 logged losses and the Frobenius norm of every LoRA factor."""
-    from chronoedit_lora.train.trainer import train
+    from chronoedit_lora.train.loop.trainer import train
 
     from .test_train import make_subset, tiny_config
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from chronoedit_lora.train.loss_plot import COLOURS, MARGIN, SIZE, log_ticks, nice_ticks, plot_losses, running_mean
+from chronoedit_lora.train.state.loss_plot import COLOURS, MARGIN, SIZE, log_ticks, nice_ticks, plot_losses, running_mean
 
 
 def _rows_of(image: np.ndarray, colour: tuple[int, int, int], column: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
-from chronoedit_lora.train.config import DEFAULT_TARGETS
+from chronoedit_lora.train.loop.config import DEFAULT_TARGETS
 
 from .bench_scripts import load_bench
 
@@ -33,7 +33,7 @@ def test_14b_dit_parameters_equal_diffusers_chronoedit_transformer():
 def test_lora_count_and_saved_activations_match_a_real_tiny_dit(tiny_diffusers):
     from chronoedit_lora.models.dit import inspect_dit, load_dit
     from chronoedit_lora.pipeline import ChronoEditPipeline
-    from chronoedit_lora.train.lora_module import LoraTrainingModule
+    from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 
     bench = _bench()
     kwargs = inspect_dit(tiny_diffusers / "transformer").kwargs

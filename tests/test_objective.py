@@ -12,9 +12,9 @@ from diffsynth.pipelines.wan_video import WanVideoPipeline
 from chronoedit_lora.data import EditPairDataset
 from chronoedit_lora.models.rope import chronoedit_model_fn
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.inputs import encode_clip
-from chronoedit_lora.train.lora_module import LoraTrainingModule
-from chronoedit_lora.train.objective import VALIDATION_SIGMAS, training_schedule, validation_loss
+from chronoedit_lora.train.loop.inputs import encode_clip
+from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
+from chronoedit_lora.train.objective.loss import VALIDATION_SIGMAS, training_schedule, validation_loss
 
 from .test_train import make_subset
 

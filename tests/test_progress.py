@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from chronoedit_lora.train.checkpoint import Progress
-from chronoedit_lora.train.data import TrainingData
+from chronoedit_lora.train.state.checkpoint import Progress
+from chronoedit_lora.train.loop.data import TrainingData
 
 from .test_train import make_subset, tiny_config
 

@@ -12,9 +12,9 @@ import torch
 from chronoedit_lora.cli import main
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import load_lora
-from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.run_folder import RunLock
-from chronoedit_lora.train.trainer import NonFiniteError, train
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.state.run_folder import RunLock
+from chronoedit_lora.train.loop.trainer import NonFiniteError, train
 
 from .test_train import make_subset, tiny_config
 
@@ -155,7 +155,7 @@ class _NanGradient(torch.autograd.Function):
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tiny_diffusers, pairs, tmp_path, monkeypatch):
-    from chronoedit_lora.train.lora_module import LoraTrainingModule
+    from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 
     forward = LoraTrainingModule.forward
     monkeypatch.setattr(LoraTrainingModule, "forward", lambda self, inputs, **kw: _NanGradient.apply(forward(self, inputs, **kw)))
@@ -166,7 +166,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tiny_dif
 
 def test_the_logged_gradient_norm_is_measured_once_and_clipped_to(tiny_diffusers, pairs, tmp_path, monkeypatch):
     """The norm in metrics.csv is the gradients' norm before clipping, and clipping scales them to max_grad_norm."""
-    from chronoedit_lora.train import fsdp
+    from chronoedit_lora.train.distributed import fsdp
 
     seen = []
     clip = fsdp.clip_gradients
@@ -187,7 +187,7 @@ def test_the_logged_gradient_norm_is_measured_once_and_clipped_to(tiny_diffusers
 
 
 def test_signal_handlers_are_restored_and_accumulation_logs_whole_windows(tiny_diffusers, pairs, tmp_path, monkeypatch):
-    from chronoedit_lora.train.lora_module import LoraTrainingModule
+    from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
 
     micro_losses = []
     forward = LoraTrainingModule.forward

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from chronoedit_lora.errors import ChronoEditError
-from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.loop.trainer import train
 
 from .test_train import make_subset, tiny_config
 

@@ -14,9 +14,9 @@ from chronoedit_lora.data import EditPairDataset
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import fuse_lora, load_lora
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.config import load_config
-from chronoedit_lora.train.objective import validation_loss
-from chronoedit_lora.train.trainer import train
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.objective.loss import validation_loss
+from chronoedit_lora.train.loop.trainer import train
 
 from .lora_parity import PARITY_RTOL, diffusers_and_ours
 
@@ -155,7 +155,7 @@ def test_sample_grid_during_training(tiny_diffusers, four_pairs, tmp_path):
 
     train(tiny_config(tiny_diffusers, four_pairs, tmp_path / "run", max_steps=2, sample_every=2, sample_steps=2,
                       sample_count=2))
-    from chronoedit_lora.train.samples import CELL, LABEL_HEIGHT
+    from chronoedit_lora.train.loop.samples import CELL, LABEL_HEIGHT
 
     grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png").convert("L")
     # rows: pairs; columns: input | edit with the LoRA | target, each enlarged to a readable cell

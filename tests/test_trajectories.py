@@ -21,11 +21,11 @@ from chronoedit_lora.data.trajectories import load_trajectory, resample_indices
 from chronoedit_lora.lora import fuse_lora, load_lora
 from chronoedit_lora.models.rope import chronoedit_model_fn
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.train.data import TrainingData
-from chronoedit_lora.train.inputs import BATCHED_VAE_MAX_PIXELS, encode_clip
-from chronoedit_lora.train.lora_module import LoraTrainingModule
-from chronoedit_lora.train.objective import validation_loss
-from chronoedit_lora.train.trainer import cache_conditioning, train
+from chronoedit_lora.train.loop.data import TrainingData
+from chronoedit_lora.train.loop.inputs import BATCHED_VAE_MAX_PIXELS, encode_clip
+from chronoedit_lora.train.objective.lora_module import LoraTrainingModule
+from chronoedit_lora.train.objective.loss import validation_loss
+from chronoedit_lora.train.loop.trainer import cache_conditioning, train
 from chronoedit_lora.video import REASONING_FRAMES, to_tensor
 
 from .test_dit import PARITY_RTOL

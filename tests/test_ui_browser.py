@@ -24,7 +24,7 @@ from PIL import Image
 from chronoedit_lora.cli import build_parser, main
 from chronoedit_lora.files import save_image
 from chronoedit_lora.lora import save_lora
-from chronoedit_lora.train.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
+from chronoedit_lora.train.loop.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
 
 from .test_train import EXAMPLE, make_subset
 
@@ -330,7 +330,7 @@ def test_training_from_the_page_stops_with_a_checkpoint_and_resumes(page, folder
 
 
 def test_a_locked_run_folder_is_refused_in_the_page(page, folders):
-    from chronoedit_lora.train.run_folder import RunLock
+    from chronoedit_lora.train.state.run_folder import RunLock
 
     run = folders["runs"] / "locked"
     run.mkdir()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..train.config import load_config
+from ..train.loop.config import load_config
 from .train import add_arguments as add_train_arguments
 from .train import overrides_from
 
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
-    from ..train.trainer import cache_conditioning
+    from ..train.loop.trainer import cache_conditioning
 
     cache_conditioning(load_config(args.config, overrides_from(args, extra or [])))
     return 0

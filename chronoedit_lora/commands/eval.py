@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.runner import evaluate_checkpoints, score_with_models
     from ..eval.image_metrics import ssim
     from ..pipeline import ChronoEditPipeline
-    from ..train.model_card import add_evaluation
+    from ..train.state.model_card import add_evaluation
 
     print(f"evaluating {len(checkpoints)} checkpoints ({', '.join(c.label for c in checkpoints)}) "
           f"on {len(items)} held-out pairs from {args.dataset}")

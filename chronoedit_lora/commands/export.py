@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.export import export_run
+    from ..train.state.export import export_run
 
     output = Path(args.output)
     if args.to == "diffusers":

@@ -144,7 +144,7 @@ def _extract(args: argparse.Namespace) -> int:
     from ..models.dit import linear_layers
     from ..models.components import find_dit
     from ..models.dit import inspect_dit
-    from ..train.export import full_run_reader, is_run
+    from ..train.state.export import full_run_reader, is_run
 
     output = Path(args.output)
     check_range("--rank", args.rank, 1)

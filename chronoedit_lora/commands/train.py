@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ChronoEditError
-from ..train.config import TrainConfig, load_config
+from ..train.loop.config import TrainConfig, load_config
 
 # Plain flags for the common settings; every other config key works as `--key value` too.
 COMMON_FLAGS = ("model", "dataset", "output", "max_steps", "seed")
@@ -44,7 +44,7 @@ def overrides_from(args: argparse.Namespace, extra: list[str]) -> dict[str, str]
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     config = load_config(args.config, overrides_from(args, extra or []))
-    from ..train.trainer import train
+    from ..train.loop.trainer import train
 
     result = train(config)
     return 128 + result.interrupted_by if result.interrupted_by else 0  # 130 after SIGINT, 143 after SIGTERM

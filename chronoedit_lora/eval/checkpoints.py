@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ChronoEditError
 from ..models.loading import read_header
-from ..train.lora_export import FINAL_NAME
+from ..train.state.lora_export import FINAL_NAME
 
 BASE = "base"
 FINAL = "final"

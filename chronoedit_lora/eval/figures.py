@@ -1,7 +1,7 @@
 """``metrics.png`` (one panel per metric over the checkpoints, the best one ringed) and ``grid.png``
 (held-out inputs x checkpoints, labelled, with the target and the base), drawn with PIL through
-the training charts' :func:`~chronoedit_lora.train.loss_plot.draw_chart` and sample grids'
-:func:`~chronoedit_lora.train.samples.grid_image`."""
+the training charts' :func:`~chronoedit_lora.train.state.loss_plot.draw_chart` and sample grids'
+:func:`~chronoedit_lora.train.loop.samples.grid_image`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..files import save_image
-from ..train.loss_plot import Line, draw_chart
-from ..train.samples import grid_image
+from ..train.state.loss_plot import Line, draw_chart
+from ..train.loop.samples import grid_image
 from .checkpoints import BASE, Checkpoint
 from .held_out import HeldOutPair
 from .metrics import COUNTED, LOSS, METRICS, NEUTRAL

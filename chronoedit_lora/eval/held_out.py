@@ -3,7 +3,7 @@
 One encoding serves every checkpoint: the flow-matching loss (:mod:`.quantile_loss`) and the
 edit both start from it, since the training clip's conditioning (CLIP of the input, y from the
 input followed by black frames, the prompt's umT5 embedding) is the edit's at inference for that
-clip length (see :func:`~chronoedit_lora.train.inputs.encode_clip`). A trajectory row is edited in
+clip length (see :func:`~chronoedit_lora.train.loop.inputs.encode_clip`). A trajectory row is edited in
 the temporal-reasoning mode throughout, as the training sample grids do.
 """
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..data.metadata import TRAJECTORY
 from ..pipeline import EDIT_LATENTS, ChronoEditPipeline
-from ..train.inputs import encode_clip
+from ..train.loop.inputs import encode_clip
 from ..video import tensor_to_pil
 
 

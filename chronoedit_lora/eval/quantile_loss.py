@@ -2,7 +2,7 @@
 fixed noise: cheap (no sampling) and comparable between checkpoints.
 
 Training draws the timestep uniformly from the 1000 of the shifted schedule
-(:func:`~chronoedit_lora.train.objective.training_schedule`); quantile q is the timestep at
+(:func:`~chronoedit_lora.train.objective.loss.training_schedule`); quantile q is the timestep at
 position q of them sorted (q = 0.1: low noise, 0.9: high noise). The loss is the unweighted MSE of
 the velocity, as the fixed-grid validation loss; the overall loss is the mean over quantiles and pairs.
 """
@@ -13,7 +13,7 @@ import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
 from ..pipeline import ChronoEditPipeline
-from ..train.objective import fixed_noise_losses, training_schedule
+from ..train.objective.loss import fixed_noise_losses, training_schedule
 from .held_out import HeldOutPair
 from .metrics import LOSS, QUANTILES, quantile_column
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import ChronoEditError
-from ..train.samples import grid_image
+from ..train.loop.samples import grid_image
 from . import runs
 from .edit import form_settings, settings_fields
 from .safety import user_errors

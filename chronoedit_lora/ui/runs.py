@@ -16,8 +16,8 @@ import pandas as pd
 from ..errors import ChronoEditError
 from ..eval.checkpoints import BASE, FINAL, STEP_FILE, step_label
 from ..models.loading import read_header
-from ..train.checkpoint import CHECKPOINTS
-from ..train.lora_export import FINAL_NAME
+from ..train.state.checkpoint import CHECKPOINTS
+from ..train.state.lora_export import FINAL_NAME
 from .safety import user_errors, within
 from .session import Session
 

@@ -21,7 +21,7 @@ from ..data.images import open_image
 from ..errors import ChronoEditError
 from ..lora import UnfusedLora, parse_lora_spec
 from ..pipeline import ChronoEditPipeline, EditRequest, EditResult
-from ..train.checkpoint import CHECKPOINTS
+from ..train.state.checkpoint import CHECKPOINTS
 from .safety import readable
 
 LORA_SUFFIX = ".safetensors"

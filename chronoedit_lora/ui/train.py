@@ -17,8 +17,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import ChronoEditError
-from ..train.config import TrainConfig, load_config
-from ..train.run_folder import LOCK_NAME, RunLock
+from ..train.loop.config import TrainConfig, load_config
+from ..train.state.run_folder import LOCK_NAME, RunLock
 from .safety import readable, user_errors
 from .session import Session
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.config import PeftConfig
 
-from ..errors import ChronoEditError
-from ..lora.weights import ADAPTER_NAMES, ADAPTER_TYPES
-from ..settings import check_choice
-from .config import TrainConfig
+from ...errors import ChronoEditError
+from ...lora.weights import ADAPTER_NAMES, ADAPTER_TYPES
+from ...settings import check_choice
+from ..loop.config import TrainConfig
 
 LOKR_SETTINGS = {"lokr_factor": -1, "lokr_decompose_both": False}  # with their defaults
 

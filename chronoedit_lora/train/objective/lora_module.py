@@ -7,10 +7,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.config import PeftConfig
 
-from ..lora.weights import is_adapter_parameter
-from ..pipeline import ChronoEditPipeline
+from ...lora.weights import is_adapter_parameter
+from ...pipeline import ChronoEditPipeline
 from .dit_module import DiTTrainingModule
-from .objective import DEFAULT_SHIFT
+from .loss import DEFAULT_SHIFT
 
 
 class LoraTrainingModule(DiTTrainingModule):

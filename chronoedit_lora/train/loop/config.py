@@ -9,8 +9,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ChronoEditError
-from ..user_files import check_regular, read_text
+from ...errors import ChronoEditError
+from ...user_files import check_regular, read_text
 
 DEFAULT_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
 FINETUNE_MODES = ("lora", "full")
@@ -148,11 +148,11 @@ FUTURE_ONLY = frozenset({
 
 def validate(config: TrainConfig) -> None:
     """Every setting that can be checked without a model: ranges, choices, combinations."""
-    from ..models.loading import DTYPES
-    from .adapter_config import check_adapter
-    from .trackers import check_trackers
-    from ..models.rope import ROPE_MODES
-    from ..settings import MAX_STEPS, MAX_TRAIN_SEED, check_choice, check_range, check_seed, check_shift, check_size
+    from ...models.loading import DTYPES
+    from ..objective.adapter_config import check_adapter
+    from ..state.trackers import check_trackers
+    from ...models.rope import ROPE_MODES
+    from ...settings import MAX_STEPS, MAX_TRAIN_SEED, check_choice, check_range, check_seed, check_shift, check_size
 
     check_choice("dtype", config.dtype, sorted(DTYPES))
     check_choice("rope", config.rope, ROPE_MODES)
@@ -203,8 +203,8 @@ def validate(config: TrainConfig) -> None:
 
 def validate_evaluation(config: TrainConfig) -> None:
     """eval_every needs held-out pairs; keep_best names a metric that eval_every measures."""
-    from ..eval.metrics import METRICS, NEUTRAL, TRAINING_METRICS
-    from ..settings import check_choice
+    from ...eval.metrics import METRICS, NEUTRAL, TRAINING_METRICS
+    from ...settings import check_choice
 
     if config.eval_every and not config.eval_dataset:
         raise ChronoEditError("eval_every needs eval_dataset: a CSV of held-out pairs (rows not in `dataset`), "

@@ -25,28 +25,29 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from safetensors import SafetensorError
 
-from ..data.metadata import TRAJECTORY
-from ..errors import ChronoEditError
-from ..files import WriteError, writing
-from ..lora.weights import ADAPTER_NAMES
-from ..models.dit import compile_blocks
-from ..models.loading import DTYPES
-from ..settings import MAX_TRAIN_SEED, check_targets
-from . import checkpoint as ckpt
+from ...data.metadata import TRAJECTORY
+from ...errors import ChronoEditError
+from ...files import WriteError, writing
+from ...lora.weights import ADAPTER_NAMES
+from ...models.dit import compile_blocks
+from ...models.loading import DTYPES
+from ...settings import MAX_TRAIN_SEED, check_targets
+from ..state import checkpoint as ckpt
 from .config import TrainConfig
-from . import fsdp, lora_export, trained_state
+from ..distributed import fsdp
+from ..state import lora_export, trained_state
 from .data import TrainingData, preflight
-from .ema import ExponentialMovingAverage
-from .full_module import check_trainable, training_module
+from ..state.ema import ExponentialMovingAverage
+from ..objective.full_module import check_trainable, training_module
 from .evaluation import TrainingEvaluation, evaluate_step, restore_best, snapshot_best
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
-from .launch import check_launch
-from .logs import TrainingLog
-from .model_card import write_model_card
+from ..distributed.launch import check_launch
+from ..state.logs import TrainingLog
+from ..state.model_card import write_model_card
 from .prefetch import Prefetcher
-from .run_folder import RunFolder, choose_checkpoint
-from .sync import assert_ranks_in_sync
+from ..state.run_folder import RunFolder, choose_checkpoint
+from ..distributed.sync import assert_ranks_in_sync
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank), or its
     # `trainable` weights train.
-    from ..pipeline import ChronoEditPipeline
+    from ...pipeline import ChronoEditPipeline
 
     dtype = DTYPES[config.dtype]
     cache = open_cache(config, output, dtype, paths) if config.cache else None
@@ -307,28 +308,28 @@ def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: 
 
 def _skeleton(dit: Path) -> torch.nn.Module:
     """The DiT from its headers alone (a meta-device model)."""
-    from ..models.dit import inspect_dit, meta_dit
+    from ...models.dit import inspect_dit, meta_dit
 
     return meta_dit(inspect_dit(dit))
 
 
 def dit_linear_layers(dit: Path) -> list[str]:
     """Names of the DiT's linear layers, from its headers alone."""
-    from ..models.dit import inspect_dit, linear_layers
+    from ...models.dit import inspect_dit, linear_layers
 
     return linear_layers(inspect_dit(dit))
 
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
     """Where every component is (``model`` plus per-component overrides), found once per run."""
-    from ..models.components import ComponentPaths, discover_components
+    from ...models.components import ComponentPaths, discover_components
 
     found = discover_components(config.model, **{f.name: getattr(config, f.name) for f in fields(ComponentPaths)})
     return {f.name: getattr(found, f.name) for f in fields(ComponentPaths)}
 
 
 def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dict[str, Path]) -> ConditioningCache:
-    from ..models.components import ComponentPaths
+    from ...models.components import ComponentPaths
 
     return ConditioningCache(Path(config.cache_dir) if config.cache_dir else output / "cache",
                              components_fingerprint(ComponentPaths(**paths), dtype), dtype)
@@ -340,7 +341,7 @@ def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: Trai
     waits for the rest); returns how many were missing."""
     missing = cache.missing(data.dataset, report=accelerator.is_main_process)
     if missing:
-        from ..pipeline import ChronoEditPipeline
+        from ...pipeline import ChronoEditPipeline
 
         encoders = ChronoEditPipeline.from_pretrained(device=accelerator.device, dtype=dtype, with_dit=False, **paths)
         share = missing[accelerator.process_index::accelerator.num_processes]

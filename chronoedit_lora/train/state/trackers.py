@@ -18,8 +18,8 @@ import numpy as np
 from accelerate import Accelerator
 from PIL import Image
 
-from ..errors import ChronoEditError
-from ..settings import did_you_mean
+from ...errors import ChronoEditError
+from ...settings import did_you_mean
 
 # pip name of each tracker's package, where it differs from accelerate's tracker name
 _PACKAGES = {"comet_ml": "comet-ml"}

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
-from ..models.rope import chronoedit_model_fn
-from ..pipeline import ChronoEditPipeline
-from .inputs import encode_clip
+from ...models.rope import chronoedit_model_fn
+from ...pipeline import ChronoEditPipeline
+from ..loop.inputs import encode_clip
 
 TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0

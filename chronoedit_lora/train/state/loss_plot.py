@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import save_image
+from ...files import save_image
 
 SIZE = (720, 420)
 MARGIN = (78, 24, 24, 56)  # left, top, right, bottom

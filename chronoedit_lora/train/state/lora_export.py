@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ChronoEditError
-from ..lora import from_peft_parameters, load_lora, save_lora
-from ..lora.weights import ADAPTER_NAMES, is_adapter_parameter, to_peft_parameters
-from .config import TrainConfig
+from ...errors import ChronoEditError
+from ...lora import from_peft_parameters, load_lora, save_lora
+from ...lora.weights import ADAPTER_NAMES, is_adapter_parameter, to_peft_parameters
+from ..loop.config import TrainConfig
 
 FINAL_NAME = "lora.safetensors"
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import ChronoEditError
-from ..files import atomic_path
-from ..lora import check_finite, load_lora
-from ..lora.merge import Update, lora_update, write_model
-from ..models.components import find_dit
-from ..models.dit import HEADS_METADATA_KEY, DiTCheckpoint, inspect_dit, wan_names
-from ..models.loading import read_state_dict
+from ...errors import ChronoEditError
+from ...files import atomic_path
+from ...lora import check_finite, load_lora
+from ...lora.merge import Update, lora_update, write_model
+from ...models.components import find_dit
+from ...models.dit import HEADS_METADATA_KEY, DiTCheckpoint, inspect_dit, wan_names
+from ...models.loading import read_state_dict
 from . import checkpoint as ckpt
 from . import dcp
 from .lora_export import FINAL_NAME

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ChronoEditError
-from ..files import atomic_write, replace_folder, write_text
-from ..user_files import read_text
+from ...errors import ChronoEditError
+from ...files import atomic_write, replace_folder, write_text
+from ...user_files import read_text
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"

@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..data import EditPairDataset
-from ..data.metadata import TRAJECTORY
-from ..data.trajectories import frame_files
-from ..errors import CheckpointError, ChronoEditError
-from ..files import atomic_path
-from ..models.components import ComponentPaths
-from ..models.loading import SAFETENSORS_DTYPES, read_entries
-from ..video import EDIT_FRAMES, REASONING_FRAMES, latent_frames
+from ...data import EditPairDataset
+from ...data.metadata import TRAJECTORY
+from ...data.trajectories import frame_files
+from ...errors import CheckpointError, ChronoEditError
+from ...files import atomic_path
+from ...models.components import ComponentPaths
+from ...models.loading import SAFETENSORS_DTYPES, read_entries
+from ...video import EDIT_FRAMES, REASONING_FRAMES, latent_frames
 
 CACHE_VERSION = 2  # bump when what is cached, or how, changes
 FINGERPRINT_BYTES = 1 << 20

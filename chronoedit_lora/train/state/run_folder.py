@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ChronoEditError
-from ..models.loading import read_header
+from ...errors import CheckpointError, ChronoEditError
+from ...models.loading import read_header
 from . import checkpoint as ckpt
-from .config import TrainConfig, changed_settings
+from ..loop.config import TrainConfig, changed_settings
 from .model_card import CARD_MARK, CARD_NAME
 
 LOCK_NAME = ".lock"

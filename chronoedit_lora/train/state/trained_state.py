@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..files import write_text
-from . import dcp, fsdp, lora_export
-from .config import TrainConfig
+from ...files import write_text
+from . import dcp, lora_export
+from ..distributed import fsdp
+from ..loop.config import TrainConfig
 from .ema import ExponentialMovingAverage
 from .run_folder import SETTINGS, ResumePoint
 

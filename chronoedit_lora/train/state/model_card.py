@@ -11,9 +11,9 @@ import html
 import re
 from pathlib import Path
 
-from ..files import write_text
-from ..lora.weights import ADAPTER_NAMES
-from .config import TrainConfig
+from ...files import write_text
+from ...lora.weights import ADAPTER_NAMES
+from ..loop.config import TrainConfig
 from .lora_export import FINAL_NAME
 
 BASE_MODEL = "nvidia/ChronoEdit-14B-Diffusers"
@@ -118,7 +118,7 @@ def _comfy_keys(adapter: str) -> str:
 
 def evaluation_section(metrics_csv: Path, card_folder: Path) -> str:
     """The card's "Evaluation" section: the table of an evaluation's ``metrics.csv`` and its plot."""
-    from ..eval.report import markdown_table, read_metrics_csv
+    from ...eval.report import markdown_table, read_metrics_csv
 
     checkpoints, table = read_metrics_csv(metrics_csv)
     plot = metrics_csv.parent / "metrics.png"

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .config import TrainConfig
-from .fsdp import full_tensors, local
+from ..loop.config import TrainConfig
+from ..distributed.fsdp import full_tensors, local
 
 
 def decay(step: int, ema_decay: float, ema_power: float) -> float:

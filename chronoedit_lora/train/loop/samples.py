@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.metadata import TRAJECTORY
-from ..files import save_image
-from ..video import REASONING_LATENTS, tensor_to_pil
-from ..pipeline import ChronoEditPipeline
-from .objective import validation_loss
+from ...data.metadata import TRAJECTORY
+from ...files import save_image
+from ...video import REASONING_LATENTS, tensor_to_pil
+from ...pipeline import ChronoEditPipeline
+from ..objective.loss import validation_loss
 
 COLUMNS = ("input", "edit (this LoRA)", "target")
 # Reasoning frames shown for a trajectory row: the last frame of each in-between latent (1..6).

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
 from .ema import ExponentialMovingAverage
 
 STATE = "state"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..files import copy_file
-from . import fsdp, lora_export
-from .checkpoint import Progress
+from ...files import copy_file
+from ..distributed import fsdp
+from ..state import lora_export
+from ..state.checkpoint import Progress
 from .config import TrainConfig
 
 BEST_NAME = "lora-best.safetensors"
@@ -27,7 +28,7 @@ class TrainingEvaluation:
     """Scores the DiT as it is now on the first ``eval_count`` rows of ``eval_dataset``."""
 
     def __init__(self, config: TrainConfig, held_out):
-        from ..eval.held_out import EditSettings
+        from ...eval.held_out import EditSettings
 
         self.config = config
         self.items = [held_out[i] for i in range(min(config.eval_count, len(held_out)))]
@@ -36,7 +37,7 @@ class TrainingEvaluation:
 
     def fields(self) -> list[str]:
         """The metrics.csv columns it fills."""
-        from ..eval.metrics import LOSS, TRAINING_METRICS
+        from ...eval.metrics import LOSS, TRAINING_METRICS
 
         return [PREFIX + m for m in TRAINING_METRICS if self.settings or m.startswith(LOSS)]
 
@@ -44,9 +45,9 @@ class TrainingEvaluation:
         return step % self.config.eval_every == 0 or last
 
     def __call__(self, pipe) -> dict[str, float]:
-        from ..eval.held_out import encode_pairs
-        from ..eval.metrics import QUANTILES
-        from ..eval.runner import score_current, summarise
+        from ...eval.held_out import encode_pairs
+        from ...eval.metrics import QUANTILES
+        from ...eval.runner import score_current, summarise
 
         if self.pairs is None:
             self.pairs = encode_pairs(pipe, self.items, len(QUANTILES), self.config.seed)
@@ -62,7 +63,7 @@ class TrainingEvaluation:
 def improves(progress: Progress, metric: str, value: float, step: int) -> bool:
     """Record ``value`` of ``metric`` at ``step`` as the best if it beats the best so far (a best
     kept for another metric, after a resume with a changed keep_best, does not count)."""
-    from ..eval.metrics import better
+    from ...eval.metrics import better
 
     best = progress.best
     if best is not None and best["metric"] == metric and not better(metric, value, best["value"]):

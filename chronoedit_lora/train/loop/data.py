@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..data import EditPairDataset, bucket_batches, check_dataset, format_report, has_fatal
-from ..data.buckets import share_batches
-from ..data.metadata import PAIR, TRAJECTORY
-from ..errors import ChronoEditError
-from ..sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
-from .checkpoint import Progress
+from ...data import EditPairDataset, bucket_batches, check_dataset, format_report, has_fatal
+from ...data.buckets import share_batches
+from ...data.metadata import PAIR, TRAJECTORY
+from ...errors import ChronoEditError
+from ...sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from ..state.checkpoint import Progress
 from .config import TrainConfig
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models.rope import chronoedit_model_fn
-from ..pipeline import ChronoEditPipeline
-from .objective import DEFAULT_SHIFT, flow_matching_loss, training_schedule
+from ...models.rope import chronoedit_model_fn
+from ...pipeline import ChronoEditPipeline
+from .loss import DEFAULT_SHIFT, flow_matching_loss, training_schedule
 
 
 class DiTTrainingModule(torch.nn.Module):

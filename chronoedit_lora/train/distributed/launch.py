@@ -18,9 +18,9 @@ import os
 
 import torch
 
-from ..errors import ChronoEditError
+from ...errors import ChronoEditError
 from . import fsdp
-from .config import TrainConfig
+from ..loop.config import TrainConfig
 
 
 def deepspeed_requested() -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..pipeline import ChronoEditPipeline
-from ..video import tensor_to_pil
+from ...pipeline import ChronoEditPipeline
+from ...video import tensor_to_pil
 
 # One VAE pass over the target and condition clips (a batch of 2) halves the per-op overhead, which
 # is most of a small clip's encoding; a large clip's passes are compute-bound, and batching them

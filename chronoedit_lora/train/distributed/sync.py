@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 
-from ..errors import ChronoEditError
+from ...errors import ChronoEditError
 
 
 def weights_digest(params: list[torch.nn.Parameter]) -> torch.Tensor:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
-from ..errors import ChronoEditError
-from ..pipeline import ChronoEditPipeline
-from .config import TrainConfig
+from ...errors import ChronoEditError
+from ...pipeline import ChronoEditPipeline
+from ..loop.config import TrainConfig
 from .dit_module import DiTTrainingModule
-from .objective import DEFAULT_SHIFT
+from .loss import DEFAULT_SHIFT
 
 
 def matching(patterns: list[str], names: Iterable[str]) -> list[str]:

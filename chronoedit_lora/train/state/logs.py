@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..files import write_text, writing
+from ...files import write_text, writing
 from .loss_plot import plot_losses
 from .trackers import hyperparameters, log_image, log_table, tracker_kwargs
 

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..lora.weights import is_adapter_parameter
+from ...lora.weights import is_adapter_parameter
 
 
 def requested() -> bool:
