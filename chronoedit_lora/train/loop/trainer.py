@@ -131,7 +131,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base, **paths)
+        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base,
+        offload="blocks" if config.block_swap else "none", **paths)
     loaded_encoders = cache is None or filled > 0 or config.sample_every > 0 or config.eval_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
@@ -152,7 +153,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # schedule counted in single-process batches), so a warm-up would end N times too early.
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
-    module, optimizer = fsdp.prepare(accelerator, module, optimizer)
+    # under block_swap the module spans both devices: accelerate must not move it whole onto the GPU
+    module, optimizer = fsdp.prepare(accelerator, module, optimizer, place_model=not config.block_swap)
     trained_parameters = accelerator.unwrap_model(module).trained_parameters()
     ema = ExponentialMovingAverage.maybe(config, accelerator.unwrap_model(module).named_trained())
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
