@@ -135,8 +135,9 @@ def inspect_dit(
 ) -> DiTCheckpoint:
     """Resolve the files of a DiT and read everything needed to load it (headers only)."""
     files = resolve_weight_files(source, "DiT")
-    if any(f.suffix != ".safetensors" for f in files):
-        raise CheckpointError(f"{files[0]}: the DiT must be .safetensors (diffusers shards or one original-format file).")
+    if any(f.suffix not in (".safetensors", ".gguf") for f in files):
+        raise CheckpointError(f"{files[0]}: the DiT must be .safetensors (diffusers shards or one original-format "
+                              "file) or .gguf.")
     shapes, metadata = read_shapes(files)
     where = str(files[0].parent if len(files) > 1 else files[0])
     fmt, prefix = detect_format(shapes, where)
