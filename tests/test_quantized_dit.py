@@ -128,3 +128,22 @@ def test_training_on_a_gguf_base_and_full_finetune_refused(tiny_wan, quantized_f
         train(tiny_config(tiny_wan, dataset, tmp_path / "full", dit=str(quantized_files["Q4_0"]), finetune="full",
                           max_steps=1))
     assert not (tmp_path / "full").exists() or not any((tmp_path / "full").glob("checkpoints/*"))
+
+
+def test_merge_onto_a_quantized_base_writes_a_plain_bf16_model(quantized_files, random_lora, tmp_path, capsys):
+    from chronoedit_lora.lora import save_lora
+    from chronoedit_lora.lora.merge import lora_update, merge_model
+
+    save_lora(random_lora, tmp_path / "lora.safetensors")
+    folder, written = merge_model(None, quantized_files["Q4_0"], [(tmp_path / "lora.safetensors", 1.0)], tmp_path / "out")
+    assert [p.name for p in written] == ["dit_Q4_0.safetensors"]
+    assert "is quantized (gguf): the merged DiT is written dequantized in bfloat16" in capsys.readouterr().err
+    merged = load_file(str(written[0]))
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    dequantized = {k: v.to(torch.bfloat16) for k, v in load_dit(inspect_dit(quantized_files["Q4_0"]), torch.float32)[0]
+                   .state_dict().items()}
+    expected = lora_update([(random_lora, 1.0)])(dequantized)
+    assert expected.keys() == {f"{module}.weight" for module in random_lora}
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected.get(key, dequantized[key]).to(torch.bfloat16), rtol=0, atol=0)
+    assert load_dit(inspect_dit(written[0]), torch.bfloat16)[0] is not None  # a plain model the kit loads
