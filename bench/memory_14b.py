@@ -238,7 +238,10 @@ def full_modes(c: Counts, blocks: int, gpus: tuple[int, ...] = FULL_FINETUNE_GPU
 PAIR_SIZES = ((1024, 1024), (720, 1280))  # the small-card table's edit pairs (height, width)
 CARDS_GB = (12, 16, 24, 48, 80)
 CARD_MARGIN = 1.5 * GIB  # CUDA context and allocator slack, as chronoedit_lora.offload reserves for an edit
-BASES = ("bf16", "fp8")  # how the DiT's block linears are held
+# How the DiT's block linears are held: bf16, fp8_base (or a ComfyUI fp8 file), or a GGUF file of a type
+# (kept quantized, chronoedit_lora.models.quantized). Q4_K stands for Q4_K_M, most of whose weights are Q4_K.
+BASES = ("bf16", "fp8", "Q8_0", "Q4_K")
+SETTING_BASES = ("bf16", "fp8")  # what training settings choose; a GGUF base is another download
 
 
 @dataclass(frozen=True)
@@ -264,9 +267,9 @@ class Setting:
             ("activation_offload", self.activation_offload)))
 
 
-def settings() -> list[Setting]:
+def settings(bases: tuple[str, ...] = BASES) -> list[Setting]:
     """Every combination of base, cache, activation offload and block swap."""
-    return [Setting(base, cache, offload, swap) for base in BASES for cache in (True, False)
+    return [Setting(base, cache, offload, swap) for base in bases for cache in (True, False)
             for swap in (False, True) for offload in (False, True)]
 
 
@@ -276,13 +279,25 @@ SMALL_CARD_COLUMNS = ("DiT weights", "encoders", "LoRA + grads + AdamW", "activa
 
 def dit_bytes(c: Counts, blocks: int, base: str) -> tuple[float, float]:
     """(the whole DiT, one block) in bytes as ``base`` holds them; fp8: block linears 1 byte a weight plus
-    a float32 scale per row (``chronoedit_lora.models.fp8``)."""
+    a float32 scale per row (``chronoedit_lora.models.fp8``); GGUF: the type's block bytes per weight."""
     base_block = c.block_params - c.lora_params // blocks
-    whole, block = c.dit_params * 2, base_block * 2
-    if base == "fp8":
-        whole = whole - c.block_linear_weights + c.block_linear_rows * 4
-        block = block - (c.block_linear_weights - c.block_linear_rows * 4) // blocks
-    return whole, block
+    if base == "bf16":
+        linears = c.block_linear_weights * 2
+    elif base == "fp8":
+        linears = c.block_linear_weights + c.block_linear_rows * 4
+    else:
+        import gguf
+
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]]
+        linears = c.block_linear_weights * type_size / block_size
+    saved = c.block_linear_weights * 2 - linears
+    return c.dit_params * 2 - saved, base_block * 2 - saved / blocks
+
+
+def dequantized_bytes(c: Counts, base: str) -> int:
+    """The largest block linear's decoded copy while it computes: bf16 for fp8; a float32 decode and
+    its bf16 cast for GGUF (diffusers' dequantizers run in float32)."""
+    return {"bf16": 0, "fp8": 2}.get(base, 6) * c.largest_linear
 
 
 def setting_figures(c: Counts, blocks: int, setting: Setting) -> dict[str, float]:
@@ -293,10 +308,10 @@ def setting_figures(c: Counts, blocks: int, setting: Setting) -> dict[str, float
     each block copied in twice a step (forward, then recomputation + backward). Uncached, the
     encoders are then on the GPU for their own stage only (each copied in once a step), so the peak
     is the larger of the encoder stage (the largest encoder + the adapter's state) and the DiT stage.
-    fp8: a bf16 copy of the largest linear exists while it computes.
+    Quantized bases: the decoded copy of the largest linear exists while it computes (:func:`dequantized_bytes`).
     """
     whole, block = dit_bytes(c, blocks, setting.base)
-    dequantized = c.largest_linear * 2 if setting.base != "bf16" else 0
+    dequantized = dequantized_bytes(c, setting.base)
     lora_state = c.lora_params * 4 * 4  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
     inputs = blocks * c.block_input_bytes
     activations = (c.block_saved_bytes + c.block_input_bytes) if setting.activation_offload else \
@@ -331,7 +346,7 @@ def card_gib(gb: int) -> float:
 def cheapest(figures: dict[str, dict[str, float]], gb: int) -> Setting | None:
     """The setting that fits a ``gb`` card and moves the fewest bytes over PCIe per step; among equals,
     bf16 before fp8 (no rounding of the base), then cached (no encoders run per step)."""
-    fitting = [s for s in settings() if figures[s.name]["GPU total"] <= card_gib(gb)]
+    fitting = [s for s in settings(SETTING_BASES) if figures[s.name]["GPU total"] <= card_gib(gb)]
     return min(fitting, key=lambda s: (round(figures[s.name]["PCIe per step"], 2), BASES.index(s.base), not s.cache),
                default=None)
 

@@ -129,6 +129,10 @@ def test_small_card_settings_block_swap_and_the_presets_they_pick():
         assert abs(swapped["PCIe per step"] * bench.GIB - 2 * blocks * block) < 1
         assert swapped["activations"] == plain["activations"]
     assert bench.dit_bytes(c, blocks, "bf16")[0] == c.dit_params * 2
+    # a GGUF base holds its type's bytes per block-linear weight: Q8_0 34 per 32, Q4_K 144 per 256
+    for base, per_weight in (("Q8_0", 34 / 32), ("Q4_K", 144 / 256)):
+        saved = bench.dit_bytes(c, blocks, "bf16")[0] - bench.dit_bytes(c, blocks, base)[0]
+        assert abs(saved - c.block_linear_weights * (2 - per_weight)) < 1
     # uncached with block swap: the encoders take the GPU in turn, and umT5's stage sets the peak
     uncached = figures[bench.Setting(cache=False, block_swap=True).name]
     assert uncached["GPU total"] == uncached["encoders"] + uncached["LoRA + grads + AdamW"]

@@ -147,3 +147,20 @@ def test_merge_onto_a_quantized_base_writes_a_plain_bf16_model(quantized_files, 
     for key, value in merged.items():
         torch.testing.assert_close(value, expected.get(key, dequantized[key]).to(torch.bfloat16), rtol=0, atol=0)
     assert load_dit(inspect_dit(written[0]), torch.bfloat16)[0] is not None  # a plain model the kit loads
+
+
+def test_edit_with_a_lora_on_a_gguf_base_equals_the_dequantized_edit(tiny_wan, quantized_files, random_lora,
+                                                                     input_image, tmp_path):
+    from chronoedit_lora.lora import save_lora
+
+    save_lora(random_lora, tmp_path / "lora.safetensors")
+    edit = dict(prompt="Make it a pencil sketch.", steps=2, height=32, width=32, seed=1, progress=False)
+    quantized = ChronoEditPipeline.from_pretrained(tiny_wan, dit=quantized_files["Q8_0"], dtype=torch.float32,
+                                                   offload="blocks")
+    reference = ChronoEditPipeline.from_pretrained(tiny_wan, dtype=torch.float32)
+    reference.dit.load_state_dict(load_dit(inspect_dit(quantized_files["Q8_0"]), torch.float32)[0].state_dict())
+    with pytest.raises(ChronoEditError, match="quantized"):
+        quantized.load_lora(tmp_path / "lora.safetensors", 0.5)  # a fused LoRA would be rounded away
+    quantized.load_lora(tmp_path / "lora.safetensors", 0.5, fuse=False)
+    reference.load_lora(tmp_path / "lora.safetensors", 0.5, fuse=False)
+    assert torch.equal(quantized(input_image, **edit).video, reference(input_image, **edit).video)
