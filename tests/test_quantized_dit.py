@@ -124,6 +124,11 @@ def test_training_on_a_gguf_base_and_full_finetune_refused(tiny_wan, quantized_f
     result = train(tiny_config(tiny_wan, dataset, tmp_path / "run", dit=str(quantized_files["Q8_0"]), max_steps=2,
                                gradient_checkpointing=True, block_swap=True))
     assert result.steps == 2 and result.lora.is_file()
+    from chronoedit_lora.train.state.export import export_run
+
+    exported = export_run(tmp_path / "run", "comfyui", tmp_path / "baked.safetensors", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(str(exported)).values()} == {torch.bfloat16}  # a plain model, LoRA baked in
+    assert load_dit(inspect_dit(exported), torch.bfloat16)[0] is not None
     with pytest.raises(ChronoEditError, match=r'finetune = "full" .*dit_Q4_0\.gguf.*GGUF'):
         train(tiny_config(tiny_wan, dataset, tmp_path / "full", dit=str(quantized_files["Q4_0"]), finetune="full",
                           max_steps=1))
