@@ -1,0 +1,192 @@
+"""The weight formats people download today (issue 31): ComfyUI's models/ layout in fp16 and scaled
+fp8, GGUF DiTs (Q8_0, Q4_0, Q4_K), foreign files named in one line, and `model check`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tests.gguf_files import Q, quantize_q4_k, write_gguf
+from safetensors.torch import load_file, save_file
+
+from chronoedit_lora.errors import CheckpointError
+from chronoedit_lora.models.components import discover_components
+from chronoedit_lora.models.dit import inspect_dit
+from chronoedit_lora.models.gguf import read_gguf
+from chronoedit_lora.models.identify import identify
+from chronoedit_lora.models.loading import read_state_dict
+from chronoedit_lora.models.scaled_fp8 import detect_scheme, dequantize_state_dict
+from chronoedit_lora.pipeline import ChronoEditPipeline
+from chronoedit_lora.tiny import write_tiny_checkpoint
+
+PROMPT = "Add sunglasses to the cat's face."
+EDIT = dict(steps=2, cfg=2.0, seed=0, height=32, width=32, progress=False, scheduler="euler")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """The tiny model (seed 0, as tiny_diffusers) in ComfyUI's layout, fp16 and scaled fp8."""
+    root = tmp_path_factory.mktemp("comfy")
+    return {p: write_tiny_checkpoint(root / p, "comfyui", precision=p) for p in ("fp16", "fp8_scaled")}
+
+
+@pytest.fixture(scope="module")
+def reference_edit(tiny_diffusers, input_image):
+    return ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32)(input_image, PROMPT, **EDIT).video
+
+
+def _edit(input_image, model=None, **overrides):
+    return ChronoEditPipeline.from_pretrained(model, dtype=torch.float32, **overrides)(input_image, PROMPT, **EDIT).video
+
+
+def test_comfyui_layout_found_by_keys(comfy):
+    for precision, root in comfy.items():
+        for where in (root, root / "models"):
+            paths = discover_components(where)
+            assert paths.dit.parent.name == "diffusion_models" and paths.vae.name == "wan_2.1_vae.safetensors"
+            assert paths.text_encoder.parent.name == "text_encoders" and paths.tokenizer == paths.text_encoder
+            assert paths.image_encoder.name == "clip_vision_h.safetensors" and paths.choices == ()
+    scaled = load_file(str(discover_components(comfy["fp8_scaled"]).dit))
+    # ComfyUI's legacy scaled fp8: the marker, fp8 weights, a float32 scale_weight per quantized layer
+    assert scaled["scaled_fp8"].dtype == torch.float8_e4m3fn
+    assert scaled["blocks.0.self_attn.q.weight"].dtype == torch.float8_e4m3fn
+    assert scaled["blocks.0.self_attn.q.scale_weight"].dtype == torch.float32
+    clip = load_file(str(discover_components(comfy["fp16"]).image_encoder))
+    assert "visual_projection.weight" in clip and "vision_model.encoder.layers.0.self_attn.q_proj.weight" in clip
+
+
+def test_embedded_tokenizer_matches_the_tokenizer_folder(comfy, tiny_diffusers):
+    from chronoedit_lora.models.text_encoder import load_tokenizer
+
+    ours = load_tokenizer(discover_components(comfy["fp16"]).tokenizer)
+    folder = load_tokenizer(tiny_diffusers / "tokenizer")
+    for text in (PROMPT, "Turn the photo into a watercolor painting with soft edges!", "zzz unknown ¿"):
+        ids, mask = ours(text, return_mask=True, add_special_tokens=True)
+        ref_ids, ref_mask = folder(text, return_mask=True, add_special_tokens=True)
+        assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask) and ids.shape == (1, 512)
+
+
+# Bounds on max |edit - diffusers edit| (video in [-1, 1], float32 compute, 2 steps), each from the
+# format's own rounding: fp16 holds the tiny model's bf16 weights exactly (measured 2e-6: float32
+# noise); scaled e4m3fn rounds each weight to 3 mantissa bits, relative error up to 2^-4 (measured
+# 0.019); Q8_0 rounds to 1/254 of each 32-block's range (measured 0.0066), Q4_0 to 1/14 (0.11), Q4_K to
+# about 1/30 (0.055). Each bound is 2.5-5x the measured value.
+EDIT_BOUNDS = {"fp16": 1e-5, "fp8_scaled": 0.05, "Q8_0": 0.02, "Q4_0": 0.3, "Q4_K": 0.15}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp8_scaled"])
+def test_comfyui_edit_matches_diffusers(comfy, reference_edit, input_image, precision):
+    video = _edit(input_image, comfy[precision])
+    error = (video - reference_edit).abs().max().item()
+    print(f"{precision}: max |edit - diffusers edit| = {error:.3g}")
+    assert error <= EDIT_BOUNDS[precision]
+    if precision == "fp8_scaled":
+        assert error > 0  # the scales really were applied to fp8 values, not skipped
+
+
+def test_scaled_fp8_forms_comfyui_accepts(tmp_path):
+    """Marker under a prefix, float32 marker (= e4m3fn), per-row scales, scale_input, the current
+    comfy_quant tensors and the _quantization_metadata header all decode to weight.float() * scale."""
+    w = torch.randn(8, 16)
+    row = w.abs().amax(dim=1, keepdim=True) / 448
+    bits = (w / row).to(torch.float8_e4m3fn)
+    expected = bits.float() * row
+    forms = {
+        "marker": ({"model.diffusion_model.scaled_fp8": torch.empty(2, dtype=torch.float32),
+                    "model.diffusion_model.l.weight": bits, "model.diffusion_model.l.scale_weight": row,
+                    "model.diffusion_model.l.scale_input": torch.tensor(0.5)}, {}),
+        "comfy_quant": ({"l.weight": bits.view(torch.uint8), "l.weight_scale": row,
+                         "l.comfy_quant": torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                       dtype=torch.uint8)}, {}),
+        "header": ({"l.weight": bits, "l.weight_scale": row},
+                   {"_quantization_metadata": json.dumps({"layers": {"l": {"format": "float8_e4m3fn"}}})}),
+    }
+    for name, (state, metadata) in forms.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path), metadata=metadata or None)
+        weights = read_state_dict([path], torch.float32)
+        key = next(k for k in weights if k.endswith("l.weight"))
+        assert list(weights) == [key] and torch.equal(weights[key], expected), name
+    scheme = detect_scheme({"scaled_fp8": torch.float32}, {})
+    assert scheme.marker_dtype == torch.float8_e4m3fn
+    with pytest.raises(CheckpointError, match="nvfp4"):
+        dequantize_state_dict({"l.weight": torch.zeros(4, 8, dtype=torch.uint8), "l.comfy_quant": torch.tensor(
+            list(b'{"format": "nvfp4"}'), dtype=torch.uint8)}, detect_scheme({"l.comfy_quant": torch.uint8}, {}))
+    with pytest.raises(CheckpointError, match="does not apply to a weight"):
+        dequantize_state_dict({"l.weight": bits, "l.scale_weight": torch.ones(3), "scaled_fp8": torch.empty(0)},
+                              detect_scheme({"scaled_fp8": torch.float8_e4m3fn}, {}))
+
+
+def test_q4_k_blocks_decode_within_rounding():
+    values = np.random.RandomState(0).randn(4, 512).astype(np.float32)
+    decoded = gguf.quants.dequantize(quantize_q4_k(values), Q.Q4_K)
+    step = (values.reshape(-1, 32).max(1) - np.minimum(values.reshape(-1, 32).min(1), 0)) / 15
+    # half a 4-bit step per 32-weight sub-block, plus the 6-bit quantization of its scale and min (<= 1/63 each)
+    assert np.all(np.abs(decoded - values).reshape(-1, 32).max(1) <= 0.5 * step + 2 * np.abs(values).max() / 63)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_K])
+def test_gguf_dit(comfy, tmp_path, input_image, reference_edit, qtype):
+    root = comfy["fp16"]
+    dit = discover_components(root).dit
+    path = write_gguf(tmp_path / f"chrono_edit_tiny_{qtype.name}.gguf", load_file(str(dit)), qtype,
+                      {"num_attention_heads": "4"})
+    tensors, _ = read_gguf(path)
+    assert any(t.qtype == qtype for t in tensors.values())
+    # dequantized weights are exactly the gguf package's reference dequantization, in torch order
+    ours = read_state_dict([path], torch.float32)
+    for name, t in tensors.items():
+        reference = np.array(gguf.quants.dequantize(t.data, t.qtype)).reshape(t.shape)
+        assert torch.equal(ours[name], torch.from_numpy(reference))
+    # --dit picks the GGUF; its edit equals the edit from those dequantized weights as a plain file
+    plain = tmp_path / "dequantized.safetensors"
+    save_file({k: v.contiguous() for k, v in ours.items()}, str(plain), metadata={"num_attention_heads": "4"})
+    video = _edit(input_image, root, dit=path)
+    error = (video - _edit(input_image, root, dit=plain)).abs().max().item()
+    rounding = (video - reference_edit).abs().max().item()
+    print(f"{qtype.name}: max |GGUF edit - dequantized-weights edit| = {error:.3g}, - diffusers edit = {rounding:.3g}")
+    assert error <= 1e-6 and 0 < rounding <= EDIT_BOUNDS[qtype.name]
+
+
+def test_foreign_files_named_in_one_line(comfy, tmp_path):
+    dit = load_file(str(discover_components(comfy["fp16"]).dit))
+    t2v = {k: v for k, v in dit.items() if "img" not in k}
+    t2v["patch_embedding.weight"] = t2v["patch_embedding.weight"][:, :16].contiguous()
+    files = {
+        "t2v.safetensors": (t2v, "a Wan2.1 T2V DiT: no image cross-attention"),
+        "lora.safetensors": ({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 192)}, "a LoRA file"),
+        "vae.safetensors": (load_file(str(discover_components(comfy["fp16"]).vae)), "a Wan2.1 VAE"),
+    }
+    for name, (state, said) in files.items():
+        save_file(state, str(tmp_path / name))
+        assert said in identify(tmp_path / name).looks_like
+    (tmp_path / "notes.safetensors").write_bytes(b"not weights at all")
+    assert identify(tmp_path / "notes.safetensors").looks_like.startswith("not a weights file")
+    for name, said in (("t2v.safetensors", "T2V DiT"), ("lora.safetensors", "LoRA file"), ("vae.safetensors", "VAE")):
+        with pytest.raises(CheckpointError, match=said) as raised:
+            inspect_dit(tmp_path / name)
+        assert "\n" not in str(raised.value)
+
+
+def test_model_check(comfy, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "model", "check", *map(str, args)],
+                                       capture_output=True, text=True)
+    done = run(comfy["fp8_scaled"])
+    assert done.returncode == 0, done.stderr
+    assert "ComfyUI scaled fp8 (e4m3fn, scaled_fp8 marker)" in done.stdout and "spiece_model" in done.stdout
+    assert f"load it with: --model {comfy['fp8_scaled']}" in done.stdout
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for f in (comfy["fp16"] / "models").rglob("*.safetensors"):
+        if "vae" not in f.parts[-2]:
+            (loose / f.name).symlink_to(f)
+    save_file({"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 8)}, str(loose / "style.safetensors"))
+    done = run(loose)
+    assert done.returncode == 1 and "vae            MISSING" in done.stdout and "--vae PATH" in done.stdout
+    assert f"not used: {loose / 'style.safetensors'}: a LoRA file" in done.stdout
+    assert "Traceback" not in done.stderr
