@@ -190,3 +190,57 @@ def test_model_check(comfy, tmp_path):
     assert done.returncode == 1 and "vae            MISSING" in done.stdout and "--vae PATH" in done.stdout
     assert f"not used: {loose / 'style.safetensors'}: a LoRA file" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+# Largest relative error per weight tensor (|w - reference| / max|reference|) of each storage form: the
+# dtype's own rounding of the tiny model's bf16 weights (fp32, bf16, fp16 hold them exactly; e4m3fn keeps
+# 3 mantissa bits, e5m2 2: at most 2^-4 and 2^-3 of the value).
+DIT_FORMS = {"float32": 0.0, "bfloat16": 0.0, "float16": 1e-3, "e4m3fn": 2 ** -4, "e5m2": 2 ** -3,
+             "e4m3fn scaled": 2 ** -4, "e5m2 scaled": 2 ** -3}
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
+@pytest.mark.parametrize("form", list(DIT_FORMS))
+def test_dit_storage_forms(comfy, tmp_path, prefix, form):
+    from chronoedit_lora.models.dit import load_dit
+
+    source = load_file(str(discover_components(comfy["fp16"]).dit))
+    reference = {k: v.float() for k, v in source.items()}
+    fp8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}.get(form.split()[0])
+    state = {}
+    for key, value in reference.items():
+        if fp8 is not None and key.startswith("blocks.") and value.ndim == 2:
+            scale = value.abs().amax() / torch.finfo(fp8).max if form.endswith("scaled") else torch.tensor(1.0)
+            state[prefix + key] = (value / scale).to(fp8)
+            if form.endswith("scaled"):
+                state[prefix + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            state[prefix + key] = value.to(getattr(torch, form) if fp8 is None else torch.bfloat16)
+    if form.endswith("scaled"):
+        state[prefix + "scaled_fp8"] = torch.empty(0, dtype=fp8)
+    keys = sorted(state)  # two shards and their index, as big files come
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+        save_file({k: state[k] for k in part}, str(tmp_path / f"dit-{i:05d}-of-00002.safetensors"),
+                  metadata={"num_attention_heads": "4"})
+    (tmp_path / "dit.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"dit-{1 + (k in keys[len(keys) // 2:]):05d}-of-00002.safetensors" for k in keys}}))
+    dit, checkpoint = load_dit(tmp_path, dtype=torch.float32)
+    assert checkpoint.key_prefix == prefix and checkpoint.kwargs["num_heads"] == 4
+    loaded = dit.state_dict()
+    for key, value in reference.items():
+        error = (loaded[key] - value).abs().max() / value.abs().max().clamp(min=1e-12)
+        assert error <= DIT_FORMS[form], (key, error.item())
+
+
+def test_several_candidates_say_which_was_chosen(comfy, tmp_path):
+    models = tmp_path / "models"
+    for folder in ("diffusion_models", "text_encoders", "clip_vision", "vae"):
+        (models / folder).mkdir(parents=True)
+        for f in (comfy["fp16"] / "models" / folder).iterdir():
+            (models / folder / f.name).symlink_to(f)
+    (models / "text_encoders" / "umt5_fp8.safetensors").symlink_to(discover_components(comfy["fp8_scaled"]).text_encoder)
+    paths = discover_components(tmp_path)
+    assert paths.text_encoder.name == "umt5_xxl_tiny_fp16.safetensors"
+    assert paths.choices == ("text_encoder: chose umt5_xxl_tiny_fp16.safetensors (float16: the most precise) over "
+                             "umt5_fp8.safetensors (float8_e4m3fn 86%, float16 14%); pass --text-encoder to pick another",)
+    assert discover_components(tmp_path, text_encoder=models / "text_encoders" / "umt5_fp8.safetensors").choices == ()

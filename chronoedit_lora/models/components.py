@@ -42,7 +42,7 @@ DIFFUSERS_FOLDERS = {
 
 
 COMFYUI_FOLDERS = {  # ComfyUI's models/ subfolders (and their older names) that hold each component
-    "dit": ("diffusion_models", "unet"),
+    "dit": ("diffusion_models", "unet", "gguf"),
     "text_encoder": ("text_encoders", "clip"),
     "image_encoder": ("clip_vision",),
     "vae": ("vae",),
