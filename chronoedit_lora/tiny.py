@@ -167,7 +167,7 @@ def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny
 
     with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
         source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
-        loaded = load_components(source, dtype=torch.bfloat16)
+        loaded = load_components(source, dtype=torch.bfloat16, announce=False)
         save_file(wan_dit_state(loaded), str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
             "num_attention_heads": str(loaded.dit_checkpoint.kwargs["num_heads"]),
             "rope_temporal_skip_len": str(loaded.temporal_skip_len)})
@@ -237,7 +237,7 @@ def write_tiny_comfyui_checkpoint(root: str | Path, seed: int = 0, size: str = "
         raise ValueError(f"precision must be one of {COMFYUI_PRECISIONS}, got {precision!r}")
     with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
         diffusers = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
-        loaded = load_components(diffusers, dtype=torch.bfloat16)
+        loaded = load_components(diffusers, dtype=torch.bfloat16, announce=False)
         models = staging / "models"
         for folder in COMFYUI_FOLDERS:
             (models / folder).mkdir(parents=True)

@@ -4,9 +4,6 @@ fp8, GGUF DiTs (Q8_0, Q4_0, Q4_K), foreign files named in one line, and `model c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import gguf
 import numpy as np
 import pytest
@@ -80,8 +77,13 @@ EDIT_BOUNDS = {"fp16": 1e-5, "fp8_scaled": 0.05, "Q8_0": 0.02, "Q4_0": 0.3, "Q4_
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp8_scaled"])
-def test_comfyui_edit_matches_diffusers(comfy, reference_edit, input_image, precision):
+def test_comfyui_edit_matches_diffusers(comfy, reference_edit, input_image, precision, capsys):
+    capsys.readouterr()
     video = _edit(input_image, comfy[precision])
+    said = capsys.readouterr().err  # the one line every model-loading command prints
+    dit = "chrono_edit_tiny_fp16.safetensors (safetensors, float16)" if precision == "fp16" else \
+        "chrono_edit_tiny_fp8_e4m3fn_scaled.safetensors (ComfyUI scaled fp8 (e4m3fn, scaled_fp8 marker)"
+    assert said.startswith(f"model: dit: {dit}") and "tokenizer: its embedded spiece_model" in said
     error = (video - reference_edit).abs().max().item()
     print(f"{precision}: max |edit - diffusers edit| = {error:.3g}")
     assert error <= EDIT_BOUNDS[precision]
@@ -136,13 +138,25 @@ def test_gguf_dit(comfy, tmp_path, input_image, reference_edit, qtype):
     dit = discover_components(root).dit
     path = write_gguf(tmp_path / f"chrono_edit_tiny_{qtype.name}.gguf", load_file(str(dit)), qtype,
                       {"num_attention_heads": "4"})
-    tensors, _ = read_gguf(path)
+    tensors, metadata = read_gguf(path)
     assert any(t.qtype == qtype for t in tensors.values())
+    # the 5-D patch embedding is stored flattened, its shape restored from ComfyUI-GGUF's metadata
+    assert list(metadata["comfy.gguf.orig_shape.patch_embedding.weight"]) == [192, 36, 1, 2, 2]
+    assert tensors["patch_embedding.weight"].shape == (192, 36, 1, 2, 2)
     # dequantized weights are exactly the gguf package's reference dequantization, in torch order
     ours = read_state_dict([path], torch.float32)
     for name, t in tensors.items():
         reference = np.array(gguf.quants.dequantize(t.data, t.qtype)).reshape(t.shape)
         assert torch.equal(ours[name], torch.from_numpy(reference))
+    # --model finds it in ComfyUI's unet/ folder beside the other files, by its keys
+    models = tmp_path / "models"
+    for folder in ("text_encoders", "clip_vision", "vae"):
+        (models / folder).mkdir(parents=True)
+        for f in (root / "models" / folder).iterdir():
+            (models / folder / f.name).symlink_to(f)
+    (models / "unet").mkdir()
+    (models / "unet" / "ChronoEdit-14B-tiny.gguf").symlink_to(path)
+    assert discover_components(models).dit == models / "unet" / "ChronoEdit-14B-tiny.gguf"
     # --dit picks the GGUF; its edit equals the edit from those dequantized weights as a plain file
     plain = tmp_path / "dequantized.safetensors"
     save_file({k: v.contiguous() for k, v in ours.items()}, str(plain), metadata={"num_attention_heads": "4"})
@@ -173,24 +187,29 @@ def test_foreign_files_named_in_one_line(comfy, tmp_path):
         assert "\n" not in str(raised.value)
 
 
-def test_model_check(comfy, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "model", "check", *map(str, args)],
-                                       capture_output=True, text=True)
-    done = run(comfy["fp8_scaled"])
-    assert done.returncode == 0, done.stderr
-    assert "ComfyUI scaled fp8 (e4m3fn, scaled_fp8 marker)" in done.stdout and "spiece_model" in done.stdout
-    assert f"load it with: --model {comfy['fp8_scaled']}" in done.stdout
+def test_model_check(comfy, tmp_path, capsys):
+    from chronoedit_lora.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main(["model", "check", *map(str, args)])
+        return code, capsys.readouterr()
+
+    code, out = run(comfy["fp8_scaled"])
+    assert code == 0, out.err
+    assert "ComfyUI scaled fp8 (e4m3fn, scaled_fp8 marker)" in out.out and "spiece_model" in out.out
+    assert f"load it with: --model {comfy['fp8_scaled']}" in out.out
     loose = tmp_path / "loose"
     loose.mkdir()
     for f in (comfy["fp16"] / "models").rglob("*.safetensors"):
         if "vae" not in f.parts[-2]:
             (loose / f.name).symlink_to(f)
     save_file({"blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 8)}, str(loose / "style.safetensors"))
-    done = run(loose)
-    assert done.returncode == 1 and "vae            MISSING" in done.stdout and "--vae PATH" in done.stdout
-    assert f"not used: {loose / 'style.safetensors'}: a LoRA file" in done.stdout
-    assert "Traceback" not in done.stderr
-
+    code, out = run(loose)
+    assert code == 1 and "vae            MISSING" in out.out and "--vae PATH" in out.out
+    assert f"not used: {loose / 'style.safetensors'}: a LoRA file" in out.out
+    code, out = run(loose, "--vae", discover_components(comfy["fp16"]).vae)
+    assert code == 0 and f"load it with: --model {loose} --vae " in out.out
 
 # Largest relative error per weight tensor (|w - reference| / max|reference|) of each storage form: the
 # dtype's own rounding of the tiny model's bf16 weights (fp32, bf16, fp16 hold them exactly; e4m3fn keeps
@@ -244,3 +263,11 @@ def test_several_candidates_say_which_was_chosen(comfy, tmp_path):
     assert paths.choices == ("text_encoder: chose umt5_xxl_tiny_fp16.safetensors (float16: the most precise) over "
                              "umt5_fp8.safetensors (float8_e4m3fn 86%, float16 14%); pass --text-encoder to pick another",)
     assert discover_components(tmp_path, text_encoder=models / "text_encoders" / "umt5_fp8.safetensors").choices == ()
+    # a more precise Wan2.1-I2V DiT beside ChronoEdit's: same keys, so the name decides, and says so
+    dit = load_file(str(paths.dit))
+    save_file({k: v.float() for k, v in dit.items()}, str(models / "diffusion_models" / "wan2.1_i2v_720p_fp32.safetensors"))
+    paths = discover_components(tmp_path, text_encoder=paths.text_encoder)
+    assert paths.dit.name == "chrono_edit_tiny_fp16.safetensors"
+    assert paths.choices == ("dit: chose chrono_edit_tiny_fp16.safetensors (float16: its name says ChronoEdit; Wan2.1-I2V "
+                             "DiTs have the same keys) over wan2.1_i2v_720p_fp32.safetensors (float32); pass --dit to "
+                             "pick another",)
