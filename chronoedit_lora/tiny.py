@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_folder
+from .models.components import load_components
 from .models.image_encoder import CLIP_MEAN, CLIP_STD
 from .models.text_encoder import SPIECE_KEY
 
@@ -154,18 +155,20 @@ def _write_diffusers_layout(root: Path, seed: int, dtype: torch.dtype, size: str
         component.save_pretrained(str(root / name))
 
 
+def wan_dit_state(loaded) -> dict[str, torch.Tensor]:
+    """The loaded DiT's weights in Wan's original names (what single-file repacks hold)."""
+    return {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
+
+
 def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders) to
     ``root`` (new or empty; it appears whole or not at all)."""
     from safetensors.torch import save_file
 
-    from .models.components import load_components
-
     with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
         source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
-        loaded = load_components(source, dtype=torch.bfloat16)
-        dit_state = {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
-        save_file(dit_state, str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
+        loaded = load_components(source, dtype=torch.bfloat16, announce=False)
+        save_file(wan_dit_state(loaded), str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
             "num_attention_heads": str(loaded.dit_checkpoint.kwargs["num_heads"]),
             "rope_temporal_skip_len": str(loaded.temporal_skip_len)})
         torch.save(loaded.text_encoder.state_dict(), staging / "models_t5_umt5-xxl-enc-bf16.pth")
@@ -233,13 +236,12 @@ def write_tiny_comfyui_checkpoint(root: str | Path, seed: int = 0, size: str = "
     if precision not in COMFYUI_PRECISIONS:
         raise ValueError(f"precision must be one of {COMFYUI_PRECISIONS}, got {precision!r}")
     with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
-        wan = write_tiny_wan_checkpoint(Path(tmp) / "wan", seed, size=size)
-        diffusers = Path(tmp) / "wan.diffusers"  # written beside it by the same seed
-        write_tiny_diffusers_checkpoint(diffusers, seed, size=size)
+        diffusers = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
+        loaded = load_components(diffusers, dtype=torch.bfloat16, announce=False)
         models = staging / "models"
         for folder in COMFYUI_FOLDERS:
             (models / folder).mkdir(parents=True)
-        dit = load_file(str(wan / "chronoedit_tiny_bf16.safetensors"))
+        dit = wan_dit_state(loaded)
         text = load_file(str(next((diffusers / "text_encoder").glob("*.safetensors"))))
         text[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_model_bytes(diffusers / "tokenizer" / "tokenizer.json")),
                                             dtype=torch.uint8)
@@ -259,8 +261,8 @@ def write_tiny_comfyui_checkpoint(root: str | Path, seed: int = 0, size: str = "
         save_file(dit, str(models / "diffusion_models" / dit_file), metadata=meta)
         save_file(text, str(models / "text_encoders" / text_file))
         save_file({k: v.to(torch.float16) for k, v in clip.items()}, str(models / "clip_vision" / "clip_vision_h.safetensors"))
-        vae = torch.load(wan / "Wan2.1_VAE.pth", weights_only=True)
-        save_file({k: v.to(torch.float16).contiguous() for k, v in vae.items()}, str(models / "vae" / "wan_2.1_vae.safetensors"))
+        save_file({k: v.to(torch.float16).contiguous() for k, v in loaded.vae.model.state_dict().items()},
+                  str(models / "vae" / "wan_2.1_vae.safetensors"))
         (staging / "tiny_checkpoint.json").write_text(json.dumps({"layout": "comfyui", "seed": seed,
                                                                    "precision": precision}, indent=2))
     return Path(root)

@@ -59,12 +59,16 @@ def fits(shape: tuple[int, ...], qtype: Q) -> bool:
 def write_gguf(path: str | Path, state: dict[str, torch.Tensor], qtype: Q, metadata: dict[str, str] | None = None,
                quantized: callable = lambda key: True) -> Path:
     """Write ``state`` as a GGUF file: 2-D tensors chosen by ``quantized`` (all by default) whose rows fit ``qtype``'s
-    blocks in ``qtype``, every other tensor as float32 (as community Wan GGUFs keep norms and biases)."""
+    blocks in ``qtype``, every other tensor as float32 (as community Wan GGUFs keep norms and biases);
+    tensors of more than 4 dimensions flattened to 2, their shape in ``comfy.gguf.orig_shape.<key>``."""
     writer = gguf.GGUFWriter(str(path), "wan")
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
     for key, tensor in state.items():
         values = tensor.float().numpy()
+        if values.ndim > 4:  # GGUF holds 4 dimensions: stored flattened, as ComfyUI-GGUF's converter does
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", list(values.shape))
+            values = values.reshape(-1, values.shape[-1])
         if quantized(key) and fits(tuple(tensor.shape), qtype):
             writer.add_tensor(key, quantize(values, qtype), raw_dtype=qtype)
         else:

@@ -43,13 +43,12 @@ DIFFUSERS_FOLDERS = {
 
 
 COMFYUI_FOLDERS = {  # ComfyUI's models/ subfolders (and their older names) that hold each component
-    "dit": ("diffusion_models", "unet"),
+    "dit": ("diffusion_models", "unet", "gguf"),
     "text_encoder": ("text_encoders", "clip"),
     "image_encoder": ("clip_vision",),
     "vae": ("vae",),
 }
 COMPONENT_FLAGS = {name: "--" + name.replace("_", "-") for name in DIFFUSERS_FOLDERS}
-COMPONENT_FLAGS["dit"] = "--dit"
 
 
 @dataclass(frozen=True)
@@ -152,18 +151,23 @@ class LooseFiles:
         return f"weight files in {' and '.join(places)} recognised by their keys"
 
     def pick(self, name: str) -> tuple[Path | None, str]:
-        """The file for component ``name`` and, when several fit, the sentence saying which and why:
-        the most precise (most bits per weight in its least precise tensor type: fp32 32, bf16/fp16 16,
-        Q8_0 8.5, fp8 8, Q4_K 4.5…), then the first name."""
+        """The file for component ``name`` and, when several fit, the sentence saying which and why.
+        DiTs whose name says ChronoEdit come first (Wan2.1-I2V's DiTs have the very same keys and
+        shapes, so the keys cannot tell them apart); then the most precise (most bits per weight in its
+        least precise tensor type: fp32 32, bf16/fp16 16, Q8_0 8.5, fp8 8, Q4_K 4.5…); then the first name."""
         fits = [info for info in self.infos if info.component == name]
         if not fits:
             return None, ""
-        fits.sort(key=lambda info: (-info.least_bits, str(info.path)))
+        named = lambda info: name == "dit" and "chrono" in info.path.name.lower()  # noqa: E731
+        fits.sort(key=lambda info: (not named(info), -info.least_bits, str(info.path)))
         if len(fits) == 1:
             return fits[0].path, ""
+        best = fits[0]
+        why = ("its name says ChronoEdit; Wan2.1-I2V DiTs have the same keys" if named(best) and not named(fits[1])
+               else "the most precise" if best.least_bits > fits[1].least_bits else "the first name of equals")
         others = ", ".join(f"{i.path.name} ({i.dtype})" for i in fits[1:])
-        return fits[0].path, (f"{name}: chose {fits[0].path.name} ({fits[0].dtype}: the most precise) over {others}; "
-                              f"pass {COMPONENT_FLAGS[name]} to pick another")
+        return best.path, (f"{name}: chose {best.path.name} ({best.dtype}: {why}) over {others}; "
+                           f"pass {COMPONENT_FLAGS[name]} to pick another")
 
     def others(self) -> list[FileInfo]:
         """The files that are no ChronoEdit component, with what each looks like."""
@@ -255,16 +259,18 @@ class LoadedComponents:
 
 def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.bfloat16,
                     device: str | torch.device = "cpu", encoders: bool = True, with_dit: bool = True,
-                    fp8_base: bool = False, dit_device: str | torch.device | None = None,
+                    fp8_base: bool = False, dit_device: str | torch.device | None = None, announce: bool = True,
                     **overrides: str | Path | None) -> LoadedComponents:
     """Find (``--model`` + per-component overrides) and load the components: all by default;
     ``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
     the encoders only, for filling that cache. ``fp8_base``: the DiT blocks' linear weights stored
     in float8, quantized on the CPU before they reach ``device``. ``dit_device``: where the DiT goes
-    instead of ``device`` (FSDP training loads it on the CPU and moves only each rank's shards)."""
+    instead of ``device`` (FSDP training loads it on the CPU and moves only each rank's shards).
+    ``announce``: print :func:`summary_line` to stderr (every model-loading command does)."""
     paths = discover_components(model_dir, **overrides)
     dit_checkpoint = inspect_dit(paths.dit)
-    print(summary_line(paths, COMPONENT_NAMES if encoders else ("dit",)), file=sys.stderr)
+    if announce:
+        print(summary_line(paths, COMPONENT_NAMES if encoders else ("dit",)), file=sys.stderr)
     if not with_dit:  # a weightless shell: DiffSynth's conditioning units read the DiT's flags
         dit = meta_dit(dit_checkpoint)
     else:

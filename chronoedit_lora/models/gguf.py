@@ -5,7 +5,8 @@ supports (no decoder of our own).
 
 GGUF stores dimensions innermost first (``[in, out]`` for a linear weight); :class:`GGUFTensor`
 gives them in torch's order (``[out, in]``). Community Wan GGUFs keep Wan's original tensor names
-(``blocks.0.self_attn.q.weight``), sometimes with a ComfyUI prefix; names are returned as stored.
+(``blocks.0.self_attn.q.weight``), sometimes with a ComfyUI prefix; names are returned as stored,
+shapes as ComfyUI-GGUF restores them (``comfy.gguf.orig_shape.<name>`` metadata).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch
 from ..errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
+# ComfyUI-GGUF's converter stores tensors it reshapes (more than 4 dimensions, rows not a multiple of
+# the block) flattened, with the real shape under this key + the tensor's name (its loader's get_orig_shape)
+ORIG_SHAPE = "comfy.gguf.orig_shape."
 # Types stored as plain numbers: their bytes are the values.
 _PLAIN = {
     gguf.GGMLQuantizationType.F32: torch.float32,
@@ -107,10 +111,6 @@ def read_gguf(path: str | Path) -> tuple[dict[str, GGUFTensor], dict[str, object
     except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct.error, IndexError…
         raise CheckpointError(f"{path}: damaged or truncated GGUF file ({exc.__class__.__name__}: {exc}); "
                               "re-download it.") from None
-    tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors[t.name] = GGUFTensor(t.name, shape, gguf.GGMLQuantizationType(int(t.tensor_type)), t.data)
     metadata = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):
@@ -119,6 +119,17 @@ def read_gguf(path: str | Path) -> tuple[dict[str, GGUFTensor], dict[str, object
             metadata[name] = field.contents()
         except Exception:  # noqa: BLE001 - a field the reader cannot decode is left out
             continue
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        original = metadata.get(ORIG_SHAPE + t.name)
+        if original is not None:  # stored reshaped; the real (torch-order) shape is in the metadata
+            original = tuple(int(d) for d in original)
+            if int(np.prod(original, dtype=np.int64)) != int(np.prod(shape, dtype=np.int64)):
+                raise CheckpointError(f"{path}: {ORIG_SHAPE}{t.name} is {list(original)}, which does not hold the "
+                                      f"tensor's {list(shape)}; the file is damaged.")
+            shape = original
+        tensors[t.name] = GGUFTensor(t.name, shape, gguf.GGMLQuantizationType(int(t.tensor_type)), t.data)
     return tensors, metadata
 
 

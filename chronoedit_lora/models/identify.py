@@ -143,7 +143,7 @@ def _classify_dit(shapes: Mapping[str, list[int]], diffusers: bool) -> tuple[str
         return None, f"a Wan2.1 T2V DiT: no image cross-attention (in_dim {in_dim}); ChronoEdit is the I2V architecture"
     if in_dim != 36:
         return None, f"a Wan DiT with image input but in_dim {in_dim} (ChronoEdit's is 36): not ChronoEdit/Wan2.1-I2V"
-    return "dit", "a ChronoEdit (Wan2.1-I2V) DiT" + (" in diffusers' names" if diffusers else "")
+    return "dit", "a ChronoEdit / Wan2.1-I2V DiT" + (" in diffusers' names" if diffusers else "")
 
 
 def _classify_t5(shapes: Mapping[str, list[int]]) -> tuple[str | None, str]:

@@ -95,11 +95,19 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: t
     value = weight.float()
     if scale is not None:
         scale = scale.float()
-        if scale.numel() != 1 and torch.broadcast_shapes(scale.shape, weight.shape) != weight.shape:
+        if scale.numel() != 1 and not _applies(scale.shape, weight.shape):
             raise CheckpointError(f"the scale of {name} has shape {list(scale.shape)}, which does not apply to a "
                                   f"weight of shape {list(weight.shape)}; the file is damaged or not ComfyUI's format.")
         value = value * (scale.reshape(()) if scale.numel() == 1 else scale)
     return value.to(dtype)
+
+
+def _applies(scale: torch.Size, weight: torch.Size) -> bool:
+    """Whether ``weight * scale`` broadcasts to the weight's own shape."""
+    try:
+        return torch.broadcast_shapes(scale, weight) == weight
+    except RuntimeError:
+        return False
 
 
 def split_quantized(state: Mapping[str, torch.Tensor], scheme: Fp8Scheme
