@@ -22,7 +22,7 @@ from ..errors import ChronoEditError
 from ..lora import UnfusedLora, parse_lora_spec
 from ..pipeline import ChronoEditPipeline, EditRequest, EditResult
 from ..train.state.checkpoint import CHECKPOINTS
-from .safety import readable
+from .safety import listed, readable
 
 LORA_SUFFIX = ".safetensors"
 
@@ -75,12 +75,15 @@ class Session:
     # -- LoRAs --------------------------------------------------------------------------------
     def lora_choices(self) -> list[tuple[str, str]]:
         """(label, path) of every LoRA file under --loras, and of every run's LoRAs under --runs
-        (the final ``lora.safetensors`` and the per-checkpoint ``lora-stepN.safetensors``)."""
+        (the final ``lora.safetensors`` and the per-checkpoint ``lora-stepN.safetensors``), links that
+        lead out of their folder left out."""
         found = []
         if self.folders.loras is not None:
-            found += [("loras", self.folders.loras, p) for p in self.folders.loras.rglob(f"*{LORA_SUFFIX}")]
+            found += [("loras", self.folders.loras, p)
+                      for p in listed(self.folders.loras.rglob(f"*{LORA_SUFFIX}"), [self.folders.loras])]
         if self.folders.runs is not None:
-            found += [("runs", self.folders.runs, p) for p in self.folders.runs.rglob(f"lora*{LORA_SUFFIX}")
+            found += [("runs", self.folders.runs, p)
+                      for p in listed(self.folders.runs.rglob(f"lora*{LORA_SUFFIX}"), [self.folders.runs])
                       if CHECKPOINTS not in p.relative_to(self.folders.runs).parts]
         return sorted((f"{name}/{path.relative_to(root)}", str(path)) for name, root, path in found)
 
