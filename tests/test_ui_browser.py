@@ -26,6 +26,7 @@ from chronoedit_lora.files import save_image
 from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.loop.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
 
+from .test_data_images import png_header
 from .test_train import EXAMPLE, make_subset
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,8 @@ def folders(tmp_path_factory, random_lora, input_image) -> dict[str, Path]:
         save_image(grid_image([(pair[0], pair[1], pair[1])], COLUMNS), run / "samples" / f"step-{step:06d}.png")
     found["model-side"].mkdir()
     (found["model-side"] / "secret.txt").write_text("not served")
+    save_image(grid_image([(pair[0], pair[0], pair[0])], COLUMNS), found["model-side"] / "grid.png")
+    (run / "samples" / "step-000006.png").symlink_to(found["model-side"] / "grid.png")  # never served
     found["image"] = root / "input.png"
     input_image.save(found["image"])
     return found
@@ -232,6 +235,25 @@ def test_a_bad_input_shows_the_kits_one_line_error(page, folders):
     assert "--height 30 must be a positive multiple of 16" in message and "Traceback" not in page.content()
 
 
+@pytest.mark.parametrize("kind", ["not an image", "40000x40000 PNG"])
+def test_a_bad_upload_is_the_kits_one_line_message(page, tmp_path, capfd, kind):
+    """An upload is decoded by the kit's checks, not Gradio's: a text file named .png and a PNG whose
+    header says 40000x40000 (a few bytes) each get the kit's line in the page, no traceback anywhere."""
+    if kind == "not an image":
+        upload, expected = tmp_path / "notes.png", "notes.png is not an image PIL can read"
+        upload.write_text("these are notes, not pixels\n")
+    else:
+        upload, expected = png_header(tmp_path / "huge.png", 40_000, 40_000), "at most 80 megapixels"
+    page.set_input_files("#edit-image input[type=file]", str(upload))
+    page.locator("#edit-prompt textarea").fill(PROMPT)
+    fill(page, "edit", EDIT)
+    page.click("#edit-run")
+    message = toast(page).splitlines()[-1]  # below the toast's title
+    assert message.startswith("input image ") and expected in message
+    assert "verbose error reporting" not in page.content()
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
 def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     page.get_by_role("tab", name="Compare").click()
     page.set_input_files("#compare-image input[type=file]", str(folders["image"]))
@@ -258,7 +280,7 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
     page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
-    assert page.locator("#runs-samples img").count() == 2  # both sample grids
+    assert page.locator("#runs-samples img").count() == 2  # both sample grids, not the link to one outside
     page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
     screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()
@@ -344,6 +366,25 @@ def test_a_locked_run_folder_is_refused_in_the_page(page, folders):
         assert "in use by another training run" in toast(page)  # refused before a process starts
     finally:
         lock.release()
+
+
+def test_the_train_tab_cannot_write_outside_runs(page, folders, own_processes_ended):
+    """Free-form settings naming an --output outside --runs, with overwrite ticked, are refused
+    before any training starts: the run there keeps its files."""
+    victim = folders["model-side"] / "victim-run"
+    (victim / "checkpoints" / "step-000002").mkdir(parents=True)
+    shutil.copy(folders["loras"] / "style.safetensors", victim / "lora.safetensors")
+    kept = sorted(victim.rglob("*"))
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-name input, #train-name textarea").first.fill("escape")
+    choose(page, "train-dataset", str(folders["datasets"] / "pairs" / "metadata.csv"))
+    page.locator("#train-extra input, #train-extra textarea").first.fill(f"--output {victim} --height 32 --width 32")
+    page.get_by_label("overwrite a previous run in this folder").check()
+    page.click("#train-start")
+    message = toast(page)
+    assert f"--output {victim} is outside the folders this app serves" in message
+    assert "No training started from this page yet" in page.locator("#train-status").inner_text()
+    assert sorted(victim.rglob("*")) == kept and not (folders["runs"] / "escape").exists()
 
 
 def test_dataset_problems_are_shown_on_their_rows(page, folders, tmp_path):

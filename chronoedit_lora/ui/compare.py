@@ -14,6 +14,7 @@ from . import runs
 from .edit import form_settings, settings_fields
 from .safety import user_errors
 from .session import Session
+from .upload import InputImage
 
 OFF_ON, SWEEP, CHECKPOINTS, PAIR = "LoRA off / on", "scale sweep", "checkpoints of a run", "two LoRAs side by side"
 MODES = (OFF_ON, SWEEP, CHECKPOINTS, PAIR)
@@ -67,7 +68,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     """The tab; returns its LoRA choices (refreshed on page load)."""
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="input image", height=240, elem_id="compare-image")
+            image = InputImage(type="filepath", label="input image", height=240, elem_id="compare-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="compare-prompt")
             mode = gr.Radio(list(MODES), value=OFF_ON, label="compare", elem_id="compare-mode")
             with gr.Row():

@@ -14,6 +14,7 @@ from ..errors import ChronoEditError
 from . import history
 from .safety import user_errors
 from .session import Session
+from .upload import InputImage
 
 LORA_SLOTS = 3
 AUTO_SCHEDULER = "model default"
@@ -85,8 +86,8 @@ def build(session: Session) -> list[gr.Dropdown]:
 
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="input image", sources=["upload", "clipboard"], height=280,
-                             elem_id="edit-image")
+            image = InputImage(type="filepath", label="input image", sources=["upload", "clipboard"], height=280,
+                               elem_id="edit-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="edit-prompt",
                                 placeholder="The user wants to ... (say what changes and what stays)")
             enhance = gr.Checkbox(False, label=f"rewrite the instruction first ({session.args.prompt_enhancer})",
