@@ -231,20 +231,41 @@ def test_an_edit_reports_each_step_and_cancel_stops_it_between_steps(session, in
 
     args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
     seen = []
-    session.cancel.clear()
-    result = session.edit(input_image, args, lambda i, n: seen.append((i, n)))
+    with session.job("page-a") as cancelled:
+        result = session.edit(input_image, args, cancelled, lambda i, n: seen.append((i, n)))
     assert seen == [(0, 3), (1, 3), (2, 3)] and result.image.size == (32, 32)
 
-    def cancel_after_first(i: int, n: int) -> None:
+    def other_pages_cancel_then_this_one(i: int, n: int) -> None:
         seen.append((i, n))
-        session.cancel.set()
+        session.cancel("page-b")  # another page's Cancel leaves this job alone
+        if i == 1:
+            session.cancel("page-a")
 
     seen.clear()
-    with pytest.raises(EditCancelled, match="before step 2 of 3"):
-        session.edit(input_image, args, cancel_after_first)
-    assert seen == [(0, 3)]
-    session.cancel.clear()
+    with pytest.raises(EditCancelled, match="before step 3 of 3"), session.job("page-a") as cancelled:
+        session.edit(input_image, args, cancelled, other_pages_cancel_then_this_one)
+    assert seen == [(0, 3), (1, 3)]
     assert "--steps 3" in " ".join(session.command(args)) and "--unfused" in session.command(args)
+
+
+def test_closing_a_page_stops_its_edit_and_refuses_its_queued_jobs(session, input_image):
+    from chronoedit_lora.ui.session import EditCancelled
+
+    args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
+    seen = []
+
+    def close_after_first(i: int, n: int) -> None:
+        seen.append(i)
+        session.page_closed("page-c")
+
+    with pytest.raises(EditCancelled, match="before step 2 of 3"), session.job("page-c") as cancelled:
+        session.edit(input_image, args, cancelled, close_after_first)
+    assert seen == [0]
+    with pytest.raises(EditCancelled, match="page that asked for this edit was closed"):
+        with session.job("page-c"):
+            pass
+    with session.job("page-d") as cancelled:  # other pages go on
+        assert session.edit(input_image, args, cancelled).image.size == (32, 32)
 
 
 def test_auth_requires_a_login(tiny_diffusers, tmp_path):

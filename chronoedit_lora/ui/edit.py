@@ -78,6 +78,22 @@ def lora_slot(session: Session, prefix: str, index: int) -> tuple[gr.Dropdown, g
     return lora, scale
 
 
+def cancels_page_job(session: Session, button: gr.Button, event: gr.events.Dependency) -> None:
+    """``button`` stops this page's running job (``event``) before its next denoising step."""
+    def cancel(request: gr.Request) -> None:
+        session.cancel(request.session_hash)
+
+    button.click(cancel, None, None, cancels=[event], queue=False)
+
+
+def watch_pages(session: Session, app: gr.Blocks) -> None:
+    """A page that is closed (or reloaded) has its running job stopped and its queued ones refused."""
+    def closed(request: gr.Request) -> None:
+        session.page_closed(request.session_hash)
+
+    app.unload(closed)
+
+
 def build(session: Session) -> list[gr.Dropdown]:
     """The tab; returns its LoRA slots (refreshed on page load, filled by "Use in Edit")."""
     def history_items() -> list[tuple[str, str]]:
@@ -114,17 +130,19 @@ def build(session: Session) -> list[gr.Dropdown]:
         details = gr.JSON(label="settings of the chosen edit", elem_id="edit-history-settings")
 
     @user_errors
-    def run_edit(image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed, height, width,
-                 reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
-        source = session.start(image_path, instruction)
-        text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
-        loras = session.lora_specs(list(zip(lora_values[::2], lora_values[1::2])))
-        reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
-        args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
-                                 temporal_reasoning_steps=reasoning_count,
-                                 **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
-        started = time.perf_counter()
-        result = session.edit(source, args, lambda i, n: progress((i, n), desc="denoising", unit="steps"))
+    def run_edit(request: gr.Request, image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed,
+                 height, width, reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
+        with session.job(request.session_hash) as cancelled:
+            source = session.start(image_path, instruction)
+            text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
+            loras = session.lora_specs(list(zip(lora_values[::2], lora_values[1::2])))
+            reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
+            args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
+                                     temporal_reasoning_steps=reasoning_count,
+                                     **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
+            started = time.perf_counter()
+            result = session.edit(source, args, cancelled,
+                                  lambda i, n: progress((i, n), desc="denoising", unit="steps"))
         seconds = time.perf_counter() - started
         entry = history.save(session.folders.history, source, result.frames)
         args.image, args.output, args.video = str(entry.folder / history.INPUT), str(entry.edit), str(entry.clip)
@@ -148,7 +166,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     edit_event = run.click(run_edit, [image, prompt, enhance, *fields, reasoning, negative, *lora_inputs],
                            [slider, status, frames, video, downloads, gallery],
                            concurrency_limit=1, concurrency_id="model")
-    cancel.click(session.cancel.set, None, None, cancels=[edit_event], queue=False)
+    cancels_page_job(session, cancel, edit_event)
     refresh.click(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in slots], None,
                   [lora for lora, _ in slots], queue=False)
     gallery.select(show_settings, None, details, queue=False)
