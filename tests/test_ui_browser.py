@@ -314,14 +314,27 @@ def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     assert not np.array_equal(cells[1], cells[3])  # scale 0 and scale 1 differ: each variant has its own scale
 
 
-def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(folders, tiny_diffusers) -> Path:
+    """A real training under --runs: configs/tiny_cpu.toml on the tiny random model (12 steps), with
+    sample grids, checkpoints and a held-out evaluation every 4 steps."""
+    run = folders["runs"] / "tiny-cpu"
+    held_out = make_subset(folders["datasets"] / "held-out", 2, start=3)
+    settings = {"model": tiny_diffusers, "dataset": folders["datasets"] / "pairs" / "metadata.csv", "output": run,
+                "sample_every": 4, "sample_steps": 8, "save_every": 4, "eval_every": 4, "eval_dataset": held_out,
+                "eval_steps": 4, "log_with": ""}
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.toml"
+    assert main(["train", "--config", str(config), *[part for key, value in settings.items()
+                                                     for part in (f"--{key}", str(value))]]) == 0
+    return run
+
+
+def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tiny_run, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
     page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
     assert page.locator("#runs-samples img").count() == 2  # both sample grids, not the link to one outside
-    page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
-    screenshot(page, "runs", tmp_path)
     page.locator("#runs-metrics").get_by_label("lr").check()
     page.wait_for_selector("#runs-plot [aria-label*='metric: lr']", state="attached")
     shown = set()
@@ -334,9 +347,20 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     expected |= {(0, 0.2, "eval: clip_score"), (2, 0.25, "eval: clip_score")}
     assert shown == expected
     assert "step-000002" in page.locator("#runs-checkpoints").inner_text()
+
+    # the real run: its own sample grids and logged metrics (the screenshot in docs/web_app.md)
+    choose(page, "runs-run", "tiny-cpu")
+    grids = len(list((tiny_run / "samples").glob("*.png")))
+    assert grids == 3  # steps 4, 8 and 12
+    page.wait_for_function(f"() => document.querySelectorAll('#runs-samples img').length == {grids}")
+    page.wait_for_selector("#runs-plot [aria-label^='step: 12']", state="attached")
+    page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
+    assert "step-000008" in page.locator("#runs-checkpoints").inner_text()
+    page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
+    screenshot(page, "runs", tmp_path)
     page.click("#runs-use")
     page.wait_for_function("document.querySelector('#edit-lora-0 input').value == "
-                           "'runs/logged/lora-step000002.safetensors'")
+                           "'runs/tiny-cpu/lora.safetensors'")
 
 
 def wait_for(condition, seconds: float, what: str):

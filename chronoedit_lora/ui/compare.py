@@ -11,10 +11,9 @@ import gradio as gr
 from ..errors import ChronoEditError
 from ..train.loop.samples import grid_image
 from . import runs
-from .edit import cancels_page_job, form_settings, settings_fields
+from .edit import cancels_page_job, form_settings, input_image, settings_fields
 from .safety import user_errors
 from .session import Session
-from .upload import InputImage
 
 OFF_ON, SWEEP, CHECKPOINTS, PAIR = "LoRA off / on", "scale sweep", "checkpoints of a run", "two LoRAs side by side"
 MODES = (OFF_ON, SWEEP, CHECKPOINTS, PAIR)
@@ -68,7 +67,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     """The tab; returns its LoRA choices (refreshed on page load)."""
     with gr.Row():
         with gr.Column():
-            image = InputImage(type="filepath", label="input image", height=240, elem_id="compare-image")
+            image = input_image(label="input image", height=240, elem_id="compare-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="compare-prompt")
             mode = gr.Radio(list(MODES), value=OFF_ON, label="compare", elem_id="compare-mode")
             with gr.Row():

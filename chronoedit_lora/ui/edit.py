@@ -14,7 +14,6 @@ from ..errors import ChronoEditError
 from . import history
 from .safety import user_errors
 from .session import Session
-from .upload import InputImage
 
 LORA_SLOTS = 3
 AUTO_SCHEDULER = "model default"
@@ -70,6 +69,16 @@ def settings_fields(prefix: str) -> list[gr.components.Component]:
     return [preset, steps, cfg, shift, scheduler, seed, height, width]
 
 
+def input_image(**options) -> gr.Image:
+    """The input image field of Edit and Compare. Its value is the uploaded file's path, not decoded
+    by Gradio: the handler decodes it with the kit's own checks (``session.start``: the pixel cap
+    read from the header first), so a non-image or a 40000x40000 PNG is the kit's one-line message
+    (gr.Image's own preprocessing decoded it first, ending in Gradio's generic error and a traceback)."""
+    image = gr.Image(type="filepath", **options)
+    image.preprocess = lambda payload: None if payload is None else payload.path  # this field only
+    return image
+
+
 def lora_slot(session: Session, prefix: str, index: int) -> tuple[gr.Dropdown, gr.Slider]:
     with gr.Row():
         lora = gr.Dropdown(session.lora_choices(), value=None, label=f"LoRA {index + 1}", scale=3,
@@ -102,8 +111,7 @@ def build(session: Session) -> list[gr.Dropdown]:
 
     with gr.Row():
         with gr.Column():
-            image = InputImage(type="filepath", label="input image", sources=["upload", "clipboard"], height=280,
-                               elem_id="edit-image")
+            image = input_image(label="input image", sources=["upload", "clipboard"], height=280, elem_id="edit-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="edit-prompt",
                                 placeholder="The user wants to ... (say what changes and what stays)")
             enhance = gr.Checkbox(False, label=f"rewrite the instruction first ({session.args.prompt_enhancer})",
