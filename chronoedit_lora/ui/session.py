@@ -14,6 +14,7 @@ starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -204,7 +205,8 @@ class Session:
         request = EditRequest(image, args.prompt, args.negative_prompt, args.seed)
         with self._busy:
             self.use_loras([parse_lora_spec(value) for value in args.lora])
-            return next(self.pipe.edit_many([request], progress=True, on_step=lambda i, n: self._step(i, n, cancelled, report),
+            on_step = functools.partial(self._step, cancelled=cancelled, report=report)  # before each step
+            return next(self.pipe.edit_many([request], progress=True, on_step=on_step,
                                             **edit_command.edit_options(args, settings)))
 
     @staticmethod
