@@ -104,7 +104,6 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
     if not dataset:
         raise ChronoEditError("choose a dataset (metadata.csv under --datasets).")
     dataset = str(readable(dataset, [session.folders.datasets], "dataset"))
-    check_unlocked(runs / name)
     config = config_file or preset
     try:
         extra_args = shlex.split(extra or "")
@@ -120,7 +119,9 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
     from ..commands.train import overrides_from
 
     args, leftover = build_parser().parse_known_args(argv)
-    check_paths(load_config(args.config, overrides_from(args, leftover)), session)  # checked before starting
+    settings = load_config(args.config, overrides_from(args, leftover))  # every setting checked before starting
+    check_paths(settings, session)
+    check_unlocked(Path(settings.output))
     return [sys.executable, "-m", "chronoedit_lora.cli", *argv]
 
 
