@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,23 @@ def test_a_runs_files_that_lead_out_of_it_are_not_shown(tmp_path):
     assert [label for _, label in sample_grids(run)] == ["step-000002"]
     assert checkpoint_loras(run) == [("step-000002", run / "lora-step000002.safetensors")]
     assert metric_points(run).empty
+
+
+def test_history_entries_that_lead_out_of_it_are_not_shown(tmp_path):
+    from chronoedit_lora.ui import history
+
+    folder, elsewhere = tmp_path / "history", tmp_path / "elsewhere"
+    kept = history.save(folder, Image.new("RGB", (16, 16)), [Image.new("RGB", (16, 16))])
+    history.write_settings(kept, {"instruction": "kept"})
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "edit.png")
+    (elsewhere / "settings.json").write_text("{}")
+    for linked, own in (("edit.png", "settings.json"), ("settings.json", "edit.png")):  # one file of each links out
+        entry = folder / f"linked-{linked}"
+        entry.mkdir()
+        (entry / linked).symlink_to(elsewhere / linked)
+        shutil.copy(elsewhere / own, entry / own)
+    assert [entry.folder for entry in history.entries(folder)] == [kept.folder]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
