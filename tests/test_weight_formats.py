@@ -181,6 +181,12 @@ def test_foreign_files_named_in_one_line(comfy, tmp_path):
         assert said in identify(tmp_path / name).looks_like
     (tmp_path / "notes.safetensors").write_bytes(b"not weights at all")
     assert identify(tmp_path / "notes.safetensors").looks_like.startswith("not a weights file")
+    good = write_gguf(tmp_path / "whole.gguf", {"blocks.0.ffn.0.weight": torch.randn(8, 32)}, Q.Q8_0)
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert identify(tmp_path / "cut.gguf").looks_like.startswith("not a weights file")
+    with pytest.raises(CheckpointError, match="damaged or truncated GGUF file") as raised:
+        inspect_dit(tmp_path / "cut.gguf")
+    assert "\n" not in str(raised.value)
     for name, said in (("t2v.safetensors", "T2V DiT"), ("lora.safetensors", "LoRA file"), ("vae.safetensors", "VAE")):
         with pytest.raises(CheckpointError, match=said) as raised:
             inspect_dit(tmp_path / name)
@@ -271,3 +277,16 @@ def test_several_candidates_say_which_was_chosen(comfy, tmp_path):
     assert paths.choices == ("dit: chose chrono_edit_tiny_fp16.safetensors (float16: its name says ChronoEdit; Wan2.1-I2V "
                              "DiTs have the same keys) over wan2.1_i2v_720p_fp32.safetensors (float32); pass --dit to "
                              "pick another",)
+
+
+def test_train_on_comfyui_files(comfy, tiny_diffusers, tmp_path):
+    """The tutorial's route: a LoRA trains from ComfyUI's fp16 files as from the diffusers folder
+    (fp16 holds the tiny model's bf16 weights exactly: the same losses to float32 rounding)."""
+    from chronoedit_lora.train.loop.trainer import train
+    from tests.test_train import make_subset, tiny_config
+
+    dataset = make_subset(tmp_path / "two", 2)
+    losses = [train(tiny_config(model, dataset, tmp_path / name, max_steps=2, save_every=1000)).final_loss
+              for name, model in (("comfy", comfy["fp16"]), ("diffusers", tiny_diffusers))]
+    print(f"final loss: ComfyUI files {losses[0]:.8f}, diffusers folder {losses[1]:.8f}")
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
