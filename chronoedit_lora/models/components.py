@@ -19,6 +19,7 @@ from .dit import DiTCheckpoint, inspect_dit, load_dit, meta_dit
 from .fp8 import store_blocks_in_fp8
 from .identify import FILE_SUFFIXES, FileInfo, identify
 from .image_encoder import VisionTowerImageEncoder, load_image_encoder
+from .quantized import load_quantized_dit, stored_quantized
 from .text_encoder import load_text_encoder, load_tokenizer
 from .vae import SizedWanVideoVAE, load_vae
 
@@ -274,7 +275,10 @@ def load_components(model_dir: str | Path | None = None, *, dtype: torch.dtype =
         dit = meta_dit(dit_checkpoint)
     else:
         dit_device = dit_device or device
-        dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else dit_device)
+        if stored_quantized(dit_checkpoint):  # GGUF or fp8 file: its blocks' linears stay quantized
+            dit = load_quantized_dit(dit_checkpoint, dtype, device="cpu" if fp8_base else dit_device)
+        else:
+            dit, _ = load_dit(dit_checkpoint, dtype=dtype, device="cpu" if fp8_base else dit_device)
         if fp8_base:
             store_blocks_in_fp8(dit)
             dit.to(dit_device)

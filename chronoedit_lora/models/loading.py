@@ -452,8 +452,10 @@ def ensure_entry(model_hash: str, model_name: str, model_class: str, kwargs: dic
 
 # -- 4. loading -------------------------------------------------------------------------------
 
-def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
-    """Let DiffSynth build ``entry``'s model class and fill it from ``files`` (read lean, in ``dtype``).
+def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, device: str | torch.device,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Let DiffSynth build ``entry``'s model class and fill it from ``files`` (read lean, in ``dtype``;
+    or from ``state_dict``, the files' tensors already read).
 
     DiffSynth builds the model on the meta device, where each layer's random initialisation still
     runs, op by op, through PyTorch's Python meta kernels; every parameter is replaced by a loaded
@@ -464,7 +466,7 @@ def load_registered(files: Sequence[Path], entry: dict, dtype: torch.dtype, devi
     # accelerate names CPU ranks "cpu:N"; safetensors only accepts "cpu"
     vram_config.update(computation_dtype=dtype, computation_device="cpu" if device.type == "cpu" else str(device))
     paths = [str(f) for f in files]
-    state_dict = read_state_dict(files, dtype)
+    state_dict = read_state_dict(files, dtype) if state_dict is None else state_dict
     with no_init_weights(), contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every key map it builds
         return pool.load_model_file(entry, paths if len(paths) > 1 else paths[0], vram_config, state_dict=state_dict)
 

@@ -115,6 +115,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     _on_main_then_everyone(accelerator, lambda: (preflight(config, output), run.claim(config)))
     data = TrainingData(config)
     paths = component_paths(config)
+    _refuse_quantized_base(config, paths["dit"])
     if config.finetune == "full":
         check_trainable(config.trainable, [name for name, _ in _skeleton(paths["dit"]).named_parameters()])
     else:
@@ -131,7 +132,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base, **paths)
+        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base,
+        offload="blocks" if config.block_swap else "none", **paths)
     loaded_encoders = cache is None or filled > 0 or config.sample_every > 0 or config.eval_every > 0
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     set_seed(config.seed)
@@ -152,7 +154,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # schedule counted in single-process batches), so a warm-up would end N times too early.
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
-    module, optimizer = fsdp.prepare(accelerator, module, optimizer)
+    # under block_swap the module spans both devices: accelerate must not move it whole onto the GPU
+    module, optimizer = fsdp.prepare(accelerator, module, optimizer, place_model=not config.block_swap)
     trained_parameters = accelerator.unwrap_model(module).trained_parameters()
     ema = ExponentialMovingAverage.maybe(config, accelerator.unwrap_model(module).named_trained())
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
@@ -304,6 +307,25 @@ def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: 
     raise NonFiniteError(
         f"step {step}: the training {what}; stopped before applying it, and nothing was saved from this state. "
         f"Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then {then}." + cached)
+
+
+def _refuse_quantized_base(config: TrainConfig, dit: Path) -> None:
+    """A GGUF or fp8 DiT file stays quantized (frozen): an adapter trains on it, its own weights
+    cannot, and FSDP does not shard its stored bytes."""
+    if config.finetune != "full" and not fsdp.requested():
+        return
+    from ...models.dit import inspect_dit
+    from ...models.quantized import stored_quantized
+
+    kind = stored_quantized(inspect_dit(dit))
+    if kind is None:
+        return
+    held = "GGUF blocks" if kind == "gguf" else "float8 weights"
+    if config.finetune == "full":
+        raise ChronoEditError(f'finetune = "full" trains the DiT\'s own weights, and {dit} holds them quantized ({held}), '
+                              'which cannot be trained. Use a bf16 or fp16 DiT file, or train an adapter (finetune = "lora").')
+    raise ChronoEditError(f"{dit} holds the DiT quantized ({held}), which an FSDP launch cannot shard. Train on one GPU or "
+                          "with configs/accelerate/multi_gpu_ddp.yaml, or use a bf16 or fp16 DiT file under FSDP.")
 
 
 def _skeleton(dit: Path) -> torch.nn.Module:

@@ -23,6 +23,7 @@ class DiTTrainingModule(torch.nn.Module):
         self.dit = pipe.dit
         self.dit.requires_grad_(False)
         self.skip_len, self.rope = pipe.components.temporal_skip_len, pipe.rope
+        self.placement = pipe.placement  # where the DiT's weights are (block_swap: streamed, see offload.py)
         self.scheduler = training_schedule(shift)
         self.checkpointing = {"use_gradient_checkpointing": gradient_checkpointing,
                               "use_gradient_checkpointing_offload": activation_offload}
@@ -45,6 +46,7 @@ class DiTTrainingModule(torch.nn.Module):
         index = torch.randint(0, len(self.scheduler.timesteps), (1,), generator=generator)
         timestep = self.scheduler.timesteps[index].to(dtype=x0.dtype, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        self.placement.use("dit")  # after the encoders' stages (uncached), the DiT back on the compute device
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # with ChronoEdit's temporal RoPE
             return chronoedit_model_fn(self.dit, latents, t, skip_len=self.skip_len, rope=self.rope,
