@@ -26,6 +26,7 @@ from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.loop.cache import CacheEntryError
 from chronoedit_lora.train.loop.trainer import train
+from chronoedit_lora.train.state.checkpoint import checkpoint_dir
 
 from .test_batch_edit import FAST, write_batch
 from .test_train import make_subset, tiny_config
@@ -204,6 +205,75 @@ def test_a_damaged_verdict_file_is_dropped_and_rewritten(tmp_path, capsys, conte
     assert isinstance(kept, dict) and len(kept) == 2 and "k" not in kept  # the pair's two images, checked anew
     assert check_dataset(dataset, 32, 32, checked=CheckedFiles(verdicts)) == []
     assert "dropped" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_diffusers, tmp_path_factory) -> Path:
+    """One step of a full fine-tune (its feed-forward layers) and of a LoRA run, a checkpoint each."""
+    folder = tmp_path_factory.mktemp("runs")
+    dataset = make_subset(folder / "data", 2)
+    train(tiny_config(tiny_diffusers, dataset, folder / "full", finetune="full", trainable="blocks.*.ffn.*", max_steps=1,
+                      save_every=1))
+    train(tiny_config(tiny_diffusers, dataset, folder / "lora", max_steps=1, save_every=1))
+    return folder
+
+
+def _narrower_base(tiny_diffusers: Path, folder: Path) -> Path:
+    """The tiny model with the same layer names but feed-forward layers 256 wide instead of 384."""
+    shutil.copytree(tiny_diffusers, folder, symlinks=True)
+    transformer = folder / "transformer"
+    for shard in transformer.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        for key, tensor in tensors.items():
+            if ".ffn." in key:
+                tensors[key] = tensor[tuple(slice(0, 256) if size == 384 else slice(None) for size in tensor.shape)].clone()
+        save_file(tensors, str(shard))
+    config = transformer / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "ffn_dim": 256}))
+    return folder
+
+
+def test_a_dcp_shard_cut_short_is_named_on_export_and_on_resume(tiny_diffusers, runs, tmp_path, capsys):
+    run = tmp_path / "full"
+    shutil.copytree(runs / "full", run)
+    checkpoint = checkpoint_dir(run, 1)
+    (shard,) = (checkpoint / "state").glob("*.safetensors")
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-1000])
+    assert main(["export", str(run), str(tmp_path / "model"), "--to", "diffusers"]) == 2
+    assert f"{shard}: truncated or corrupt" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "model").exists()
+    resume = ["train", "--model", str(tiny_diffusers), "--dataset", str(runs / "data" / "metadata.csv"), "--output",
+              str(run), "--height", "32", "--width", "32", "--dtype", "float32", "--finetune", "full", "--trainable",
+              "blocks.*.ffn.*", "--max_steps", "2", "--gradient_checkpointing", "false", "--resume"]
+    assert main(resume) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"cannot resume from {checkpoint}: {shard}: truncated or corrupt" in error
+    # whole shards, but progress.json says two processes wrote them: one rank's shards are missing
+    shard.write_bytes(intact)
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    (checkpoint / "progress.json").write_text(json.dumps({**progress, "processes": 2}))
+    shutil.copy(checkpoint / "rng-rank0.pt", checkpoint / "rng-rank1.pt")
+    assert main(["export", str(run), str(tmp_path / "model"), "--to", "diffusers"]) == 2
+    assert f"says 2 process(es) wrote it" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind, misfit", [
+    ("full", "blocks.0.ffn.0.weight: (384, 192) vs the model's (256, 192)"),
+    ("lora", "blocks.0.ffn.0: LoRA (384, 8) @ (8, 192) vs layer (256, 192)"),
+])
+def test_export_onto_a_base_of_other_shapes_is_refused_writing_nothing(tiny_diffusers, runs, tmp_path, capsys, kind, misfit):
+    base = _narrower_base(tiny_diffusers, tmp_path / "narrow")
+    for fmt, out in (("diffusers", tmp_path / "model"), ("wan", tmp_path / "wan.safetensors")):
+        assert main(["export", str(runs / kind), str(out), "--to", fmt, "--model", str(base)]) == 2
+        err = capsys.readouterr().err
+        assert "does not fit this model" in one_line_error(err) and misfit in err, err
+        assert not out.exists() and not list(tmp_path.glob(".*"))
+    if kind == "full":  # lora extract reads the run onto its --base through the same check
+        assert main(["lora", "extract", str(tmp_path / "x.safetensors"), "--base", str(base), "--tuned",
+                     str(runs / kind), "--rank", "2"]) == 2
+        assert misfit in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 # -- 3. numbers that would silently produce garbage ------------------------------------------------
