@@ -489,6 +489,11 @@ def test_prompt_markup_stays_inside_the_model_cards_quote(tmp_path):
 @pytest.mark.parametrize("plugin, message", [
     ("raising", "failed on pair before/000.png -> after/000.png: RuntimeError: CUDA out of memory"),
     ("blank", "returned an empty or blank text on pair before/000.png -> after/000.png"),
+    ("exiting", "failed on pair before/000.png -> after/000.png: SystemExit: 0"),
+    ("interrupted", "failed on pair before/000.png -> after/000.png: KeyboardInterrupt: (no message)"),
+    ("huge", "returned text that is 3515 KiB, over a CSV line's 1024 KiB on pair before/000.png -> after/000.png"),
+    ("nul", "returned text that holds a NUL byte on pair before/000.png -> after/000.png"),
+    ("escape", "returned text that holds the control character U+001B on pair before/000.png -> after/000.png"),
 ])
 def test_a_failing_captioner_names_itself_and_the_pair_and_writes_no_csv(tmp_path, capsys, monkeypatch, plugin, message):
     source = tmp_path / "pairs"
@@ -505,6 +510,16 @@ def test_a_failing_captioner_names_itself_and_the_pair_and_writes_no_csv(tmp_pat
         with pytest.raises(ChronoEditError) as raised:
             main(["dataset", "prepare", str(source), "--captioner", f"tests.faulty_plugins:{plugin}"])
         assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_a_prompt_a_plugin_could_not_return_is_refused_in_a_csv_too(tmp_path):
+    for image in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / image)
+    (tmp_path / "metadata.csv").write_text("input_image,edited_image,prompt\na.png,b.png,make it red\n"
+                                           "a.png,b.png,make it \x1b[31mred\na.png,b.png,make it\0 blue\n")
+    _, problems = read_metadata(tmp_path / "metadata.csv")
+    assert [(p.row, p.reason) for p in problems if p.fatal] == [
+        (3, "The prompt holds the control character U+001B."), (4, "The prompt holds a NUL byte.")]
 
 
 def test_a_failing_prompt_enhancer_writes_no_image(input_image, tmp_path, capsys, monkeypatch):
