@@ -37,13 +37,14 @@ PAGE = 4096  # tmpfs counts space in pages
 
 @pytest.fixture()
 def tmpfs(tmp_path):
-    """``make(size)``: a real tmpfs of ``size`` bytes, and ``fill(mount, leave)``: take all but ``leave`` bytes."""
+    """``make(size, options)``: a real tmpfs of ``size`` bytes (``",ro"``: read-only), and ``fill(mount, leave)``:
+    take all but ``leave`` bytes."""
     mounts = []
 
-    def make(size: int) -> Path:
+    def make(size: int, options: str = "") -> Path:
         mount = tmp_path / f"disk{len(mounts)}"
         mount.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(mount)],
                           capture_output=True).returncode:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         mounts.append(mount)
@@ -274,6 +275,76 @@ def test_export_onto_a_base_of_other_shapes_is_refused_writing_nothing(tiny_diff
         assert main(["lora", "extract", str(tmp_path / "x.safetensors"), "--base", str(base), "--tuned",
                      str(runs / kind), "--rank", "2"]) == 2
         assert misfit in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+# -- trackers: set up before any model loads, and a failed write names the tracker's folder ----------------
+
+@pytest.fixture()
+def no_tracker_setup(tmp_path, monkeypatch) -> Path:
+    """No W&B login or mode, no MLflow URI; an empty home (no netrc): a fresh machine. Returns the home."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
+    return home
+
+
+def _train_with(tracker: str, tmp_path: Path) -> list[str]:
+    return ["train", "--model", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "x.csv"), "--output",
+            str(tmp_path / "run"), "--log_with", tracker]
+
+
+def test_wandb_without_a_login_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, no_tracker_setup):
+    command = _train_with("wandb", tmp_path)  # no model there: the check comes first
+    assert main(command) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "log_with wandb: not logged in to api.wandb.ai; run `wandb login`" in error and "WANDB_MODE=offline" in error
+    netrc_file = no_tracker_setup / ".netrc"  # what `wandb login` writes
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    assert main(command) == 2 and "log_with wandb" not in capsys.readouterr().err  # past the tracker check: the model's turn
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(command) == 2 and "log_with wandb" not in capsys.readouterr().err
+
+
+def test_mlflow_without_a_usable_store_is_one_line_naming_it(tmp_path, tmpfs, capsys, monkeypatch, no_tracker_setup):
+    command = _train_with("mlflow", tmp_path)
+    assert main(command) == 2
+    assert "log_with mlflow: set MLFLOW_TRACKING_URI" in one_line_error(capsys.readouterr().err)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # mlflow-skinny: no database store
+    assert main(command) == 2
+    assert "has no database support: pip install mlflow" in one_line_error(capsys.readouterr().err)
+    store = tmpfs(16 * PAGE, ",ro") / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    assert main(command) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"the MLflow store {store} (MLFLOW_TRACKING_URI) cannot be written" in error and "logs" not in error
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    assert main(command) == 2 and "log_with mlflow" not in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_tensorboard_writer_is_one_line_naming_its_folder(tmp_path, tmpfs, capfd):
+    from accelerate import Accelerator
+    from chronoedit_lora.files import WriteError
+    from chronoedit_lora.train.state.logs import TrainingLog
+    from chronoedit_lora.train.state.trackers import end_trackers
+
+    disk = tmpfs(32 * PAGE)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(disk / "logs" / "tensorboard"))
+    log = TrainingLog(accelerator, disk, 1000, 0, "full", "{}")
+    fill(disk)
+    with pytest.raises(WriteError) as raised:
+        for step in range(1, 1000):  # TensorBoard writes on its own thread; the failure surfaces at a later write
+            log.step(step, 1.0, 1e-4, None, 0.1, [0])
+    # its events fill their page before metrics.csv's short rows fill theirs
+    assert raised.value.filename == str(disk / "logs" / "tensorboard") and "No space left" in str(raised.value)
+    with pytest.raises(WriteError) as raised:  # the last flush, at the end of training, says it again
+        end_trackers(accelerator, disk)
+    assert raised.value.filename == str(disk / "logs" / "tensorboard")
+    assert "Traceback" not in capfd.readouterr().err  # not the writer thread's either
 
 
 # -- 3. numbers that would silently produce garbage ------------------------------------------------

@@ -36,9 +36,10 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((tensor - wb[k].tensors()[field]).abs().max().item() for k in wa for field, tensor in wa[k].tensors().items())
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300, lines: int = 0) -> None:
+    """Until ``path`` exists (holding more than ``lines`` lines), while ``process`` runs."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and (not lines or len(path.read_text().splitlines()) > lines)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
@@ -117,7 +118,7 @@ def test_stop_signal_saves_and_says_how_to_resume(tiny_diffusers, tmp_path, stop
     output = tmp_path / "run"
     process = subprocess.Popen(_train_cmd(tiny_diffusers, dataset, output, "--max_steps", "400", "--save_every", "200"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(output / "logs" / "metrics.csv", process)  # a step is logged: training is in its loop
+    _wait_for(output / "logs" / "metrics.csv", process, lines=1)  # a step's row: training is in its loop
     process.send_signal(stop_signal)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + stop_signal, err[-2000:]  # 130 / 143: `train && edit` does not go on
