@@ -347,6 +347,74 @@ def test_a_full_disk_under_the_tensorboard_writer_is_one_line_naming_its_folder(
     assert "Traceback" not in capfd.readouterr().err  # not the writer thread's either
 
 
+# -- eval: every model folder, run and output checked up front; one evaluation's files as a set -----------
+
+def _eval_command(tmp_path: Path, *extra: str, model: Path | None = None) -> list[str]:
+    return ["eval", "--model", str(model or tmp_path / "no-model"), "--height", "32", "--width", "32",
+            "--dtype", "float32", "--device", "cpu", *extra]
+
+
+def test_eval_refuses_a_model_folder_of_another_type_naming_the_flag(random_lora, tmp_path, capsys):
+    from .tiny_metric_models import write_tiny_clip, write_tiny_dino
+
+    clip, dino = write_tiny_clip(tmp_path / "clip"), write_tiny_dino(tmp_path / "dino")
+    save_lora(random_lora, tmp_path / "a.safetensors")
+    common = _eval_command(tmp_path, "--lora", str(tmp_path / "a.safetensors"), "--dataset", str(tmp_path / "x.csv"),
+                           "--output", str(tmp_path / "out"))  # no model, no dataset: the folders are checked first
+    for flag, folder, message in (("--dino", clip, "holds a 'clip' model, not a Dinov2Model model (dinov2)"),
+                                  ("--clip", dino, "holds a 'dinov2' model, not a CLIPModel model (clip)"),
+                                  ("--judge", clip, "holds a 'clip' model, not a Qwen2.5-VL or Qwen3-VL model")):
+        assert main(common + [flag, str(folder)]) == 2
+        assert f"{flag} {folder}: {message}" in one_line_error(capsys.readouterr().err)
+    (dino / "preprocessor_config.json").unlink()  # the right model, but the kit cannot build its processor
+    assert main(common + ["--dino", str(dino)]) == 2
+    assert f"--dino {dino}: its AutoImageProcessor cannot be built" in one_line_error(capsys.readouterr().err)
+
+
+def test_eval_refuses_a_full_run_with_the_command_that_works_and_an_output_inside_a_runs_files(runs, tmp_path, capsys):
+    held_out = make_subset(tmp_path / "held", 1, start=8)
+    assert main(_eval_command(tmp_path, "--run", str(runs / "full"), "--dataset", str(held_out))) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "is a full fine-tune" in error and f"lora extract RUN.safetensors --base MODEL --tuned {runs / 'full'}" in error
+    logs = runs / "lora" / "logs" / "metrics.csv"
+    before = logs.read_bytes()
+    for inside in (runs / "lora" / "logs", runs / "lora" / "checkpoints" / "step-000001" / "x"):
+        assert main(_eval_command(tmp_path, "--run", str(runs / "lora"), "--dataset", str(held_out), "--output",
+                                  str(inside))) == 2
+        assert f"is inside the training run {runs / 'lora'}'s own files" in one_line_error(capsys.readouterr().err)
+    assert logs.read_bytes() == before
+
+
+def test_eval_warns_when_held_out_rows_are_training_rows_by_file(runs, tmp_path, capsys):
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader((runs / "data" / "metadata.csv").open()))
+    (tmp_path / "held").mkdir()
+    with (tmp_path / "held" / "metadata.csv").open("w", newline="") as f:  # the same files, spelled from elsewhere
+        writer = csv_module.DictWriter(f, ["input_image", "edited_image", "prompt"])
+        writer.writeheader()
+        writer.writerows({**row, "input_image": f"../runs/{row['input_image']}",
+                          "edited_image": f"../runs/{row['edited_image']}"} for row in rows[1:])
+    (tmp_path / "runs").symlink_to(runs / "data")
+    main(_eval_command(tmp_path, "--run", str(runs / "lora"), "--dataset", str(tmp_path / "held" / "metadata.csv"),
+                       "--allow-outside"))  # then stops at the missing model, after the warning
+    out = capsys.readouterr().out
+    assert f"warning: 1 of the 1 held-out rows of {tmp_path / 'held' / 'metadata.csv'} are training rows" in out
+    assert "row(s) 2;" in out
+
+
+def test_one_evaluations_outputs_are_a_set(tiny_diffusers, random_lora, tmp_path, capsys):
+    held_out = make_subset(tmp_path / "held", 1, start=8)
+    save_lora(random_lora, tmp_path / "a.safetensors")
+    out = tmp_path / "out"
+    command = _eval_command(tmp_path, "--lora", str(tmp_path / "a.safetensors"), "--dataset", str(held_out), "--output",
+                            str(out), "--steps", "1", "--scheduler", "euler", model=tiny_diffusers)
+    assert main(command) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "metrics.csv", "metrics.png"]
+    assert main(command + ["--loss-only"]) == 0  # no edits: no grid, and the first one's is not left beside it
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.png"]
+
+
 # -- 3. numbers that would silently produce garbage ------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
