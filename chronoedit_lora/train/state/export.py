@@ -43,8 +43,9 @@ def run_checkpoint(run: Path) -> Path:
 
 
 def run_update(checkpoint: Path, full: bool, ema: bool, base: DiTCheckpoint) -> Update:
-    """How the run changes the base (its weights replace them, or its LoRA adds to them); refused, before anything is read or written, unless every
-    changed weight is one of the base's in its shape (the check ``lora merge`` makes)."""
+    """How the run changes the base (its weights replace them, or its LoRA adds to them); refused,
+    before anything is read or written, unless every changed weight is one of the base's in its
+    shape (the check ``lora merge`` makes)."""
     skeleton = meta_dit(base)
     if full:
         trained = set(full_run_shapes(checkpoint, ema, skeleton))
