@@ -7,10 +7,11 @@ import importlib
 from collections.abc import Callable
 
 from .errors import ChronoEditError
+from .user_files import text_problem
 
 
 class PluginError(ChronoEditError):
-    """A plugin raised, or returned something other than a non-empty text."""
+    """A plugin raised or exited, or returned something other than a non-empty text a CSV can hold."""
 
 
 class Plugin:
@@ -40,9 +41,10 @@ class Plugin:
         where = f" on {about}" if about else ""
         try:
             answer = function(*args)
-        except Exception as exc:  # noqa: BLE001 - any failure inside user code is reported the same way
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - any way user code can end
             said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
-            raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}") from exc
+            raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}. "
+                              "Nothing was written.") from exc
         answers = list(answer) if many else [answer]
         for item in answers:
             text = item if isinstance(item, str) else getattr(item, "caption", None)
@@ -50,6 +52,10 @@ class Plugin:
                 got = "an empty or blank text" if isinstance(text, str) else f"a {type(item).__name__}"
                 raise PluginError(f"{self.option} {self.spec} returned {got}{where}; it must return the prompt text. "
                                   "Nothing was written.")
+            texts = [text, getattr(item, "caption_cot", "")]  # every text the CSV will hold
+            if problem := next((found for found in map(text_problem, texts) if found), None):
+                raise PluginError(f"{self.option} {self.spec} returned text that {problem}{where}; a prompt must be "
+                                  "plain text under that cap. Nothing was written.")
         return [item.strip() if isinstance(item, str) else item for item in answers]
 
 

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import stat
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     if first:
         yield first
     yield from rest
+
+
+def text_problem(text: str) -> str | None:
+    """Why a CSV cell holding ``text`` would be refused (a NUL byte, another control character than a
+    tab or line end, more than a CSV line's cap), else None: the rule prompts read and written share."""
+    if "\0" in text:
+        return "holds a NUL byte"
+    control = next((ch for ch in text if ch not in "\t\n\r" and unicodedata.category(ch) == "Cc"), None)
+    if control is not None:
+        return f"holds the control character U+{ord(control):04X}"
+    size = len(text.encode("utf-8", errors="surrogateescape"))
+    if size > CSV_LINE_BYTES:
+        return f"is {size // 1024} KiB, over a CSV line's {CSV_LINE_BYTES // 1024} KiB"
+    return None
 
 
 def not_utf8(value: str) -> bytes | None:

@@ -1,6 +1,9 @@
-"""Plugins that fail the way real ones do, for the fault tests (a captioner that raises or returns blank text)."""
+"""Plugins that fail the way real ones do, for the fault tests (a captioner that raises, exits, or returns text
+a CSV cannot hold)."""
 
 from __future__ import annotations
+
+import sys
 
 from PIL import Image
 
@@ -15,3 +18,23 @@ def blank(before: Image.Image, after: Image.Image, hint: str | None) -> str:
 
 def blank_enhancer(image: Image.Image, instruction: str) -> str:
     return ""
+
+
+def exiting(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    sys.exit(0)
+
+
+def interrupted(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    raise KeyboardInterrupt
+
+
+def huge(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    return "make it red " * 300_000  # 3.6 MB
+
+
+def nul(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    return "make it\0 red"
+
+
+def escape(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    return "make it \x1b[31mred"

@@ -211,13 +211,15 @@ def prompt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-prompts = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40).filter(clean_prompt)
+# any text but control characters other than tabs and line ends (a row problem: user_files.text_problem)
+prompts = st.text(st.characters(exclude_categories=("Cs", "Cc"), include_characters="\t\n\r"), min_size=1,
+                  max_size=40).filter(clean_prompt)
 
 
 @settings(max_examples=150, deadline=None)
 @given(rows=st.lists(prompts, min_size=1, max_size=5), crlf=st.booleans())
 def test_round_trip_of_arbitrary_prompts(prompt_root: Path, rows: list[str], crlf: bool) -> None:
-    """Any prompt written by a CSV writer (commas, quotes, newlines, unicode) reads back as clean_prompt(prompt)."""
+    """Any text prompt written by a CSV writer (commas, quotes, newlines, unicode) reads back as clean_prompt(prompt)."""
     buffer = io.StringIO()
     # Python's writer leaves a lone \r unquoted with lineterminator \n, so that variant quotes everything.
     writer = csv.writer(buffer, lineterminator="\r\n") if crlf else csv.writer(buffer, lineterminator="\n",

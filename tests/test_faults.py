@@ -26,6 +26,7 @@ from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.loop.cache import CacheEntryError
 from chronoedit_lora.train.loop.trainer import train
+from chronoedit_lora.train.state.checkpoint import checkpoint_dir
 
 from .test_batch_edit import FAST, write_batch
 from .test_train import make_subset, tiny_config
@@ -36,13 +37,14 @@ PAGE = 4096  # tmpfs counts space in pages
 
 @pytest.fixture()
 def tmpfs(tmp_path):
-    """``make(size)``: a real tmpfs of ``size`` bytes, and ``fill(mount, leave)``: take all but ``leave`` bytes."""
+    """``make(size, options)``: a real tmpfs of ``size`` bytes (``",ro"``: read-only), and ``fill(mount, leave)``:
+    take all but ``leave`` bytes."""
     mounts = []
 
-    def make(size: int) -> Path:
+    def make(size: int, options: str = "") -> Path:
         mount = tmp_path / f"disk{len(mounts)}"
         mount.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(mount)],
                           capture_output=True).returncode:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         mounts.append(mount)
@@ -204,6 +206,213 @@ def test_a_damaged_verdict_file_is_dropped_and_rewritten(tmp_path, capsys, conte
     assert isinstance(kept, dict) and len(kept) == 2 and "k" not in kept  # the pair's two images, checked anew
     assert check_dataset(dataset, 32, 32, checked=CheckedFiles(verdicts)) == []
     assert "dropped" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_diffusers, tmp_path_factory) -> Path:
+    """One step of a full fine-tune (its feed-forward layers) and of a LoRA run, a checkpoint each."""
+    folder = tmp_path_factory.mktemp("runs")
+    dataset = make_subset(folder / "data", 2)
+    train(tiny_config(tiny_diffusers, dataset, folder / "full", finetune="full", trainable="blocks.*.ffn.*", max_steps=1,
+                      save_every=1))
+    train(tiny_config(tiny_diffusers, dataset, folder / "lora", max_steps=1, save_every=1))
+    return folder
+
+
+def _narrower_base(tiny_diffusers: Path, folder: Path) -> Path:
+    """The tiny model with the same layer names but feed-forward layers 256 wide instead of 384."""
+    shutil.copytree(tiny_diffusers, folder, symlinks=True)
+    transformer = folder / "transformer"
+    for shard in transformer.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        for key, tensor in tensors.items():
+            if ".ffn." in key:
+                tensors[key] = tensor[tuple(slice(0, 256) if size == 384 else slice(None) for size in tensor.shape)].clone()
+        save_file(tensors, str(shard))
+    config = transformer / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "ffn_dim": 256}))
+    return folder
+
+
+def test_a_dcp_shard_cut_short_is_named_on_export_and_on_resume(tiny_diffusers, runs, tmp_path, capsys):
+    run = tmp_path / "full"
+    shutil.copytree(runs / "full", run)
+    checkpoint = checkpoint_dir(run, 1)
+    (shard,) = (checkpoint / "state").glob("*.safetensors")
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-1000])
+    assert main(["export", str(run), str(tmp_path / "model"), "--to", "diffusers"]) == 2
+    assert f"{shard}: truncated or corrupt" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "model").exists()
+    resume = ["train", "--model", str(tiny_diffusers), "--dataset", str(runs / "data" / "metadata.csv"), "--output",
+              str(run), "--height", "32", "--width", "32", "--dtype", "float32", "--finetune", "full", "--trainable",
+              "blocks.*.ffn.*", "--max_steps", "2", "--gradient_checkpointing", "false", "--resume"]
+    assert main(resume) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"cannot resume from {checkpoint}: {shard}: truncated or corrupt" in error
+    # whole shards, but progress.json says two processes wrote them: one rank's shards are missing
+    shard.write_bytes(intact)
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    (checkpoint / "progress.json").write_text(json.dumps({**progress, "processes": 2}))
+    shutil.copy(checkpoint / "rng-rank0.pt", checkpoint / "rng-rank1.pt")
+    assert main(["export", str(run), str(tmp_path / "model"), "--to", "diffusers"]) == 2
+    assert f"says 2 process(es) wrote it" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("kind, misfit", [
+    ("full", "blocks.0.ffn.0.weight: (384, 192) vs the model's (256, 192)"),
+    ("lora", "blocks.0.ffn.0: LoRA (384, 8) @ (8, 192) vs layer (256, 192)"),
+])
+def test_export_onto_a_base_of_other_shapes_is_refused_writing_nothing(tiny_diffusers, runs, tmp_path, capsys, kind, misfit):
+    base = _narrower_base(tiny_diffusers, tmp_path / "narrow")
+    for fmt, out in (("diffusers", tmp_path / "model"), ("wan", tmp_path / "wan.safetensors")):
+        assert main(["export", str(runs / kind), str(out), "--to", fmt, "--model", str(base)]) == 2
+        err = capsys.readouterr().err
+        assert "does not fit this model" in one_line_error(err) and misfit in err, err
+        assert not out.exists() and not list(tmp_path.glob(".*"))
+    if kind == "full":  # lora extract reads the run onto its --base through the same check
+        assert main(["lora", "extract", str(tmp_path / "x.safetensors"), "--base", str(base), "--tuned",
+                     str(runs / kind), "--rank", "2"]) == 2
+        assert misfit in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+# -- trackers: set up before any model loads, and a failed write names the tracker's folder ----------------
+
+@pytest.fixture()
+def no_tracker_setup(tmp_path, monkeypatch) -> Path:
+    """No W&B login or mode, no MLflow URI; an empty home (no netrc): a fresh machine. Returns the home."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
+    return home
+
+
+def _train_with(tracker: str, tmp_path: Path) -> list[str]:
+    return ["train", "--model", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "x.csv"), "--output",
+            str(tmp_path / "run"), "--log_with", tracker]
+
+
+def test_wandb_without_a_login_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch, no_tracker_setup):
+    command = _train_with("wandb", tmp_path)  # no model there: the check comes first
+    assert main(command) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "log_with wandb: not logged in to api.wandb.ai; run `wandb login`" in error and "WANDB_MODE=offline" in error
+    netrc_file = no_tracker_setup / ".netrc"  # what `wandb login` writes
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    assert main(command) == 2 and "log_with wandb" not in capsys.readouterr().err  # past the tracker check: the model's turn
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(command) == 2 and "log_with wandb" not in capsys.readouterr().err
+
+
+def test_mlflow_without_a_usable_store_is_one_line_naming_it(tmp_path, tmpfs, capsys, monkeypatch, no_tracker_setup):
+    command = _train_with("mlflow", tmp_path)
+    assert main(command) == 2
+    assert "log_with mlflow: set MLFLOW_TRACKING_URI" in one_line_error(capsys.readouterr().err)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # mlflow-skinny: no database store
+    assert main(command) == 2
+    assert "has no database support: pip install mlflow" in one_line_error(capsys.readouterr().err)
+    store = tmpfs(16 * PAGE, ",ro") / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    assert main(command) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"the MLflow store {store} (MLFLOW_TRACKING_URI) cannot be written" in error and "logs" not in error
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    assert main(command) == 2 and "log_with mlflow" not in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_tensorboard_writer_is_one_line_naming_its_folder(tmp_path, tmpfs, capfd):
+    from accelerate import Accelerator
+    from chronoedit_lora.files import WriteError
+    from chronoedit_lora.train.state.logs import TrainingLog
+    from chronoedit_lora.train.state.trackers import end_trackers
+
+    disk = tmpfs(32 * PAGE)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(disk / "logs" / "tensorboard"))
+    log = TrainingLog(accelerator, disk, 1000, 0, "full", "{}")
+    fill(disk)
+    with pytest.raises(WriteError) as raised:
+        for step in range(1, 1000):  # TensorBoard writes on its own thread; the failure surfaces at a later write
+            log.step(step, 1.0, 1e-4, None, 0.1, [0])
+    # its events fill their page before metrics.csv's short rows fill theirs
+    assert raised.value.filename == str(disk / "logs" / "tensorboard") and "No space left" in str(raised.value)
+    with pytest.raises(WriteError) as raised:  # the last flush, at the end of training, says it again
+        end_trackers(accelerator, disk)
+    assert raised.value.filename == str(disk / "logs" / "tensorboard")
+    assert "Traceback" not in capfd.readouterr().err  # not the writer thread's either
+
+
+# -- eval: every model folder, run and output checked up front; one evaluation's files as a set -----------
+
+def _eval_command(tmp_path: Path, *extra: str, model: Path | None = None) -> list[str]:
+    return ["eval", "--model", str(model or tmp_path / "no-model"), "--height", "32", "--width", "32",
+            "--dtype", "float32", "--device", "cpu", *extra]
+
+
+def test_eval_refuses_a_model_folder_of_another_type_naming_the_flag(random_lora, tmp_path, capsys):
+    from .tiny_metric_models import write_tiny_clip, write_tiny_dino
+
+    clip, dino = write_tiny_clip(tmp_path / "clip"), write_tiny_dino(tmp_path / "dino")
+    save_lora(random_lora, tmp_path / "a.safetensors")
+    common = _eval_command(tmp_path, "--lora", str(tmp_path / "a.safetensors"), "--dataset", str(tmp_path / "x.csv"),
+                           "--output", str(tmp_path / "out"))  # no model, no dataset: the folders are checked first
+    for flag, folder, message in (("--dino", clip, "holds a 'clip' model, not a Dinov2Model model (dinov2)"),
+                                  ("--clip", dino, "holds a 'dinov2' model, not a CLIPModel model (clip)"),
+                                  ("--judge", clip, "holds a 'clip' model, not a Qwen2.5-VL or Qwen3-VL model")):
+        assert main(common + [flag, str(folder)]) == 2
+        assert f"{flag} {folder}: {message}" in one_line_error(capsys.readouterr().err)
+    (dino / "preprocessor_config.json").unlink()  # the right model, but the kit cannot build its processor
+    assert main(common + ["--dino", str(dino)]) == 2
+    assert f"--dino {dino}: its AutoImageProcessor cannot be built" in one_line_error(capsys.readouterr().err)
+
+
+def test_eval_refuses_a_full_run_with_the_command_that_works_and_an_output_inside_a_runs_files(runs, tmp_path, capsys):
+    held_out = make_subset(tmp_path / "held", 1, start=8)
+    assert main(_eval_command(tmp_path, "--run", str(runs / "full"), "--dataset", str(held_out))) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "is a full fine-tune" in error and f"lora extract RUN.safetensors --base MODEL --tuned {runs / 'full'}" in error
+    logs = runs / "lora" / "logs" / "metrics.csv"
+    before = logs.read_bytes()
+    for inside in (runs / "lora" / "logs", runs / "lora" / "checkpoints" / "step-000001" / "x"):
+        assert main(_eval_command(tmp_path, "--run", str(runs / "lora"), "--dataset", str(held_out), "--output",
+                                  str(inside))) == 2
+        assert f"is inside the training run {runs / 'lora'}'s own files" in one_line_error(capsys.readouterr().err)
+    assert logs.read_bytes() == before
+
+
+def test_eval_warns_when_held_out_rows_are_training_rows_by_file(runs, tmp_path, capsys):
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader((runs / "data" / "metadata.csv").open()))
+    (tmp_path / "held").mkdir()
+    with (tmp_path / "held" / "metadata.csv").open("w", newline="") as f:  # the same files, spelled from elsewhere
+        writer = csv_module.DictWriter(f, ["input_image", "edited_image", "prompt"])
+        writer.writeheader()
+        writer.writerows({**row, "input_image": f"../runs/{row['input_image']}",
+                          "edited_image": f"../runs/{row['edited_image']}"} for row in rows[1:])
+    (tmp_path / "runs").symlink_to(runs / "data")
+    main(_eval_command(tmp_path, "--run", str(runs / "lora"), "--dataset", str(tmp_path / "held" / "metadata.csv"),
+                       "--allow-outside"))  # then stops at the missing model, after the warning
+    out = capsys.readouterr().out
+    assert f"warning: 1 of the 1 held-out rows of {tmp_path / 'held' / 'metadata.csv'} are training rows" in out
+    assert "row(s) 2;" in out
+
+
+def test_one_evaluations_outputs_are_a_set(tiny_diffusers, random_lora, tmp_path, capsys):
+    held_out = make_subset(tmp_path / "held", 1, start=8)
+    save_lora(random_lora, tmp_path / "a.safetensors")
+    out = tmp_path / "out"
+    command = _eval_command(tmp_path, "--lora", str(tmp_path / "a.safetensors"), "--dataset", str(held_out), "--output",
+                            str(out), "--steps", "1", "--scheduler", "euler", model=tiny_diffusers)
+    assert main(command) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "metrics.csv", "metrics.png"]
+    assert main(command + ["--loss-only"]) == 0  # no edits: no grid, and the first one's is not left beside it
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.png"]
 
 
 # -- 3. numbers that would silently produce garbage ------------------------------------------------
@@ -419,6 +628,11 @@ def test_prompt_markup_stays_inside_the_model_cards_quote(tmp_path):
 @pytest.mark.parametrize("plugin, message", [
     ("raising", "failed on pair before/000.png -> after/000.png: RuntimeError: CUDA out of memory"),
     ("blank", "returned an empty or blank text on pair before/000.png -> after/000.png"),
+    ("exiting", "failed on pair before/000.png -> after/000.png: SystemExit: 0"),
+    ("interrupted", "failed on pair before/000.png -> after/000.png: KeyboardInterrupt: (no message)"),
+    ("huge", "returned text that is 3515 KiB, over a CSV line's 1024 KiB on pair before/000.png -> after/000.png"),
+    ("nul", "returned text that holds a NUL byte on pair before/000.png -> after/000.png"),
+    ("escape", "returned text that holds the control character U+001B on pair before/000.png -> after/000.png"),
 ])
 def test_a_failing_captioner_names_itself_and_the_pair_and_writes_no_csv(tmp_path, capsys, monkeypatch, plugin, message):
     source = tmp_path / "pairs"
@@ -435,6 +649,16 @@ def test_a_failing_captioner_names_itself_and_the_pair_and_writes_no_csv(tmp_pat
         with pytest.raises(ChronoEditError) as raised:
             main(["dataset", "prepare", str(source), "--captioner", f"tests.faulty_plugins:{plugin}"])
         assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_a_prompt_a_plugin_could_not_return_is_refused_in_a_csv_too(tmp_path):
+    for image in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / image)
+    (tmp_path / "metadata.csv").write_text("input_image,edited_image,prompt\na.png,b.png,make it red\n"
+                                           "a.png,b.png,make it \x1b[31mred\na.png,b.png,make it\0 blue\n")
+    _, problems = read_metadata(tmp_path / "metadata.csv")
+    assert [(p.row, p.reason) for p in problems if p.fatal] == [
+        (3, "The prompt holds the control character U+001B."), (4, "The prompt holds a NUL byte.")]
 
 
 def test_a_failing_prompt_enhancer_writes_no_image(input_image, tmp_path, capsys, monkeypatch):

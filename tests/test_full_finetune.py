@@ -126,7 +126,7 @@ def test_export_refuses_a_run_whose_layers_the_base_lacks_before_writing(lora_ru
     save_lora(weights, final, metadata)
     for fmt, out in (("diffusers", tmp_path / "model"), ("wan", tmp_path / "wan.safetensors")):
         assert main(["export", str(run), str(out), "--to", fmt]) == 2
-        assert "lacks: ['blocks.9.self_attn.q.weight']" in capsys.readouterr().err
+        assert "not in the model (as a Linear): blocks.9.self_attn.q" in capsys.readouterr().err
         assert not out.exists()
 
 

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -21,8 +22,10 @@ ON_THE_GPU_MACHINE = ("torch", "accelerate", "peft", "transformers")  # with the
 # Imported here but not needed there: diffusers imports scipy only if it is installed; google-auth
 # and googleapis-common-protos only share protobuf's ``google`` namespace; the kit itself is the
 # checkout; imageio-ffmpeg is only for MP4 clips, which the check does not read or write; pandas
-# imports pytz and urllib3 brotli only if installed (here they come with gradio, for the web app).
-NOT_NEEDED = {"scipy", "google-auth", "googleapis-common-protos", "chronoedit-lora", "imageio-ffmpeg", "pytz", "brotli"}
+# imports pytz and urllib3 brotli only if installed (here they come with gradio, for the web app);
+# transformers imports sentencepiece only if installed (the kit's umT5 tokenizer is a tokenizers one).
+NOT_NEEDED = {"scipy", "google-auth", "googleapis-common-protos", "chronoedit-lora", "imageio-ffmpeg", "pytz", "brotli",
+              "sentencepiece"}
 # The commands the check runs (make-tiny, edit, train), imported in a fresh interpreter.
 COMMANDS = ("chronoedit_lora.commands.make_tiny", "chronoedit_lora.commands.edit", "chronoedit_lora.commands.train",
             "chronoedit_lora.tiny")
@@ -68,10 +71,16 @@ def test_wheels_cover_what_the_kit_imports_beyond_the_gpu_machine():
     missing = imported - _with_dependencies(ON_THE_GPU_MACHINE) - NOT_NEEDED - carried
     assert not missing, f"imported by the kit, on neither the GPU machine nor in WHEELS: {sorted(missing)}"
     assert {"diffsynth", "diffusers", "modelscope", "torchvision", "tensorboard"} <= carried
-    for spec in bundle.WHEELS:  # the kit's tested versions, except torchvision (the machine's torch's)
+    declared = {_name(r.name): r.specifier for r in map(Requirement, _pyproject()["project"]["dependencies"])}
+    for spec in bundle.WHEELS:  # what pyproject.toml declares, except torchvision (the machine's torch's)
         name, version = spec.split("==")
-        if name != "torchvision" and _name(name) in imported:
-            assert importlib.metadata.version(name) == version, spec
+        if name != "torchvision" and _name(name) in declared:
+            assert declared[_name(name)].contains(version), (spec, str(declared[_name(name)]))
+    assert {"diffsynth", "diffusers", "pillow", "pandas"} <= {_name(s.split("==")[0]) for s in bundle.WHEELS} & set(declared)
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 
 
 def _fake_wheels(folder: Path, size: int = 10) -> list[Path]:

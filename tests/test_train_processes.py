@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -35,12 +36,26 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((tensor - wb[k].tensors()[field]).abs().max().item() for k in wa for field, tensor in wa[k].tensors().items())
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300, lines: int = 0) -> None:
+    """Until ``path`` exists (holding more than ``lines`` lines), while ``process`` runs."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and (not lines or len(path.read_text().splitlines()) > lines)):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
+
+
+def _read_until(process: subprocess.Popen, text: bytes, timeout: float = 300) -> bytes:
+    """The process's stderr (a binary pipe) read as it comes, up to where ``text`` appears: a state
+    the process reached, whatever the machine's load (tqdm's bars end in \\r, not a line end)."""
+    fd, seen, deadline = process.stderr.fileno(), b"", time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout} s: {seen[-2000:]!r}"
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, f"exited before {text!r}: {seen[-2000:]!r}"
+            seen += chunk
+    return seen
 
 
 def test_two_processes_over_gloo(tiny_diffusers, tmp_path):
@@ -103,10 +118,9 @@ def test_stop_signal_saves_and_says_how_to_resume(tiny_diffusers, tmp_path, stop
     output = tmp_path / "run"
     process = subprocess.Popen(_train_cmd(tiny_diffusers, dataset, output, "--max_steps", "400", "--save_every", "200"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(output / "logs" / "metrics.csv", process)
-    time.sleep(1.0)
+    _wait_for(output / "logs" / "metrics.csv", process, lines=1)  # a step's row: training is in its loop
     process.send_signal(stop_signal)
-    out, err = process.communicate(timeout=120)
+    out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + stop_signal, err[-2000:]  # 130 / 143: `train && edit` does not go on
     assert "--resume" in out
     saved = sorted((output / "checkpoints").glob("step-*"))
@@ -150,12 +164,12 @@ def test_ctrl_c_during_an_edit_is_one_line_and_exit_130(tiny_diffusers, input_im
     process = subprocess.Popen([sys.executable, "-m", "chronoedit_lora.cli", "edit", "--model", str(tiny_diffusers),
                                 "--image", str(tmp_path / "in.png"), "--prompt", "x", "--output", str(tmp_path / "o.png"),
                                 "--steps", "1000", "--scheduler", "euler", "--height", "32", "--width", "32",
-                                "--dtype", "float32", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)  # Euler: UniPC's 1000-step schedule repeats timesteps and is refused
-    time.sleep(8)  # loading or editing by now: either way inside the CLI, so the same single line
-    assert process.poll() is None
+                                "--dtype", "float32", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Euler: UniPC's 1000-step schedule repeats timesteps and is refused
+    seen = _read_until(process, b"editing:")  # the denoising loop's bar: the models are loaded, the edit runs
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    _, rest = process.communicate(timeout=300)  # the step under way finishes first (seconds on a busy machine)
+    err = (seen + rest).decode()
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "chronoedit-lora edit: interrupted."
     assert not (tmp_path / "o.png").exists()

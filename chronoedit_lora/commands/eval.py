@@ -2,7 +2,8 @@
 scored by the held-out loss at fixed timestep quantiles, fixed-seed edits against their targets
 (PSNR, SSIM; LPIPS, CLIP, DINOv2 and a VLM judge from local folders), with a best-checkpoint pick.
 
-Writes metrics.csv, metrics.png, grid.png (and judge.csv) into RUN/eval or --output.
+Writes metrics.csv, metrics.png, grid.png (and judge.csv) into RUN/eval or --output, as one set:
+what an earlier evaluation wrote there and this one does not is removed.
 """
 
 from __future__ import annotations
@@ -88,6 +89,40 @@ def _check_loras(args: argparse.Namespace, checkpoints: list) -> None:
             check_lora_matches(weights, skeleton, str(checkpoint.path))
 
 
+def _check_output(output: Path) -> None:
+    """The evaluation's folder is no part of a training run's own files (its logs, checkpoints,
+    samples): metrics.csv there would replace training's own."""
+    from ..train.state.export import is_run
+    from ..train.state.run_folder import RUN_FILES
+
+    resolved = output.resolve()
+    for folder in (resolved, *resolved.parents):
+        part = resolved.relative_to(folder).parts[:1]
+        if part and part[0] in RUN_FILES and part[0] != "eval" and is_run(folder):
+            raise ChronoEditError(f"--output {output} is inside the training run {folder}'s own files ({part[0]}); "
+                                  f"evaluate into {folder / 'eval'} (the default with --run) or a folder of its own.")
+
+
+def _warn_training_rows(args: argparse.Namespace, checkpoints: list) -> None:
+    """Say which held-out rows are training rows of the run (the same files, however the CSVs spell them)."""
+    from ..data.metadata import read_metadata
+    from ..eval.checkpoints import training_csv
+
+    trained_on = training_csv(checkpoints) if args.run_folder else None
+    if trained_on is None or not trained_on.is_file():
+        return
+    def files(pair) -> tuple:
+        return pair.input_image.resolve(), pair.edited_image.resolve(), pair.input_frame, pair.edited_frame
+
+    training = {files(pair) for pair in read_metadata(trained_on, allow_outside=True)[0]}
+    held_out = read_metadata(args.dataset, allow_outside=args.allow_outside)[0][:args.count]
+    shared = [pair.row for pair in held_out if files(pair) in training]
+    if shared:
+        print(f"warning: {len(shared)} of the {len(held_out)} held-out rows of {args.dataset} are training rows of "
+              f"{args.run_folder} (the same files, from {trained_on}): row(s) {', '.join(map(str, shared[:10]))}; "
+              "their metrics measure what the LoRA memorised, not how it generalises.")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..eval.checkpoints import find_checkpoints
     from ..eval.held_out import EditSettings
@@ -97,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None and args.run_folder is None:
         raise ChronoEditError("--output is needed with --lora (with --run the default is RUN/eval).")
     output = Path(args.output) if args.output else Path(args.run_folder) / "eval"
+    _check_output(output)
     check_writable(output / "metrics.csv", (".csv",))
     settings = sampling_settings(args)
     _check_settings(args, settings)
@@ -105,12 +141,13 @@ def run(args: argparse.Namespace) -> int:
         raise ChronoEditError("--loss-only makes no edits, so --lpips/--clip/--dino/--judge have nothing to score.")
     folders.check()
     items = _held_out_items(args)
+    _warn_training_rows(args, checkpoints)
     _check_loras(args, checkpoints)
 
     from ..eval.figures import write_figures
     from ..eval.held_out import encode_pairs
     from ..eval.metrics import QUANTILES
-    from ..eval.report import summary, write_tables
+    from ..eval.report import remove_earlier, summary, write_tables
     from ..eval.runner import evaluate_checkpoints, score_with_models
     from ..eval.image_metrics import ssim
     from ..pipeline import ChronoEditPipeline
@@ -129,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
     score_with_models(evaluation, folders, args.device)
 
     table = evaluation.table()
-    write_tables(output, checkpoints, table, [p.row for p in pairs], evaluation.judgements)
+    tables = write_tables(output, checkpoints, table, [p.row for p in pairs], evaluation.judgements)
     written = write_figures(output, checkpoints, table, pairs, evaluation.edits)
+    remove_earlier(output, tables + written)
     reference = None if args.loss_only else sum(ssim(p.target, p.source) for p in pairs) / len(pairs)
     print(summary(checkpoints, table, reference))
     print(f"wrote {output / 'metrics.csv'}, " + ", ".join(str(p) for p in written))

@@ -158,7 +158,7 @@ def _extract(args: argparse.Namespace) -> int:
     layers = linear_layers(base_dit, targets)
     tuned = Path(args.tuned)
     if is_run(tuned):
-        read_tuned, trained = full_run_reader(tuned, base.read, args.ema)
+        read_tuned, trained = full_run_reader(tuned, base_dit, base.read, args.ema)
         layers = [layer for layer in layers if f"{layer}.weight" in trained]
     else:
         if args.ema:

@@ -29,7 +29,7 @@ from pathlib import Path, PureWindowsPath
 
 from ..errors import listing
 from ..files import inside
-from ..user_files import not_regular, not_utf8, read_csv
+from ..user_files import not_regular, not_utf8, read_csv, text_problem
 from .problems import Problem, has_fatal
 
 IMAGE_COLUMNS = ("input_image", "edited_image", "prompt")
@@ -208,6 +208,9 @@ class _RowReader:
         prompt = next((text for c in self.prompt_columns if (text := clean_prompt(values.get(c, "")))), "")
         if self.prompt_columns and not prompt and all(c in values for c in self.prompt_columns):
             self._add(row, "/".join(self.prompt_columns), "Empty prompt.", "Write the edit instruction for this pair.")
+        if problem := text_problem(prompt):
+            self._add(row, "/".join(self.prompt_columns), f"The prompt {problem}.",
+                      "Write the prompt as plain text (tabs and line breaks are fine).")
         if values.get(TRAJECTORY, "").strip() or not self.path_columns:
             return self._trajectory(row, values, prompt)
         paths = [self._path(row, c, values[c]) for c in self.path_columns if c in values]

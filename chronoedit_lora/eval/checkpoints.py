@@ -3,13 +3,16 @@ a list of LoRA files, each with a label and its training step (if known)."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ChronoEditError
 from ..models.loading import read_header
+from ..train.state.checkpoint import CHECKPOINTS
 from ..train.state.lora_export import FINAL_NAME
+from ..train.state.run_folder import SETTINGS
 
 BASE = "base"
 FINAL = "final"
@@ -52,10 +55,27 @@ def run_checkpoints(run: Path) -> list[Checkpoint]:
     found = [Checkpoint(step_label(step), path, step) for step, path in steps if step != final_step]
     if final.is_file():
         found.append(Checkpoint(FINAL, final, final_step))
+    if not found and any((run / CHECKPOINTS).glob(f"*/{SETTINGS}")):
+        raise ChronoEditError(
+            f"--run {run} is a full fine-tune: eval compares LoRAs on one base. Turn a checkpoint into one, then "
+            f"evaluate it: chronoedit-lora lora extract RUN.safetensors --base MODEL --tuned {run} --rank 64, then "
+            "chronoedit-lora eval --model MODEL --lora RUN.safetensors (--tuned takes a checkpoint folder too).")
     if not found:
         raise ChronoEditError(f"--run {run}: no lora-stepNNNNNN.safetensors or {FINAL_NAME} in it; "
                               "is it a training run's --output folder?")
     return found
+
+
+def training_csv(checkpoints: list[Checkpoint]) -> Path | None:
+    """The dataset CSV a run's LoRAs were trained on (from the newest one's header), if it says."""
+    newest = next((c.path for c in reversed(checkpoints) if c.path is not None), None)
+    if newest is None:
+        return None
+    try:
+        dataset = json.loads(read_header(newest)[1].get("config", "{}")).get("dataset")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return Path(dataset) if isinstance(dataset, str) and dataset else None
 
 
 def file_checkpoints(files: list[str]) -> list[Checkpoint]:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import ChronoEditError
+from ..user_files import read_json
 
 CLIP_MAX_TOKENS = 77
 
@@ -27,6 +28,37 @@ def check_model_folder(folder: str | Path, flag: str) -> Path:
         what = "not a folder" if not folder.is_dir() else "no config.json in it (not a transformers model folder)"
         raise ChronoEditError(f"{flag} {folder}: {what}; nothing is downloaded, give a local model folder.")
     return folder
+
+
+# flag -> the config.json model_type(s) it takes, their name, the processors the kit builds from the folder
+MODEL_KINDS = {
+    "--clip": (("clip",), "a CLIPModel", ("AutoImageProcessor", "AutoTokenizer")),
+    "--dino": (("dinov2",), "a Dinov2Model", ("AutoImageProcessor",)),
+    "--judge": (("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), "a Qwen2.5-VL or Qwen3-VL", ("AutoProcessor",)),
+}
+
+
+def check_model_kind(folder: str | Path, flag: str) -> None:
+    """:func:`check_model_folder`, and the folder holds the model ``flag`` takes (its config's
+    ``model_type``) with the processors the kit builds from it; a one-line error naming ``flag``
+    otherwise. Reads configs only: no weights."""
+    import transformers
+
+    folder = check_model_folder(folder, flag)
+    types, name, processors = MODEL_KINDS[flag]
+    config = read_json(folder / "config.json")
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found not in types:
+        held = f"a {found!r} model" if found else "no model_type in its config.json"
+        raise ChronoEditError(f"{flag} {folder}: holds {held}, not {name} model ({' or '.join(types)}); "
+                              f"give {flag} {name} folder.")
+    for processor in processors:
+        try:
+            getattr(transformers, processor).from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a folder it cannot read
+            said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ChronoEditError(f"{flag} {folder}: its {processor} cannot be built ({said}); the folder is "
+                                  "incomplete: copy the model's processor and tokenizer files into it.") from None
 
 
 def _pooled(output) -> torch.Tensor:

@@ -129,8 +129,22 @@ def markdown_table(checkpoints: list[Checkpoint], table: Table) -> str:
 
 
 def write_tables(folder: Path, checkpoints: list[Checkpoint], table: Table, rows: list[int],
-                 judgements: dict[str, list[Judgement]]) -> None:
-    """``metrics.csv``, and ``judge.csv`` if the judge ran, into ``folder`` (atomically)."""
+                 judgements: dict[str, list[Judgement]]) -> list[Path]:
+    """``metrics.csv``, and ``judge.csv`` if the judge ran, into ``folder`` (atomically); returns what was written."""
     write_text(folder / "metrics.csv", metrics_csv(checkpoints, table))
     if judgements:
         write_text(folder / "judge.csv", judge_csv(checkpoints, rows, judgements))
+    return [folder / "metrics.csv"] + ([folder / "judge.csv"] if judgements else [])
+
+
+# every file an evaluation writes into its folder: one evaluation's set, never mixed with an earlier one's
+OUTPUTS = ("metrics.csv", "judge.csv", "metrics.png", "grid.png")
+
+
+def remove_earlier(folder: Path, written: list[Path]) -> None:
+    """Remove the files of :data:`OUTPUTS` in ``folder`` that this evaluation did not write (an
+    earlier one's ``grid.png`` beside a ``--loss-only`` run's ``metrics.csv``, say)."""
+    kept = {path.name for path in written}
+    for name in OUTPUTS:
+        if name not in kept:
+            (folder / name).unlink(missing_ok=True)

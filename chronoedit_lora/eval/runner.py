@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..pipeline import ChronoEditPipeline
 from .checkpoints import Checkpoint
-from .embeddings import ClipScorer, DinoScorer, check_model_folder, cosine
+from .embeddings import ClipScorer, DinoScorer, check_model_kind, cosine
 from .held_out import EditSettings, HeldOutPair, edit_pair, negative_embedding
 from .image_metrics import psnr, ssim
 from .judge import Judge, Judgement
@@ -41,7 +41,7 @@ class MetricFolders:
             lpips_files(self.lpips)
         for flag, folder in (("--clip", self.clip), ("--dino", self.dino), ("--judge", self.judge)):
             if folder:
-                check_model_folder(folder, flag)
+                check_model_kind(folder, flag)
 
 
 @dataclass

@@ -3,6 +3,8 @@ them unfused through hooks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import CheckpointError, ChronoEditError, listing
@@ -34,9 +36,22 @@ def check_lora_matches(weights: LoraWeights, model: torch.nn.Module, source: str
             what = (f"LoRA {tuple(adapter.up.shape)} @ {tuple(adapter.down.shape)}" if isinstance(adapter, LoraModule)
                     else f"{adapter.kind} delta {adapter.shape}")
             misfit.append(f"{name}: {what} vs layer ({layer.out_features}, {layer.in_features})")
+    _refuse_misfits(source, "layer(s) not in the model (as a Linear)", missing, misfit)
+
+
+def check_weights_match(shapes: dict[str, Sequence[int]], model: torch.nn.Module, source: str) -> None:
+    """Raise :class:`LoraMismatchError` listing every weight (a full fine-tune's, by parameter name)
+    the model lacks or holds in another shape: what replaces a base's weights must fit them exactly."""
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    missing = [name for name in sorted(shapes) if name not in params]
+    misfit = [f"{name}: {tuple(shape)} vs the model's {params[name]}" for name, shape in sorted(shapes.items())
+              if name in params and tuple(shape) != params[name]]
+    _refuse_misfits(source, "weight(s) not in the model", missing, misfit)
+
+
+def _refuse_misfits(source: str, absent: str, missing: list[str], misfit: list[str]) -> None:
     if missing or misfit:
-        lines = ([listing("layer(s) not in the model (as a Linear)", missing)] if missing else []) + \
-                ([listing("shape mismatch(es)", misfit)] if misfit else [])
+        lines = ([listing(absent, missing)] if missing else []) + ([listing("shape mismatch(es)", misfit)] if misfit else [])
         raise LoraMismatchError(f"{source} does not fit this model (is it for another base model?):\n  " + "\n  ".join(lines))
 
 

@@ -18,7 +18,7 @@ from ..models.components import describe_path, discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
 from ..models.loading import read_header, read_state_dict
 from ..models.quantized import stored_quantized
-from .apply import check_finite, check_lora_matches
+from .apply import LoraMismatchError, check_finite, check_lora_matches
 from .io import load_lora
 from .weights import LoraWeights
 
@@ -52,8 +52,8 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
         keys = {names[key]: key for key in tensors if key in names}
         if dtype is not None:
             tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
-        for name, value in update({name: tensors[key] for name, key in keys.items()}).items():
-            tensors[keys[name]] = value.to(tensors[keys[name]].dtype)
+        for name, value in updated({name: tensors[key] for name, key in keys.items()}, update, path).items():
+            tensors[keys[name]] = value
         target = output / f"{path.stem}.safetensors"
         with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -65,6 +65,17 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
     if ckpt.format == "diffusers" and (folder / "config.json").is_file():
         copy_file(folder / "config.json", output / "config.json")
     return written
+
+
+def updated(tensors: dict[str, torch.Tensor], update: Update, source: Path) -> dict[str, torch.Tensor]:
+    """The tensors ``update`` changes, in their stored dtype. A new value of another shape stops the
+    write (the callers check every shape up front; this keeps a model of mixed shapes unwritable)."""
+    new = update(tensors)
+    misfit = [f"{name}: {tuple(value.shape)} vs {tuple(tensors[name].shape)}" for name, value in sorted(new.items())
+              if value.shape != tensors[name].shape]
+    if misfit:
+        raise LoraMismatchError(f"{source}: the new weights do not fit the base's: {', '.join(misfit[:3])}; nothing was written.")
+    return {name: value.to(tensors[name].dtype) for name, value in new.items()}
 
 
 def lora_update(loras: list[tuple[LoraWeights, float]]) -> Update:

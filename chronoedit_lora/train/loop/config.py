@@ -175,7 +175,8 @@ def validate(config: TrainConfig) -> None:
                               "weights, not an adapter; drop adapter, or set finetune = \"lora\".")
     if config.finetune == "full" and config.keep_best:
         raise ChronoEditError("keep_best keeps the best step's adapter as lora-best.safetensors; a full fine-tune has "
-                              "none. Keep checkpoints (keep_checkpoints) and score them with `chronoedit-lora eval`.")
+                              "none. Keep checkpoints (keep_checkpoints), turn them into LoRAs with `chronoedit-lora lora extract` "
+                              "and score those with `chronoedit-lora eval --lora`.")
     if config.finetune == "full" and not config.trainable:
         raise ChronoEditError("trainable is empty: name the DiT parameters to train, e.g. blocks.* (every block).")
     for key in ("learning_rate", "alpha"):

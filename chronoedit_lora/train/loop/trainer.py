@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 from ...data.metadata import TRAJECTORY
 from ...errors import ChronoEditError
-from ...files import WriteError, writing
+from ...files import WriteError
 from ...lora.weights import ADAPTER_NAMES
 from ...models.dit import compile_blocks
 from ...models.loading import DTYPES
@@ -45,6 +45,7 @@ from .inputs import PairInputs, collate_inputs
 from ..distributed.launch import check_launch
 from ..state.logs import TrainingLog
 from ..state.model_card import write_model_card
+from ..state.trackers import end_trackers
 from .prefetch import Prefetcher
 from ..state.run_folder import RunFolder, choose_checkpoint
 from ..distributed.sync import assert_ranks_in_sync
@@ -273,8 +274,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if interrupted:
         accelerator.print(f"stopped at step {progress.step}/{total_steps} (checkpoint {ckpt.latest_checkpoint(output)}); "
                           "continue with the same command plus --resume")
-    with writing(output / "logs"):  # the trackers' last flush
-        accelerator.end_training()
+    end_trackers(accelerator, output)  # their last flush, a failed write naming the tracker's folder
     return TrainResult(lora=lora_path, steps=progress.step, final_loss=loss_value, loaded_encoders=loaded_encoders,
                        interrupted_by=interrupted)
 

@@ -14,6 +14,7 @@ trained parameter (DiffSynth/Wan names, ``blocks.0.self_attn.q.weight``) and ``o
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
 from ...errors import CheckpointError
+from ...models.loading import read_entries
+from ...user_files import read_json
 from .ema import ExponentialMovingAverage
 
 STATE = "state"
@@ -75,6 +78,41 @@ def _quiet() -> Iterator[None]:
 
 def _fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.param_groups[0].get("fused"))
+
+
+_RANK_SHARD = re.compile(r"shard-(\d+)-model-")  # a file one rank of several wrote (DCP's Hugging Face naming)
+_INDEX = "model.safetensors.index.json"  # what a single process writes beside its files
+
+
+def check_state(checkpoint: Path, processes: int) -> None:
+    """Raise :class:`CheckpointError` naming the file unless ``checkpoint/state`` is complete: every
+    shard holds all the data its header lists, and the shards are those of the ``processes`` ranks
+    that progress.json says wrote them (one file per rank; a single process's files as its index lists)."""
+    folder = checkpoint / STATE
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no sharded training state (*.safetensors).")
+    for path in files:
+        read_entries(path)  # the file's size covers every tensor its header lists
+    ranks = {int(match.group(1)) for path in files if (match := _RANK_SHARD.match(path.name))}
+    if ranks:
+        missing = sorted(set(range(1, processes + 1)) - ranks)
+        if missing or max(ranks) > processes:
+            raise CheckpointError(f"{folder} holds the shards of rank(s) {sorted(ranks)}, but "
+                                  f"{checkpoint / 'progress.json'} says {processes} process(es) wrote it; the "
+                                  "checkpoint is incomplete or mixed: resume from another one.")
+        return
+    index = folder / _INDEX
+    found = read_json(index) if index.is_file() else None
+    weight_map = found.get("weight_map") if isinstance(found, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is missing or damaged (no weight_map); the checkpoint is incomplete: "
+                              "resume from another one.")
+    absent = sorted({name for name in weight_map.values() if not (folder / str(name)).is_file()})
+    if absent or processes != 1:
+        what = f"lacks {', '.join(absent)}" if absent else "was written by one process"
+        raise CheckpointError(f"{folder} {what}, but {checkpoint / 'progress.json'} says {processes} process(es) "
+                              "wrote it; the checkpoint is incomplete or mixed: resume from another one.")
 
 
 def saved_tensors(checkpoint: Path) -> dict[str, tuple[list[int], torch.dtype]]:

@@ -16,47 +16,59 @@ from safetensors.torch import save_file
 
 from ...errors import ChronoEditError
 from ...files import atomic_path
-from ...lora import check_finite, load_lora
-from ...lora.merge import Update, lora_update, write_model
+from ...lora import check_finite, check_lora_matches, load_lora
+from ...lora.apply import check_weights_match
+from ...lora.merge import Update, lora_update, updated, write_model
 from ...models.components import find_dit
-from ...models.dit import HEADS_METADATA_KEY, DiTCheckpoint, inspect_dit, wan_names
+from ...models.dit import HEADS_METADATA_KEY, DiTCheckpoint, inspect_dit, meta_dit, wan_names
 from ...models.loading import read_state_dict
 from . import checkpoint as ckpt
 from . import dcp
 from .lora_export import FINAL_NAME
-from .run_folder import saved_settings
-from .trained_state import EMA_NAME
+from .run_folder import EMA_NAME, check_checkpoint, saved_settings
 
 # key prefixes of the single-file formats: ComfyUI's full-model saves, and the original Wan names
 SINGLE_FILE_PREFIX = {"comfyui": "model.diffusion_model.", "wan": ""}
 
 
 def run_checkpoint(run: Path) -> Path:
-    """``run`` if it is a checkpoint folder, else the newest complete checkpoint of the run folder ``run``."""
-    if (run / "progress.json").is_file():
-        return run
-    latest = ckpt.latest_checkpoint(run)
-    if latest is None:
+    """``run`` if it is a checkpoint folder, else the newest complete checkpoint of the run folder
+    ``run``; checked complete (:func:`.run_folder.check_checkpoint`) before anything reads it."""
+    checkpoint = run if (run / "progress.json").is_file() else ckpt.latest_checkpoint(run)
+    if checkpoint is None:
         raise ChronoEditError(f"{run}: neither a training run with a complete checkpoint (under {run / ckpt.CHECKPOINTS}) "
                               "nor a checkpoint folder.")
-    return latest
+    check_checkpoint(checkpoint)
+    return checkpoint
 
 
-def run_update(checkpoint: Path, full: bool, ema: bool) -> tuple[Update, set[str]]:
-    """How the run changes the base (its weights replace them, or its LoRA adds to them), and the
-    names of the weights it changes."""
+def run_update(checkpoint: Path, full: bool, ema: bool, base: DiTCheckpoint) -> Update:
+    """How the run changes the base (its weights replace them, or its LoRA adds to them); refused,
+    before anything is read or written, unless every changed weight is one of the base's in its
+    shape (the check ``lora merge`` makes)."""
+    skeleton = meta_dit(base)
     if full:
-        trained = set(dcp.trained_names(checkpoint))
-        if ema and not any(key.startswith("ema.") for key in dcp.saved_tensors(checkpoint)):
-            raise ChronoEditError(f"--ema: {checkpoint} holds no EMA; the run was trained without ema_decay/ema_power.")
-        return (lambda tensors: dcp.read_weights(checkpoint, sorted(trained & tensors.keys()), ema)), trained
+        trained = set(full_run_shapes(checkpoint, ema, skeleton))
+        return lambda tensors: dcp.read_weights(checkpoint, sorted(trained & tensors.keys()), ema)
     lora = checkpoint / (EMA_NAME if ema else FINAL_NAME)
     if not lora.is_file():
         raise ChronoEditError(f"--ema: {checkpoint} holds no {EMA_NAME}; the run was trained without ema_decay/ema_power."
                               if ema else f"{lora} is missing.")
     weights, _ = load_lora(lora)
     check_finite(weights, str(lora))
-    return lora_update([(weights, 1.0)]), {f"{module}.weight" for module in weights}
+    check_lora_matches(weights, skeleton, str(lora))
+    return lora_update([(weights, 1.0)])
+
+
+def full_run_shapes(checkpoint: Path, ema: bool, skeleton: torch.nn.Module) -> dict[str, list[int]]:
+    """The trained weights' shapes of a full fine-tune's ``checkpoint``, checked against the base's
+    (``skeleton``: :func:`.meta_dit`), the EMA's presence with ``ema``."""
+    saved = dcp.saved_tensors(checkpoint)
+    if ema and not any(key.startswith("ema.") for key in saved):
+        raise ChronoEditError(f"--ema: {checkpoint} holds no EMA; the run was trained without ema_decay/ema_power.")
+    shapes = {key[len("model."):]: shape for key, (shape, _) in saved.items() if key.startswith("model.")}
+    check_weights_match(shapes, skeleton, str(checkpoint / dcp.STATE))
+    return shapes
 
 
 def is_run(path: Path) -> bool:
@@ -67,13 +79,14 @@ def is_run(path: Path) -> bool:
 Reader = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
-def full_run_reader(run: Path, read_base: Reader, ema: bool = False) -> tuple[Reader, set[str]]:
+def full_run_reader(run: Path, base: DiTCheckpoint, read_base: Reader, ema: bool = False) -> tuple[Reader, set[str]]:
     """``(read(names) -> tensors, trained names)`` of a full fine-tune's newest checkpoint (or the
-    checkpoint ``run``): its trained weights (or their EMA), the base's (``read_base``) for the rest."""
+    checkpoint ``run``), checked against ``base``: its trained weights (or their EMA), the base's
+    (``read_base``) for the rest."""
     checkpoint = run_checkpoint(run)
     if saved_settings(checkpoint).get("finetune", "lora") != "full":
         raise ChronoEditError(f"{run} is a LoRA run: its LoRA is {checkpoint / FINAL_NAME} already.")
-    trained = set(dcp.trained_names(checkpoint))
+    trained = set(full_run_shapes(checkpoint, ema, meta_dit(base)))
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         return {**read_base(sorted(set(names) - trained)), **dcp.read_weights(checkpoint, sorted(set(names) & trained), ema)}
@@ -95,11 +108,7 @@ def export_run(run: Path, fmt: str, output: Path, ema: bool = False, model: Path
         base = inspect_dit(find_dit(model_dir))
     else:
         raise ChronoEditError(f"{checkpoint} names no base model; pass it with --model.")
-    update, changes = run_update(checkpoint, settings.get("finetune", "lora") == "full", ema)
-    lacking = changes - set(wan_names(base).values())
-    if lacking:  # before anything is written
-        raise ChronoEditError(f"{checkpoint} trained weights the base {base.files[0].parent} lacks: "
-                              f"{sorted(lacking)[:3]}; pass the run's base with --model.")
+    update = run_update(checkpoint, settings.get("finetune", "lora") == "full", ema, base)
     if fmt == "diffusers":
         if base.format != "diffusers":
             raise ChronoEditError(f"--to diffusers rewrites a diffusers-layout base, and this run's DiT ({base.files[0]}) is "
@@ -114,8 +123,7 @@ def _write_single_file(base: DiTCheckpoint, update: Update, output: Path, prefix
     """The whole DiT in original Wan names (with ``prefix``) as one safetensors file."""
     names = wan_names(base)
     state = {names[key]: tensor for key, tensor in read_state_dict(base.files, dtype).items() if key in names}
-    new = update(state)
-    state.update({name: value.to(state[name].dtype) for name, value in new.items()})
+    state.update(updated(state, update, base.files[0]))
     with atomic_path(output) as tmp:
         save_file({prefix + name: t.contiguous() for name, t in state.items()}, str(tmp),
                   metadata={HEADS_METADATA_KEY: str(base.kwargs["num_heads"]),

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...files import write_text, writing
 from .loss_plot import plot_losses
-from .trackers import hyperparameters, log_image, log_table, tracker_kwargs
+from .trackers import hyperparameters, log_image, log_scalars, log_table, quiet_writer_threads, tracker_kwargs
 
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"]
 
@@ -41,6 +41,8 @@ class TrainingLog:
         with writing(output / "logs"):  # the trackers write their first files now (TensorBoard: more on a thread)
             accelerator.init_trackers(project, config=hyperparameters(config_json),
                                       init_kwargs=tracker_kwargs(output, start_step))
+        if any(tracker.name == "tensorboard" for tracker in accelerator.trackers):
+            quiet_writer_threads()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
     def _keep_rows_up_to(self, step: int) -> None:
@@ -72,8 +74,7 @@ class TrainingLog:
             scalars["train/grad_norm"] = grad_norm
         if val_loss is not None:
             scalars["validation/loss"] = val_loss
-        with writing(self.output / "logs"):
-            self.accelerator.log(scalars, step=step)
+        log_scalars(self.accelerator, self.output, scalars, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
         self.bar.update(1)
 
@@ -81,10 +82,10 @@ class TrainingLog:
         """A sample grid (as an image) and its rows (as a table) in the trackers that take them."""
         if not self.enabled:
             return
-        with Image.open(grid) as image, writing(self.output / "logs"):
-            log_image(self.accelerator, "sample_grid", image, step)
-            log_table(self.accelerator, "sample_rows", ["row", "kind", "prompt"],
-                      [[i, item["kind"], item["prompt"]] for i, item in enumerate(items)], step)
+        with Image.open(grid) as image:
+            log_image(self.accelerator, self.output, "sample_grid", image, step)
+        log_table(self.accelerator, self.output, "sample_rows", ["row", "kind", "prompt"],
+                  [[i, item["kind"], item["prompt"]] for i, item in enumerate(items)], step)
 
     def finish(self, lora_path: Path, adapter: str, full: bool = False) -> None:
         """Say where the result is (``full``: a full fine-tune's last checkpoint; the trainer's

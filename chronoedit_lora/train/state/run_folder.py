@@ -91,6 +91,7 @@ def remove_debris(folder: Path) -> None:
 
 
 SETTINGS = "settings.json"  # a full fine-tune's settings (a LoRA run's are in its LoRA's header)
+EMA_NAME = "lora-ema.safetensors"  # a LoRA run's EMA in its checkpoints
 
 
 def saved_settings(checkpoint: Path) -> dict:
@@ -114,8 +115,9 @@ class ResumePoint:
 
 
 def check_checkpoint(folder: Path) -> dict:
-    """Read everything ``--resume`` will need, so a damaged file is named before any model loads;
-    returns the optimizer and LR-scheduler state (``optimizer`` None for a full fine-tune, whose
+    """Read everything ``--resume`` and ``export`` will need, so a damaged file is named before any
+    model loads (a full fine-tune's shards: complete, and written by the processes progress.json
+    records); returns the optimizer and LR-scheduler state (``optimizer`` None for a full fine-tune, whose
     moments are sharded in ``state/``)."""
     state = {}
     full = (folder / SETTINGS).is_file()
@@ -124,12 +126,13 @@ def check_checkpoint(folder: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - damaged JSON or fields
         raise CheckpointError(f"{folder / 'progress.json'} is damaged ({type(exc).__name__}).") from None
     names = ["progress.json", "optimizer.pt", SETTINGS if full else "lora.safetensors"]
+    names += [name for name in (EMA_NAME,) if not full and (folder / name).exists()]
     for name in names + [f"rng-rank{r}.pt" for r in range(ranks)]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing.")
         try:
-            if name == "lora.safetensors":
+            if name.endswith(".safetensors"):
                 read_header(path)
             elif name == SETTINGS:
                 json.loads(path.read_text())
@@ -140,9 +143,9 @@ def check_checkpoint(folder: Path) -> dict:
         except Exception as exc:  # noqa: BLE001 - a damaged pickle or JSON raises many types
             raise CheckpointError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
     if full:
-        from .dcp import saved_tensors
+        from .dcp import check_state
 
-        saved_tensors(folder)  # every shard's header
+        check_state(folder, ranks)
     return state
 
 

@@ -18,9 +18,7 @@ from . import dcp, lora_export
 from ..distributed import fsdp
 from ..loop.config import TrainConfig
 from .ema import ExponentialMovingAverage
-from .run_folder import SETTINGS, ResumePoint
-
-EMA_NAME = "lora-ema.safetensors"
+from .run_folder import EMA_NAME, SETTINGS, ResumePoint
 
 
 @dataclass
