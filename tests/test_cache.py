@@ -43,7 +43,7 @@ def test_entries_are_reused_until_an_input_changes(tiny_diffusers, tmp_path):
     from safetensors.torch import load_file
 
     sample = load_file(str(entries[0]))
-    assert set(sample) == {"input_latents", "y", "clip_feature", "context"}
+    assert set(sample) == {"input_latents", "y", "clip_feature", "context", "change"}
     assert sample["input_latents"].shape[1:3] == (16, 2) and sample["y"].shape[1] == 20
     assert sample["context"].dtype in (torch.float32, torch.bfloat16)
 

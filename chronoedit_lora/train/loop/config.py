@@ -71,6 +71,15 @@ class TrainConfig:
     activation_offload: bool = False  # checkpointed activations kept on CPU
     compile: bool = False  # compile each DiT block with torch.compile (regional: one block's compile time)
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
+    # the loss recipe, the LR schedule and the optimizer (docs/training.md: "The loss recipe", "Optimizers and LR schedules")
+    timestep_sampling: str = "uniform"  # "uniform" (over the shifted schedule: DiffSynth's), "logit_normal" (timestep_mean, timestep_std) or "sigmoid" (timestep_scale): how each step's timestep is drawn
+    timestep_mean: float = 0.0  # logit_normal: mean of logit(sigma); > 0 favours noisier timesteps
+    timestep_std: float = 1.0  # logit_normal: standard deviation of logit(sigma)
+    timestep_scale: float = 1.0  # sigmoid: sigma = sigmoid(timestep_scale * N(0, 1))
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1000.0])  # [low, high]: timesteps (0-1000, t = 1000 sigma) drawn only inside this range
+    loss_weighting: str = "diffsynth"  # "diffsynth" (its timestep weight, a bump centred at t = 500) or "none"
+    change_weight: float = 1.0  # weight of the latents the edit changed (input vs edited image) relative to the rest; 1: no change map
+    input_frame_weight: float = 1.0  # weight of the input frame's latents in the loss (0: the loss ignores them)
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
@@ -196,6 +205,7 @@ def validate(config: TrainConfig) -> None:
         check_range("trajectory_share", config.trajectory_share, 0, 1)
     check_size(config.height, config.width, prefix="")
     check_adapter(config)
+    validate_recipe(config)
     check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
@@ -215,6 +225,28 @@ def validate_evaluation(config: TrainConfig) -> None:
         raise ChronoEditError(f"keep_best = {config.keep_best!r} needs eval_every > 0 (the steps it is measured at).")
     measured = [m for m in TRAINING_METRICS if METRICS[m][0] != NEUTRAL and (config.eval_steps or m.startswith("loss"))]
     check_choice("keep_best", config.keep_best, measured)
+
+
+def validate_recipe(config: TrainConfig) -> None:
+    """The loss recipe's settings (:mod:`..objective.loss`)."""
+    from ...settings import check_choice, check_range
+    from ..objective.loss import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TRAIN_TIMESTEPS, grid_indices, training_schedule
+
+    check_choice("timestep_sampling", config.timestep_sampling, TIMESTEP_SAMPLINGS)
+    check_choice("loss_weighting", config.loss_weighting, LOSS_WEIGHTINGS)
+    check_range("timestep_mean", config.timestep_mean)
+    for key in ("timestep_std", "timestep_scale"):
+        check_range(key, getattr(config, key), 0, low_inclusive=False)
+    for key in ("change_weight", "input_frame_weight"):
+        check_range(key, getattr(config, key), 0)
+    if len(config.timestep_range) != 2:
+        raise ChronoEditError(f"timestep_range must be [low, high], got {config.timestep_range!r}.")
+    low, high = config.timestep_range
+    check_range("timestep_range's low", low, 0, TRAIN_TIMESTEPS)
+    check_range("timestep_range's high", high, low, TRAIN_TIMESTEPS, low_inclusive=False)
+    if config.timestep_sampling == "uniform" and not len(grid_indices(training_schedule(config.shift), (low, high))):
+        raise ChronoEditError(f"timestep_range [{low:g}, {high:g}] holds none of the shifted schedule's timesteps "
+                              f"(shift {config.shift:g}); widen it.")
 
 
 # How a run was started, not what it trains: never a difference worth listing.
@@ -244,7 +276,7 @@ def _parse(raw: str, hint: typing.Any, key: str) -> typing.Any:
                 return False
             raise ValueError(raw)
         if base is list:
-            return [item.strip() for item in raw.split(",") if item.strip()]
+            return [_element_type(hint)(item.strip()) for item in raw.split(",") if item.strip()]
         return base(raw)
     except ValueError:
         raise ChronoEditError(f"--{key}: cannot read {raw!r} as {base.__name__}.") from None
@@ -258,7 +290,16 @@ def _check_type(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ChronoEditError(f"setting {key!r} must be {base.__name__}, got {value!r}.")
+    if base is list:
+        element = _element_type(hint)
+        return [_check_type(item, element, f"{key}[{i}]") for i, item in enumerate(value)]
     return value
+
+
+def _element_type(hint: typing.Any) -> type:
+    """The element type of a ``list[...]`` setting."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else _element_type(args[0])
 
 
 def _base_type(hint: typing.Any) -> type:

@@ -6,7 +6,7 @@ import torch
 
 from ...models.rope import chronoedit_model_fn
 from ...pipeline import ChronoEditPipeline
-from .loss import DEFAULT_SHIFT, flow_matching_loss, training_schedule
+from .loss import DEFAULT_SHIFT, LossRecipe, draw_timestep, flow_matching_loss, latent_weights, training_schedule
 
 
 class DiTTrainingModule(torch.nn.Module):
@@ -18,8 +18,9 @@ class DiTTrainingModule(torch.nn.Module):
     """
 
     def __init__(self, pipe: ChronoEditPipeline, shift: float = DEFAULT_SHIFT, gradient_checkpointing: bool = True,
-                 activation_offload: bool = False):
+                 activation_offload: bool = False, recipe: LossRecipe = LossRecipe()):
         super().__init__()
+        self.recipe = recipe
         self.dit = pipe.dit
         self.dit.requires_grad_(False)
         self.skip_len, self.rope = pipe.components.temporal_skip_len, pipe.rope
@@ -35,19 +36,23 @@ class DiTTrainingModule(torch.nn.Module):
         return list(self.named_trained().values())
 
     def forward(self, inputs: dict[str, torch.Tensor], noise_seed: int | None = None) -> torch.Tensor:
-        """DiffSynth's Wan SFT loss (see :mod:`.objective`) for one batch of DiT inputs. ``noise_seed``
-        draws the batch's timestep and noise from a generator of their own (the trainer derives it
-        from the batch's pairs, so they do not depend on which process trains it); None: the global RNG."""
+        """The loss of :mod:`.loss` (DiffSynth's Wan SFT loss unless the recipe says otherwise) for one
+        batch of DiT inputs (with the pairs' ``change`` maps). ``noise_seed`` draws the batch's
+        timestep and noise from a generator of their own (the trainer derives it from the batch's
+        pairs, so they do not depend on which process trains it); None: the global RNG."""
         conditioning = dict(inputs)
         x0 = conditioning.pop("input_latents")
+        change = conditioning.pop("change", None)
         generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
-        # uniform over the 1000 shifted timesteps
-        index = torch.randint(0, len(self.scheduler.timesteps), (1,), generator=generator)
-        timestep = self.scheduler.timesteps[index].to(dtype=x0.dtype, device=x0.device)
+        timestep, sigma = draw_timestep(self.scheduler, self.recipe, generator)
+        timestep = timestep.to(dtype=x0.dtype, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
 
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # with ChronoEdit's temporal RoPE
             return chronoedit_model_fn(self.dit, latents, t, skip_len=self.skip_len, rope=self.rope,
                                        **conditioning, **self.checkpointing)
 
-        return flow_matching_loss(self.scheduler, predict, x0, noise, timestep)
+        return flow_matching_loss(self.scheduler, predict, x0, noise, timestep,
+                                  weighted=self.recipe.loss_weighting == "diffsynth",
+                                  sigma=None if self.recipe.timestep_sampling == "uniform" else sigma,
+                                  weights=latent_weights(change, self.recipe, x0.shape))

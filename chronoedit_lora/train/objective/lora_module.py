@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from ...lora.weights import is_adapter_parameter
 from ...pipeline import ChronoEditPipeline
 from .dit_module import DiTTrainingModule
-from .loss import DEFAULT_SHIFT
+from .loss import DEFAULT_SHIFT, LossRecipe
 
 
 class LoraTrainingModule(DiTTrainingModule):
@@ -18,10 +18,10 @@ class LoraTrainingModule(DiTTrainingModule):
 
     def __init__(self, pipe: ChronoEditPipeline, rank: int, alpha: float, targets: list[str],
                  shift: float = DEFAULT_SHIFT, gradient_checkpointing: bool = True, activation_offload: bool = False,
-                 adapter: PeftConfig | None = None):
+                 adapter: PeftConfig | None = None, recipe: LossRecipe = LossRecipe()):
         """``adapter``: peft's configuration of another type (see :mod:`.adapter_config`); None: a
-        LoRA of ``rank``, ``alpha`` on ``targets``."""
-        super().__init__(pipe, shift, gradient_checkpointing, activation_offload)
+        LoRA of ``rank``, ``alpha`` on ``targets``. ``recipe``: the loss options (:mod:`.loss`)."""
+        super().__init__(pipe, shift, gradient_checkpointing, activation_offload, recipe)
         inject_adapter_in_model(adapter or LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), self.dit)
         for param in self.lora_parameters():
             param.data = param.data.float()
