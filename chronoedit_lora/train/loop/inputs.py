@@ -15,8 +15,9 @@ from .cache import VAE_SCALE
 BATCHED_VAE_MAX_PIXELS = 64 * 64
 # The change map (change_weight): a latent cell (8 x 8 pixels) counts as changed when the mean
 # absolute difference of its pixels from the input frame's exceeds CHANGE_THRESHOLD of the pixel
-# range (0.04: about 10 of 255 levels, above JPEG noise); the 0/1 map is then blurred with a
-# CHANGE_BLUR x CHANGE_BLUR box, so the cells next to an edit count partly.
+# range (0.04: about 10 of 255 levels, above JPEG noise); the 0/1 map is then feathered outward:
+# each cell takes the larger of its own value and the mean of its CHANGE_BLUR x CHANGE_BLUR box, so
+# changed cells count fully and the cells next to an edit partly.
 CHANGE_THRESHOLD = 0.04
 CHANGE_BLUR = 3
 
@@ -32,7 +33,7 @@ def change_map(video: torch.Tensor) -> torch.Tensor:
     changed = (torch.cat(frames) > CHANGE_THRESHOLD).float()[:, None]
     blurred = torch.nn.functional.avg_pool2d(changed, CHANGE_BLUR, stride=1, padding=CHANGE_BLUR // 2,
                                              count_include_pad=False)
-    return blurred[:, 0][None, None]
+    return torch.maximum(changed, blurred)[:, 0][None, None]
 
 
 def training_inputs(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
