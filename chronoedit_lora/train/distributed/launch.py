@@ -8,7 +8,8 @@ an fp8 base under FSDP (FSDP2 shards and all-gathers floating-point parameters; 
 block weights with their per-row scales are not exercised that way, so they are refused), and
 sampling or evaluating during FSDP training (the main process alone cannot run a DiT split across all ranks),
 and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
-fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards).
+fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards),
+and an optimizer that does not step or save FSDP2's sharded parameters (:mod:`..loop.optimizer`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ...errors import ChronoEditError
 from . import fsdp
 from ..loop.config import TrainConfig
+from ..loop.optimizer import check_optimizer
 
 
 def deepspeed_requested() -> bool:
@@ -64,3 +66,4 @@ def check_launch(config: TrainConfig) -> None:
             "fp8_base = true cannot be combined with an FSDP launch (distributed_type: FSDP): the float8 block "
             "weights are not sharded by FSDP. Set fp8_base = false (FSDP already splits the bf16 base across the "
             "GPUs), or keep fp8_base with configs/accelerate/multi_gpu_ddp.yaml.")
+    check_optimizer(config, fsdp.requested())

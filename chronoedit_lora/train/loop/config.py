@@ -58,9 +58,9 @@ class TrainConfig:
     ema_power: float = 0.0  # > 0: power EMA instead, d = (1 - 1/step) ** (ema_power + 1) (Karras et al. 2024; 6.94 is their sigma_rel 0.10)
     sample_ema: bool = False  # samples during training use the EMA weights
     # optimisation
-    learning_rate: float = 1e-4  # AdamW learning rate
-    weight_decay: float = 0.01  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps, then constant
+    learning_rate: float = 1e-4  # the optimizer's learning rate (peak of the schedule)
+    weight_decay: float = 0.01  # the optimizer's (decoupled) weight decay
+    warmup_steps: int = 0  # linear warm-up steps, then lr_scheduler
     gradient_accumulation: int = 1  # batches per optimizer step
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_steps: int = 0  # > 0 stops after this many optimizer steps (wins over epochs)
@@ -80,6 +80,10 @@ class TrainConfig:
     loss_weighting: str = "diffsynth"  # "diffsynth" (its timestep weight, a bump centred at t = 500) or "none"
     change_weight: float = 1.0  # weight of the latents the edit changed (input vs edited image) relative to the rest; 1: no change map
     input_frame_weight: float = 1.0  # weight of the input frame's latents in the loss (0: the loss ignores them)
+    optimizer: str = "adamw"  # "adamw" (torch), "adamw8bit" (bitsandbytes), "prodigy" (prodigyopt; learning_rate about 1.0) or "adafactor" (transformers)
+    lr_scheduler: str = "constant"  # after warm-up: "constant", "cosine", "linear", "cosine_with_restarts" or "polynomial" (diffusers' schedules, over the run's optimizer steps)
+    lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles (hard restarts)
+    lr_power: float = 1.0  # polynomial: power of the decay (1: linear)
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
@@ -228,9 +232,22 @@ def validate_evaluation(config: TrainConfig) -> None:
 
 
 def validate_recipe(config: TrainConfig) -> None:
-    """The loss recipe's settings (:mod:`..objective.loss`)."""
+    """The loss recipe's settings (:mod:`..objective.loss`), the optimizer and the LR schedule (:mod:`.optimizer`)."""
     from ...settings import check_choice, check_range
     from ..objective.loss import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TRAIN_TIMESTEPS, grid_indices, training_schedule
+    from .optimizer import LR_SCHEDULERS, OPTIMIZERS, POLYNOMIAL_END, check_package
+
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_package(config.optimizer)
+    check_choice("lr_scheduler", config.lr_scheduler, LR_SCHEDULERS)
+    check_range("lr_cycles", config.lr_cycles, 1)
+    check_range("lr_power", config.lr_power, 0, low_inclusive=False)
+    if config.lr_scheduler == "polynomial":
+        check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
+                    POLYNOMIAL_END, low_inclusive=False)
+    if config.finetune == "full" and config.optimizer != "adamw":
+        raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
+                              "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")
 
     check_choice("timestep_sampling", config.timestep_sampling, TIMESTEP_SAMPLINGS)
     check_choice("loss_weighting", config.loss_weighting, LOSS_WEIGHTINGS)

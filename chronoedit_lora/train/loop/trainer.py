@@ -45,6 +45,7 @@ from .inputs import PairInputs, collate_inputs
 from ..distributed.launch import check_launch
 from ..state.logs import TrainingLog
 from ..state.model_card import write_model_card
+from .optimizer import make_optimizer, make_schedule
 from .prefetch import Prefetcher
 from ..state.run_folder import RunFolder, choose_checkpoint
 from ..distributed.sync import assert_ranks_in_sync
@@ -143,13 +144,16 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # on the CPU) or DeepSpeed (which steps the optimizer itself); there fused=None keeps torch's
     # default (False would also turn off its foreach path on GPUs).
     fused = True if not fsdp.requested() and accelerator.distributed_type != DistributedType.DEEPSPEED else None
-    optimizer = torch.optim.AdamW(module.trained_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=fused)
-    warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
-    # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
-    # schedule counted in single-process batches), so a warm-up would end N times too early.
+    optimizer = make_optimizer(module.trained_parameters(), config, fused)
+    # Where to start (fresh, or a checkpoint's point) fixes the run's length, which the LR schedule
+    # spans. The schedule is counted in optimizer steps and stepped here once per optimizer step:
+    # handed to accelerator.prepare, it would advance num_processes times per step (accelerate
+    # assumes a schedule counted in single-process batches), so a warm-up would end N times too early.
+    saved = ckpt.load_progress(resume.folder) if resume is not None else ckpt.Progress(processes=accelerator.num_processes)
+    progress = saved.continued_on(accelerator.num_processes)
+    total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
+                                                       config.epochs)
+    scheduler = make_schedule(optimizer, config, total_steps)
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     module, optimizer = fsdp.prepare(accelerator, module, optimizer)
@@ -164,10 +168,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     # 3. Where to start: fresh, or exactly where a checkpoint left off. On another process count
     # the ranks split the rest of the epoch anew; its batches' noise does not depend on the count.
-    progress = ckpt.Progress(processes=accelerator.num_processes)
     if resume is not None:
-        saved = ckpt.load_progress(resume.folder)
-        progress = saved.continued_on(accelerator.num_processes)
         trained_state.load(resume, accelerator, config, module, optimizer, scheduler, ema)
         if progress is saved:
             ckpt.load_rank_state(resume.folder, accelerator.process_index)
@@ -180,8 +181,6 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
-    total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
-                                                       config.epochs)
     trajectories = data.dataset.kinds.count(TRAJECTORY)
     what = (f"{sum(p.numel() for p in trained_parameters) / 1e6:.1f}M DiT parameters (full fine-tune)"
             if config.finetune == "full" else f"a rank-{config.rank} {ADAPTER_NAMES[config.adapter]}")
