@@ -26,7 +26,11 @@ from .config import TrainConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")
-# Optimizers whose step runs on FSDP2's sharded (DTensor) parameters, and whose state the kit gathers.
+# Optimizers whose step runs on FSDP2's sharded (DTensor) parameters and whose state the kit gathers
+# and cuts back into shards (tested). Seen on CPU with 2 processes: Adafactor's step fails on DTensor
+# shards (aten.add_ mixes Tensor and DTensor); Prodigy's step runs, but its p0 state is stored
+# flattened, which the kit's loader does not reshard; bitsandbytes nests its state in a dict it
+# does not gather.
 FSDP_OPTIMIZERS = ("adamw",)
 POLYNOMIAL_END = 1e-7  # diffusers' default end of the polynomial decay
 # optimizer -> (module, the pinned package that provides it)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
@@ -27,6 +28,9 @@ from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from ...models.rope import chronoedit_model_fn
 from ...pipeline import ChronoEditPipeline
 from ..loop.inputs import encode_clip
+
+if TYPE_CHECKING:
+    from ..loop.config import TrainConfig
 
 TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0
@@ -53,7 +57,7 @@ class LossRecipe:
     input_frame_weight: float = 1.0
 
     @classmethod
-    def of(cls, config) -> LossRecipe:
+    def of(cls, config: TrainConfig) -> LossRecipe:
         """The recipe of a :class:`~..loop.config.TrainConfig`."""
         low, high = config.timestep_range
         return cls(config.timestep_sampling, config.timestep_mean, config.timestep_std, config.timestep_scale,
