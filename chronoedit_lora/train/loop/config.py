@@ -84,6 +84,8 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # after warm-up: "constant", "cosine", "linear", "cosine_with_restarts" or "polynomial" (diffusers' schedules, over the run's optimizer steps)
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles (hard restarts)
     lr_power: float = 1.0  # polynomial: power of the decay (1: linear)
+    preservation_dataset: str | None = None  # CSV of pairs the LoRA should leave alone: each step also pulls its prediction on one of them toward the frozen base's (same noise and timestep)
+    preservation_weight: float = 1.0  # weight of that preservation term (logged as the `preservation` column)
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
@@ -245,6 +247,13 @@ def validate_recipe(config: TrainConfig) -> None:
     if config.lr_scheduler == "polynomial":
         check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
                     POLYNOMIAL_END, low_inclusive=False)
+    check_range("preservation_weight", config.preservation_weight, 0)
+    if config.preservation_dataset and config.finetune == "full":
+        raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "
+                              "full fine-tune has no adapter to turn off. Drop preservation_dataset, or train a LoRA.")
+    if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
+        raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
+                              "metadata.csv of pairs (input_image, edited_image, prompt).")
     if config.finetune == "full" and config.optimizer != "adamw":
         raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
                               "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")

@@ -3,9 +3,13 @@ whose ``forward`` is the loss."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...lora.weights import is_adapter_parameter
 from ...pipeline import ChronoEditPipeline
@@ -30,3 +34,16 @@ class LoraTrainingModule(DiTTrainingModule):
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter's parameters, whatever its type."""
         return [p for n, p in self.dit.named_parameters() if is_adapter_parameter(n)]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The frozen base: every adapter layer off, as peft's ``PeftModel.disable_adapter`` does it
+        (which also stops their gradients), then on again."""
+        layers = [m for m in self.dit.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,13 +56,15 @@ class LossRecipe:
     loss_weighting: str = "diffsynth"
     change_weight: float = 1.0
     input_frame_weight: float = 1.0
+    preservation_weight: float = 1.0
 
     @classmethod
     def of(cls, config: TrainConfig) -> LossRecipe:
         """The recipe of a :class:`~..loop.config.TrainConfig`."""
         low, high = config.timestep_range
         return cls(config.timestep_sampling, config.timestep_mean, config.timestep_std, config.timestep_scale,
-                   (float(low), float(high)), config.loss_weighting, config.change_weight, config.input_frame_weight)
+                   (float(low), float(high)), config.loss_weighting, config.change_weight, config.input_frame_weight,
+                   config.preservation_weight)
 
     def logit_normal(self) -> tuple[float, float]:
         """(mean, std) of logit(sigma) for the continuous samplings (sigmoid is logit-normal with mean 0)."""
@@ -129,6 +132,24 @@ def training_schedule(shift: float = DEFAULT_SHIFT) -> FlowMatchScheduler:
     return scheduler
 
 
+def noised(scheduler: FlowMatchScheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
+           sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma noise, sigma the schedule's at ``timestep`` (None) or the one given."""
+    if sigma is None:
+        return scheduler.add_noise(x0, noise, timestep)
+    sigma = sigma.to(x0.device, x0.dtype).reshape(())
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def preservation_loss(predict: Predictor, adapters_off: Callable[[], AbstractContextManager], noisy: torch.Tensor,
+                      timestep: torch.Tensor) -> torch.Tensor:
+    """The MSE between the adapted DiT's prediction and the frozen base's (``adapters_off``, no
+    gradient) on the same noisy latents at the same timestep: 0 while the adapter changes nothing."""
+    with torch.no_grad(), adapters_off():
+        base = predict(noisy, timestep).float()
+    return torch.nn.functional.mse_loss(predict(noisy, timestep).float(), base)
+
+
 def flow_matching_loss(scheduler: FlowMatchScheduler, predict: Predictor, x0: torch.Tensor, noise: torch.Tensor,
                        timestep: torch.Tensor, weighted: bool = True, sigma: torch.Tensor | None = None,
                        weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,13 +159,8 @@ def flow_matching_loss(scheduler: FlowMatchScheduler, predict: Predictor, x0: to
     timestep); ``weights``: per-latent weights broadcast over the channels (:func:`latent_weights`),
     which make the MSE the weighted mean sum(w (v - target)^2) / sum(w).
     """
-    if sigma is None:
-        noisy = scheduler.add_noise(x0, noise, timestep)  # (1 - sigma) x0 + sigma noise
-    else:
-        sigma = sigma.to(x0.device, x0.dtype).reshape(())
-        noisy = (1 - sigma) * x0 + sigma * noise
     target = scheduler.training_target(x0, noise, timestep)  # noise - x0
-    prediction = predict(noisy, timestep).float()
+    prediction = predict(noised(scheduler, x0, noise, timestep, sigma), timestep).float()
     if weights is None:
         loss = torch.nn.functional.mse_loss(prediction, target.float())
     else:
