@@ -95,8 +95,8 @@ def _drift(pipe: ChronoEditPipeline, lora, items: list[dict]) -> float:
 
 def test_a_run_with_preservation_changes_the_base_less_on_its_pairs(tiny_diffusers, tmp_path):
     dataset = make_subset(tmp_path / "train", 1)
-    kept_csv = make_subset(tmp_path / "keep", 2, start=1)
-    common = dict(max_steps=25, save_every=1000, rank=16, alpha=16, seed=2)
+    kept_csv = make_subset(tmp_path / "keep", 1, start=1)
+    common = dict(max_steps=8, save_every=1000, seed=2)
     without = train_run(tiny_diffusers, dataset, tmp_path / "without", **common)
     with_ = train_run(tiny_diffusers, dataset, tmp_path / "with", preservation_dataset=kept_csv,
                       preservation_weight=10.0, **common)
@@ -109,7 +109,9 @@ def test_a_run_with_preservation_changes_the_base_less_on_its_pairs(tiny_diffuse
     items = [kept[i] for i in range(len(kept))]
     drift_without, drift_with = _drift(pipe, without, items), _drift(pipe, with_, items)
     print(f"mean squared change of the base's prediction on the preservation pairs: without {drift_without:.3g}, "
-          f"with preservation {drift_with:.3g} ({drift_with / drift_without:.2f}x)")
+          f"with preservation {drift_with:.3g} ({drift_with / drift_without:.3g}x)")
+    # measured (8 steps, weight 10): 0.621 without, 0.00299 with (0.005x); a term that does not pull
+    # toward the base leaves the two about equal
     assert drift_with < 0.5 * drift_without
 
 
