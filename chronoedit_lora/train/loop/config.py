@@ -71,7 +71,7 @@ class TrainConfig:
     activation_offload: bool = False  # checkpointed activations kept on CPU
     compile: bool = False  # compile each DiT block with torch.compile (regional: one block's compile time)
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
-    # the loss recipe, the LR schedule and the optimizer (docs/training.md: "The loss recipe", "Optimizers and LR schedules")
+    # the loss recipe, the optimizer and its LR schedule, preservation (docs/training.md: "The loss recipe", "Optimizers and LR schedules", "Preservation")
     timestep_sampling: str = "uniform"  # "uniform" (over the shifted schedule: DiffSynth's), "logit_normal" (timestep_mean, timestep_std) or "sigmoid" (timestep_scale): how each step's timestep is drawn
     timestep_mean: float = 0.0  # logit_normal: mean of logit(sigma); > 0 favours noisier timesteps
     timestep_std: float = 1.0  # logit_normal: standard deviation of logit(sigma)
@@ -234,36 +234,18 @@ def validate_evaluation(config: TrainConfig) -> None:
 
 
 def validate_recipe(config: TrainConfig) -> None:
-    """The loss recipe's settings (:mod:`..objective.loss`), the optimizer and the LR schedule (:mod:`.optimizer`)."""
+    """The loss recipe's settings (:mod:`..objective.loss`), the optimizer and the LR schedule
+    (:mod:`.optimizer`), and preservation."""
     from ...settings import check_choice, check_range
     from ..objective.loss import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TRAIN_TIMESTEPS, grid_indices, training_schedule
     from .optimizer import LR_SCHEDULERS, OPTIMIZERS, POLYNOMIAL_END, check_package
-
-    check_choice("optimizer", config.optimizer, OPTIMIZERS)
-    check_package(config.optimizer)
-    check_choice("lr_scheduler", config.lr_scheduler, LR_SCHEDULERS)
-    check_range("lr_cycles", config.lr_cycles, 1)
-    check_range("lr_power", config.lr_power, 0, low_inclusive=False)
-    if config.lr_scheduler == "polynomial":
-        check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
-                    POLYNOMIAL_END, low_inclusive=False)
-    check_range("preservation_weight", config.preservation_weight, 0)
-    if config.preservation_dataset and config.finetune == "full":
-        raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "
-                              "full fine-tune has no adapter to turn off. Drop preservation_dataset, or train a LoRA.")
-    if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
-        raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
-                              "metadata.csv of pairs (input_image, edited_image, prompt).")
-    if config.finetune == "full" and config.optimizer != "adamw":
-        raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
-                              "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")
 
     check_choice("timestep_sampling", config.timestep_sampling, TIMESTEP_SAMPLINGS)
     check_choice("loss_weighting", config.loss_weighting, LOSS_WEIGHTINGS)
     check_range("timestep_mean", config.timestep_mean)
     for key in ("timestep_std", "timestep_scale"):
         check_range(key, getattr(config, key), 0, low_inclusive=False)
-    for key in ("change_weight", "input_frame_weight"):
+    for key in ("change_weight", "input_frame_weight", "preservation_weight"):
         check_range(key, getattr(config, key), 0)
     if len(config.timestep_range) != 2:
         raise ChronoEditError(f"timestep_range must be [low, high], got {config.timestep_range!r}.")
@@ -273,6 +255,25 @@ def validate_recipe(config: TrainConfig) -> None:
     if config.timestep_sampling == "uniform" and not len(grid_indices(training_schedule(config.shift), (low, high))):
         raise ChronoEditError(f"timestep_range [{low:g}, {high:g}] holds none of the shifted schedule's timesteps "
                               f"(shift {config.shift:g}); widen it.")
+
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_package(config.optimizer)
+    check_choice("lr_scheduler", config.lr_scheduler, LR_SCHEDULERS)
+    check_range("lr_cycles", config.lr_cycles, 1)
+    check_range("lr_power", config.lr_power, 0, low_inclusive=False)
+    if config.lr_scheduler == "polynomial":
+        check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
+                    POLYNOMIAL_END, low_inclusive=False)
+    if config.finetune == "full" and config.optimizer != "adamw":
+        raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
+                              "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")
+
+    if config.preservation_dataset and config.finetune == "full":
+        raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "
+                              "full fine-tune has no adapter to turn off. Drop preservation_dataset, or train a LoRA.")
+    if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
+        raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
+                              "metadata.csv of pairs (input_image, edited_image, prompt).")
 
 
 # How a run was started, not what it trains: never a difference worth listing.
