@@ -235,6 +235,122 @@ def full_modes(c: Counts, blocks: int, gpus: tuple[int, ...] = FULL_FINETUNE_GPU
     return table
 
 
+PAIR_SIZES = ((1024, 1024), (720, 1280))  # the small-card table's edit pairs (height, width)
+CARDS_GB = (12, 16, 24, 48, 80)
+CARD_MARGIN = 1.5 * GIB  # CUDA context and allocator slack, as chronoedit_lora.offload reserves for an edit
+# How the DiT's block linears are held: bf16, fp8_base (or a ComfyUI fp8 file), or a GGUF file of a type
+# (kept quantized, chronoedit_lora.models.quantized). Q4_K stands for Q4_K_M, most of whose weights are Q4_K.
+BASES = ("bf16", "fp8", "Q8_0", "Q4_K")
+SETTING_BASES = ("bf16", "fp8")  # what training settings choose; a GGUF base is another download
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One combination of the settings that trade speed for GPU memory."""
+
+    base: str = "bf16"
+    cache: bool = True
+    activation_offload: bool = False
+    block_swap: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["cached" if self.cache else "uncached"] + ([f"{self.base} base"] if self.base != "bf16" else [])
+        parts += ["block swap"] * self.block_swap + ["activation offload"] * self.activation_offload
+        return " + ".join(parts)
+
+    @property
+    def toml(self) -> str:
+        """The training settings that select it."""
+        return ", ".join(f"{key} = {'true' if value else 'false'}" for key, value in (
+            ("cache", self.cache), ("fp8_base", self.base == "fp8"), ("block_swap", self.block_swap),
+            ("activation_offload", self.activation_offload)))
+
+
+def settings(bases: tuple[str, ...] = BASES) -> list[Setting]:
+    """Every combination of base, cache, activation offload and block swap."""
+    return [Setting(base, cache, offload, swap) for base in bases for cache in (True, False)
+            for swap in (False, True) for offload in (False, True)]
+
+
+SMALL_CARD_COLUMNS = ("DiT weights", "encoders", "LoRA + grads + AdamW", "activations", "CPU RAM (offloaded)",
+                      "PCIe per step", "GPU total")
+
+
+def dit_bytes(c: Counts, blocks: int, base: str) -> tuple[float, float]:
+    """(the whole DiT, one block) in bytes as ``base`` holds them; fp8: block linears 1 byte a weight plus
+    a float32 scale per row (``chronoedit_lora.models.fp8``); GGUF: the type's block bytes per weight."""
+    base_block = c.block_params - c.lora_params // blocks
+    if base == "bf16":
+        linears = c.block_linear_weights * 2
+    elif base == "fp8":
+        linears = c.block_linear_weights + c.block_linear_rows * 4
+    else:
+        import gguf
+
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]]
+        linears = c.block_linear_weights * type_size / block_size
+    saved = c.block_linear_weights * 2 - linears
+    return c.dit_params * 2 - saved, base_block * 2 - saved / blocks
+
+
+def dequantized_bytes(c: Counts, base: str) -> int:
+    """The largest block linear's decoded copy while it computes: bf16 for fp8; a float32 decode and
+    its bf16 cast for GGUF (diffusers' dequantizers run in float32)."""
+    return {"bf16": 0, "fp8": 2}.get(base, 6) * c.largest_linear
+
+
+def setting_figures(c: Counts, blocks: int, setting: Setting) -> dict[str, float]:
+    """Bytes on the GPU (per category and at the peak), in CPU RAM, and moved over PCIe per optimizer step.
+
+    Block swap (``block_swap = true``, ``chronoedit_lora.offload.BlockStreamer``): the DiT's non-block
+    weights stay, and two blocks are on the GPU at a time (the one computing and the prefetched next),
+    each block copied in twice a step (forward, then recomputation + backward). Uncached, the
+    encoders are then on the GPU for their own stage only (each copied in once a step), so the peak
+    is the larger of the encoder stage (the largest encoder + the adapter's state) and the DiT stage.
+    Quantized bases: the decoded copy of the largest linear exists while it computes (:func:`dequantized_bytes`).
+    """
+    whole, block = dit_bytes(c, blocks, setting.base)
+    dequantized = dequantized_bytes(c, setting.base)
+    lora_state = c.lora_params * 4 * 4  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
+    inputs = blocks * c.block_input_bytes
+    activations = (c.block_saved_bytes + c.block_input_bytes) if setting.activation_offload else \
+        inputs + c.block_saved_bytes
+    encoder_bytes = {name: n * 2 for name, n in c.encoder_params.items()}
+    encoders = 0 if setting.cache else (max(encoder_bytes.values()) if setting.block_swap else sum(encoder_bytes.values()))
+    dit = (whole - blocks * block + 2 * block if setting.block_swap else whole) + dequantized
+    cpu = (blocks * block if setting.block_swap else 0) + (inputs if setting.activation_offload else 0)
+    cpu += sum(encoder_bytes.values()) if setting.block_swap and not setting.cache else 0
+    pcie = (2 * blocks * block if setting.block_swap else 0) + (2 * inputs if setting.activation_offload else 0)
+    pcie += sum(encoder_bytes.values()) if setting.block_swap and not setting.cache else 0
+    dit_stage = dit + lora_state + activations + (0 if setting.block_swap else encoders)
+    total = max(dit_stage, encoders + lora_state)
+    values = (dit, encoders, lora_state, activations, cpu, pcie, total)
+    return {name: value / GIB for name, value in zip(SMALL_CARD_COLUMNS, values)}
+
+
+def small_card_table(rank: int, kwargs: dict, sizes=PAIR_SIZES) -> dict[str, dict[str, dict[str, float]]]:
+    """``{"HxW": {setting name: figures}}`` for edit pairs at batch 1, every :func:`settings` combination."""
+    table = {}
+    for height, width in sizes:
+        c = count(height, width, rank, kwargs)
+        table[f"{height}x{width}"] = {s.name: setting_figures(c, kwargs["num_layers"], s) for s in settings()}
+    return table
+
+
+def card_gib(gb: int) -> float:
+    """What a card sold as ``gb`` GB (10^9 bytes) leaves for tensors, in GiB: less :data:`CARD_MARGIN`."""
+    return (gb * 1e9 - CARD_MARGIN) / GIB
+
+
+def cheapest(figures: dict[str, dict[str, float]], gb: int) -> Setting | None:
+    """The setting that fits a ``gb`` card and moves the fewest bytes over PCIe per step; among equals,
+    bf16 before fp8 (no rounding of the base), then cached (no encoders run per step)."""
+    fitting = [s for s in settings(SETTING_BASES) if figures[s.name]["GPU total"] <= card_gib(gb)]
+    return min(fitting, key=lambda s: (round(figures[s.name]["PCIe per step"], 2), BASES.index(s.base), not s.cache),
+               default=None)
+
+
 def trajectory_modes(gpus: int) -> tuple[str, ...]:
     """The modes the trajectory table shows: the smallest single-GPU ones and FSDP."""
     return ("cached + fp8 base + activation offload", "cached + fp8 base", f"cached + FSDP ({gpus} GPUs) + activation offload")
@@ -292,9 +408,19 @@ def main() -> None:
           f"base too: each GPU holds 1/N of the blocks' {sharded / GIB:.1f} GiB, plus {FSDP_UNSHARDED_BLOCKS} gathered "
           f"blocks ({gathered / GIB:.2f} GiB: the current one and the prefetched next) and the root's "
           f"{root / GIB:.2f} GiB (embeddings and head, gathered through forward and backward).")
+    small = small_card_table(args.rank, CHRONOEDIT_14B_KWARGS)
+    picks = {}
+    for size, figures in small.items():
+        print(f"\nOne GPU, edit pair {size}, batch 1, rank {args.rank}; GiB (PCIe per step: GiB copied between CPU "
+              "and GPU per optimizer step)")
+        print_table(figures)
+        picks[size] = {gb: getattr(cheapest(figures, gb), "name", None) for gb in CARDS_GB}
+        for gb, name in picks[size].items():
+            print(f"{gb} GB ({card_gib(gb):.1f} GiB for tensors): {name or 'nothing fits'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "counts": vars(c), "modes": table,
-                                               "trajectories": trajectories, "full": full}, indent=2))
+                                               "trajectories": trajectories, "full": full, "small_cards": small,
+                                               "cheapest": picks}, indent=2))
 
 
 if __name__ == "__main__":

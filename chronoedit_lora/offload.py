@@ -9,8 +9,17 @@ pinned CPU home and the GPU at stage boundaries, and for ``blocks`` each block's
 just before it runs (the next block's copy issued on a side CUDA stream so it overlaps the current
 block's compute) and dropped right after. Weights always keep one home copy in CPU RAM.
 
+Training streams the blocks too (``block_swap = true``): :class:`BlockStreamer` also follows the
+backward pass under gradient checkpointing, where each block's forward is recomputed just before
+its backward. There the blocks arrive in reverse order: block i is copied in for its recomputation
+and stays through its backward, block i - 1 is prefetched meanwhile, and block i + 1 (whose
+backward is done) is dropped; the last one goes home when the backward ends. Only frozen tensors
+move: trained ones (the adapter, registered after the placement was made) stay on the compute
+device with their gradients and optimizer states.
+
 Every move goes through :meth:`Placement.move`, so a test can record which components are on the
-compute device at each stage (on a CPU machine both sides are the CPU).
+compute device at each stage. On a CPU machine both sides are the CPU, and the compute side still
+gets its own copy, so the bytes it would hold on a GPU are allocated, and can be measured, there.
 """
 
 from __future__ import annotations
@@ -87,8 +96,9 @@ class Placement:
         """Put ``name`` (or a part of it, ``module``) on the compute device, or back home: the one place
         weights move. Home is free: weights do not change during an edit, so their home copy is kept."""
         for tensor in _tensors(module or self.components[name]):
-            home = self._home[id(tensor)]
-            tensor.data = home.to(self.device, non_blocking=True) if onto_device else home
+            home = self._home.get(id(tensor))
+            if home is not None:  # None: a trained tensor added later, which lives on the compute device
+                tensor.data = home.to(self.device, non_blocking=True, copy=True) if onto_device else home
         if module is None:
             (self.resident.add if onto_device else self.resident.discard)(name)
 
@@ -120,7 +130,9 @@ class Placement:
 
 
 class BlockStreamer:
-    """The DiT on the compute device except its blocks, which are copied in one at a time."""
+    """The DiT on the compute device except its blocks, which are copied in one at a time: in block
+    order for a forward pass, in reverse order for a backward pass (gradient checkpointing
+    recomputes each block's forward just before its backward)."""
 
     def __init__(self, placement: Placement, dit: torch.nn.Module):
         self.placement, self.dit = placement, dit
@@ -129,6 +141,7 @@ class BlockStreamer:
         self.copy_stream = torch.cuda.Stream(placement.device) if placement.device.type == "cuda" else None
         self.log: list[tuple[int, ...]] = []  # resident blocks at each block's compute (for tests)
         self._handles = []
+        self._end_queued = False
 
     def start(self) -> None:
         """The DiT's non-block weights onto the compute device; blocks copied in as they run."""
@@ -144,32 +157,56 @@ class BlockStreamer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for i in list(self.on_device):
-            self._drop(i)
+        self._drop_all()
 
     def _load(self, i: int) -> None:
-        if i not in self.on_device and i < len(self.blocks):
+        if i not in self.on_device and 0 <= i < len(self.blocks):
             stream = self.copy_stream
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 self.placement.move("dit", True, self.blocks[i])
             self.on_device.append(i)
 
     def _before(self, i: int) -> None:
+        backward = _in_backward()
+        if backward:  # recomputing block i: the blocks after it are through their backward
+            self._queue_end_of_backward()
+            for j in [j for j in self.on_device if j > i]:
+                self._drop(j)
         self._load(i)
         if self.copy_stream is not None:  # block i's copy must be done before it computes ...
             compute = torch.cuda.current_stream(self.placement.device)
             compute.wait_stream(self.copy_stream)
             for tensor in _tensors(self.blocks[i]):  # ... and its memory not reused until that is done
                 tensor.data.record_stream(compute)
-        self._load(i + 1)  # the next block's copy overlaps this block's compute
+        self._load(i - 1 if backward else i + 1)  # the next block's copy overlaps this block's compute
         self.log.append(tuple(self.on_device))
 
     def _after(self, i: int) -> None:
-        self._drop(i)
+        if not _in_backward():  # after a recomputation, the block's backward still needs it
+            self._drop(i)
+
+    def _queue_end_of_backward(self) -> None:
+        """Send the last blocks home once the whole backward pass is done."""
+        if not self._end_queued:
+            self._end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._end_queued = False
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        for i in list(self.on_device):
+            self._drop(i)
 
     def _drop(self, i: int) -> None:
         self.placement.move("dit", False, self.blocks[i])
         self.on_device.remove(i)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (a checkpointed block recomputing)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -169,11 +169,11 @@ class ChronoEditPipeline:
         fp8 base weights cannot absorb a LoRA, so there it must be unfused.
         """
         from .lora import UnfusedLora, check_finite, check_lora_matches, fuse_lora, load_lora
-        from .models.fp8 import uses_fp8
+        from .models.quantized import is_quantized
 
-        if fuse and uses_fp8(self.dit):
-            raise ChronoEditError(f"LoRA {path}: the DiT holds fp8 base weights, which a fused LoRA would round "
-                                  "away; load it with fuse=False (the edit command does this itself with --fp8-base).")
+        if fuse and is_quantized(self.dit):
+            raise ChronoEditError(f"LoRA {path}: the DiT holds quantized (fp8 or GGUF) base weights, which a fused LoRA "
+                                  "would round away; load it with fuse=False (the edit command does this itself).")
 
         weights, _ = load_lora(path)
         check_finite(weights, str(path))

@@ -121,7 +121,7 @@ def test_fp8_base_trains_and_edits_with_an_unfused_lora(tiny_diffusers, tmp_path
     dataset = make_subset(tmp_path / "pairs", 2)
     result = train_config_run(tiny_diffusers, dataset, tmp_path / "run")
     pipe = ChronoEditPipeline.from_pretrained(tiny_diffusers, dtype=torch.float32, fp8_base=True)
-    with pytest.raises(ChronoEditError, match="fp8 base weights"):
+    with pytest.raises(ChronoEditError, match="quantized \(fp8 or GGUF\) base weights"):
         pipe.load_lora(result, fuse=True)
     base = pipe(input_image, "Turn it into a pencil sketch.", steps=2, seed=0, height=32, width=32, progress=False)
     lora = pipe.load_lora(result, 1.0, fuse=False)

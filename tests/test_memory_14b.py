@@ -3,14 +3,17 @@ measurement matches the same measurement on real tensors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
-from chronoedit_lora.train.loop.config import DEFAULT_TARGETS
+from chronoedit_lora.train.loop.config import DEFAULT_TARGETS, load_config
 
 from .bench_scripts import load_bench
 
 SAME_SAVED_RTOL = 0.01
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _bench():
@@ -108,3 +111,42 @@ def test_full_finetune_rows_shard_16_bytes_a_trained_parameter():
         assert abs(rows[" + EMA"]["EMA"] * bench.GIB - 4 * trained / n) < 1
         assert rows[" + EMA"]["GPU total"] < 80  # fits an 80 GB GPU before allocator slack
     assert table["full, cached + FSDP (16 GPUs) + EMA"]["GPU total"] < table["full, cached + FSDP (8 GPUs) + EMA"]["GPU total"]
+
+
+def test_small_card_settings_block_swap_and_the_presets_they_pick():
+    bench = _bench()
+    kwargs = CHRONOEDIT_14B_KWARGS
+    blocks = kwargs["num_layers"]
+    c = bench.count(1024, 1024, 32, kwargs)
+    figures = bench.small_card_table(32, kwargs, sizes=((1024, 1024),))["1024x1024"]
+    for base in bench.BASES:
+        whole, block = bench.dit_bytes(c, blocks, base)
+        plain = figures[bench.Setting(base=base).name]
+        swapped = figures[bench.Setting(base=base, block_swap=True).name]
+        # block swap: the non-block weights and two blocks on the GPU, every block in CPU RAM, copied in twice a step
+        assert abs((plain["DiT weights"] - swapped["DiT weights"]) * bench.GIB - (blocks - 2) * block) < 1
+        assert abs(swapped["CPU RAM (offloaded)"] * bench.GIB - blocks * block) < 1
+        assert abs(swapped["PCIe per step"] * bench.GIB - 2 * blocks * block) < 1
+        assert swapped["activations"] == plain["activations"]
+    assert bench.dit_bytes(c, blocks, "bf16")[0] == c.dit_params * 2
+    # a GGUF base holds its type's bytes per block-linear weight: Q8_0 34 per 32, Q4_K 144 per 256
+    for base, per_weight in (("Q8_0", 34 / 32), ("Q4_K", 144 / 256)):
+        saved = bench.dit_bytes(c, blocks, "bf16")[0] - bench.dit_bytes(c, blocks, base)[0]
+        assert abs(saved - c.block_linear_weights * (2 - per_weight)) < 1
+    # uncached with block swap: the encoders take the GPU in turn, and umT5's stage sets the peak
+    uncached = figures[bench.Setting(cache=False, block_swap=True).name]
+    assert uncached["GPU total"] == uncached["encoders"] + uncached["LoRA + grads + AdamW"]
+
+    picks = {gb: bench.cheapest(figures, gb) for gb in bench.CARDS_GB}
+    for gb, pick in picks.items():  # it fits, and no setting that moves fewer bytes per step does
+        assert figures[pick.name]["GPU total"] <= bench.card_gib(gb)
+        assert all(figures[s.name]["GPU total"] > bench.card_gib(gb) for s in bench.settings(bench.SETTING_BASES)
+                   if figures[s.name]["PCIe per step"] < figures[pick.name]["PCIe per step"] - 0.01)
+    assert picks[16].block_swap and not picks[24].block_swap and picks[80] == bench.Setting()
+    # with a Q4_K GGUF file, 16 GB needs no block swap (docs/memory.md)
+    assert figures[bench.Setting("Q4_K", activation_offload=True).name]["GPU total"] <= bench.card_gib(16)
+    for gb in (16, 24):  # the presets are the settings computed for their card
+        config = load_config(CONFIGS / f"chronoedit_14b_lora_{gb}gb.toml", {})
+        assert bench.Setting("fp8" if config.fp8_base else "bf16", config.cache, config.activation_offload,
+                             config.block_swap) == picks[gb]
+        assert (config.height, config.width, config.batch_size, config.rank) == (1024, 1024, 1, 32)

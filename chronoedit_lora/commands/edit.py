@@ -151,8 +151,10 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 and str(options["device"]).startswith("cuda"):
         options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload)
-    for path, scale in loras:
-        pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
+    from ..models.quantized import is_quantized
+
+    for path, scale in loras:  # quantized weights (fp8_base, a GGUF or fp8 file) cannot absorb a LoRA
+        pipe.load_lora(path, scale, fuse=not (args.unfused or is_quantized(pipe.dit)))
     requests = [EditRequest(images[job.image], job.prompt, args.negative_prompt, job.seed) for job in todo]
     results = pipe.edit_many(requests, progress=len(todo) == 1, **edit_options(args, settings))
     started = time.perf_counter()

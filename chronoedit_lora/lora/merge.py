@@ -4,6 +4,8 @@ copied): ``lora merge`` bakes LoRAs in this way, ``export`` a training run's wei
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +14,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_folder, atomic_path, copy_file
-from ..models.components import discover_components
+from ..models.components import describe_path, discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
-from ..models.loading import read_header
+from ..models.loading import read_header, read_state_dict
+from ..models.quantized import stored_quantized
 from .apply import check_finite, check_lora_matches
 from .io import load_lora
 from .weights import LoraWeights
@@ -28,21 +31,32 @@ def rewrite_files(ckpt: DiTCheckpoint, update: Update, output: Path,
     """Write ``ckpt``'s files to ``output`` with the tensors ``update`` changes, one shard in memory at a time.
 
     Changed tensors are cast to the stored dtype, or every floating-point tensor to ``dtype`` if given.
-    Returns the written files (index JSON and config.json are copied alongside).
+    A quantized DiT (GGUF, ComfyUI fp8) is written dequantized, in ``dtype`` or bfloat16, as
+    ``<name>.safetensors``: a LoRA's change is finer than its quantization steps, and re-quantizing
+    would need the original quantizer. Returns the written files (index JSON and config.json are
+    copied alongside).
     """
     names = wan_names(ckpt)
+    quantized = stored_quantized(ckpt)
+    if quantized:
+        print(f"{ckpt.files[0]} is quantized ({quantized}): the merged DiT is written dequantized in "
+              f"{str(dtype or torch.bfloat16).removeprefix('torch.')}.", file=sys.stderr)
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm(ckpt.files, desc="writing", disable=len(ckpt.files) < 2):
-        tensors = load_file(str(path))
+        if quantized:  # the readers' dequantization; markers and scales dropped
+            tensors = read_state_dict([path], dtype or torch.bfloat16)
+            metadata = {"num_attention_heads": str(ckpt.kwargs["num_heads"])}
+        else:
+            tensors, metadata = load_file(str(path)), read_header(path)[1] or None
         keys = {names[key]: key for key in tensors if key in names}
         if dtype is not None:
             tensors = {key: t.to(dtype) if t.is_floating_point() else t for key, t in tensors.items()}
         for name, value in update({name: tensors[key] for name, key in keys.items()}).items():
             tensors[keys[name]] = value.to(tensors[keys[name]].dtype)
-        target = output / path.name
+        target = output / f"{path.stem}.safetensors"
         with atomic_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata=read_header(path)[1] or None)
+            save_file(tensors, str(tmp), metadata=metadata)
         written.append(target)
     folder = ckpt.files[0].parent
     if len(ckpt.files) > 1:
@@ -94,7 +108,9 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     With a model folder, its other components are symlinked so ``output`` is a complete model, which
     appears whole or not at all. Returns the folder holding the merged DiT and the files written.
     """
-    ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
+    dit_path = discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or "")
+    print(f"model: dit: {describe_path(dit_path)}", file=sys.stderr)
+    ckpt = inspect_dit(dit_path)
     skeleton = meta_dit(ckpt)
     weights = []
     for path, scale in loras:

@@ -19,23 +19,26 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
-class _Fp8Matmul(torch.autograd.Function):
-    """``x @ W.T`` with W dequantized on the fly; backward keeps the fp8 weight, not a bf16 copy."""
+class DecodedMatmul(torch.autograd.Function):
+    """``x @ W.T`` with W decoded on the fly from its stored tensors by ``decode(*stored, dtype)``;
+    backward decodes it again rather than keeping a full-precision copy."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(bits, scale)
-        return x @ dequantize(bits, scale, x.dtype).T
+    def forward(ctx, x: torch.Tensor, decode, *stored: torch.Tensor) -> torch.Tensor:
+        ctx.decode = decode
+        ctx.save_for_backward(*stored)
+        return x @ decode(*stored, x.dtype).T
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        bits, scale = ctx.saved_tensors
-        return grad @ dequantize(bits, scale, grad.dtype), None, None
+        stored = ctx.saved_tensors
+        return (grad @ ctx.decode(*stored, grad.dtype), None) + (None,) * len(stored)
 
 
-def dequantize(bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in ``dtype`` from its float8 bits (stored as uint8) and per-row scales."""
-    return bits.view(FP8).to(dtype) * scale.to(dtype)
+def dequantize(bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fp8: torch.dtype = FP8) -> torch.Tensor:
+    """The weight in ``dtype`` from its float8 bits (stored as uint8, read as ``fp8``) and scales
+    (per output row, or one for the tensor)."""
+    return bits.view(fp8).to(dtype) * scale.to(dtype)
 
 
 class Fp8Linear(torch.nn.Linear):
@@ -47,17 +50,21 @@ class Fp8Linear(torch.nn.Linear):
 
     weight_bits: torch.nn.Parameter
     weight_scale: torch.nn.Parameter
+    fp8_dtype: torch.dtype = FP8  # how the bits read (a ComfyUI file may hold float8_e5m2)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return dequantize(self.weight_bits, self.weight_scale, self.compute_dtype)
+        return self._decode(self.weight_bits, self.weight_scale, self.compute_dtype)
+
+    def _decode(self, bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(bits, scale, dtype, self.fp8_dtype)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.bias.dtype if self.bias is not None else torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Fp8Matmul.apply(x, self.weight_bits, self.weight_scale)
+        out = DecodedMatmul.apply(x, self._decode, self.weight_bits, self.weight_scale)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
 
 
@@ -65,10 +72,18 @@ def quantize_(linear: torch.nn.Linear) -> Fp8Linear:
     """Turn ``linear`` into an :class:`Fp8Linear` in place (its full-precision weight is released)."""
     weight = linear.weight.detach().float()
     scale = (weight.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    bits = (weight / scale).to(FP8).view(torch.uint8)
-    del linear._parameters["weight"]
+    return adopt_fp8(linear, (weight / scale).to(FP8), scale)
+
+
+def adopt_fp8(linear: torch.nn.Linear, weight: torch.Tensor, scale: torch.Tensor | None) -> Fp8Linear:
+    """Turn ``linear`` into an :class:`Fp8Linear` holding the float8 ``weight`` and its float32
+    ``scale`` (None: 1) in place; its own weight, if any, is released."""
+    linear._parameters.pop("weight", None)
     linear.__class__ = Fp8Linear
-    linear.register_parameter("weight_bits", torch.nn.Parameter(bits, requires_grad=False))
+    if weight.dtype != FP8:
+        linear.fp8_dtype = weight.dtype
+    scale = torch.ones(1) if scale is None else scale.float()
+    linear.register_parameter("weight_bits", torch.nn.Parameter(weight.view(torch.uint8), requires_grad=False))
     linear.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
     return linear  # type: ignore[return-value]
 

@@ -44,10 +44,12 @@ def requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def prepare(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """``accelerator.prepare(module, optimizer)``, sharding the DiT per block under FSDP."""
+def prepare(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            place_model: bool = True):
+    """``accelerator.prepare(module, optimizer)``, sharding the DiT per block under FSDP
+    (``place_model=False``: the module stays where it is, as block swap needs)."""
     if not requested() or accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
-        return accelerator.prepare(module, optimizer)
+        return accelerator.prepare(module, optimizer, device_placement=[place_model, None])
     plugin = FullyShardedDataParallelPlugin()  # the launch's fsdp_config, read from its environment
     if accelerator.mixed_precision != "no":  # what AcceleratorState does for a GPU FSDP run
         plugin.set_mixed_precision(accelerator.mixed_precision)

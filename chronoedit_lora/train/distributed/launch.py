@@ -9,7 +9,8 @@ block weights with their per-row scales are not exercised that way, so they are 
 sampling or evaluating during FSDP training (the main process alone cannot run a DiT split across all ranks),
 and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
 fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards),
-and an optimizer that does not step or save FSDP2's sharded parameters (:mod:`..loop.optimizer`).
+and block swap on more than one process (DDP, FSDP and DeepSpeed need the weights on the GPU), and an
+optimizer that does not step or save FSDP2's sharded parameters (:mod:`..loop.optimizer`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def check_launch(config: TrainConfig) -> None:
         raise ChronoEditError(
             'finetune = "full" shards its weights with FSDP and saves them with torch.distributed.checkpoint; DeepSpeed '
             "holds the optimizer itself. Use configs/accelerate/fsdp.yaml (or fsdp_multi_node.yaml).")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.block_swap and (fsdp.requested() or deepspeed_requested() or processes > 1):
+        launch = "an FSDP" if fsdp.requested() else "a DeepSpeed" if deepspeed_requested() else f"a {processes}-process"
+        raise ChronoEditError(
+            f"block_swap = true cannot be combined with {launch} launch: it streams one process's DiT blocks through "
+            "its GPU, while DDP, FSDP and DeepSpeed each need the model's weights on the GPU. Train on one GPU "
+            "(plain `chronoedit-lora train`), or set block_swap = false and shard the base with "
+            "configs/accelerate/fsdp.yaml.")
     if fsdp.requested() and config.fp8_base:
         raise ChronoEditError(
             "fp8_base = true cannot be combined with an FSDP launch (distributed_type: FSDP): the float8 block "

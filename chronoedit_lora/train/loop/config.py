@@ -69,6 +69,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
     gradient_checkpointing: bool = True  # recompute block activations in backward (less memory)
     activation_offload: bool = False  # checkpointed activations kept on CPU
+    block_swap: bool = False  # DiT blocks held in (pinned) CPU RAM and streamed to the GPU one at a time, the next prefetched, in forward and in the recomputed forward and backward (one GPU; needs gradient_checkpointing)
     compile: bool = False  # compile each DiT block with torch.compile (regional: one block's compile time)
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
     # the loss recipe, the optimizer and its LR schedule, preservation (docs/training.md: "The loss recipe", "Optimizers and LR schedules", "Preservation")
@@ -158,7 +159,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
     "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project",
-    "sample_ema", "eval_every"})
+    "sample_ema", "eval_every", "block_swap"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -183,6 +184,7 @@ def validate(config: TrainConfig) -> None:
     if config.finetune == "full" and config.fp8_base:
         raise ChronoEditError("finetune = \"full\" trains the DiT's weights, which fp8_base stores frozen in float8; "
                               "set fp8_base = false (FSDP shards the weights instead).")
+    check_block_swap(config)
     if config.finetune == "full" and config.adapter != "lora":
         raise ChronoEditError(f"adapter = {config.adapter!r} with finetune = \"full\": a full fine-tune trains the DiT's own "
                               "weights, not an adapter; drop adapter, or set finetune = \"lora\".")
@@ -215,6 +217,22 @@ def validate(config: TrainConfig) -> None:
     check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
+
+
+def check_block_swap(config: TrainConfig) -> None:
+    """block_swap streams the frozen blocks through the backward pass, which only gradient
+    checkpointing's recomputation gives it, one block at a time."""
+    if not config.block_swap:
+        return
+    if config.finetune == "full":
+        raise ChronoEditError('block_swap = true streams the frozen base weights; finetune = "full" trains them, so '
+                              'they stay on the GPU. Set block_swap = false, or train an adapter (finetune = "lora").')
+    if not config.gradient_checkpointing:
+        raise ChronoEditError("block_swap = true needs gradient_checkpointing = true: each block is streamed back for "
+                              "its recomputed forward and backward, which only checkpointing does one block at a time.")
+    if config.compile:
+        raise ChronoEditError("block_swap = true cannot be combined with compile = true: streaming moves the blocks' "
+                              "weights on every call, which a compiled block would recompile for. Set compile = false.")
 
 
 def validate_evaluation(config: TrainConfig) -> None:

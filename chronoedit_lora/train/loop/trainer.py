@@ -17,7 +17,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,6 +116,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     _on_main_then_everyone(accelerator, lambda: (preflight(config, output), run.claim(config)))
     data = TrainingData(config)
     paths = component_paths(config)
+    _refuse_quantized_base(config, paths["dit"])
     if config.finetune == "full":
         check_trainable(config.trainable, [name for name, _ in _skeleton(paths["dit"]).named_parameters()])
     else:
@@ -134,7 +135,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     encoders = config.sample_every > 0 or config.eval_every > 0 or data.preservation is not None
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or encoders, fp8_base=config.fp8_base, **paths)
+        encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
+        **paths)
     loaded_encoders = cache is None or filled > 0 or encoders
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     preservation = PairInputs(pipe, data.preservation) if data.preservation is not None else None
@@ -159,7 +161,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     scheduler = make_schedule(optimizer, config, total_steps)
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
-    module, optimizer = fsdp.prepare(accelerator, module, optimizer)
+    # under block_swap the module spans both devices: accelerate must not move it whole onto the GPU
+    module, optimizer = fsdp.prepare(accelerator, module, optimizer, place_model=not config.block_swap)
     trained_parameters = accelerator.unwrap_model(module).trained_parameters()
     ema = ExponentialMovingAverage.maybe(config, accelerator.unwrap_model(module).named_trained())
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
@@ -316,6 +319,25 @@ def _refuse_non_finite(loss: float, grad_norm: float | None, step: int, output: 
         f"Lower learning_rate, set max_grad_norm, or train in float32/bf16 (not float16), then {then}." + cached)
 
 
+def _refuse_quantized_base(config: TrainConfig, dit: Path) -> None:
+    """A GGUF or fp8 DiT file stays quantized (frozen): an adapter trains on it, its own weights
+    cannot, and FSDP does not shard its stored bytes."""
+    if config.finetune != "full" and not fsdp.requested():
+        return
+    from ...models.dit import inspect_dit
+    from ...models.quantized import stored_quantized
+
+    kind = stored_quantized(inspect_dit(dit))
+    if kind is None:
+        return
+    held = "GGUF blocks" if kind == "gguf" else "float8 weights"
+    if config.finetune == "full":
+        raise ChronoEditError(f'finetune = "full" trains the DiT\'s own weights, and {dit} holds them quantized ({held}), '
+                              'which cannot be trained. Use a bf16 or fp16 DiT file, or train an adapter (finetune = "lora").')
+    raise ChronoEditError(f"{dit} holds the DiT quantized ({held}), which an FSDP launch cannot shard. Train on one GPU or "
+                          "with configs/accelerate/multi_gpu_ddp.yaml, or use a bf16 or fp16 DiT file under FSDP.")
+
+
 def _skeleton(dit: Path) -> torch.nn.Module:
     """The DiT from its headers alone (a meta-device model)."""
     from ...models.dit import inspect_dit, meta_dit
@@ -332,10 +354,10 @@ def dit_linear_layers(dit: Path) -> list[str]:
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
     """Where every component is (``model`` plus per-component overrides), found once per run."""
-    from ...models.components import ComponentPaths, discover_components
+    from ...models.components import COMPONENT_NAMES, discover_components
 
-    found = discover_components(config.model, **{f.name: getattr(config, f.name) for f in fields(ComponentPaths)})
-    return {f.name: getattr(found, f.name) for f in fields(ComponentPaths)}
+    found = discover_components(config.model, **{name: getattr(config, name) for name in COMPONENT_NAMES})
+    return {name: getattr(found, name) for name in COMPONENT_NAMES}
 
 
 def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dict[str, Path]) -> ConditioningCache:

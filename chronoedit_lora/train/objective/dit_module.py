@@ -28,6 +28,7 @@ class DiTTrainingModule(torch.nn.Module):
         self.dit = pipe.dit
         self.dit.requires_grad_(False)
         self.skip_len, self.rope = pipe.components.temporal_skip_len, pipe.rope
+        self.placement = pipe.placement  # where the DiT's weights are (block_swap: streamed, see offload.py)
         self.scheduler = training_schedule(shift)
         self.checkpointing = {"use_gradient_checkpointing": gradient_checkpointing,
                               "use_gradient_checkpointing_offload": activation_offload}
@@ -54,6 +55,7 @@ class DiTTrainingModule(torch.nn.Module):
         timestep, sigma = draw_timestep(self.scheduler, self.recipe, generator)
         timestep = timestep.to(dtype=x0.dtype, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        self.placement.use("dit")  # after the encoders' stages (uncached), the DiT back on the compute device
         sigma = None if self.recipe.timestep_sampling == "uniform" else sigma
         loss = flow_matching_loss(self.scheduler, self._predictor(conditioning), x0, noise, timestep,
                                   weighted=self.recipe.loss_weighting == "diffsynth", sigma=sigma,

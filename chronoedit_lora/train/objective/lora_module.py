@@ -27,8 +27,10 @@ class LoraTrainingModule(DiTTrainingModule):
         LoRA of ``rank``, ``alpha`` on ``targets``. ``recipe``: the loss options (:mod:`.loss`)."""
         super().__init__(pipe, shift, gradient_checkpointing, activation_offload, recipe)
         inject_adapter_in_model(adapter or LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), self.dit)
+        # streamed base weights (block_swap) live in CPU RAM; the adapter stays on the compute device
+        device = pipe.device if pipe.placement.mode != "none" else None
         for param in self.lora_parameters():
-            param.data = param.data.float()
+            param.data = param.data.to(device=device, dtype=torch.float32)
         self.dit.train()
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
