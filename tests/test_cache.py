@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from chronoedit_lora.lora import load_lora
@@ -12,9 +13,12 @@ from chronoedit_lora.train.loop.trainer import cache_conditioning, train
 from .test_train import make_subset, tiny_config
 
 
-def test_training_from_the_cache_equals_encoding_every_step(tiny_diffusers, tmp_path):
+# the loss recipe's options too: the change map comes from the cache entry (issue 33)
+@pytest.mark.parametrize("recipe", [{}, {"change_weight": 3.0, "input_frame_weight": 0.5, "timestep_sampling": "logit_normal",
+                                         "loss_weighting": "none"}], ids=["default", "recipe"])
+def test_training_from_the_cache_equals_encoding_every_step(tiny_diffusers, tmp_path, recipe):
     dataset = make_subset(tmp_path / "data", 3)
-    common = dict(max_steps=4, save_every=100, seed=5)
+    common = dict(max_steps=4, save_every=100, seed=5, **recipe)
     plain = train(tiny_config(tiny_diffusers, dataset, tmp_path / "plain", **common))
     shared = tmp_path / "shared-cache"
     assert cache_conditioning(tiny_config(tiny_diffusers, dataset, tmp_path / "c", cache_dir=shared, **common)) == 3
@@ -43,7 +47,7 @@ def test_entries_are_reused_until_an_input_changes(tiny_diffusers, tmp_path):
     from safetensors.torch import load_file
 
     sample = load_file(str(entries[0]))
-    assert set(sample) == {"input_latents", "y", "clip_feature", "context"}
+    assert set(sample) == {"input_latents", "y", "clip_feature", "context", "change"}
     assert sample["input_latents"].shape[1:3] == (16, 2) and sample["y"].shape[1] == 20
     assert sample["context"].dtype in (torch.float32, torch.bfloat16)
 

@@ -9,7 +9,8 @@ block weights with their per-row scales are not exercised that way, so they are 
 sampling or evaluating during FSDP training (the main process alone cannot run a DiT split across all ranks),
 and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
 fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards),
-and block swap on more than one process (DDP, FSDP and DeepSpeed need the weights on the GPU).
+and block swap on more than one process (DDP, FSDP and DeepSpeed need the weights on the GPU), and an
+optimizer that does not step or save FSDP2's sharded parameters (:mod:`..loop.optimizer`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from ...errors import ChronoEditError
 from . import fsdp
 from ..loop.config import TrainConfig
+from ..loop.optimizer import check_optimizer
 
 
 def deepspeed_requested() -> bool:
@@ -45,6 +47,10 @@ def check_launch(config: TrainConfig) -> None:
             f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the kit trains with "
             "FSDP2 only (its LoRA and optimizer-state gathering work on FSDP2's per-parameter shards). Set "
             "fsdp_version: 2 under fsdp_config, as in configs/accelerate/fsdp.yaml.")
+    if fsdp.requested() and config.preservation_dataset:
+        raise ChronoEditError(
+            "preservation_dataset cannot be used with an FSDP launch yet (the base's prediction with the adapter turned "
+            "off is untested on sharded blocks). Drop it, or use configs/accelerate/multi_gpu_ddp.yaml.")
     for key, fix in (("sample_every", "sample the saved lora-stepNNNNNN.safetensors with `chronoedit-lora edit --lora`"),
                      ("eval_every", "evaluate the saved LoRAs afterwards with `chronoedit-lora eval --run`")):
         if fsdp.requested() and getattr(config, key):
@@ -73,3 +79,4 @@ def check_launch(config: TrainConfig) -> None:
             "fp8_base = true cannot be combined with an FSDP launch (distributed_type: FSDP): the float8 block "
             "weights are not sharded by FSDP. Set fp8_base = false (FSDP already splits the bf16 base across the "
             "GPUs), or keep fp8_base with configs/accelerate/multi_gpu_ddp.yaml.")
+    check_optimizer(config, fsdp.requested())

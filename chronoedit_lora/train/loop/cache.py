@@ -1,5 +1,6 @@
-"""Cached conditioning: per pair or trajectory, the target-clip latents, y, CLIP features and umT5
-embeddings, computed once and reused until anything they depend on changes.
+"""Cached conditioning: per pair or trajectory, the target-clip latents, y, CLIP features, umT5
+embeddings and the change map (:func:`.inputs.change_map`), computed once and reused until
+anything they depend on changes.
 
 An entry's key hashes the row's file bytes (a frame folder: every frame's name and bytes), which
 frames it uses (a trajectory: its kind and clip length), its prompt, its training size, and a fingerprint of
@@ -36,9 +37,9 @@ from ...models.components import ComponentPaths
 from ...models.loading import SAFETENSORS_DTYPES, read_entries
 from ...video import EDIT_FRAMES, REASONING_FRAMES, latent_frames
 
-CACHE_VERSION = 2  # bump when what is cached, or how, changes
+CACHE_VERSION = 3  # bump when what is cached, or how, changes (3: the change map)
 FINGERPRINT_BYTES = 1 << 20
-TENSORS = ("input_latents", "y", "clip_feature", "context")
+TENSORS = ("input_latents", "y", "clip_feature", "context", "change")
 MASK_CHANNELS = 4  # y = [mask (4), VAE condition (as many channels as the latents)]
 VAE_SCALE = 8  # pixels per latent, each side
 
@@ -132,8 +133,10 @@ class ConditioningCache:
         width, height = size
         expected = [1, latents[1] if len(latents) == 5 else -1, frames, height // VAE_SCALE, width // VAE_SCALE]
         if latents != expected or y != [1, latents[1] + MASK_CHANNELS, *expected[2:]] \
-                or len(shapes["clip_feature"]) != 3 or len(shapes["context"]) != 3:
-            return (f"has latents of shape {latents} and y of shape {y}, not the {expected} of a "
+                or shapes["change"] != [1, 1, *expected[2:]] or len(shapes["clip_feature"]) != 3 \
+                or len(shapes["context"]) != 3:
+            return (f"has latents of shape {latents}, y of shape {y} and a change map of shape {shapes['change']}, "
+                    f"not the {expected} of a "
                     f"{width}x{height} {'trajectory' if trajectory else 'pair'}")
         return None
 
@@ -160,9 +163,9 @@ class ConditioningCache:
 @torch.no_grad()
 def fill(cache: ConditioningCache, pipe, dataset: EditPairDataset, indices: list[int], show: bool = True) -> int:
     """Encode ``indices`` (this process's share) into the cache; returns how many were written."""
-    from .inputs import encode_clip
+    from .inputs import training_inputs
 
     for index in tqdm(indices, desc="caching conditioning", disable=not show or not indices):
         item = dataset[index]
-        cache.put(cache.key(dataset, index), encode_clip(pipe, item["video"], item["prompt"]))
+        cache.put(cache.key(dataset, index), training_inputs(pipe, item["video"], item["prompt"]))
     return len(indices)

@@ -58,9 +58,9 @@ class TrainConfig:
     ema_power: float = 0.0  # > 0: power EMA instead, d = (1 - 1/step) ** (ema_power + 1) (Karras et al. 2024; 6.94 is their sigma_rel 0.10)
     sample_ema: bool = False  # samples during training use the EMA weights
     # optimisation
-    learning_rate: float = 1e-4  # AdamW learning rate
-    weight_decay: float = 0.01  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps, then constant
+    learning_rate: float = 1e-4  # the optimizer's learning rate (peak of the schedule)
+    weight_decay: float = 0.01  # the optimizer's (decoupled) weight decay
+    warmup_steps: int = 0  # linear warm-up steps, then lr_scheduler
     gradient_accumulation: int = 1  # batches per optimizer step
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_steps: int = 0  # > 0 stops after this many optimizer steps (wins over epochs)
@@ -72,6 +72,21 @@ class TrainConfig:
     block_swap: bool = False  # DiT blocks held in (pinned) CPU RAM and streamed to the GPU one at a time, the next prefetched, in forward and in the recomputed forward and backward (one GPU; needs gradient_checkpointing)
     compile: bool = False  # compile each DiT block with torch.compile (regional: one block's compile time)
     shift: float = 5.0  # flow-matching sigma shift of the training timesteps
+    # the loss recipe, the optimizer and its LR schedule, preservation (docs/training.md: "The loss recipe", "Optimizers and LR schedules", "Preservation")
+    timestep_sampling: str = "uniform"  # "uniform" (over the shifted schedule: DiffSynth's), "logit_normal" (timestep_mean, timestep_std) or "sigmoid" (timestep_scale): how each step's timestep is drawn
+    timestep_mean: float = 0.0  # logit_normal: mean of logit(sigma); > 0 favours noisier timesteps
+    timestep_std: float = 1.0  # logit_normal: standard deviation of logit(sigma)
+    timestep_scale: float = 1.0  # sigmoid: sigma = sigmoid(timestep_scale * N(0, 1))
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1000.0])  # [low, high]: timesteps (0-1000, t = 1000 sigma) drawn only inside this range
+    loss_weighting: str = "diffsynth"  # "diffsynth" (its timestep weight, a bump centred at t = 500) or "none"
+    change_weight: float = 1.0  # weight of the latents the edit changed (input vs edited image) relative to the rest; 1: no change map
+    input_frame_weight: float = 1.0  # weight of the input frame's latents in the loss (0: the loss ignores them)
+    optimizer: str = "adamw"  # "adamw" (torch), "adamw8bit" (bitsandbytes), "prodigy" (prodigyopt; learning_rate about 1.0) or "adafactor" (transformers)
+    lr_scheduler: str = "constant"  # after warm-up: "constant", "cosine", "linear", "cosine_with_restarts" or "polynomial" (diffusers' schedules, over the run's optimizer steps)
+    lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles (hard restarts)
+    lr_power: float = 1.0  # polynomial: power of the decay (1: linear)
+    preservation_dataset: str | None = None  # CSV of pairs the LoRA should leave alone: each step also pulls its prediction on one of them toward the frozen base's (same noise and timestep)
+    preservation_weight: float = 1.0  # weight of that preservation term (logged as the `preservation` column)
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
@@ -199,6 +214,7 @@ def validate(config: TrainConfig) -> None:
         check_range("trajectory_share", config.trajectory_share, 0, 1)
     check_size(config.height, config.width, prefix="")
     check_adapter(config)
+    validate_recipe(config)
     check_trackers(config.log_with)
     if (config.resume or config.resume_from) and config.overwrite:
         raise ChronoEditError("resume and overwrite contradict each other: continue the run, or start over.")
@@ -236,6 +252,49 @@ def validate_evaluation(config: TrainConfig) -> None:
     check_choice("keep_best", config.keep_best, measured)
 
 
+def validate_recipe(config: TrainConfig) -> None:
+    """The loss recipe's settings (:mod:`..objective.loss`), the optimizer and the LR schedule
+    (:mod:`.optimizer`), and preservation."""
+    from ...settings import check_choice, check_range
+    from ..objective.loss import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TRAIN_TIMESTEPS, grid_indices, training_schedule
+    from .optimizer import LR_SCHEDULERS, OPTIMIZERS, POLYNOMIAL_END, check_package
+
+    check_choice("timestep_sampling", config.timestep_sampling, TIMESTEP_SAMPLINGS)
+    check_choice("loss_weighting", config.loss_weighting, LOSS_WEIGHTINGS)
+    check_range("timestep_mean", config.timestep_mean)
+    for key in ("timestep_std", "timestep_scale"):
+        check_range(key, getattr(config, key), 0, low_inclusive=False)
+    for key in ("change_weight", "input_frame_weight", "preservation_weight"):
+        check_range(key, getattr(config, key), 0)
+    if len(config.timestep_range) != 2:
+        raise ChronoEditError(f"timestep_range must be [low, high], got {config.timestep_range!r}.")
+    low, high = config.timestep_range
+    check_range("timestep_range's low", low, 0, TRAIN_TIMESTEPS)
+    check_range("timestep_range's high", high, low, TRAIN_TIMESTEPS, low_inclusive=False)
+    if config.timestep_sampling == "uniform" and not len(grid_indices(training_schedule(config.shift), (low, high))):
+        raise ChronoEditError(f"timestep_range [{low:g}, {high:g}] holds none of the shifted schedule's timesteps "
+                              f"(shift {config.shift:g}); widen it.")
+
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_package(config.optimizer)
+    check_choice("lr_scheduler", config.lr_scheduler, LR_SCHEDULERS)
+    check_range("lr_cycles", config.lr_cycles, 1)
+    check_range("lr_power", config.lr_power, 0, low_inclusive=False)
+    if config.lr_scheduler == "polynomial":
+        check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
+                    POLYNOMIAL_END, low_inclusive=False)
+    if config.finetune == "full" and config.optimizer != "adamw":
+        raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
+                              "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")
+
+    if config.preservation_dataset and config.finetune == "full":
+        raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "
+                              "full fine-tune has no adapter to turn off. Drop preservation_dataset, or train a LoRA.")
+    if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
+        raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
+                              "metadata.csv of pairs (input_image, edited_image, prompt).")
+
+
 # How a run was started, not what it trains: never a difference worth listing.
 RUN_CONTROLS = frozenset({"resume", "resume_from", "allow_changes", "overwrite"})
 
@@ -263,7 +322,7 @@ def _parse(raw: str, hint: typing.Any, key: str) -> typing.Any:
                 return False
             raise ValueError(raw)
         if base is list:
-            return [item.strip() for item in raw.split(",") if item.strip()]
+            return [_element_type(hint)(item.strip()) for item in raw.split(",") if item.strip()]
         return base(raw)
     except ValueError:
         raise ChronoEditError(f"--{key}: cannot read {raw!r} as {base.__name__}.") from None
@@ -277,7 +336,16 @@ def _check_type(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
         return float(value)
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ChronoEditError(f"setting {key!r} must be {base.__name__}, got {value!r}.")
+    if base is list:
+        element = _element_type(hint)
+        return [_check_type(item, element, f"{key}[{i}]") for i, item in enumerate(value)]
     return value
+
+
+def _element_type(hint: typing.Any) -> type:
+    """The element type of a ``list[...]`` setting."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is list else _element_type(args[0])
 
 
 def _base_type(hint: typing.Any) -> type:

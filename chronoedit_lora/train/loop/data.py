@@ -18,7 +18,7 @@ def preflight(config: TrainConfig, output: Path) -> None:
     """Everything that can be checked before loading models: the dataset and the output folder."""
     if not config.dataset:
         raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
-    for csv_path in filter(None, (config.dataset, config.sample_dataset, config.eval_dataset)):
+    for csv_path in filter(None, (config.dataset, config.sample_dataset, config.eval_dataset, config.preservation_dataset)):
         problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside,
                                  trajectory_max_pixels=config.trajectory_max_pixels, prompt_column=config.prompt_column)
         if has_fatal(problems):
@@ -60,6 +60,7 @@ class TrainingData:
         self._epochs: dict[int, list[list[int]]] = {}
         self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
         self.held_out = self._open(config, config.eval_dataset, 1) if config.eval_dataset else None
+        self.preservation = self._open(config, config.preservation_dataset, 1) if config.preservation_dataset else None
         share, kinds = self.trajectory_share, set(self.dataset.kinds)
         if share is not None:  # before any model loads (share_batches would refuse only at the first epoch)
             missing = [kind for kind, asked in ((TRAJECTORY, share > 0), (PAIR, share < 1)) if asked and kind not in kinds]

@@ -5,13 +5,40 @@ from __future__ import annotations
 import torch
 
 from ...pipeline import ChronoEditPipeline
-from ...video import tensor_to_pil
+from ...video import VAE_TIME_FACTOR, tensor_to_pil
+from .cache import VAE_SCALE
 
 # One VAE pass over the target and condition clips (a batch of 2) halves the per-op overhead, which
 # is most of a small clip's encoding; a large clip's passes are compute-bound, and batching them
 # only doubles the VAE's activation memory. Measured with the real Wan2.1 VAE, one thread, batched
 # vs two passes: 0.68x at 32x32, 0.84x at 64x64, 1.07-1.10x at 128x128 (the tiny and mid bench sizes).
 BATCHED_VAE_MAX_PIXELS = 64 * 64
+# The change map (change_weight): a latent cell (8 x 8 pixels) counts as changed when the mean
+# absolute difference of its pixels from the input frame's exceeds CHANGE_THRESHOLD of the pixel
+# range (0.04: about 10 of 255 levels, above JPEG noise); the 0/1 map is then feathered outward:
+# each cell takes the larger of its own value and the mean of its CHANGE_BLUR x CHANGE_BLUR box, so
+# changed cells count fully and the cells next to an edit partly.
+CHANGE_THRESHOLD = 0.04
+CHANGE_BLUR = 3
+
+
+def change_map(video: torch.Tensor) -> torch.Tensor:
+    """Where the clip (3, T, H, W) in [-1, 1] differs from its input frame, per latent cell: (1, 1, F, H/8, W/8)
+    in [0, 1]. Latent frame 0 (the input) is 0; latent k, which packs frames 4k-3 .. 4k, takes the
+    largest of their differences (a pair: the edited image's; a trajectory: frame by frame)."""
+    difference = (video.float() - video[:, :1].float()).abs().mean(0) / 2  # (T, H, W), a fraction of the range
+    cells = torch.nn.functional.avg_pool2d(difference[:, None], VAE_SCALE)[:, 0]
+    frames = [cells[:1]] + [cells[start:start + VAE_TIME_FACTOR].amax(0, keepdim=True)
+                            for start in range(1, len(cells), VAE_TIME_FACTOR)]
+    changed = (torch.cat(frames) > CHANGE_THRESHOLD).float()[:, None]
+    blurred = torch.nn.functional.avg_pool2d(changed, CHANGE_BLUR, stride=1, padding=CHANGE_BLUR // 2,
+                                             count_include_pad=False)
+    return torch.maximum(changed, blurred)[:, 0][None, None]
+
+
+def training_inputs(pipe: ChronoEditPipeline, video: torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+    """:func:`encode_clip` plus the clip's :func:`change_map` (what the cache stores per pair)."""
+    return {**encode_clip(pipe, video, prompt), "change": change_map(video).to(pipe.dtype)}
 
 
 @torch.no_grad()
@@ -73,5 +100,5 @@ class PairInputs:
 
     def inputs(self, read: dict) -> dict[str, torch.Tensor]:
         if self.cache is None:
-            return encode_clip(self.pipe, read["video"], read["prompt"])
+            return training_inputs(self.pipe, read["video"], read["prompt"])
         return {k: v.to(self.pipe.device, self.pipe.dtype) for k, v in read.items()}

@@ -43,9 +43,10 @@ from .evaluation import TrainingEvaluation, evaluate_step, restore_best, snapsho
 from .cache import ConditioningCache, components_fingerprint, fill
 from .inputs import PairInputs, collate_inputs
 from ..distributed.launch import check_launch
-from ..state.logs import TrainingLog
+from ..state.logs import PRESERVATION, TrainingLog
 from ..state.model_card import write_model_card
 from ..state.trackers import end_trackers
+from .optimizer import make_optimizer, make_schedule
 from .prefetch import Prefetcher
 from ..state.run_folder import RunFolder, choose_checkpoint
 from ..distributed.sync import assert_ranks_in_sync
@@ -131,12 +132,15 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     cache = open_cache(config, output, dtype, paths) if config.cache else None
     # the encoders alone fill the cache, so they and the DiT are never in memory together
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
+    # sampling, evaluation and preservation pairs are encoded as they come
+    encoders = config.sample_every > 0 or config.eval_every > 0 or data.preservation is not None
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
-        encoders=cache is None or config.sample_every > 0 or config.eval_every > 0, fp8_base=config.fp8_base,
-        offload="blocks" if config.block_swap else "none", **paths)
-    loaded_encoders = cache is None or filled > 0 or config.sample_every > 0 or config.eval_every > 0
+        encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
+        **paths)
+    loaded_encoders = cache is None or filled > 0 or encoders
     pair_inputs = PairInputs(pipe, data.dataset, cache)
+    preservation = PairInputs(pipe, data.preservation) if data.preservation is not None else None
     set_seed(config.seed)
     module = training_module(pipe, config)
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
@@ -146,13 +150,16 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # on the CPU) or DeepSpeed (which steps the optimizer itself); there fused=None keeps torch's
     # default (False would also turn off its foreach path on GPUs).
     fused = True if not fsdp.requested() and accelerator.distributed_type != DistributedType.DEEPSPEED else None
-    optimizer = torch.optim.AdamW(module.trained_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=fused)
-    warmup = config.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    # The LR schedule is counted in optimizer steps and stepped here once per optimizer step: handed
-    # to accelerator.prepare, it would advance num_processes times per step (accelerate assumes a
-    # schedule counted in single-process batches), so a warm-up would end N times too early.
+    optimizer = make_optimizer(module.trained_parameters(), config, fused)
+    # Where to start (fresh, or a checkpoint's point) fixes the run's length, which the LR schedule
+    # spans. The schedule is counted in optimizer steps and stepped here once per optimizer step:
+    # handed to accelerator.prepare, it would advance num_processes times per step (accelerate
+    # assumes a schedule counted in single-process batches), so a warm-up would end N times too early.
+    saved = ckpt.load_progress(resume.folder) if resume is not None else ckpt.Progress(processes=accelerator.num_processes)
+    progress = saved.continued_on(accelerator.num_processes)
+    total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
+                                                       config.epochs)
+    scheduler = make_schedule(optimizer, config, total_steps)
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     # under block_swap the module spans both devices: accelerate must not move it whole onto the GPU
@@ -168,10 +175,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     # 3. Where to start: fresh, or exactly where a checkpoint left off. On another process count
     # the ranks split the rest of the epoch anew; its batches' noise does not depend on the count.
-    progress = ckpt.Progress(processes=accelerator.num_processes)
     if resume is not None:
-        saved = ckpt.load_progress(resume.folder)
-        progress = saved.continued_on(accelerator.num_processes)
         trained_state.load(resume, accelerator, config, module, optimizer, scheduler, ema)
         if progress is saved:
             ckpt.load_rank_state(resume.folder, accelerator.process_index)
@@ -184,8 +188,6 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
 
     batches_per_epoch = data.batches_per_rank(accelerator.num_processes)
     steps_per_epoch = max(batches_per_epoch // config.gradient_accumulation, 1)
-    total_steps = config.max_steps or data.total_steps(progress, accelerator.num_processes, config.gradient_accumulation,
-                                                       config.epochs)
     trajectories = data.dataset.kinds.count(TRAJECTORY)
     what = (f"{sum(p.numel() for p in trained_parameters) / 1e6:.1f}M DiT parameters (full fine-tune)"
             if config.finetune == "full" else f"a rank-{config.rank} {ADAPTER_NAMES[config.adapter]}")
@@ -196,7 +198,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
     evaluation = TrainingEvaluation(config, data.held_out) if config.eval_every else None
     log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json(),
-                      extra_fields=evaluation.fields() if evaluation else [])
+                      extra_fields=(evaluation.fields() if evaluation else []) + ([PRESERVATION] if preservation else []))
     stop = _StopRequest()
     loss_value, grad_norm = float("nan"), None
 
@@ -205,6 +207,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     # norm are read back once per optimizer step (step_status), the only host sync of a step; the
     # norm is the finiteness check and the clipping's. DeepSpeed clips by its own config.
     window_loss, window_positions, window_started = 0.0, [], None  # a window may span an epoch's end
+    window_preservation, preserved = 0.0, None
     clip = config.max_grad_norm > 0 and accelerator.distributed_type != DistributedType.DEEPSPEED
     prefetch = Prefetcher(lambda indices: [pair_inputs.read(i) for i in indices])
     try:
@@ -215,13 +218,20 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 window_started = window_started or time.perf_counter()
                 with accelerator.accumulate(module):
                     inputs = collate_inputs([pair_inputs.inputs(item) for item in read])
-                    loss = module(inputs, noise_seed=_noise_seed(config.seed, progress.epoch, batch_indices))
+                    seed = _noise_seed(config.seed, progress.epoch, batch_indices)
+                    # with a preservation dataset, one of its pairs (chosen by the batch's seed) joins the batch
+                    kept = preservation.inputs(preservation.read(seed % len(data.preservation))) if preservation else None
+                    loss = module(inputs, noise_seed=seed, preserve=kept)
                     accelerator.backward(loss)
                     window_loss = window_loss + loss.detach()
+                    if preservation:
+                        window_preservation = window_preservation + accelerator.unwrap_model(module).last_preservation
                     window_positions.append(progress.position())
                     if accelerator.sync_gradients:
                         loss_value, grad_norm = fsdp.step_status(
                             accelerator, window_loss / config.gradient_accumulation, trained_parameters)
+                        if preservation:  # the term's mean over the window and the processes
+                            preserved = accelerator.reduce(window_preservation / config.gradient_accumulation, "mean").item()
                         _refuse_non_finite(loss_value, grad_norm, progress.step + 1, output, cache)
                         if clip and grad_norm is not None:
                             fsdp.clip_gradients(trained_parameters, grad_norm, config.max_grad_norm)
@@ -245,8 +255,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                     evaluated = evaluate_step(accelerator, pipe, module, evaluation, progress, config, output)
                 samples = data.items_trained(window_positions, accelerator.num_processes) if log.enabled else []
                 log.step(progress.step, loss_value, scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_started,
-                         samples, validation, evaluated)
-                window_loss, window_positions, window_started = 0.0, [], None
+                         samples, validation, evaluated, preserved)
+                window_loss, window_positions, window_started, window_preservation = 0.0, [], None, 0.0
                 if config.check_sync_every and progress.step % config.check_sync_every == 0:
                     assert_ranks_in_sync(accelerator, trained_parameters)
                 if last or stop.requested or progress.step % config.save_every == 0:

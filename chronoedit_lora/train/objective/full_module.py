@@ -16,7 +16,7 @@ from ...errors import ChronoEditError
 from ...pipeline import ChronoEditPipeline
 from ..loop.config import TrainConfig
 from .dit_module import DiTTrainingModule
-from .loss import DEFAULT_SHIFT
+from .loss import DEFAULT_SHIFT, LossRecipe
 
 
 def matching(patterns: list[str], names: Iterable[str]) -> list[str]:
@@ -37,8 +37,8 @@ class FullTrainingModule(DiTTrainingModule):
     """The DiT with the parameters matching ``trainable`` trained in float32, everything else frozen."""
 
     def __init__(self, pipe: ChronoEditPipeline, trainable: list[str], shift: float = DEFAULT_SHIFT,
-                 gradient_checkpointing: bool = True, activation_offload: bool = False):
-        super().__init__(pipe, shift, gradient_checkpointing, activation_offload)
+                 gradient_checkpointing: bool = True, activation_offload: bool = False, recipe: LossRecipe = LossRecipe()):
+        super().__init__(pipe, shift, gradient_checkpointing, activation_offload, recipe)
         params = dict(self.dit.named_parameters())
         check_trainable(trainable, list(params))
         for name in matching(trainable, params):
@@ -50,10 +50,11 @@ class FullTrainingModule(DiTTrainingModule):
 def training_module(pipe: ChronoEditPipeline, config: TrainConfig) -> DiTTrainingModule:
     """The module ``config.finetune`` asks for: a LoRA on the frozen DiT, or the DiT's own weights."""
     checkpointing = (config.gradient_checkpointing, config.activation_offload)
+    recipe = LossRecipe.of(config)
     if config.finetune == "full":
-        return FullTrainingModule(pipe, config.trainable, config.shift, *checkpointing)
+        return FullTrainingModule(pipe, config.trainable, config.shift, *checkpointing, recipe=recipe)
     from .adapter_config import peft_config
     from .lora_module import LoraTrainingModule
 
     return LoraTrainingModule(pipe, config.rank, config.alpha, config.targets, config.shift, *checkpointing,
-                              adapter=peft_config(config))
+                              adapter=peft_config(config), recipe=recipe)

@@ -3,14 +3,18 @@ whose ``forward`` is the loss."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ...lora.weights import is_adapter_parameter
 from ...pipeline import ChronoEditPipeline
 from .dit_module import DiTTrainingModule
-from .loss import DEFAULT_SHIFT
+from .loss import DEFAULT_SHIFT, LossRecipe
 
 
 class LoraTrainingModule(DiTTrainingModule):
@@ -18,10 +22,10 @@ class LoraTrainingModule(DiTTrainingModule):
 
     def __init__(self, pipe: ChronoEditPipeline, rank: int, alpha: float, targets: list[str],
                  shift: float = DEFAULT_SHIFT, gradient_checkpointing: bool = True, activation_offload: bool = False,
-                 adapter: PeftConfig | None = None):
+                 adapter: PeftConfig | None = None, recipe: LossRecipe = LossRecipe()):
         """``adapter``: peft's configuration of another type (see :mod:`.adapter_config`); None: a
-        LoRA of ``rank``, ``alpha`` on ``targets``."""
-        super().__init__(pipe, shift, gradient_checkpointing, activation_offload)
+        LoRA of ``rank``, ``alpha`` on ``targets``. ``recipe``: the loss options (:mod:`.loss`)."""
+        super().__init__(pipe, shift, gradient_checkpointing, activation_offload, recipe)
         inject_adapter_in_model(adapter or LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), self.dit)
         # streamed base weights (block_swap) live in CPU RAM; the adapter stays on the compute device
         device = pipe.device if pipe.placement.mode != "none" else None
@@ -32,3 +36,16 @@ class LoraTrainingModule(DiTTrainingModule):
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter's parameters, whatever its type."""
         return [p for n, p in self.dit.named_parameters() if is_adapter_parameter(n)]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The frozen base: every adapter layer off, as peft's ``PeftModel.disable_adapter`` does it
+        (which also stops their gradients), then on again."""
+        layers = [m for m in self.dit.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)

@@ -18,6 +18,7 @@ from .loss_plot import plot_losses
 from .trackers import hyperparameters, log_image, log_scalars, log_table, quiet_writer_threads, tracker_kwargs
 
 METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "time", "samples", "val_loss"]
+PRESERVATION = "preservation"  # the column of the preservation term (a run with preservation_dataset)
 
 
 class TrainingLog:
@@ -54,14 +55,18 @@ class TrainingLog:
         write_text(self.csv_path, buffer.getvalue())
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, samples: list[int],
-             val_loss: float | None = None, evaluation: dict[str, float] | None = None) -> None:
+             val_loss: float | None = None, evaluation: dict[str, float] | None = None,
+             preservation: float | None = None) -> None:
         """One optimizer step: the mean loss over its accumulation window, the gradients' norm before
         clipping (None under DeepSpeed), the time the window took, the wall-clock time it was logged
         (Unix seconds: differences give the whole loop's time per step), every pair it saw (all
-        ranks), and the validation loss and the evaluation's metrics if they were measured at this step."""
+        ranks), the validation loss and the evaluation's metrics if they were measured at this step,
+        and the preservation term (its ``preservation`` column, with a preservation dataset)."""
         if not self.enabled:
             return
         evaluated = {f"eval/{k}": v for k, v in (evaluation or {}).items() if f"eval/{k}" in self.fields and v is not None}
+        if preservation is not None:
+            evaluated[PRESERVATION] = preservation
         with writing(self.csv_path), self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow(
                 {"step": step, "loss": f"{loss:.6g}", "lr": f"{lr:.6g}",
@@ -69,7 +74,8 @@ class TrainingLog:
                  "seconds": f"{seconds:.4f}", "time": f"{time.time():.4f}",
                  "samples": " ".join(map(str, samples)), "val_loss": "" if val_loss is None else f"{val_loss:.6g}",
                  **{k: f"{v:.6g}" for k, v in evaluated.items()}})
-        scalars = {"train/loss": loss, "train/lr": lr, "train/seconds_per_step": seconds, **evaluated}
+        scalars = {"train/loss": loss, "train/lr": lr, "train/seconds_per_step": seconds,
+                   **{k if k.startswith("eval/") else f"train/{k}": v for k, v in evaluated.items()}}
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if val_loss is not None:

@@ -1,0 +1,83 @@
+"""The optimizer and its LR schedule, each from its own maintained package.
+
+Optimizers: torch's AdamW (the default), bitsandbytes' 8-bit AdamW (an optional install: imported,
+bitsandbytes logs warnings into every command's output on some CPUs), prodigyopt's Prodigy (it
+estimates the step size itself: set learning_rate to about 1.0) and transformers' Adafactor (with
+the given learning rate, not its relative step). Their state is saved whole in each checkpoint
+(gathered under FSDP) and loaded back on ``--resume``.
+
+LR schedules are diffusers' (``diffusers.optimization.get_scheduler``), counted in optimizer steps
+and stepped once per optimizer step by the trainer (never through ``accelerator.prepare``, which
+would step it once per process). Step k of a T-step run (k = 1 .. T) trains at learning_rate x
+f(k), where f is diffusers' schedule with ``warmup_steps`` warm-up steps over T + 1 steps: the
+warm-up's first step trains at 1/warmup of the rate (never at 0), and a decay reaches its end just
+after the last step (which still trains).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from ...errors import ChronoEditError
+from .config import TrainConfig
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")
+# Optimizers whose step runs on FSDP2's sharded (DTensor) parameters and whose state the kit gathers
+# and cuts back into shards (tested). Seen on CPU with 2 processes: Adafactor's step fails on DTensor
+# shards (aten.add_ mixes Tensor and DTensor); Prodigy's step runs, but its p0 state is stored
+# flattened, which the kit's loader does not reshard; bitsandbytes nests its state in a dict it
+# does not gather.
+FSDP_OPTIMIZERS = ("adamw",)
+POLYNOMIAL_END = 1e-7  # diffusers' default end of the polynomial decay
+# optimizer -> (module, the pinned package that provides it)
+PACKAGES = {"adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"), "prodigy": ("prodigyopt", "prodigyopt==1.1.2")}
+
+
+def check_package(optimizer: str) -> None:
+    """Refuse an optimizer whose package is not installed, naming the install command."""
+    module, package = PACKAGES.get(optimizer, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ChronoEditError(f"optimizer = {optimizer!r} needs the {module} package, which is not installed: "
+                              f"pip install {package} (or choose another optimizer).")
+
+
+def check_optimizer(config: TrainConfig, fsdp: bool) -> None:
+    """Refuse an optimizer the run cannot use (under FSDP; a full fine-tune's DCP state), naming the fix."""
+    if fsdp and config.optimizer not in FSDP_OPTIMIZERS:
+        raise ChronoEditError(
+            f"optimizer = {config.optimizer!r} cannot be used with an FSDP launch: its step and state are not made for "
+            f"FSDP2's sharded parameters. Use {' or '.join(FSDP_OPTIMIZERS)}, or configs/accelerate/multi_gpu_ddp.yaml.")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names over ``params`` (``fused``: AdamW's fused kernel)."""
+    lr, decay = config.learning_rate, config.weight_decay
+    if config.optimizer == "adamw8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=lr, weight_decay=decay)
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, weight_decay=decay)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' ``config.lr_scheduler`` with ``config.warmup_steps`` over ``total_steps`` optimizer
+    steps, already at step 1 (see the module's docstring)."""
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" and config.warmup_steps else config.lr_scheduler
+    for group in optimizer.param_groups:  # last_epoch=0 below: the schedule starts at f(1)
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps + 1,
+                         num_cycles=config.lr_cycles, power=config.lr_power, last_epoch=0)

@@ -1,0 +1,190 @@
+"""Optimizers and LR schedules (chronoedit_lora/train/loop/optimizer.py): the LR of every step against
+the schedule's formula written out, each optimizer's stop-and-resume against the uninterrupted run,
+and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from chronoedit_lora.errors import ChronoEditError
+from chronoedit_lora.train.loop.config import load_config
+from chronoedit_lora.train.loop.optimizer import PACKAGES, POLYNOMIAL_END, make_optimizer, make_schedule
+from chronoedit_lora.train.loop.trainer import train
+
+from .test_train import make_subset, tiny_config
+
+WARMUP, TOTAL = 3, 12
+# Same ops in the same order in fp32 on CPU: equal up to float noise, relative to each tensor's size
+# (Prodigy's LoRA is ~1e-5 after 6 steps, so the absolute RESUME_ATOL would say little)
+RESUME_RTOL = 1e-5
+
+
+def expected_factor(name: str, k: int, warmup: int, total: int, cycles: int = 1, power: float = 1.0,
+                    lr: float = 1.0) -> float:
+    """The LR factor of optimizer step k (1-based) of a ``total``-step run: a linear warm-up from
+    1/warmup, then the decay, which ends at step total + 1."""
+    if k < warmup:
+        return k / warmup
+    progress = (k - warmup) / (total + 1 - warmup)
+    if name == "constant":
+        return 1.0
+    if name == "linear":
+        return 1 - progress
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "cosine_with_restarts":
+        return 0.5 * (1 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+    return ((lr - POLYNOMIAL_END) * (1 - progress) ** power + POLYNOMIAL_END) / lr  # polynomial
+
+
+@pytest.mark.parametrize("name, extra", [("constant", {}), ("linear", {}), ("cosine", {}),
+                                         ("cosine_with_restarts", {"lr_cycles": 3}),
+                                         ("polynomial", {"lr_power": 2.0})])
+@pytest.mark.parametrize("warmup", [0, WARMUP])
+def test_each_step_trains_at_the_schedules_lr(name, extra, warmup):
+    config = load_config(None, {"lr_scheduler": name, "warmup_steps": str(warmup), "learning_rate": "0.01",
+                                **{k: str(v) for k, v in extra.items()}})
+    optimizer = make_optimizer([torch.nn.Parameter(torch.ones(2))], config, fused=None)
+    schedule = make_schedule(optimizer, config, TOTAL)
+    used = []
+    for _ in range(TOTAL):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    cycles, power = extra.get("lr_cycles", 1), extra.get("lr_power", 1.0)
+    expected = [0.01 * expected_factor(name, k, warmup, TOTAL, cycles, power, 0.01) for k in range(1, TOTAL + 1)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert min(used) > 0  # no step is wasted at lr 0 (warm-up's first, a decay's last)
+    if name != "constant":
+        assert used[-1] < 0.25 * 0.01  # the decay has (nearly) run out at the last step
+
+
+def test_the_default_warm_up_is_the_kits_min_1_s_plus_1_over_warmup():
+    config = load_config(None, {"warmup_steps": "4", "learning_rate": "1"})
+    optimizer = make_optimizer([torch.nn.Parameter(torch.ones(2))], config, fused=None)
+    schedule = make_schedule(optimizer, config, 8)
+    used = []
+    for _ in range(8):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert used == [min(1.0, (s + 1) / 4) for s in range(8)]  # the schedule before lr_scheduler existed
+
+
+OPTIMIZERS = ["prodigy", "adafactor",
+              pytest.param("adamw8bit", marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                                                 reason="bitsandbytes (the adamw8bit extra) not installed"))]
+
+
+def _state_difference(a: Path, b: Path) -> float:
+    """The largest difference between two checkpoints' optimizer states (tensors and numbers), each
+    relative to the largest magnitude of its entry."""
+    sa, sb = (torch.load(p / "optimizer.pt", weights_only=True)["optimizer"] for p in (a, b))
+    assert sa["state"].keys() == sb["state"].keys() and len(sa["param_groups"]) == len(sb["param_groups"])
+    worst = 0.0
+    for index in sa["state"]:
+        ea, eb = _flat(sa["state"][index]), _flat(sb["state"][index])  # bitsandbytes nests its state in a dict
+        assert ea.keys() == eb.keys()
+        for key, value in ea.items():
+            worst = max(worst, _relative(*(torch.as_tensor(v).double() for v in (value, eb[key]))))
+    for ga, gb in zip(sa["param_groups"], sb["param_groups"]):
+        for key, value in ga.items():
+            if isinstance(value, float):
+                worst = max(worst, _relative(torch.tensor(value), torch.tensor(gb[key])))
+    return worst
+
+
+def _flat(entry: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in entry.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(a.abs().max().item(), b.abs().max().item())
+    return (a - b).abs().max().item() / scale if scale else 0.0
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_each_optimizer_resumes_exactly(tiny_diffusers, tmp_path, optimizer):
+    """Stop after step 3 of 6 and resume: the optimizer state, the LoRA and the logged LRs equal the
+    uninterrupted run's (cosine schedule with warm-up, so the schedule's position is resumed too)."""
+    from chronoedit_lora.lora import load_lora
+
+    dataset = make_subset(tmp_path / "data", 4)
+    lr = 0.5 if optimizer == "prodigy" else 5e-3
+    common = dict(optimizer=optimizer, learning_rate=lr, lr_scheduler="cosine", warmup_steps=2, save_every=3, seed=3)
+    straight = train(tiny_config(tiny_diffusers, dataset, tmp_path / "straight", max_steps=6, **common))
+    # the same run stopped after step 3: its folder as it was then (the step-3 checkpoint the newest)
+    shutil.copytree(tmp_path / "straight", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-000006")
+    resumed = train(tiny_config(tiny_diffusers, dataset, tmp_path / "split", max_steps=6, resume=True, **common))
+    assert straight.steps == resumed.steps == 6
+    checkpoint = Path("checkpoints") / "step-000006"
+    state_difference = _state_difference(tmp_path / "straight" / checkpoint, tmp_path / "split" / checkpoint)
+    a, b = load_lora(straight.lora)[0], load_lora(resumed.lora)[0]
+    size = max(a[k].up.abs().max().item() for k in a)
+    lora_difference = max((a[k].up - b[k].up).abs().max().item() for k in a) / size
+    print(f"{optimizer}: LoRA B up to {size:.3g}; resumed vs straight: LoRA {lora_difference:.3g}, state "
+          f"{state_difference:.3g} (relative)")
+    assert size > 1e-6  # it trained (Prodigy's first steps are tiny: its step size starts at d0 = 1e-6)
+    assert state_difference <= RESUME_RTOL and lora_difference <= RESUME_RTOL
+    logged = [[float(r["lr"]) for r in csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open())]
+              for run in ("straight", "split")]
+    assert logged[0] == logged[1] == pytest.approx([lr * expected_factor("cosine", k + 1, 2, 6) for k in range(1, 7)],
+                                                   rel=1e-5)  # logged to 6 digits; the lr after a step is the next step's
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("optimizer", "adam8bit", "did you mean 'adamw8bit'"),
+    ("optimizer", "lion", "is not one of 'adamw', 'adamw8bit', 'prodigy', 'adafactor'"),
+    ("lr_scheduler", "cosine_restarts", "did you mean 'cosine_with_restarts'"),
+    ("lr_cycles", "0", "lr_cycles must be >= 1"),
+    ("lr_power", "nan", "lr_power must be a finite number"),
+    ("lr_power", "-1", "lr_power must be > 0"),
+])
+def test_bad_optimization_settings_are_refused_in_one_line(tmp_path, key, value, says):
+    with pytest.raises(ChronoEditError) as error:
+        load_config(None, {"model": str(tmp_path / "no-model"), key: value})
+    assert says in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_polynomial_decay_needs_a_learning_rate_above_its_end():
+    with pytest.raises(ChronoEditError, match=r"learning_rate \(with lr_scheduler = \"polynomial\", which decays to "
+                                              r"1e-7\) must be > 1e-07"):
+        load_config(None, {"lr_scheduler": "polynomial", "learning_rate": "1e-8"})
+
+
+def test_a_full_fine_tune_keeps_adamw():
+    with pytest.raises(ChronoEditError, match="a full fine-tune's sharded checkpoints hold AdamW's moments only"):
+        load_config(None, {"finetune": "full", "optimizer": "prodigy"})
+
+
+def test_a_missing_optimizer_package_is_named_with_its_install_command(monkeypatch):
+    monkeypatch.setitem(PACKAGES, "adamw8bit", ("no_such_module_for_this_test", "bitsandbytes==0.50.2"))
+    with pytest.raises(ChronoEditError) as error:
+        load_config(None, {"optimizer": "adamw8bit"})
+    assert str(error.value) == ("optimizer = 'adamw8bit' needs the no_such_module_for_this_test package, which is not "
+                                "installed: pip install bitsandbytes==0.50.2 (or choose another optimizer).")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "prodigy", "adafactor"])
+def test_optimizers_without_fsdp_support_are_refused_under_an_fsdp_launch(monkeypatch, optimizer):
+    from chronoedit_lora.train.distributed.launch import check_launch
+
+    config = load_config(None, {"optimizer": "adafactor"})
+    config.optimizer = optimizer  # the package check is the config's; this is the launch's
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ChronoEditError, match=f"optimizer = '{optimizer}' cannot be used with an FSDP launch"):
+        check_launch(config)
+    config.optimizer = "adamw"
+    check_launch(config)  # AdamW's sharded step and state are the kit's FSDP path
