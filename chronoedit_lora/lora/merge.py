@@ -15,8 +15,7 @@ from ..files import atomic_folder, atomic_path, copy_file
 from ..models.components import discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
 from ..models.loading import read_header
-from .apply import check_finite, check_lora_matches
-from .io import load_lora
+from .apply import check_lora_file
 from .weights import LoraWeights
 
 # The tensors of one shard by DiffSynth/Wan name -> the new values of those it changes (any dtype).
@@ -96,10 +95,5 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     """
     ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
     skeleton = meta_dit(ckpt)
-    weights = []
-    for path, scale in loras:
-        lora, _ = load_lora(path)
-        check_finite(lora, str(path))
-        check_lora_matches(lora, skeleton, str(path))
-        weights.append((lora, scale))
+    weights = [(check_lora_file(path, skeleton, str(path)), scale) for path, scale in loras]
     return write_model(model_dir, ckpt, lora_update(weights), output)

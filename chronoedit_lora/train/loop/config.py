@@ -31,6 +31,10 @@ class TrainConfig:
     batch_size: int = 1  # pairs per process per step (drawn within one bucket)
     allow_outside: bool = False  # allow dataset paths outside the CSV's folder
     prompt_column: str = ""  # CSV column trained on; "" -> a row's caption_cot (written by a captioner) if filled, else its prompt
+    # adapters under the trained one, and previews as the LoRA will be used
+    base_loras: list[str] = field(default_factory=list)  # "FILE:SCALE" adapters fused into the base DiT before training (hooks with fp8_base), e.g. the 8-step distill LoRA; must stay the same on --resume
+    sample_loras: list[str] = field(default_factory=list)  # "FILE:SCALE" adapters stacked (as hooks) under the trained one for samples and eval_every, e.g. the distill LoRA when base_loras is empty
+    sample_preset: str = ""  # "distill": samples and eval_every edit with 8 steps, cfg 1, shift 2 (as `edit --preset distill`) instead of sample_steps / eval_steps
     # model
     model: str | None = None  # ChronoEdit-14B-Diffusers folder or Wan2.1 file folder
     dit: str | None = None  # override: DiT shard folder, index JSON or single file
@@ -143,7 +147,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
     "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project",
-    "sample_ema", "eval_every"})
+    "sample_ema", "eval_every", "sample_loras", "sample_preset"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -189,6 +193,7 @@ def validate(config: TrainConfig) -> None:
     check_range("sample_steps", config.sample_steps, 1, MAX_STEPS)
     check_range("eval_steps", config.eval_steps, 0, MAX_STEPS)
     validate_evaluation(config)
+    validate_stacked_loras(config)
     check_range("max_pixels", config.max_pixels, 16 * 16)
     if config.trajectory_max_pixels is not None:
         check_range("trajectory_max_pixels", config.trajectory_max_pixels, 16 * 16)
@@ -215,6 +220,21 @@ def validate_evaluation(config: TrainConfig) -> None:
         raise ChronoEditError(f"keep_best = {config.keep_best!r} needs eval_every > 0 (the steps it is measured at).")
     measured = [m for m in TRAINING_METRICS if METRICS[m][0] != NEUTRAL and (config.eval_steps or m.startswith("loss"))]
     check_choice("keep_best", config.keep_best, measured)
+
+
+def validate_stacked_loras(config: TrainConfig) -> None:
+    """base_loras and sample_loras name existing files with finite scales; sample_preset is known."""
+    from ...lora.io import parse_lora_spec
+    from ...sampling import PRESETS
+    from ...settings import check_choice
+
+    for key in ("base_loras", "sample_loras"):
+        for spec in getattr(config, key):
+            if not isinstance(spec, str):
+                raise ChronoEditError(f"{key}: each entry is a \"FILE:SCALE\" string, got {spec!r}.")
+            parse_lora_spec(spec, key)
+    if config.sample_preset:
+        check_choice("sample_preset", config.sample_preset, sorted(PRESETS))
 
 
 # How a run was started, not what it trains: never a difference worth listing.
