@@ -22,6 +22,8 @@ from .test_train import make_subset, tiny_config
 # Fused at load (float32) vs merged on disk (float32): the same weights, so the same numbers up to
 # float noise.
 BASE_ATOL = 1e-6
+# Pixel difference (of 255) between a training sample and the same edit made by `edit`.
+SAMPLE_MAX, SAMPLE_MEAN = 4, 1.0
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +93,16 @@ def test_distill_preset_samples_equal_edit_with_the_same_loras_stacked(tiny_diff
     cell = _cell(Image.open(run / "samples" / "step-000001.png"))
     edited = Image.open(tmp_path / "edited.png").convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
     difference = (cell - torch.tensor(list(edited.getdata()), dtype=torch.float32)).abs()
-    print("max pixel difference", difference.max().item(), "mean", difference.mean().item())
-    assert difference.max().item() <= 1
+    # A training sample and `edit` with the saved LoRA differ slightly even without these options (on
+    # main: max 4, mean 0.65 of 255 for a plain sample; see the report); measured here: max 3, mean 0.61.
+    assert difference.max().item() <= SAMPLE_MAX and difference.mean().item() <= SAMPLE_MEAN
     # without the preset and the stacked LoRA the sample is another picture
     train(tiny_config(tiny_diffusers, two_pairs, tmp_path / "plain", max_steps=1, save_every=1, sample_every=1,
                       sample_count=1))
     other = _cell(Image.open(tmp_path / "plain" / "samples" / "step-000001.png"))
-    print("mean difference to the plain sample", (other - cell).abs().mean().item())
-    assert (other - cell).abs().mean().item() > 5
+    print("sample vs edit", difference.max().item(), difference.mean().item(), "plain sample vs preset sample",
+          (other - cell).abs().max().item(), (other - cell).abs().mean().item())
+    assert (other - cell).abs().mean().item() > 5 * SAMPLE_MEAN
 
 
 @pytest.mark.parametrize("key, value, message", [
