@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--caption-batch-size", type=int, default=4, help="pairs captioned per model call")
     prep.add_argument("--keep-unchanged", action="store_true",
                       help="keep pairs the captioner calls 'no change' (as edits that keep the image)")
+    prep.add_argument("--degrade", action="append", default=[], metavar="GENERATOR",
+                      help="SOURCE holds finished images: pair each with a degraded copy as the input (repeatable): "
+                           "downscale[:FACTOR], jpeg[:QUALITY], blur[:RADIUS], noise[:SIGMA], grayscale, "
+                           "mask[:AREA_SHARE], or a plugin MODULE:CALLABLE f(image, seed) -> image; each built-in has "
+                           "its own instruction (--prompt / --prompt-template win)")
+    prep.add_argument("--seed", type=int, default=0, help="with --degrade: the seed of every random choice (the same "
+                                                         "seed writes the same bytes)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
 
@@ -66,6 +73,8 @@ def _prepare(args: argparse.Namespace) -> int:
     csv_path = Path(args.output) if args.output else source / "metadata.csv"
     check_range("--caption-batch-size", args.caption_batch_size, 1)
     check_output(csv_path, args.overwrite)
+    if args.degrade:
+        return _prepare_degraded(args, source, csv_path)
     captioner = load_callable(args.captioner) if args.captioner else None
     result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner,
                      args.caption_batch_size, args.keep_unchanged)
@@ -78,9 +87,32 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"  no change: {listing('pair(s) left out (--keep-unchanged keeps them)', result.unchanged)}")
     if captioner is not None:
         print(f"  captions: {progress_path(csv_path)} (a rerun skips the pairs it holds)")
-    if any(value.startswith("../") for row in result.rows for value in row.values()):
+    _note_outside(result.rows)
+    return 0
+
+
+def _note_outside(rows: list[dict[str, str]]) -> None:
+    if any(value.startswith("../") for row in rows for value in row.values()):
         print("  note: paths lead outside the CSV's folder; train with allow_outside = true, or write the CSV "
               "next to the pairs.")
+
+
+def _prepare_degraded(args: argparse.Namespace, source: Path, csv_path: Path) -> int:
+    """``--degrade``: pairs from the finished images in ``source``, every generator checked first."""
+    from ..data.degrade import parse_generator
+    from ..data.prepare import prepare_degraded, write_metadata
+    from ..settings import check_seed
+
+    if args.captioner:
+        raise ChronoEditError("--captioner with --degrade: the degraded pairs take their generators' instructions "
+                              "(or --prompt / --prompt-template); drop one of the two.")
+    check_seed("--seed", args.seed)
+    generators = [parse_generator(spec) for spec in args.degrade]
+    result = prepare_degraded(source, csv_path, generators, args.seed, args.prompt, args.prompt_template, args.style)
+    write_metadata(result.rows, csv_path, args.overwrite)
+    print(f"{csv_path}: {len(result.rows)} pairs ({result.layout}); degraded copies in "
+          f"{csv_path.parent / 'degraded'}")
+    _note_outside(result.rows)
     return 0
 
 
