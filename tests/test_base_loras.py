@@ -122,3 +122,23 @@ def test_a_base_lora_for_another_model_is_refused_before_loading(tiny_diffusers,
                        tmp_path / "other.safetensors")
     with pytest.raises(ChronoEditError, match="base_loras .*other.safetensors does not fit this model"):
         train(tiny_config(tiny_diffusers, two_pairs, tmp_path / "run", max_steps=1, base_loras=str(misfit)))
+
+
+def test_eval_base_lora_equals_evaluating_on_the_merged_base(float32_model, distill_like, two_pairs, tmp_path):
+    import csv
+
+    merged, _ = merge_model(float32_model, None, [(distill_like, 0.7)], tmp_path / "merged")
+    other = save_lora({k: type(v)(v.down * 0.5, v.up, v.alpha) for k, v in load_lora(distill_like)[0].items()},
+                      tmp_path / "evaluated.safetensors")
+    common = ["eval", "--lora", str(other), "--dataset", str(two_pairs), "--height", "32", "--width", "32",
+              "--preset", "distill", "--dtype", "float32", "--device", "cpu"]
+    assert main(common + ["--model", str(float32_model), "--base-lora", f"{distill_like}:0.7",
+                          "--output", str(tmp_path / "stacked")]) == 0
+    assert main(common + ["--model", str(merged.parent), "--output", str(tmp_path / "merged-eval")]) == 0
+    assert main(common + ["--model", str(float32_model), "--output", str(tmp_path / "plain")]) == 0
+    stacked, on_merged, plain = ({row["checkpoint"]: row for row in csv.DictReader((tmp_path / name / "metrics.csv").open())}
+                                 for name in ("stacked", "merged-eval", "plain"))
+    for checkpoint in ("base", "evaluated"):  # the base row is evaluated on the base with the LoRA under it too
+        for metric in ("loss", "psnr"):
+            assert abs(float(stacked[checkpoint][metric]) - float(on_merged[checkpoint][metric])) <= BASE_ATOL
+        assert abs(float(stacked[checkpoint]["loss"]) - float(plain[checkpoint]["loss"])) > 1e-3
