@@ -9,7 +9,7 @@ from ...data import EditPairDataset, bucket_batches, check_dataset, format_repor
 from ...data.buckets import share_batches
 from ...data.metadata import PAIR, TRAJECTORY
 from ...errors import ChronoEditError
-from ...sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from ...sampling import PRESETS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
 from ..state.checkpoint import Progress
 from .config import TrainConfig
 
@@ -27,8 +27,10 @@ def preflight(config: TrainConfig, output: Path) -> None:
             print(format_report(problems))
     if config.sample_every:  # sample edits use the model folder's sampler, as `edit` does
         scheduler = read_scheduler_config(config.model)
-        check_schedule(resolve_scheduler(None, scheduler), config.sample_steps, default_shift(scheduler), scheduler,
-                       "sample_steps")
+        preset = PRESETS.get(config.sample_preset, {})
+        check_schedule(resolve_scheduler(None, scheduler), preset.get("steps", config.sample_steps),
+                       preset.get("shift", default_shift(scheduler)), scheduler,
+                       "sample_preset" if preset else "sample_steps")
     check_output_folder(output, config.min_free_mb * 2**20)
 
 
