@@ -14,7 +14,8 @@ from ..user_files import check_regular
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     check = sub.add_parser("check", help="report every problem (row, column, reason, fix); exit 1 if any is fatal")
-    check.add_argument("dataset", help="metadata.csv, or the folder holding it")
+    check.add_argument("dataset", help="metadata.csv, or the folder holding it, or a training config (.toml): every "
+                                       "dataset it trains on, each with its own size and prompt settings")
     check.add_argument("--height", type=int)
     check.add_argument("--width", type=int)
     check.add_argument("--max-pixels", type=int, help="aspect-bucket pixel budget (default 1024x1024)")
@@ -117,9 +118,20 @@ def _prepare_degraded(args: argparse.Namespace, source: Path, csv_path: Path) ->
 
 
 def _check(args: argparse.Namespace) -> int:
-    csv_path = resolve_csv(args.dataset)
-    problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside,
-                             trajectory_max_pixels=args.trajectory_max_pixels, prompt_column=args.prompt_column)
-    print(f"{csv_path}:")
-    print(format_report(problems))
-    return 1 if has_fatal(problems) else 0
+    if Path(args.dataset).suffix.lower() == ".toml":  # every dataset a training config trains on, as training reads it
+        from ..train.loop.config import dataset_specs, load_config
+
+        config = load_config(args.dataset, {})
+        checks = [(spec.csv, spec.height, spec.width, spec.max_pixels, config.allow_outside,
+                   config.trajectory_max_pixels, spec.prompt_column) for spec in dataset_specs(config)]
+    else:
+        checks = [(resolve_csv(args.dataset), args.height, args.width, args.max_pixels, args.allow_outside,
+                   args.trajectory_max_pixels, args.prompt_column)]
+    fatal = False
+    for csv_path, height, width, max_pixels, allow_outside, trajectory_max_pixels, prompt_column in checks:
+        problems = check_dataset(csv_path, height, width, max_pixels, allow_outside,
+                                 trajectory_max_pixels=trajectory_max_pixels, prompt_column=prompt_column)
+        print(f"{csv_path}:")
+        print(format_report(problems))
+        fatal = fatal or has_fatal(problems)
+    return 1 if fatal else 0

@@ -270,7 +270,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         lora = trained_state.gather(accelerator, config, module, None, ema, output)
         if accelerator.is_main_process:
             trained_state.write(lora, output, config, progress.step)
-            write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
+            write_model_card(output, config, progress.step, data.rows, data.dataset.pairs[0].prompt)
             log.finish(lora_path, ADAPTER_NAMES[config.adapter])
     accelerator.wait_for_everyone()
     interrupted = stop.signal if stop.requested and progress.step < total_steps else None

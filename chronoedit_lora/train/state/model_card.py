@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ...files import write_text
 from ...lora.weights import ADAPTER_NAMES
-from ..loop.config import TrainConfig
+from ..loop.config import TrainConfig, dataset_specs
 from .lora_export import FINAL_NAME
 
 BASE_MODEL = "nvidia/ChronoEdit-14B-Diffusers"
@@ -64,7 +64,7 @@ the input image is frame 0, the edit the last frame), trained with chronoedit-lo
 
 | | |
 |---|---|
-| data | {pairs} before/after pairs from {markdown_text(Path(config.dataset).name)}, {size} |
+| data | {pairs} before/after pairs from {", ".join(markdown_text(Path(spec.csv).name) for spec in dataset_specs(config))}, {size} |
 | adapter | {name}{_lokr_shape(config)}, rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
 | steps | {steps} (batch {config.batch_size} x accumulation {config.gradient_accumulation} per process), learning rate {config.learning_rate:g} |
 {_base_row(config)}| RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
