@@ -131,3 +131,28 @@ def test_training_on_two_datasets_logs_each_item_and_checks_each(tiny_diffusers,
     assert main(["dataset", "check", str(tmp_path / "train.toml")]) == 0
     out = capsys.readouterr().out
     assert f"{a}:" in out and f"{b}:" in out
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_process_count_trains_each_item_as_planned(tiny_diffusers, csvs, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    a, b = csvs
+    tables = [{"csv": str(a), "weight": 1.0, "prompt_dropout": 0.25}, {"csv": str(b), "weight": 1.0}]
+    config = _config(tmp_path, tables, model=tiny_diffusers, save_every=2, check_sync_every=1)
+    planned = sorted(_epoch_items(TrainingData(config)))  # 8 items: 4 of each dataset, 2 prompts of dataset 1 dropped
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "configs/accelerate/cpu_2proc.yaml"), str(root / "scripts/train.py")]
+    first = subprocess.run(launch + ["--config", str(tmp_path / "train.toml"), "--max_steps", "2"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "train", "--config", str(tmp_path / "train.toml"),
+                             "--resume"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing a 2-process run on 1" in second.stdout
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()))
+    assert [len(row["samples"].split()) for row in rows] == [2, 2, 1, 1, 1, 1]
+    assert sorted(label for row in rows for label in row["samples"].split()) == planned
+    assert sum(label.endswith("-") for label in planned) == 1  # round(0.25 * 4)

@@ -88,7 +88,9 @@ class TrainingData:
         self.seed = config.seed
         self.trajectory_share = config.trajectory_share
         self._epochs: dict[int, list[list[int]]] = {}
-        self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
+        # by default the first rows of the (first) training CSV, with their prompts (never dropped ones)
+        self.samples = (self._open(config, config.sample_dataset, 1) if config.sample_dataset
+                        else getattr(self.dataset, "parts", [self.dataset])[0])
         self.held_out = self._open(config, config.eval_dataset, 1) if config.eval_dataset else None
         share, kinds = self.trajectory_share, set(self.dataset.kinds)
         if share is not None:  # before any model loads (share_batches would refuse only at the first epoch)
