@@ -13,6 +13,7 @@ from .errors import ChronoEditError
 # subcommand -> module in chronoedit_lora.commands exposing add_arguments(parser) and run(args)
 COMMANDS = {
     "make-tiny": "make_tiny",
+    "model": "model",
     "edit": "edit",
     "train": "train",
     "lora": "lora",

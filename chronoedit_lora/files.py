@@ -1,5 +1,5 @@
-"""Files: the containment rule for files named by an index or a CSV (:func:`inside`), output checks
-before any work, one atomic write used by every writer, images, clips.
+"""Files: the containment rule (:func:`resolved_inside`, and :func:`inside` for files named by an
+index or a CSV), output checks before any work, one atomic write used by every writer, images, clips.
 
 Every file the kit writes (LoRAs, checkpoints, cache entries, images, clips, CSVs, merged and tiny
 shards) goes through :func:`atomic_path`: a temporary file in the target's folder, flushed to disk,
@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PureWindowsPath
 from typing import IO
@@ -68,18 +68,26 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteError(path, reason, code) from None
 
 
-def inside(path: str | Path, folder: str | Path) -> bool:
-    """Whether ``path``, a path relative to ``folder``, stays inside ``folder`` once every ``..`` and
-    every symlink (in ``path`` and in ``folder``) is resolved.
+def resolved_inside(path: str | Path, folders: Iterable[str | Path | None]) -> Path | None:
+    """``path`` with every ``..`` and every symlink resolved, if that lies inside one of ``folders``
+    (resolved too; None entries are skipped), else None.
 
-    The one containment rule for files named by an index JSON or a CSV: a link whose target is
-    inside the folder is fine, one whose target is outside is not. Absolute paths (``/x``, ``C:/x``)
-    count as outside: such files are named relative to their folder.
+    The one containment rule: a link whose target is inside the folder is fine, one whose target is
+    outside is not. The web app checks every path it serves or hands to a command with it.
+    """
+    resolved = Path(path).resolve()
+    roots = [Path(folder).resolve() for folder in folders if folder is not None]
+    return resolved if any(resolved.is_relative_to(root) for root in roots) else None
+
+
+def inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path``, a path relative to ``folder``, stays inside ``folder`` by
+    :func:`resolved_inside`: the rule for files named by an index JSON or a CSV. Absolute paths
+    (``/x``, ``C:/x``) count as outside: such files are named relative to their folder.
     """
     if Path(path).is_absolute() or PureWindowsPath(path).drive:
         return False
-    root = Path(folder).resolve()
-    return (root / path).resolve().is_relative_to(root)
+    return resolved_inside(Path(folder) / path, [folder]) is not None
 
 
 def check_writable(path: str | Path, suffixes: tuple[str, ...], flag: str = "--output") -> Path:

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from .files import atomic_folder
+from .models.components import load_components
 from .models.image_encoder import CLIP_MEAN, CLIP_STD
+from .models.text_encoder import SPIECE_KEY
 
 CORPUS = (
     "The user wants to transform the image into a pencil sketch while keeping the composition. "
@@ -153,18 +155,20 @@ def _write_diffusers_layout(root: Path, seed: int, dtype: torch.dtype, size: str
         component.save_pretrained(str(root / name))
 
 
+def wan_dit_state(loaded) -> dict[str, torch.Tensor]:
+    """The loaded DiT's weights in Wan's original names (what single-file repacks hold)."""
+    return {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
+
+
 def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the same tiny weights in the Wan2.1 file layout (DiT single file, ``.pth`` encoders) to
     ``root`` (new or empty; it appears whole or not at all)."""
     from safetensors.torch import save_file
 
-    from .models.components import load_components
-
     with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
         source = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
-        loaded = load_components(source, dtype=torch.bfloat16)
-        dit_state = {k: v.contiguous() for k, v in loaded.dit.state_dict().items()}
-        save_file(dit_state, str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
+        loaded = load_components(source, dtype=torch.bfloat16, announce=False)
+        save_file(wan_dit_state(loaded), str(staging / "chronoedit_tiny_bf16.safetensors"), metadata={
             "num_attention_heads": str(loaded.dit_checkpoint.kwargs["num_heads"]),
             "rope_temporal_skip_len": str(loaded.temporal_skip_len)})
         torch.save(loaded.text_encoder.state_dict(), staging / "models_t5_umt5-xxl-enc-bf16.pth")
@@ -176,13 +180,106 @@ def write_tiny_wan_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny
     return Path(root)
 
 
-LAYOUTS = {"diffusers": write_tiny_diffusers_checkpoint, "wan": write_tiny_wan_checkpoint}
+COMFYUI_PRECISIONS = ("fp16", "fp8_scaled")
+COMFYUI_FOLDERS = ("diffusion_models", "text_encoders", "clip_vision", "vae")
 
 
-def write_tiny_checkpoint(root: str | Path, layout: str = "diffusers", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random checkpoint of ``size`` ("tiny" or "mid") in ``layout`` ("diffusers" or "wan")."""
+def scale_to_fp8(state: dict[str, torch.Tensor], quantized, prefix: str = "") -> dict[str, torch.Tensor]:
+    """ComfyUI's legacy scaled fp8 (comfy/model_detection.py, comfy/ops.py ``scaled_fp8_ops``): the
+    2-D weights chosen by ``quantized`` as ``float8_e4m3fn`` with a float32 ``scale_weight``
+    (their largest magnitude maps to e4m3fn's 448), everything else in fp16, and the
+    ``[prefix]scaled_fp8`` marker (an empty e4m3fn tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    for key, tensor in state.items():
+        if tensor.ndim == 2 and key.endswith(".weight") and quantized(key):
+            scale = (tensor.float().abs().amax() / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)
+            out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+    out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def spiece_model_bytes(tokenizer_json: Path) -> bytes:
+    """A SentencePiece Unigram model holding the very pieces and scores of the tiny tokenizer (pad 0,
+    eos 1, unk 2): what ComfyUI embeds in its umT5 files as ``spiece_model``."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    proto.trainer_spec.vocab_size = len(vocab)
+    proto.trainer_spec.pad_id, proto.trainer_spec.eos_id, proto.trainer_spec.unk_id = 0, 1, 2
+    proto.trainer_spec.bos_id = -1
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    kinds = {0: pb.ModelProto.SentencePiece.CONTROL, 1: pb.ModelProto.SentencePiece.CONTROL,
+             2: pb.ModelProto.SentencePiece.UNKNOWN}
+    for index, (piece, score) in enumerate(vocab):
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, score
+        entry.type = kinds.get(index, pb.ModelProto.SentencePiece.NORMAL)
+    return proto.SerializeToString()
+
+
+def write_tiny_comfyui_checkpoint(root: str | Path, seed: int = 0, size: str = "tiny", precision: str = "fp16") -> Path:
+    """The same tiny weights as ComfyUI keeps them: ``models/diffusion_models/`` (Wan names),
+    ``models/text_encoders/`` (Hugging Face T5 names and the tokenizer as ``spiece_model``),
+    ``models/clip_vision/clip_vision_h.safetensors`` (Hugging Face CLIP vision names plus
+    ``visual_projection.weight``) and ``models/vae/wan_2.1_vae.safetensors`` (Wan's names).
+    ``precision``: fp16, or ComfyUI's scaled fp8 for the DiT's blocks and umT5's layers."""
+    from safetensors.torch import load_file, save_file
+
+    if precision not in COMFYUI_PRECISIONS:
+        raise ValueError(f"precision must be one of {COMFYUI_PRECISIONS}, got {precision!r}")
+    with atomic_folder(root) as staging, tempfile.TemporaryDirectory() as tmp:
+        diffusers = write_tiny_diffusers_checkpoint(Path(tmp) / "diffusers", seed, size=size)
+        loaded = load_components(diffusers, dtype=torch.bfloat16, announce=False)
+        models = staging / "models"
+        for folder in COMFYUI_FOLDERS:
+            (models / folder).mkdir(parents=True)
+        dit = wan_dit_state(loaded)
+        text = load_file(str(next((diffusers / "text_encoder").glob("*.safetensors"))))
+        text[SPIECE_KEY] = torch.frombuffer(bytearray(spiece_model_bytes(diffusers / "tokenizer" / "tokenizer.json")),
+                                            dtype=torch.uint8)
+        clip = {"vision_model." + k.removeprefix("vision_model."): v
+                for k, v in load_file(str(next((diffusers / "image_encoder").glob("*.safetensors")))).items()}
+        clip["visual_projection.weight"] = torch.randn(1024, clip["vision_model.post_layernorm.weight"].shape[0],
+                                                       generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+        meta = {"num_attention_heads": str(SIZES[size].transformer["num_attention_heads"])}
+        if precision == "fp8_scaled":
+            dit_file, text_file = "chrono_edit_tiny_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_tiny_fp8_e4m3fn_scaled.safetensors"
+            dit = scale_to_fp8(dit, lambda key: key.startswith("blocks."))
+            text = scale_to_fp8(text, lambda key: key.startswith("encoder.block."))
+        else:
+            dit_file, text_file = "chrono_edit_tiny_fp16.safetensors", "umt5_xxl_tiny_fp16.safetensors"
+            dit = {k: v.to(torch.float16) for k, v in dit.items()}
+            text = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in text.items()}
+        save_file(dit, str(models / "diffusion_models" / dit_file), metadata=meta)
+        save_file(text, str(models / "text_encoders" / text_file))
+        save_file({k: v.to(torch.float16) for k, v in clip.items()}, str(models / "clip_vision" / "clip_vision_h.safetensors"))
+        save_file({k: v.to(torch.float16).contiguous() for k, v in loaded.vae.model.state_dict().items()},
+                  str(models / "vae" / "wan_2.1_vae.safetensors"))
+        (staging / "tiny_checkpoint.json").write_text(json.dumps({"layout": "comfyui", "seed": seed,
+                                                                   "precision": precision}, indent=2))
+    return Path(root)
+
+
+LAYOUTS = {"diffusers": write_tiny_diffusers_checkpoint, "wan": write_tiny_wan_checkpoint,
+           "comfyui": write_tiny_comfyui_checkpoint}
+
+
+def write_tiny_checkpoint(root: str | Path, layout: str = "diffusers", seed: int = 0, size: str = "tiny",
+                          precision: str = "fp16") -> Path:
+    """Write a random checkpoint of ``size`` ("tiny" or "mid") in ``layout`` ("diffusers", "wan" or
+    "comfyui"; ``precision`` applies to "comfyui": fp16 or fp8_scaled)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    if layout == "comfyui":
+        return write_tiny_comfyui_checkpoint(root, seed=seed, size=size, precision=precision)
     return LAYOUTS[layout](root, seed=seed, size=size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -9,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chronoedit_lora.data import EditPair, Problem, load_pair, read_image, read_source_size, read_video_frames
+from chronoedit_lora.data import (EditPair, Problem, load_pair, open_image, read_image, read_source_size,
+                                  read_video_frames)
+from chronoedit_lora.data.images import MAX_INPUT_PIXELS
+from chronoedit_lora.errors import ChronoEditError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -154,3 +159,31 @@ def test_video_frame_counts(tmp_path: Path) -> None:
     (tmp_path / "junk.mp4").write_bytes(b"junk" * 10)
     frames, problems = read_video_frames(tmp_path / "junk.mp4", 4, "video")
     assert frames == [] and problems[0].fatal and "not a readable video" in problems[0].reason
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width`` x ``height`` RGB pixels, in a few bytes: its pixel data is
+    cut short, so decoding it would allocate the whole image before failing."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height, shown", [(40_000, 40_000, "over 179 megapixels"),
+                                                  (10_000, 8_001, "10000x8001")])
+def test_an_input_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path, width, height, shown) -> None:
+    """Refused with the cap's message (not the decoder's truncation error): nothing was decoded.
+    40000x40000 is past even PIL's own refusal; 10000x8001 is just over the kit's 80 megapixels."""
+    assert width * height > MAX_INPUT_PIXELS == 80_000_000
+    with pytest.raises(ChronoEditError) as refused:
+        open_image(png_header(tmp_path / "big.png", width, height), "input image")
+    assert str(refused.value) == (f"input image {tmp_path / 'big.png'}: the image is {shown}; an input image may "
+                                  "have at most 80 megapixels (an edit is made at about 1 megapixel). Downscale it "
+                                  "first.")
+    small = png_header(tmp_path / "small.png", 10_000, 8_000)  # at the cap: decoded, and its cut-short data named
+    with pytest.raises(ChronoEditError, match="unreadable or truncated"):
+        open_image(small, "input image")

@@ -236,7 +236,7 @@ def test_wrong_folder_and_wrong_component(tiny_diffusers, tmp_path):
     with pytest.raises(CheckpointError, match="No DiT weights"):
         inspect_dit(tmp_path)
     vae_file = next((tiny_diffusers / "vae").glob("*.safetensors"))
-    with pytest.raises(CheckpointError, match="does not hold a Wan/ChronoEdit DiT"):
+    with pytest.raises(CheckpointError, match="is not a ChronoEdit DiT: it looks like an image VAE in diffusers' names"):
         inspect_dit(vae_file)
 
 

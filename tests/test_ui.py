@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from chronoedit_lora.cli import main
 from chronoedit_lora.errors import ChronoEditError
@@ -50,6 +52,44 @@ def test_only_files_inside_the_served_folders_are_readable(tmp_path):
     for outside in (other / "b.safetensors", served / "link.safetensors", served / ".." / "other" / "b.safetensors"):
         with pytest.raises(ChronoEditError, match="outside the folders"):
             readable(outside, [served, None])
+
+
+def test_a_runs_files_that_lead_out_of_it_are_not_shown(tmp_path):
+    """A sample grid, a checkpoint LoRA or a metrics log that is a link to a file outside the run's
+    folder is neither read nor served; the run's own files are."""
+    from chronoedit_lora.ui.runs import checkpoint_loras, metric_points, sample_grids
+
+    run, elsewhere = tmp_path / "runs" / "a", tmp_path / "elsewhere"
+    (run / "samples").mkdir(parents=True), (run / "logs").mkdir(), elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(run / "samples" / "step-000002.png")
+    Image.new("RGB", (8, 8)).save(elsewhere / "secret.png")
+    (elsewhere / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    (elsewhere / "lora.safetensors").write_bytes(b"")
+    (run / "samples" / "step-000004.png").symlink_to(elsewhere / "secret.png")
+    (run / "logs" / "metrics.csv").symlink_to(elsewhere / "metrics.csv")
+    (run / "lora-step000004.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (run / "lora.safetensors").symlink_to(elsewhere / "lora.safetensors")
+    (run / "lora-step000002.safetensors").write_bytes(b"")
+    assert [label for _, label in sample_grids(run)] == ["step-000002"]
+    assert checkpoint_loras(run) == [("step-000002", run / "lora-step000002.safetensors")]
+    assert metric_points(run).empty
+
+
+def test_history_entries_that_lead_out_of_it_are_not_shown(tmp_path):
+    from chronoedit_lora.ui import history
+
+    folder, elsewhere = tmp_path / "history", tmp_path / "elsewhere"
+    kept = history.save(folder, Image.new("RGB", (16, 16)), [Image.new("RGB", (16, 16))])
+    history.write_settings(kept, {"instruction": "kept"})
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "edit.png")
+    (elsewhere / "settings.json").write_text("{}")
+    for linked, own in (("edit.png", "settings.json"), ("settings.json", "edit.png")):  # one file of each links out
+        entry = folder / f"linked-{linked}"
+        entry.mkdir()
+        (entry / linked).symlink_to(elsewhere / linked)
+        shutil.copy(elsewhere / own, entry / own)
+    assert [entry.folder for entry in history.entries(folder)] == [kept.folder]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -124,6 +164,65 @@ def session(tiny_diffusers, random_lora, tmp_path_factory):
     return Session(pipe, args, Folders(None, (root / "loras").resolve(), None, root / "history"))
 
 
+@pytest.fixture()
+def served(session, tmp_path):
+    """A session serving --runs and --datasets (one dataset of two pairs) on the tiny model, and a
+    run outside them."""
+    from chronoedit_lora.ui.session import Folders, Session
+
+    from .test_train import make_subset
+
+    runs, datasets, elsewhere = tmp_path / "runs", tmp_path / "datasets", tmp_path / "elsewhere"
+    runs.mkdir(), elsewhere.mkdir()
+    make_subset(datasets / "pairs", 2)
+    make_subset(elsewhere / "data", 2)
+    folders = Folders(runs.resolve(), None, datasets.resolve(), session.folders.history)
+    return Session(session.pipe, session.args, folders), elsewhere
+
+
+@pytest.mark.parametrize("extra, flag", [
+    ("--output {elsewhere}/run", "--output"),
+    ("--output {runs}/../elsewhere/run", "--output"),
+    ("--output {runs}", "--output"),
+    ("--output {runs}/link", "--output"),
+    ("--dataset {elsewhere}/data/metadata.csv", "--dataset"),
+    ("--dataset {datasets}/link/metadata.csv", "--dataset"),
+    ("--eval_dataset {elsewhere}/data/metadata.csv --eval_every 2", "--eval_dataset"),
+    ("--sample_dataset {elsewhere}/data/metadata.csv", "--sample_dataset"),
+    ("--cache true --cache_dir {elsewhere}/cache", "--cache_dir"),
+    ("--resume_from {elsewhere}/run/checkpoints/step-000002", "--resume_from"),
+    ("--model {elsewhere}", "--model"),
+    ("--allow_outside true", "--allow_outside"),
+    ("--tracker_project ../../escape", "--tracker_project"),
+])
+def test_the_train_tab_refuses_paths_outside_its_folders(served, extra, flag):
+    """Free-form settings cannot send the training outside the served folders: each path must
+    resolve (links included) inside the folder the app serves for it, checked before any process."""
+    from chronoedit_lora.ui.train import train_command
+
+    session, elsewhere = served
+    runs, datasets = session.folders.runs, session.folders.datasets
+    (runs / "link").symlink_to(elsewhere)
+    (datasets / "link").symlink_to(elsewhere / "data")
+    text = extra.format(elsewhere=elsewhere, runs=runs, datasets=datasets)
+    dataset = str(datasets / "pairs" / "metadata.csv")
+    with pytest.raises(ChronoEditError, match=flag) as refused:
+        train_command(session, "a", dataset, None, None, {}, text, overwrite=False)
+    assert "\n" not in str(refused.value)
+    argv = train_command(session, "a", dataset, None, None, {}, f"--output {runs}/nested/b", overwrite=True)
+    assert argv[-3:] == ["--output", f"{runs}/nested/b", "--overwrite"]  # a folder inside --runs is fine
+
+
+def test_a_run_name_that_links_out_of_runs_is_refused(served):
+    from chronoedit_lora.ui.train import train_command
+
+    session, elsewhere = served
+    (session.folders.runs / "victim").symlink_to(elsewhere)
+    with pytest.raises(ChronoEditError, match="--output .*victim is outside the folders"):
+        train_command(session, "victim", str(session.folders.datasets / "pairs" / "metadata.csv"), None, None, {}, "",
+                      overwrite=True)
+
+
 def test_switching_loras_needs_no_reload_and_leaves_no_trace(session, random_lora):
     """Hooks kept between edits: rescaling equals a fresh application at that scale, and removing
     them gives the base model's output bit for bit."""
@@ -150,20 +249,41 @@ def test_an_edit_reports_each_step_and_cancel_stops_it_between_steps(session, in
 
     args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
     seen = []
-    session.cancel.clear()
-    result = session.edit(input_image, args, lambda i, n: seen.append((i, n)))
+    with session.job("page-a") as cancelled:
+        result = session.edit(input_image, args, cancelled, lambda i, n: seen.append((i, n)))
     assert seen == [(0, 3), (1, 3), (2, 3)] and result.image.size == (32, 32)
 
-    def cancel_after_first(i: int, n: int) -> None:
+    def other_pages_cancel_then_this_one(i: int, n: int) -> None:
         seen.append((i, n))
-        session.cancel.set()
+        session.cancel("page-b")  # another page's Cancel leaves this job alone
+        if i == 1:
+            session.cancel("page-a")
 
     seen.clear()
-    with pytest.raises(EditCancelled, match="before step 2 of 3"):
-        session.edit(input_image, args, cancel_after_first)
-    assert seen == [(0, 3)]
-    session.cancel.clear()
+    with pytest.raises(EditCancelled, match="before step 3 of 3"), session.job("page-a") as cancelled:
+        session.edit(input_image, args, cancelled, other_pages_cancel_then_this_one)
+    assert seen == [(0, 3), (1, 3)]
     assert "--steps 3" in " ".join(session.command(args)) and "--unfused" in session.command(args)
+
+
+def test_closing_a_page_stops_its_edit_and_refuses_its_queued_jobs(session, input_image):
+    from chronoedit_lora.ui.session import EditCancelled
+
+    args = session.edit_args(prompt="x", steps=3, height=32, width=32, cfg=1.0)
+    seen = []
+
+    def close_after_first(i: int, n: int) -> None:
+        seen.append(i)
+        session.page_closed("page-c")
+
+    with pytest.raises(EditCancelled, match="before step 2 of 3"), session.job("page-c") as cancelled:
+        session.edit(input_image, args, cancelled, close_after_first)
+    assert seen == [0]
+    with pytest.raises(EditCancelled, match="page that asked for this edit was closed"):
+        with session.job("page-c"):
+            pass
+    with session.job("page-d") as cancelled:  # other pages go on
+        assert session.edit(input_image, args, cancelled).image.size == (32, 32)
 
 
 def test_auth_requires_a_login(tiny_diffusers, tmp_path):

@@ -26,6 +26,7 @@ from chronoedit_lora.files import save_image
 from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.loop.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
 
+from .test_data_images import png_header
 from .test_train import EXAMPLE, make_subset
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,7 @@ PROMPT = "The user wants to turn the red square blue."
 SCALE = 0.7
 UPLOAD_LIMIT_MB = 0.1
 TIMEOUT_MS = 120_000
+ABANDONED_BOUND_S = 30  # the next edit's wait once the page of a long edit is closed
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,8 @@ def folders(tmp_path_factory, random_lora, input_image) -> dict[str, Path]:
         save_image(grid_image([(pair[0], pair[1], pair[1])], COLUMNS), run / "samples" / f"step-{step:06d}.png")
     found["model-side"].mkdir()
     (found["model-side"] / "secret.txt").write_text("not served")
+    save_image(grid_image([(pair[0], pair[0], pair[0])], COLUMNS), found["model-side"] / "grid.png")
+    (run / "samples" / "step-000006.png").symlink_to(found["model-side"] / "grid.png")  # never served
     found["image"] = root / "input.png"
     input_image.save(found["image"])
     return found
@@ -199,6 +203,45 @@ def test_cancel_stops_the_running_edit(page, folders):
     assert len(new) == 1 and "--steps 2" in json.loads((new[0] / "settings.json").read_text())["command"]
 
 
+def open_page(browser_context, server):
+    page = browser_context.new_page()
+    page.goto(server)
+    page.wait_for_selector("#edit-run")
+    return page
+
+
+def start_edit(page, folders, prompt: str, values: dict[str, str]) -> None:
+    page.set_input_files("#edit-image input[type=file]", str(folders["image"]))
+    page.locator("#edit-prompt textarea").fill(prompt)
+    fill(page, "edit", values)
+    choose(page, "edit-scheduler", "euler")  # diffusers' UniPC fails an assertion at 1000 steps
+    page.click("#edit-run")
+
+
+def test_an_abandoned_edit_does_not_block_the_next(browser_context, server, folders):
+    """A page closed mid-way through a 1000-step edit (about a minute on a quiet 2-core machine) stops
+    it before its next step, and an edit another closed page had queued behind it never starts: a
+    third page's 2-step edit is served within ABANDONED_BOUND_S (a few seconds on a quiet machine;
+    the bound leaves room for a loaded one). Neither closed page's edit is saved."""
+    before = saved_edits(folders["history"])
+    abandoned, queued = open_page(browser_context, server), open_page(browser_context, server)
+    start_edit(abandoned, folders, "Abandoned mid-way.", {**EDIT, "steps": "1000"})
+    abandoned.wait_for_selector("#edit-result :text('denoising')")  # the denoising loop's progress
+    start_edit(queued, folders, "Queued by a closed page.", EDIT)
+    queued.wait_for_selector("#edit-result :text('queue')")  # waiting behind the running edit
+    queued.close()
+    abandoned.close()
+    page = open_page(browser_context, server)
+    started = time.monotonic()
+    start_edit(page, folders, PROMPT, EDIT)
+    page.wait_for_selector("#edit-status :text('saved to')", timeout=ABANDONED_BOUND_S * 1000)
+    waited = time.monotonic() - started
+    print(f"the next page's 2-step edit was served {waited:.1f} s after its click")
+    page.close()
+    new = [json.loads((p / "settings.json").read_text()) for p in saved_edits(folders["history"]) if p not in before]
+    assert [entry["instruction"] for entry in new] == [PROMPT] and waited < ABANDONED_BOUND_S
+
+
 def test_prompt_enhancer_and_reasoning_frames(page, folders, input_image):
     """The instruction is rewritten first (and both are saved); with temporal reasoning the clip's
     frames (reasoning frames, then the edit) are shown."""
@@ -232,6 +275,25 @@ def test_a_bad_input_shows_the_kits_one_line_error(page, folders):
     assert "--height 30 must be a positive multiple of 16" in message and "Traceback" not in page.content()
 
 
+@pytest.mark.parametrize("kind", ["not an image", "40000x40000 PNG"])
+def test_a_bad_upload_is_the_kits_one_line_message(page, tmp_path, capfd, kind):
+    """An upload is decoded by the kit's checks, not Gradio's: a text file named .png and a PNG whose
+    header says 40000x40000 (a few bytes) each get the kit's line in the page, no traceback anywhere."""
+    if kind == "not an image":
+        upload, expected = tmp_path / "notes.png", "notes.png is not an image PIL can read"
+        upload.write_text("these are notes, not pixels\n")
+    else:
+        upload, expected = png_header(tmp_path / "huge.png", 40_000, 40_000), "at most 80 megapixels"
+    page.set_input_files("#edit-image input[type=file]", str(upload))
+    page.locator("#edit-prompt textarea").fill(PROMPT)
+    fill(page, "edit", EDIT)
+    page.click("#edit-run")
+    message = toast(page).splitlines()[-1]  # below the toast's title
+    assert message.startswith("input image ") and expected in message
+    assert "verbose error reporting" not in page.content()
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
 def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     page.get_by_role("tab", name="Compare").click()
     page.set_input_files("#compare-image input[type=file]", str(folders["image"]))
@@ -253,14 +315,27 @@ def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     assert not np.array_equal(cells[1], cells[3])  # scale 0 and scale 1 differ: each variant has its own scale
 
 
-def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(folders, tiny_diffusers) -> Path:
+    """A real training under --runs: configs/tiny_cpu.toml on the tiny random model (12 steps), with
+    sample grids, checkpoints and a held-out evaluation every 4 steps."""
+    run = folders["runs"] / "tiny-cpu"
+    held_out = make_subset(folders["datasets"] / "held-out", 2, start=3)
+    settings = {"model": tiny_diffusers, "dataset": folders["datasets"] / "pairs" / "metadata.csv", "output": run,
+                "sample_every": 4, "sample_steps": 8, "save_every": 4, "eval_every": 4, "eval_dataset": held_out,
+                "eval_steps": 4, "log_with": ""}
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.toml"
+    assert main(["train", "--config", str(config), *[part for key, value in settings.items()
+                                                     for part in (f"--{key}", str(value))]]) == 0
+    return run
+
+
+def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tiny_run, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     choose(page, "runs-run", "logged")
     page.wait_for_selector("#runs-plot [aria-label^='step: 6']", state="attached")  # SVG marks: not "visible"
     page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
-    assert page.locator("#runs-samples img").count() == 2  # both sample grids
-    page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
-    screenshot(page, "runs", tmp_path)
+    assert page.locator("#runs-samples img").count() == 2  # both sample grids, not the link to one outside
     page.locator("#runs-metrics").get_by_label("lr").check()
     page.wait_for_selector("#runs-plot [aria-label*='metric: lr']", state="attached")
     shown = set()
@@ -273,9 +348,24 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tmp_path):
     expected |= {(0, 0.2, "eval: clip_score"), (2, 0.25, "eval: clip_score")}
     assert shown == expected
     assert "step-000002" in page.locator("#runs-checkpoints").inner_text()
+
+    # the real run: its own sample grids and logged metrics (the screenshot in docs/web_app.md), in a
+    # fresh page (the plot keeps the legend of the run it showed first)
+    page.reload()
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="Refresh run list").click()  # trained after the page was built
+    choose(page, "runs-run", "tiny-cpu")
+    grids = len(list((tiny_run / "samples").glob("*.png")))
+    assert grids == 3  # steps 4, 8 and 12
+    page.wait_for_function(f"() => document.querySelectorAll('#runs-samples img').length == {grids}")
+    page.wait_for_selector("#runs-plot [aria-label^='step: 12']", state="attached")
+    page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
+    assert "step-000008" in page.locator("#runs-checkpoints").inner_text()
+    page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
+    screenshot(page, "runs", tmp_path)
     page.click("#runs-use")
     page.wait_for_function("document.querySelector('#edit-lora-0 input').value == "
-                           "'runs/logged/lora-step000002.safetensors'")
+                           "'runs/tiny-cpu/lora.safetensors'")
 
 
 def wait_for(condition, seconds: float, what: str):
@@ -344,6 +434,25 @@ def test_a_locked_run_folder_is_refused_in_the_page(page, folders):
         assert "in use by another training run" in toast(page)  # refused before a process starts
     finally:
         lock.release()
+
+
+def test_the_train_tab_cannot_write_outside_runs(page, folders, own_processes_ended):
+    """Free-form settings naming an --output outside --runs, with overwrite ticked, are refused
+    before any training starts: the run there keeps its files."""
+    victim = folders["model-side"] / "victim-run"
+    (victim / "checkpoints" / "step-000002").mkdir(parents=True)
+    shutil.copy(folders["loras"] / "style.safetensors", victim / "lora.safetensors")
+    kept = sorted(victim.rglob("*"))
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-name input, #train-name textarea").first.fill("escape")
+    choose(page, "train-dataset", str(folders["datasets"] / "pairs" / "metadata.csv"))
+    page.locator("#train-extra input, #train-extra textarea").first.fill(f"--output {victim} --height 32 --width 32")
+    page.get_by_label("overwrite a previous run in this folder").check()
+    page.click("#train-start")
+    message = toast(page)
+    assert f"--output {victim} is outside the folders this app serves" in message
+    assert "No training started from this page yet" in page.locator("#train-status").inner_text()
+    assert sorted(victim.rglob("*")) == kept and not (folders["runs"] / "escape").exists()
 
 
 def test_dataset_problems_are_shown_on_their_rows(page, folders, tmp_path):

@@ -14,7 +14,8 @@ COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "tokenizer")
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="ChronoEdit-14B-Diffusers folder, or a folder of Wan2.1 files")
+    group.add_argument("--model", help="ChronoEdit-14B-Diffusers folder, a folder of Wan2.1 files, ComfyUI's models/ "
+                       "folder, or a folder of weight files (safetensors, scaled fp8, GGUF, .pth)")
     for name in COMPONENTS:
         flag = name.replace("_", "-")
         group.add_argument(f"--{flag}", dest=name, help=f"override: path of the {name.replace('_', ' ')}")

@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".
 # What decoding a broken file can raise (UnidentifiedImageError and truncation are OSErrors).
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 VIDEO_ERRORS = (OSError, RuntimeError, ValueError, IndexError)
+# An input image (edit --image, the web app's uploads) over this many pixels is refused from its header,
+# before decoding: 80 megapixels (e.g. 10000x8000), below PIL's own 89.5-megapixel warning.
+MAX_INPUT_PIXELS = 80_000_000
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 _MODE_NAMES = {"1": "black-and-white (1)", "L": "grayscale (L)", "P": "palette (P)",
                "LA": "grayscale+alpha (LA)", "PA": "palette+alpha (PA)"}
@@ -81,14 +84,33 @@ def read_image(path: Path, row: int | None, column: str) -> tuple[Image.Image | 
 
 
 def open_image(path: str | Path, option: str = "--image") -> Image.Image:
-    """Fully decode a user's input image as upright RGB, or raise a :class:`ChronoEditError` naming it."""
+    """Fully decode a user's input image as upright RGB, or raise a :class:`ChronoEditError` naming it
+    (one over :data:`MAX_INPUT_PIXELS` is refused from its header, before its pixels are decoded)."""
     path = Path(path)
     if not path.is_file():
         raise ChronoEditError(f"{option} {path}: image not found.")
+    check_pixels(path, option)
     image, problems = read_image(path, None, option)
     if image is None:  # the dataset loader's reason, without its CSV-specific fix
         raise ChronoEditError(f"{option} {path}: {problems[0].reason} Give a readable PNG or JPEG.")
     return image
+
+
+def check_pixels(path: Path, option: str) -> None:
+    """Refuse an input image over :data:`MAX_INPUT_PIXELS` from its header alone. Files PIL cannot
+    open are left to :func:`read_image`, which names what is wrong with them."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except Image.DecompressionBombError:  # over twice PIL's own limit: PIL will not even open it
+        size = None
+    except _IMAGE_ERRORS:
+        return
+    if size is None or size[0] * size[1] > MAX_INPUT_PIXELS:
+        shown = f"{size[0]}x{size[1]}" if size else f"over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+        raise ChronoEditError(f"{option} {path}: the image is {shown}; an input image may have at most "
+                              f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels (an edit is made at about 1 megapixel). "
+                              "Downscale it first.")
 
 
 def read_video_frames(path: Path, row: int, column: str) -> tuple[list[Image.Image], list[Problem]]:

@@ -4,6 +4,8 @@ copied): ``lora merge`` bakes LoRAs in this way, ``export`` a training run's wei
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_folder, atomic_path, copy_file
-from ..models.components import discover_components
+from ..models.components import describe_path, discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
 from ..models.loading import read_header
 from .apply import check_lora_file
@@ -93,7 +95,9 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     With a model folder, its other components are symlinked so ``output`` is a complete model, which
     appears whole or not at all. Returns the folder holding the merged DiT and the files written.
     """
-    ckpt = inspect_dit(discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or ""))
+    dit_path = discover_components(model_dir, dit=dit).dit if model_dir else Path(dit or "")
+    print(f"model: dit: {describe_path(dit_path)}", file=sys.stderr)
+    ckpt = inspect_dit(dit_path)
     skeleton = meta_dit(ckpt)
     weights = [(check_lora_file(path, skeleton, str(path)), scale) for path, scale in loras]
     return write_model(model_dir, ckpt, lora_update(weights), output)

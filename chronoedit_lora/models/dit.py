@@ -89,11 +89,10 @@ def detect_format(shapes: dict[str, list[int]], where: str) -> tuple[str, str]:
     for prefix in ("",) + _WAN_PREFIXES:
         if prefix + _FORMAT_PROBES["wan"] in shapes:
             return "wan", prefix
-    sample = ", ".join(sorted(shapes)[:3])
-    raise CheckpointError(
-        f"{where} does not hold a Wan/ChronoEdit DiT (no time-embedding weights; first keys: "
-        f"{sample}). Is this the text encoder, VAE or CLIP file? Pass the transformer weights."
-    )
+    from .identify import classify
+
+    raise CheckpointError(f"{where} is not a ChronoEdit DiT: it looks like {classify(shapes)[1]}. "
+                          "Pass the transformer weights.")
 
 
 def infer_dit_kwargs(shapes: dict[str, list[int]], fmt: str, prefix: str, num_heads: int | None) -> dict:
@@ -135,8 +134,9 @@ def inspect_dit(
 ) -> DiTCheckpoint:
     """Resolve the files of a DiT and read everything needed to load it (headers only)."""
     files = resolve_weight_files(source, "DiT")
-    if any(f.suffix != ".safetensors" for f in files):
-        raise CheckpointError(f"{files[0]}: the DiT must be .safetensors (diffusers shards or one original-format file).")
+    if any(f.suffix not in (".safetensors", ".gguf") for f in files):
+        raise CheckpointError(f"{files[0]}: the DiT must be .safetensors (diffusers shards or one original-format "
+                              "file) or .gguf.")
     shapes, metadata = read_shapes(files)
     where = str(files[0].parent if len(files) > 1 else files[0])
     fmt, prefix = detect_format(shapes, where)
@@ -150,10 +150,9 @@ def inspect_dit(
                                   f"divides the DiT width {dim} (read from the weights) into heads of even width")
     kwargs = infer_dit_kwargs(shapes, fmt, prefix, heads)
     if not kwargs["has_image_input"] or kwargs["in_dim"] != 36:
-        raise CheckpointError(
-            f"{where} is a Wan DiT without image conditioning (in_dim {kwargs['in_dim']}); "
-            "ChronoEdit is the image-to-video architecture (in_dim 36, CLIP image tokens)."
-        )
+        from .identify import classify
+
+        raise CheckpointError(f"{where} is not a ChronoEdit DiT: it looks like {classify(shapes)[1]}.")
     skip = _setting(settings, "rope_temporal_skip_len", 2, MAX_ROPE_POSITIONS) or DEFAULT_TEMPORAL_SKIP_LEN
     return DiTCheckpoint(
         files=tuple(files),

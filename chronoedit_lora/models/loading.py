@@ -37,13 +37,15 @@ from transformers.initialization import no_init_weights
 from ..errors import CheckpointError, ChronoEditError
 from ..files import inside
 from ..user_files import INDEX_FILE_BYTES, read_json
+from .gguf import gguf_state_dict, read_gguf
+from .scaled_fp8 import Fp8Scheme, dequantize_state_dict, detect_scheme, strip_aux
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # weight dtypes by name
 
 # -- 1. finding the files ---------------------------------------------------------------------
 
 INDEX_SUFFIX = ".safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt", ".bin")
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 
 
@@ -284,15 +286,20 @@ def read_shapes(files: Sequence[Path]) -> tuple[dict[str, list[int]], dict[str, 
     """Keys -> shapes (and safetensors metadata) of weight files, without loading tensor data.
 
     ``.pth`` files are memory-mapped with ``torch.load(weights_only=True)``: safe, and only the
-    pickled structure is read.
+    pickled structure is read. GGUF shapes are given in torch's order. Quantization markers, scales
+    and configs (ComfyUI's scaled fp8) are left out: the shapes are the model's.
     """
     shapes: dict[str, list[int]] = {}
     metadata: dict[str, str] = {}
     for path in files:
         if path.suffix == ".safetensors":
             file_shapes, file_meta = read_header(path)
-            shapes.update(file_shapes)
+            shapes.update(strip_aux(file_shapes))
             metadata.update(file_meta)
+        elif path.suffix == ".gguf":
+            tensors, file_meta = read_gguf(path)
+            shapes.update({key: list(tensor.shape) for key, tensor in tensors.items()})
+            metadata.update({key: str(value) for key, value in file_meta.items() if isinstance(value, (str, int))})
         else:
             shapes.update({k: list(v.shape) for k, v in load_pth(path).items() if isinstance(v, torch.Tensor)})
     return shapes, metadata
@@ -313,17 +320,34 @@ def load_pth(path: Path) -> dict:
 
 def read_state_dict(files: Sequence[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of ``files``; floating-point ones in ``dtype`` (if given). A dtype conversion
-    makes one converted copy per tensor, and a shard's buffer is freed with its last view."""
+    makes one converted copy per tensor, and a shard's buffer is freed with its last view.
+    GGUF files are dequantized by the ``gguf`` package, float8 weights (ComfyUI's scaled fp8, plain
+    fp8) as ``weight.float() * scale``: both into ``dtype`` (quantized ones into float32/bfloat16
+    when ``dtype`` is None)."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
-            state.update(_read_safetensors(path, dtype))
+            scheme = fp8_scheme(path)
+            if scheme is None:
+                state.update(_read_safetensors(path, dtype))
+            else:
+                state.update(dequantize_state_dict(_read_safetensors(path), scheme, dtype))
+            continue
+        if path.suffix == ".gguf":
+            state.update(gguf_state_dict(path, dtype))
             continue
         for key, tensor in load_pth(path).items():
             if dtype is not None and isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             state[key] = tensor
     return state
+
+
+def fp8_scheme(path: Path) -> Fp8Scheme | None:
+    """How a safetensors file stores float8 weights (ComfyUI scaled fp8 or plain fp8), from its
+    header; None when it holds none."""
+    _, entries, metadata = read_entries(path)
+    return detect_scheme({key: SAFETENSORS_DTYPES.get(entry[0]) for key, entry in entries.items()}, metadata)
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTextEncoder
@@ -18,6 +19,7 @@ from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer, WanTex
 from ..errors import CheckpointError
 from .loading import check_config, convert_shapes, load_component, wrong_component
 
+SPIECE_KEY = "spiece_model"  # ComfyUI's umT5 files: the SentencePiece model's bytes as a uint8 tensor
 TEXT_LENGTH = 512  # umT5 context length ChronoEdit was trained with
 MODEL_NAME = "wan_video_text_encoder"
 MODEL_CLASS = "diffsynth.models.wan_video_text_encoder.WanTextEncoder"
@@ -96,10 +98,61 @@ def load_text_encoder(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     return load_component(path, "text encoder", MODEL_NAME, MODEL_CLASS, text_encoder_spec, dtype, device)
 
 
+class _SentencePieceEncoder:
+    """What DiffSynth's prompter calls on ``HuggingfaceTokenizer.tokenizer``, done by SentencePiece
+    itself (the library ComfyUI tokenizes its umT5 files with): ids, then ``</s>``, truncated and
+    padded to ``max_length`` with the model's pad id."""
+
+    def __init__(self, model: bytes):
+        import sentencepiece
+
+        self.model = sentencepiece.SentencePieceProcessor(model_proto=model)
+        self.vocab_size = self.model.get_piece_size()
+
+    def __call__(self, sequences: list[str], max_length: int | None = None, add_special_tokens: bool = True,
+                 **_: object) -> SimpleNamespace:
+        eos = [self.model.eos_id()] if add_special_tokens and self.model.eos_id() >= 0 else []
+        rows = [self.model.encode(text) for text in sequences]
+        length = max_length or max(len(r) + len(eos) for r in rows)
+        rows = [row[: length - len(eos)] + eos for row in rows]
+        pad = max(self.model.pad_id(), 0)
+        ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+        return SimpleNamespace(input_ids=ids, attention_mask=mask)
+
+
+class SentencePieceTokenizer(HuggingfaceTokenizer):
+    """DiffSynth's tokenizer interface over SentencePiece model bytes (ComfyUI's ``spiece_model``)."""
+
+    def __init__(self, model: bytes, name: str, seq_len: int = TEXT_LENGTH):
+        self.name, self.seq_len, self.clean = name, seq_len, "whitespace"
+        self.tokenizer = _SentencePieceEncoder(model)
+        self.vocab_size = self.tokenizer.vocab_size
+
+
+def embedded_tokenizer(path: Path) -> SentencePieceTokenizer:
+    """The tokenizer a ComfyUI text-encoder file carries as its ``spiece_model`` tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            model = f.get_tensor(SPIECE_KEY).numpy().tobytes()
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"tokenizer {path}: no readable {SPIECE_KEY} tensor ({exc}).") from None
+    try:
+        return SentencePieceTokenizer(model, str(path))
+    except RuntimeError as exc:  # sentencepiece's error for bytes that are no model
+        raise CheckpointError(f"tokenizer {path}: its {SPIECE_KEY} is not a SentencePiece model ({exc}).") from None
+
+
 def load_tokenizer(path: Path) -> HuggingfaceTokenizer:
-    """The umT5 tokenizer from a local folder (never downloaded), padding to 512 tokens."""
+    """The umT5 tokenizer from a local folder (never downloaded), or from the ``spiece_model`` inside a
+    ComfyUI text-encoder file; padding to 512 tokens."""
+    if path.is_file() and path.suffix == ".safetensors":
+        return embedded_tokenizer(path)
     if not path.is_dir():
-        raise CheckpointError(f"tokenizer {path}: expected a folder with tokenizer files.")
+        raise CheckpointError(f"tokenizer {path}: expected a folder with tokenizer files, or a ComfyUI text-encoder "
+                              f"file with an embedded {SPIECE_KEY}.")
     try:
         return HuggingfaceTokenizer(name=str(path), seq_len=TEXT_LENGTH, clean="whitespace", local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -53,6 +53,7 @@ def build_app(session: Session) -> gr.Blocks:
                 train.build(session)
             with gr.Tab("Dataset", id="dataset"):
                 dataset.build(session)
+        edit.watch_pages(session, app)
         lora_lists = edit_loras + compare_loras  # LoRAs written since the server started appear on reload
         app.load(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in lora_lists], None, lora_lists)
     return app

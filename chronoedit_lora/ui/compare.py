@@ -11,7 +11,7 @@ import gradio as gr
 from ..errors import ChronoEditError
 from ..train.loop.samples import grid_image
 from . import runs
-from .edit import form_settings, settings_fields
+from .edit import cancels_page_job, form_settings, input_image, settings_fields
 from .safety import user_errors
 from .session import Session
 
@@ -67,7 +67,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     """The tab; returns its LoRA choices (refreshed on page load)."""
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="input image", height=240, elem_id="compare-image")
+            image = input_image(label="input image", height=240, elem_id="compare-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="compare-prompt")
             mode = gr.Radio(list(MODES), value=OFF_ON, label="compare", elem_id="compare-mode")
             with gr.Row():
@@ -93,26 +93,26 @@ def build(session: Session) -> list[gr.Dropdown]:
             status = gr.Markdown(elem_id="compare-status")
 
     @user_errors
-    def compare(image_path, instruction, chosen_mode, a, sa, b, sb, base, sbase, scale_text, run_folder, *form,
-                progress=gr.Progress()):
-        source = session.start(image_path, instruction)
-        settings = form_settings(*form)
-        asked = variants(chosen_mode, a, float(sa or 0), b, float(sb or 0), scale_text, run_folder)
-        results = []
-
+    def compare(request: gr.Request, image_path, instruction, chosen_mode, a, sa, b, sb, base, sbase, scale_text,
+                run_folder, *form, progress=gr.Progress()):
         def report(number: int):
             return lambda i, n: progress((number * n + i, len(asked) * n), desc=f"variant {number + 1} of {len(asked)}")
 
-        for number, (label, loras) in enumerate(asked):
-            args = session.edit_args(prompt=instruction, lora=session.lora_specs([(base, float(sbase or 0)), *loras]),
-                                     **settings)
-            results.append((label, session.edit(source, args, report(number)).image))
+        with session.job(request.session_hash) as cancelled:
+            source = session.start(image_path, instruction)
+            settings = form_settings(*form)
+            asked = variants(chosen_mode, a, float(sa or 0), b, float(sb or 0), scale_text, run_folder)
+            results = []
+            for number, (label, loras) in enumerate(asked):
+                specs = session.lora_specs([(base, float(sbase or 0)), *loras])  # the fixed LoRA under every variant
+                args = session.edit_args(prompt=instruction, lora=specs, **settings)
+                results.append((label, session.edit(source, args, cancelled, report(number)).image))
         size = results[0][1].size
         picture = grid_image([(source.convert("RGB").resize(size), *(edit for _, edit in results))],
                              ("input", *(label for label, _ in results)))
         return picture, [(edit, label) for label, edit in results], f"{len(results)} variants, {size[0]}x{size[1]}"
 
-    event = go.click(compare, [image, prompt, mode, lora_a, scale_a, lora_b, scale_b, lora_base, scale_base, scales, run, *fields],
-                     [grid, cells, status], concurrency_limit=1, concurrency_id="model")
-    cancel.click(session.cancel.set, None, None, cancels=[event], queue=False)
+    event = go.click(compare, [image, prompt, mode, lora_a, scale_a, lora_b, scale_b, lora_base, scale_base, scales, run,
+                               *fields], [grid, cells, status], concurrency_limit=1, concurrency_id="model")
+    cancels_page_job(session, cancel, event)
     return [lora_a, lora_b, lora_base]

@@ -12,7 +12,7 @@ import pandas as pd
 from ..data import check_dataset
 from ..data.metadata import read_metadata
 from ..data.problems import Problem
-from .safety import readable, user_errors
+from .safety import listed, readable, user_errors
 from .session import Session
 
 SHOWN_PAIRS = 24  # image pairs shown as thumbnails
@@ -50,9 +50,14 @@ def dataset_view(csv_path: Path) -> tuple[pd.DataFrame, str, list[tuple[str, str
     return table, "\n".join(summary), thumbnails
 
 
+def dataset_csvs(root: Path | None) -> list[str]:
+    """The CSVs under ``root`` (none without it), links that lead out of it left out."""
+    return sorted(str(p) for p in listed(root.rglob("*.csv"), [root])) if root else []
+
+
 def build(session: Session) -> None:
     root = session.folders.datasets
-    choices = sorted(str(p) for p in root.rglob("*.csv")) if root else []
+    choices = dataset_csvs(root)
     with gr.Row():
         csv = gr.Dropdown(choices, value=None, label=f"dataset CSV (under {root or 'no --datasets given'})",
                           elem_id="dataset-csv", scale=4)

@@ -69,12 +69,38 @@ def settings_fields(prefix: str) -> list[gr.components.Component]:
     return [preset, steps, cfg, shift, scheduler, seed, height, width]
 
 
+def input_image(**options) -> gr.Image:
+    """The input image field of Edit and Compare. Its value is the uploaded file's path, not decoded
+    by Gradio: the handler decodes it with the kit's own checks (``session.start``: the pixel cap
+    read from the header first), so a non-image or a 40000x40000 PNG is the kit's one-line message
+    (gr.Image's own preprocessing decoded it first, ending in Gradio's generic error and a traceback)."""
+    image = gr.Image(type="filepath", **options)
+    image.preprocess = lambda payload: None if payload is None else payload.path  # this field only
+    return image
+
+
 def lora_slot(session: Session, prefix: str, index: int) -> tuple[gr.Dropdown, gr.Slider]:
     with gr.Row():
         lora = gr.Dropdown(session.lora_choices(), value=None, label=f"LoRA {index + 1}", scale=3,
                            elem_id=f"{prefix}-lora-{index}")
         scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="scale", scale=2, elem_id=f"{prefix}-scale-{index}")
     return lora, scale
+
+
+def cancels_page_job(session: Session, button: gr.Button, event: gr.events.Dependency) -> None:
+    """``button`` stops this page's running job (``event``) before its next denoising step."""
+    def cancel(request: gr.Request) -> None:
+        session.cancel(request.session_hash)
+
+    button.click(cancel, None, None, cancels=[event], queue=False)
+
+
+def watch_pages(session: Session, app: gr.Blocks) -> None:
+    """A page that is closed (or reloaded) has its running job stopped and its queued ones refused."""
+    def closed(request: gr.Request) -> None:
+        session.page_closed(request.session_hash)
+
+    app.unload(closed)
 
 
 def build(session: Session) -> list[gr.Dropdown]:
@@ -85,8 +111,7 @@ def build(session: Session) -> list[gr.Dropdown]:
 
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="input image", sources=["upload", "clipboard"], height=280,
-                             elem_id="edit-image")
+            image = input_image(label="input image", sources=["upload", "clipboard"], height=280, elem_id="edit-image")
             prompt = gr.Textbox(label="instruction", lines=2, elem_id="edit-prompt",
                                 placeholder="The user wants to ... (say what changes and what stays)")
             enhance = gr.Checkbox(False, label=f"rewrite the instruction first ({session.args.prompt_enhancer})",
@@ -113,17 +138,19 @@ def build(session: Session) -> list[gr.Dropdown]:
         details = gr.JSON(label="settings of the chosen edit", elem_id="edit-history-settings")
 
     @user_errors
-    def run_edit(image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed, height, width,
-                 reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
-        source = session.start(image_path, instruction)
-        text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
-        loras = session.lora_specs(list(zip(lora_values[::2], lora_values[1::2])))
-        reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
-        args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
-                                 temporal_reasoning_steps=reasoning_count,
-                                 **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
-        started = time.perf_counter()
-        result = session.edit(source, args, lambda i, n: progress((i, n), desc="denoising", unit="steps"))
+    def run_edit(request: gr.Request, image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed,
+                 height, width, reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
+        with session.job(request.session_hash) as cancelled:
+            source = session.start(image_path, instruction)
+            text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
+            loras = session.lora_specs(list(zip(lora_values[::2], lora_values[1::2])))
+            reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
+            args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
+                                     temporal_reasoning_steps=reasoning_count,
+                                     **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
+            started = time.perf_counter()
+            result = session.edit(source, args, cancelled,
+                                  lambda i, n: progress((i, n), desc="denoising", unit="steps"))
         seconds = time.perf_counter() - started
         entry = history.save(session.folders.history, source, result.frames)
         args.image, args.output, args.video = str(entry.folder / history.INPUT), str(entry.edit), str(entry.clip)
@@ -147,7 +174,7 @@ def build(session: Session) -> list[gr.Dropdown]:
     edit_event = run.click(run_edit, [image, prompt, enhance, *fields, reasoning, negative, *lora_inputs],
                            [slider, status, frames, video, downloads, gallery],
                            concurrency_limit=1, concurrency_id="model")
-    cancel.click(session.cancel.set, None, None, cancels=[edit_event], queue=False)
+    cancels_page_job(session, cancel, edit_event)
     refresh.click(lambda: [gr.Dropdown(choices=session.lora_choices()) for _ in slots], None,
                   [lora for lora, _ in slots], queue=False)
     gallery.select(show_settings, None, details, queue=False)

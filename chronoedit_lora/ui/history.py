@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..files import save_image, save_video, write_text
+from ..files import resolved_inside, save_image, save_video, write_text
 
 SIDECAR = "settings.json"
 EDIT, INPUT, CLIP = "edit.png", "input.png", "clip.mp4"
@@ -58,8 +58,10 @@ def write_settings(entry: Entry, settings: dict) -> None:
 
 
 def entries(history: Path, limit: int = 60) -> list[Entry]:
-    """Complete saved edits, newest first."""
+    """Complete saved edits, newest first (an entry whose files are links leading out of ``history`` is
+    left out: the page never shows them)."""
     if not history.is_dir():
         return []
-    found = [Entry(p.parent) for p in history.glob(f"*/{SIDECAR}") if (p.parent / EDIT).is_file()]
+    found = [Entry(p.parent) for p in history.glob(f"*/{SIDECAR}") if (p.parent / EDIT).is_file()
+             and all(resolved_inside(path, [history]) for path in (p, p.parent / EDIT))]
     return sorted(found, key=lambda e: (e.folder / SIDECAR).stat().st_mtime, reverse=True)[:limit]

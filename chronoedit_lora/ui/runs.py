@@ -2,7 +2,9 @@
 ``eval/metrics.csv`` when an evaluation wrote one), its sample grids, its checkpoints with their
 metrics, and "use in Edit" for each checkpoint's LoRA.
 
-Columns are read generically: every numeric column but the bookkeeping ones is a metric.
+Columns are read generically: every numeric column but the bookkeeping ones is a metric. A run's
+files are read and shown only if they resolve inside its folder (a link to a file elsewhere is left
+out, never served).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..eval.checkpoints import BASE, FINAL, STEP_FILE, step_label
 from ..models.loading import read_header
 from ..train.state.checkpoint import CHECKPOINTS
 from ..train.state.lora_export import FINAL_NAME
-from .safety import user_errors, within
+from .safety import listed, user_errors, within
 from .session import Session
 
 TRAINING_LOG = Path("logs") / "metrics.csv"
@@ -42,9 +44,14 @@ def list_runs(root: Path | None) -> list[tuple[str, str]]:
 def checkpoint_loras(run: Path) -> list[tuple[str, Path]]:
     """(label, file) of a run's LoRAs, oldest first: ``step-NNNNNN`` per checkpoint, ``final`` last
     (the labels an evaluation's ``eval/metrics.csv`` uses)."""
-    found = sorted((step_label(int(m.group(1))), p) for p in run.glob("lora-step*.safetensors")
+    found = sorted((step_label(int(m.group(1))), p) for p in run_files(run, "lora-step*.safetensors")
                    if (m := STEP_FILE.match(p.name)))
-    return found + ([(FINAL, run / FINAL_NAME)] if (run / FINAL_NAME).is_file() else [])
+    return found + [(FINAL, path) for path in run_files(run, FINAL_NAME)]
+
+
+def run_files(run: Path, pattern: str) -> list[Path]:
+    """``run``'s files matching ``pattern``, sorted, without those that lead out of the run's folder."""
+    return listed(sorted(path for path in run.glob(pattern) if path.is_file()), [run])
 
 
 def lora_step(label: str, path: Path | None) -> int | None:
@@ -57,12 +64,13 @@ def lora_step(label: str, path: Path | None) -> int | None:
         return None
 
 
-def read_log(path: Path) -> pd.DataFrame | None:
-    """A metrics CSV with its numeric columns as numbers (None if absent or empty)."""
-    if not path.is_file():
+def read_log(run: Path, name: Path) -> pd.DataFrame | None:
+    """The run's metrics CSV ``name`` with its numeric columns as numbers (None if absent or empty)."""
+    found = run_files(run, str(name))
+    if not found:
         return None
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(found[0])
     except (pd.errors.EmptyDataError, pd.errors.ParserError):
         return None
     for column in table.columns:
@@ -75,8 +83,8 @@ def metric_points(run: Path) -> pd.DataFrame:
     """Every logged metric value as (step, value, metric) rows: the training log's columns by
     name, the evaluation's prefixed with ``eval: ``."""
     parts = []
-    for path, prefix in ((run / TRAINING_LOG, ""), (run / EVAL_LOG, EVAL_PREFIX)):
-        table = read_log(path)
+    for name, prefix in ((TRAINING_LOG, ""), (EVAL_LOG, EVAL_PREFIX)):
+        table = read_log(run, name)
         if table is None or "step" not in table:
             continue
         for column in table.columns:
@@ -92,7 +100,7 @@ def metric_points(run: Path) -> pd.DataFrame:
 def checkpoint_table(run: Path) -> pd.DataFrame:
     """One row per checkpoint LoRA: its label, step, the training loss logged at that step, and the
     evaluation's metrics for it (the row labelled ``base`` is the model without a LoRA)."""
-    log, evaluation = read_log(run / TRAINING_LOG), read_log(run / EVAL_LOG)
+    log, evaluation = read_log(run, TRAINING_LOG), read_log(run, EVAL_LOG)
     losses = dict(zip(log["step"], log["loss"])) if log is not None and "loss" in log else {}
     scores = {str(row["checkpoint"]): row for _, row in evaluation.iterrows()} \
         if evaluation is not None and "checkpoint" in evaluation else {}
@@ -110,7 +118,7 @@ def checkpoint_table(run: Path) -> pd.DataFrame:
 
 
 def sample_grids(run: Path) -> list[tuple[str, str]]:
-    return [(str(p), p.stem) for p in sorted((run / "samples").glob("*.png"))]
+    return [(str(p), p.stem) for p in run_files(run, "samples/*.png")]
 
 
 def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:

@@ -7,10 +7,11 @@ import functools
 import hmac
 import ipaddress
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import ChronoEditError
+from ..files import resolved_inside
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -62,13 +63,20 @@ def check_folder(flag: str, path: str | None) -> Path | None:
 
 def within(path: str | Path, folders: Sequence[Path | None], what: str = "file") -> Path:
     """``path`` (links resolved) if it lies inside one of ``folders``, else a user error: the page
-    can only name files in the folders the app was started with."""
-    resolved = Path(path).resolve()
-    roots = [folder.resolve() for folder in folders if folder is not None]
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise ChronoEditError(f"{what} {path} is outside the folders this app serves "
-                              f"({', '.join(map(str, roots)) or 'none given'}).")
+    can only name files in the folders the app was started with (the rule of
+    :func:`~chronoedit_lora.files.resolved_inside`)."""
+    resolved = resolved_inside(path, folders)
+    if resolved is None:
+        roots = [str(folder.resolve()) for folder in folders if folder is not None]
+        raise ChronoEditError(f"{what} {path} is outside the folders this app serves for it "
+                              f"({', '.join(roots) or 'none given'}); choose a path inside.")
     return resolved
+
+
+def listed(paths: Iterable[Path], folders: Sequence[Path | None]) -> list[Path]:
+    """The ``paths`` a page may list or show: those :func:`within` accepts (a link to a file
+    elsewhere is left out, never served)."""
+    return [path for path in paths if resolved_inside(path, folders) is not None]
 
 
 def readable(path: str | Path, folders: Sequence[Path | None], what: str = "file") -> Path:

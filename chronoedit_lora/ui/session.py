@@ -4,13 +4,21 @@ Page settings become the edit command's own arguments (its parser's defaults plu
 set), checked and mapped to the pipeline by the same functions the command uses, so a page edit
 equals the command's with the same settings. LoRAs are applied unfused (forward hooks) and kept
 between edits: switching LoRAs or scales costs no reload.
+
+Each page's job (an edit, or a comparison's edits) has its own cancel flag, checked before every
+denoising step: the page's Cancel sets it, and so does closing the page (Gradio's unload event), so
+an abandoned edit frees the model before its next step, and a job of a page already closed never
+starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +30,14 @@ from ..errors import ChronoEditError
 from ..lora import UnfusedLora, parse_lora_spec
 from ..pipeline import ChronoEditPipeline, EditRequest, EditResult
 from ..train.state.checkpoint import CHECKPOINTS
-from .safety import readable
+from .safety import listed, readable
 
 LORA_SUFFIX = ".safetensors"
+CLOSED_PAGES_KEPT = 4096  # closed pages remembered, so that their queued jobs are refused
 
 
 class EditCancelled(ChronoEditError):
-    """The cancel button stopped the edit between two denoising steps."""
+    """The page's Cancel, or closing the page, stopped its edit between two denoising steps."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ def edit_parser() -> argparse.ArgumentParser:
 
 
 class Session:
-    """The loaded pipeline, its active LoRAs, and the cancel flag of the running edit."""
+    """The loaded pipeline, its active LoRAs, and the cancel flag of each page's job."""
 
     def __init__(self, pipe: ChronoEditPipeline, args: argparse.Namespace, folders: Folders,
                  enhancer: Callable | None = None):
@@ -67,7 +76,9 @@ class Session:
         self.args = args  # the ui command's arguments (the model flags among them)
         self.folders = folders
         self.enhancer = enhancer
-        self.cancel = threading.Event()
+        self._jobs: dict[str | None, threading.Event] = {}  # page (Gradio's session hash) -> its job's cancel flag
+        self._closed: OrderedDict[str | None, None] = OrderedDict()  # pages closed lately, oldest first
+        self._pages = threading.Lock()  # guards the two above
         self._busy = threading.Lock()  # one edit at a time, even if a cancelled one is still ending its step
         self._parser = edit_parser()
         self._loras: dict[Path, tuple[float | None, UnfusedLora]] = {}  # path -> (file mtime, its hooks)
@@ -75,12 +86,15 @@ class Session:
     # -- LoRAs --------------------------------------------------------------------------------
     def lora_choices(self) -> list[tuple[str, str]]:
         """(label, path) of every LoRA file under --loras, and of every run's LoRAs under --runs
-        (the final ``lora.safetensors`` and the per-checkpoint ``lora-stepN.safetensors``)."""
+        (the final ``lora.safetensors`` and the per-checkpoint ``lora-stepN.safetensors``), links that
+        lead out of their folder left out."""
         found = []
         if self.folders.loras is not None:
-            found += [("loras", self.folders.loras, p) for p in self.folders.loras.rglob(f"*{LORA_SUFFIX}")]
+            found += [("loras", self.folders.loras, p)
+                      for p in listed(self.folders.loras.rglob(f"*{LORA_SUFFIX}"), [self.folders.loras])]
         if self.folders.runs is not None:
-            found += [("runs", self.folders.runs, p) for p in self.folders.runs.rglob(f"lora*{LORA_SUFFIX}")
+            found += [("runs", self.folders.runs, p)
+                      for p in listed(self.folders.runs.rglob(f"lora*{LORA_SUFFIX}"), [self.folders.runs])
                       if CHECKPOINTS not in p.relative_to(self.folders.runs).parts]
         return sorted((f"{name}/{path.relative_to(root)}", str(path)) for name, root, path in found)
 
@@ -111,15 +125,44 @@ class Session:
                 self._loras[path] = (modified(path), self.pipe.load_lora(path, scale, fuse=False))
             self._loras[path][1].scale = scale
 
+    # -- page jobs ----------------------------------------------------------------------------
+    @contextmanager
+    def job(self, page: str | None) -> Iterator[threading.Event]:
+        """The cancel flag of one job of ``page``, for as long as the job runs; a closed page's job
+        is refused before it starts."""
+        cancelled = threading.Event()
+        with self._pages:
+            if page in self._closed:
+                raise EditCancelled("the page that asked for this edit was closed; it was not started.")
+            self._jobs[page] = cancelled
+        try:
+            yield cancelled
+        finally:
+            with self._pages:
+                if self._jobs.get(page) is cancelled:
+                    del self._jobs[page]
+
+    def cancel(self, page: str | None) -> None:
+        """Stop ``page``'s running job before its next denoising step (other pages' jobs go on)."""
+        with self._pages:
+            if page in self._jobs:
+                self._jobs[page].set()
+
+    def page_closed(self, page: str | None) -> None:
+        """``page`` is gone: cancel its running job and refuse its queued ones."""
+        with self._pages:
+            self._closed[page] = None
+            while len(self._closed) > CLOSED_PAGES_KEPT:
+                self._closed.popitem(last=False)
+        self.cancel(page)
+
     # -- one edit -----------------------------------------------------------------------------
     def start(self, image_path: str | None, instruction: str | None) -> Image.Image:
-        """A page job's start: its input checked and decoded (as ``edit --image`` decodes it), the
-        cancel flag cleared."""
+        """A page job's input, checked and decoded (as ``edit --image`` decodes it)."""
         if not image_path:
             raise ChronoEditError("upload an input image first.")
         if not (instruction or "").strip():
             raise ChronoEditError("write an instruction first.")
-        self.cancel.clear()
         return open_image(image_path, "input image")
 
     def edit_args(self, **values) -> argparse.Namespace:
@@ -152,21 +195,23 @@ class Session:
                 argv += [flag, str(value)]
         return argv
 
-    def edit(self, image: Image.Image, args: argparse.Namespace,
+    def edit(self, image: Image.Image, args: argparse.Namespace, cancelled: threading.Event,
              report: Callable[[int, int], None] | None = None) -> EditResult:
-        """One edit of ``image`` with ``args`` (checked first, as the command checks them); stopped
-        by :attr:`cancel`, which the caller clears when its job starts; ``report(step, steps)``
-        before each denoising step."""
+        """One edit of ``image`` with ``args`` (checked first, as the command checks them), stopped
+        before the next denoising step once ``cancelled`` (its :meth:`job`'s flag) is set;
+        ``report(step, steps)`` before each denoising step."""
         settings = edit_command.sampling_settings(args)
         edit_command.check_edit_settings(args, settings)
         request = EditRequest(image, args.prompt, args.negative_prompt, args.seed)
         with self._busy:
             self.use_loras([parse_lora_spec(value) for value in args.lora])
-            return next(self.pipe.edit_many([request], progress=True, on_step=lambda i, n: self._step(i, n, report),
+            on_step = functools.partial(self._step, cancelled=cancelled, report=report)  # before each step
+            return next(self.pipe.edit_many([request], progress=True, on_step=on_step,
                                             **edit_command.edit_options(args, settings)))
 
-    def _step(self, step: int, steps: int, report: Callable[[int, int], None] | None) -> None:
-        if self.cancel.is_set():
+    @staticmethod
+    def _step(step: int, steps: int, cancelled: threading.Event, report: Callable[[int, int], None] | None) -> None:
+        if cancelled.is_set():
             raise EditCancelled(f"edit cancelled before step {step + 1} of {steps}.")
         if report is not None:
             report(step, steps)

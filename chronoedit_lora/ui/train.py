@@ -2,7 +2,11 @@
 train`` process (one at a time), its progress and log tail; stop sends SIGINT (the trainer
 finishes its step and saves a checkpoint) and resume reruns the form with ``--resume``.
 The run folder's lock is the trainer's own; a locked folder is refused before a process starts,
-and any later refusal of the trainer shows up as the process's error line."""
+and any later refusal of the trainer shows up as the process's error line.
+
+Whatever the form, the preset, the uploaded config or the free-form ``--key value`` settings say,
+the training the page starts reads and writes only where the app serves it (:func:`check_paths`):
+its run folder and cache under ``--runs``, its datasets under ``--datasets``, the app's own model."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import gradio as gr
 from ..errors import ChronoEditError
 from ..train.loop.config import TrainConfig, load_config
 from ..train.state.run_folder import LOCK_NAME, RunLock
-from .safety import readable, user_errors
+from .dataset import dataset_csvs
+from .safety import readable, user_errors, within
 from .session import Session
 
 # the form's settings, passed as --key value; the rest come from the preset or the config file
@@ -99,7 +104,6 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
     if not dataset:
         raise ChronoEditError("choose a dataset (metadata.csv under --datasets).")
     dataset = str(readable(dataset, [session.folders.datasets], "dataset"))
-    check_unlocked(runs / name)
     config = config_file or preset
     try:
         extra_args = shlex.split(extra or "")
@@ -115,8 +119,35 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
     from ..commands.train import overrides_from
 
     args, leftover = build_parser().parse_known_args(argv)
-    load_config(args.config, overrides_from(args, leftover))  # every setting checked before starting
+    settings = load_config(args.config, overrides_from(args, leftover))  # every setting checked before starting
+    check_paths(settings, session)
+    check_unlocked(Path(settings.output))
     return [sys.executable, "-m", "chronoedit_lora.cli", *argv]
+
+
+def check_paths(config: TrainConfig, session: Session) -> None:
+    """Refuse a training that would read or write outside the folders the app serves for it (links
+    resolved): the run folder (which ``overwrite`` clears), its cache and the checkpoint it resumes
+    from under ``--runs``, every dataset under ``--datasets``, and no model but the app's own."""
+    runs, datasets = session.folders.runs, session.folders.datasets
+    if within(config.output, [runs], "--output") == runs:
+        raise ChronoEditError(f"--output {config.output} is the --runs folder itself; give the run its own folder "
+                              "under it (the run name).")
+    for key, folder in (("cache_dir", runs), ("resume_from", runs), ("dataset", datasets),
+                        ("sample_dataset", datasets), ("eval_dataset", datasets)):
+        if getattr(config, key):
+            within(getattr(config, key), [folder], f"--{key}")
+    if config.allow_outside:
+        raise ChronoEditError("--allow_outside lets a dataset name files outside its folder, which the app does not "
+                              "serve; drop it (or train with the command line).")
+    if Path(config.tracker_project).name != config.tracker_project or config.tracker_project in ("", ".", ".."):
+        raise ChronoEditError(f"--tracker_project {config.tracker_project!r}: give a plain name (it becomes a folder "
+                              "in the run's logs).")
+    for key in MODEL_KEYS:
+        app_value = getattr(session.args, key, None)
+        if getattr(config, key) != (str(app_value) if app_value else None):
+            raise ChronoEditError(f"--{key} {getattr(config, key)}: the page trains the app's own model "
+                                  f"(--{key} {app_value}); drop --{key} from the settings and the config.")
 
 
 def check_unlocked(folder: Path) -> None:
@@ -149,7 +180,7 @@ def preset_values(path: str | None) -> list:
 def build(session: Session) -> None:
     job = TrainProcess()
     presets = sorted(str(p) for p in KIT_CONFIGS.glob("*.toml")) if KIT_CONFIGS.is_dir() else []
-    datasets = sorted(str(p) for p in session.folders.datasets.rglob("*.csv")) if session.folders.datasets else []
+    datasets = dataset_csvs(session.folders.datasets)
     with gr.Row():
         with gr.Column():
             name = gr.Textbox("my-lora", label=f"run name (a folder under {session.folders.runs})",

@@ -17,7 +17,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -342,10 +342,10 @@ def dit_linear_layers(dit: Path) -> list[str]:
 
 def component_paths(config: TrainConfig) -> dict[str, Path]:
     """Where every component is (``model`` plus per-component overrides), found once per run."""
-    from ...models.components import ComponentPaths, discover_components
+    from ...models.components import COMPONENT_NAMES, discover_components
 
-    found = discover_components(config.model, **{f.name: getattr(config, f.name) for f in fields(ComponentPaths)})
-    return {f.name: getattr(found, f.name) for f in fields(ComponentPaths)}
+    found = discover_components(config.model, **{name: getattr(config, name) for name in COMPONENT_NAMES})
+    return {name: getattr(found, name) for name in COMPONENT_NAMES}
 
 
 def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dict[str, Path]) -> ConditioningCache:
