@@ -1,10 +1,12 @@
-"""Load user plugins given as ``package.module:callable`` (captioners, prompt enhancers), and call them
+"""Load user plugins given as ``package.module:callable`` (captioners, prompt enhancers, degradations), and call them
 so that a plugin's failure is one message naming the plugin and what it was working on."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+
+from PIL import Image
 
 from .errors import ChronoEditError
 from .user_files import text_problem
@@ -37,14 +39,27 @@ class Plugin:
         if release := getattr(self.target, "release", None):
             release()
 
-    def _checked(self, function: Callable, args: tuple, about: str | None, many: bool = False) -> list:
-        where = f" on {about}" if about else ""
+    def image(self, *args, about: str | None = None) -> Image.Image:
+        """Call a plugin that must answer with an image (``--degrade``): the answer as RGB."""
+        answer = self._called(self.target, args, about)
+        if not isinstance(answer, Image.Image):
+            raise PluginError(f"{self.option} {self.spec} returned a {type(answer).__name__}"
+                              f"{f' on {about}' if about else ''}; it must return a PIL image. Nothing was written.")
+        return answer.convert("RGB")
+
+    def _called(self, function: Callable, args: tuple, about: str | None):
+        """``function(*args)``, any failure a :class:`PluginError` naming the plugin and ``about``."""
         try:
-            answer = function(*args)
+            return function(*args)
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - any way user code can end
             said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+            where = f" on {about}" if about else ""
             raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}. "
                               "Nothing was written.") from exc
+
+    def _checked(self, function: Callable, args: tuple, about: str | None, many: bool = False) -> list:
+        where = f" on {about}" if about else ""
+        answer = self._called(function, args, about)
         answers = list(answer) if many else [answer]
         for item in answers:
             text = item if isinstance(item, str) else getattr(item, "caption", None)

@@ -22,6 +22,8 @@ from .user_files import read_json
 
 SCHEDULERS = ("unipc", "euler")
 DEFAULT_SHIFT = 5.0  # Wan2.1-I2V's and ChronoEdit's flow shift
+# The official 8-step distill LoRA's settings (nvidia/ChronoEdit-14B-Diffusers lora/).
+PRESETS = {"distill": {"steps": 8, "cfg": 1.0, "shift": 2.0}}
 CONFIG_FILE = Path("scheduler") / "scheduler_config.json"
 CLASS_NAMES = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler"}
 # UniPC as ChronoEdit-14B-Diffusers configures it, for `--scheduler unipc` on a folder without a config.

@@ -14,7 +14,8 @@ from ..user_files import check_regular
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     check = sub.add_parser("check", help="report every problem (row, column, reason, fix); exit 1 if any is fatal")
-    check.add_argument("dataset", help="metadata.csv, or the folder holding it")
+    check.add_argument("dataset", help="metadata.csv, or the folder holding it, or a training config (.toml): every "
+                                       "dataset it trains on, each with its own size and prompt settings")
     check.add_argument("--height", type=int)
     check.add_argument("--width", type=int)
     check.add_argument("--max-pixels", type=int, help="aspect-bucket pixel budget (default 1024x1024)")
@@ -38,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--caption-batch-size", type=int, default=4, help="pairs captioned per model call")
     prep.add_argument("--keep-unchanged", action="store_true",
                       help="keep pairs the captioner calls 'no change' (as edits that keep the image)")
+    prep.add_argument("--degrade", action="append", default=[], metavar="GENERATOR",
+                      help="SOURCE holds finished images: pair each with a degraded copy as the input (repeatable): "
+                           "downscale[:FACTOR], jpeg[:QUALITY], blur[:RADIUS], noise[:SIGMA], grayscale, "
+                           "mask[:AREA_SHARE], or a plugin MODULE:CALLABLE f(image, seed) -> image; each built-in has "
+                           "its own instruction (--prompt / --prompt-template win)")
+    prep.add_argument("--seed", type=int, default=0, help="with --degrade: the seed of every random choice (the same "
+                                                         "seed writes the same bytes)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
 
 
@@ -66,6 +74,8 @@ def _prepare(args: argparse.Namespace) -> int:
     csv_path = Path(args.output) if args.output else source / "metadata.csv"
     check_range("--caption-batch-size", args.caption_batch_size, 1)
     check_output(csv_path, args.overwrite)
+    if args.degrade:
+        return _prepare_degraded(args, source, csv_path)
     captioner = load_callable(args.captioner) if args.captioner else None
     result = prepare(source, csv_path, args.prompt, args.prompt_template, args.style, captioner,
                      args.caption_batch_size, args.keep_unchanged)
@@ -78,16 +88,50 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"  no change: {listing('pair(s) left out (--keep-unchanged keeps them)', result.unchanged)}")
     if captioner is not None:
         print(f"  captions: {progress_path(csv_path)} (a rerun skips the pairs it holds)")
-    if any(value.startswith("../") for row in result.rows for value in row.values()):
+    _note_outside(result.rows)
+    return 0
+
+
+def _note_outside(rows: list[dict[str, str]]) -> None:
+    if any(value.startswith("../") for row in rows for value in row.values()):
         print("  note: paths lead outside the CSV's folder; train with allow_outside = true, or write the CSV "
               "next to the pairs.")
+
+
+def _prepare_degraded(args: argparse.Namespace, source: Path, csv_path: Path) -> int:
+    """``--degrade``: pairs from the finished images in ``source``, every generator checked first."""
+    from ..data.degrade import parse_generator
+    from ..data.prepare import prepare_degraded, write_metadata
+    from ..settings import check_seed
+
+    if args.captioner:
+        raise ChronoEditError("--captioner with --degrade: the degraded pairs take their generators' instructions "
+                              "(or --prompt / --prompt-template); drop one of the two.")
+    check_seed("--seed", args.seed)
+    generators = [parse_generator(spec) for spec in args.degrade]
+    result = prepare_degraded(source, csv_path, generators, args.seed, args.prompt, args.prompt_template, args.style)
+    write_metadata(result.rows, csv_path, args.overwrite)
+    print(f"{csv_path}: {len(result.rows)} pairs ({result.layout}); degraded copies in "
+          f"{csv_path.parent / 'degraded'}")
+    _note_outside(result.rows)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    csv_path = resolve_csv(args.dataset)
-    problems = check_dataset(csv_path, args.height, args.width, args.max_pixels, args.allow_outside,
-                             trajectory_max_pixels=args.trajectory_max_pixels, prompt_column=args.prompt_column)
-    print(f"{csv_path}:")
-    print(format_report(problems))
-    return 1 if has_fatal(problems) else 0
+    if Path(args.dataset).suffix.lower() == ".toml":  # every dataset a training config trains on, as training reads it
+        from ..train.loop.config import dataset_specs, load_config
+
+        config = load_config(args.dataset, {})
+        checks = [(spec.csv, spec.height, spec.width, spec.max_pixels, config.allow_outside,
+                   config.trajectory_max_pixels, spec.prompt_column) for spec in dataset_specs(config)]
+    else:
+        checks = [(resolve_csv(args.dataset), args.height, args.width, args.max_pixels, args.allow_outside,
+                   args.trajectory_max_pixels, args.prompt_column)]
+    fatal = False
+    for csv_path, height, width, max_pixels, allow_outside, trajectory_max_pixels, prompt_column in checks:
+        problems = check_dataset(csv_path, height, width, max_pixels, allow_outside,
+                                 trajectory_max_pixels=trajectory_max_pixels, prompt_column=prompt_column)
+        print(f"{csv_path}:")
+        print(format_report(problems))
+        fatal = fatal or has_fatal(problems)
+    return 1 if fatal else 0

@@ -21,15 +21,13 @@ from ..files import check_writable, save_image, save_video
 from ..lora import parse_lora_spec
 from ..offload import MODES as OFFLOAD_MODES
 from ..models.vae import AUTO_TILING_PIXELS, VAE_TILINGS
-from ..sampling import SCHEDULERS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from ..sampling import PRESETS, SCHEDULERS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
 from ..settings import MAX_STEPS, check_device, check_range, check_seed, check_shift, check_size
 from .model_args import add_model_arguments, model_options
 
 # shift None: the model folder's scheduler config's flow shift, else 5.0 (see chronoedit_lora.sampling)
 DEFAULTS = {"steps": 50, "cfg": 5.0, "shift": None}
 GUIDANCE = ("batched", "separate")
-# The official 8-step distill LoRA's settings (nvidia/ChronoEdit-14B-Diffusers lora/).
-PRESETS = {"distill": {"steps": 8, "cfg": 1.0, "shift": 2.0}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

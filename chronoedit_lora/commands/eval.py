@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--run", dest="run_folder", metavar="RUN", help="a training run's --output folder: its lora-stepNNNNNN.safetensors and lora.safetensors")
     what.add_argument("--lora", action="append", default=[], metavar="FILE",
                       help="a LoRA file instead of --run (repeatable; labelled by its file name)")
+    what.add_argument("--base-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                      help="a LoRA fused into the DiT under every evaluated checkpoint, base included (repeatable), "
+                           "e.g. the 8-step distill LoRA the evaluated LoRAs were trained on (with --preset distill)")
     what.add_argument("--dataset", required=True, help="CSV of held-out pairs (or trajectories) in the dataset format")
     what.add_argument("--count", type=int, help="evaluate the CSV's first COUNT rows only (default: all)")
     what.add_argument("--output", help="folder for metrics.csv, metrics.png, grid.png (default: RUN/eval)")
@@ -75,18 +78,21 @@ def _held_out_items(args: argparse.Namespace) -> list[dict]:
     return [dataset[i] for i in range(min(args.count or len(dataset), len(dataset)))]
 
 
-def _check_loras(args: argparse.Namespace, checkpoints: list) -> None:
-    """Every LoRA is readable, finite and fits the DiT (from its headers), before the model loads."""
-    from ..lora import check_finite, check_lora_matches, load_lora
+def _check_loras(args: argparse.Namespace, checkpoints: list) -> list[tuple[Path, float]]:
+    """Every LoRA (and --base-lora) is readable, finite and fits the DiT (from its headers), before the
+    model loads; returns the --base-lora files and scales."""
+    from ..lora import check_lora_file, parse_lora_spec
     from ..models.components import discover_components
     from ..models.dit import inspect_dit, meta_dit
 
     skeleton = meta_dit(inspect_dit(discover_components(args.model, **{c: getattr(args, c) for c in COMPONENTS}).dit))
     for checkpoint in checkpoints:
         if checkpoint.path is not None:
-            weights, _ = load_lora(checkpoint.path)
-            check_finite(weights, str(checkpoint.path))
-            check_lora_matches(weights, skeleton, str(checkpoint.path))
+            check_lora_file(checkpoint.path, skeleton, str(checkpoint.path))
+    base = [parse_lora_spec(spec, "--base-lora") for spec in args.base_lora]
+    for path, _ in base:
+        check_lora_file(path, skeleton, f"--base-lora {path}")
+    return base
 
 
 def _check_output(output: Path) -> None:
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     folders.check()
     items = _held_out_items(args)
     _warn_training_rows(args, checkpoints)
-    _check_loras(args, checkpoints)
+    base_loras = _check_loras(args, checkpoints)
 
     from ..eval.figures import write_figures
     from ..eval.held_out import encode_pairs
@@ -156,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluating {len(checkpoints)} checkpoints ({', '.join(c.label for c in checkpoints)}) "
           f"on {len(items)} held-out pairs from {args.dataset}")
     pipe = ChronoEditPipeline.from_pretrained(**model_options(args), offload=args.offload)
+    for path, scale in base_loras:  # under every checkpoint: hooks on fp8 weights, else fused
+        pipe.load_lora(path, scale, fuse=not args.fp8_base)
     pairs = encode_pairs(pipe, items, len(QUANTILES), args.seed)
     edit_settings = None if args.loss_only else EditSettings(
         steps=settings["steps"], cfg=settings["cfg"], shift=settings["shift"], scheduler=args.scheduler, seed=args.seed,

@@ -8,7 +8,8 @@ source folder or next to either image or the trajectory; a frame folder's own ``
 ``--prompt``, ``--prompt-template`` (``{style}``, ``{name}``), then ``--captioner`` (given a
 trajectory's first and last frames; see :mod:`.captioning`). A captioner's :class:`Caption` fills the
 ``caption`` and ``caption_cot`` columns (the latter is trained on); a pair it finds unchanged
-(``no change``) is left out unless ``keep_unchanged``.
+(``no change``) is left out unless ``keep_unchanged``. Or pairs made from finished images by
+degrading a copy (:func:`prepare_degraded`, see :mod:`.degrade`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..files import write_text
 from ..plugins import Plugin
 from ..user_files import read_text
 from .captioning import CaptionJob, caption_pairs, progress_path
+from .degrade import DEGRADED_FOLDER, Generator, finished_images, write_degraded
 from .images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from .metadata import TRAJECTORY
 from .trajectories import frame_files, load_trajectory, video_frame_count
@@ -172,6 +174,26 @@ def prepare(source: Path, csv_path: Path, prompt: str | None = None, template: s
         raise ChronoEditError(f"no prompt for {len(no_prompt)} row(s) ({', '.join(no_prompt[:5])}): give --prompt, "
                               "--prompt-template, per-pair .txt files or --captioner.")
     return Prepared(rows, unmatched + unreadable, layout, len(trajectories), unchanged)
+
+
+def prepare_degraded(source: Path, csv_path: Path, generators: list[Generator], seed: int = 0,
+                     prompt: str | None = None, template: str | None = None, style: str = "") -> Prepared:
+    """Pairs from the finished images in ``source``: for each image and generator, the degraded copy
+    (written under ``csv_path``'s folder, ``degraded/<generator>/``) as the input and the image as the
+    target. The prompt: ``prompt``, else ``template``, else the generator's own instruction."""
+    if template is not None:
+        check_template(template, style)
+    if prompt is None and template is None and (plugins := [g.label for g in generators if g.instruction is None]):
+        raise ChronoEditError(f"--degrade {', '.join(plugins)}: a plugin has no instruction of its own; give "
+                              "--prompt or --prompt-template for its rows.")
+    images = finished_images(source)
+    rows = []
+    for generator in generators:
+        for image in images:
+            degraded = write_degraded(image, generator, seed, csv_path.parent / DEGRADED_FOLDER)
+            text = prompt or (template.format(style=style, name=image.stem) if template else generator.instruction)
+            rows.append({**_paths(degraded, image, False, csv_path), "prompt": text})
+    return Prepared(rows, [], f"{len(images)} finished images x {len(generators)} degradation(s)")
 
 
 def _caption_missing(items: list[tuple[str, Path, Path, bool]], results: list, captioner: Plugin, csv_path: Path,

@@ -1,7 +1,7 @@
 """Adapter weights (LoRA, DoRA, LoHa, LoKr): the canonical in-memory form, file formats, checking,
 fusing and unfused hooks."""
 
-from .apply import LoraMismatchError, UnfusedLora, check_finite, check_lora_matches, fuse_lora
+from .apply import LoraMismatchError, UnfusedLora, beneath_peft, check_finite, check_lora_file, check_lora_matches, fuse_lora
 from .formats import FORMATS, detect_format
 from .io import load_lora, parse_lora_spec, save_lora
 from .weights import (
@@ -9,5 +9,5 @@ from .weights import (
 )
 
 __all__ = ["ADAPTER_TYPES", "DoraModule", "FORMATS", "LohaModule", "LokrModule", "LoraMismatchError", "UnfusedLora",
-           "LoraModule", "LoraWeights", "check_finite", "check_lora_matches", "detect_format", "from_peft_parameters", "fuse_lora", "load_lora", "non_finite_layers", "parse_lora_spec",
+           "LoraModule", "LoraWeights", "beneath_peft", "check_finite", "check_lora_file", "check_lora_matches", "detect_format", "from_peft_parameters", "fuse_lora", "load_lora", "non_finite_layers", "parse_lora_spec",
            "save_lora"]

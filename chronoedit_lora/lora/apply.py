@@ -4,6 +4,7 @@ them unfused through hooks."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,25 @@ def _refuse_misfits(source: str, absent: str, missing: list[str], misfit: list[s
     if missing or misfit:
         lines = ([listing(absent, missing)] if missing else []) + ([listing("shape mismatch(es)", misfit)] if misfit else [])
         raise LoraMismatchError(f"{source} does not fit this model (is it for another base model?):\n  " + "\n  ".join(lines))
+
+
+def check_lora_file(path: str | Path, model: torch.nn.Module, source: str = "LoRA") -> LoraWeights:
+    """Read the adapter file at ``path`` and check it is finite and fits ``model`` (a meta-device
+    skeleton will do, so this runs before the model loads); returns its weights."""
+    from .io import load_lora
+
+    weights, _ = load_lora(path)
+    check_finite(weights, source)
+    check_lora_matches(weights, model, source)
+    return weights
+
+
+def beneath_peft(weights: LoraWeights, model: torch.nn.Module) -> LoraWeights:
+    """``weights`` renamed to the base layers of the layers peft wrapped (``name.base_layer``), so
+    hooks on them act beneath an adapter being trained, as if fused into the base."""
+    modules = dict(model.named_modules())
+    return {f"{name}.base_layer" if f"{name}.base_layer" in modules else name: adapter
+            for name, adapter in weights.items()}
 
 
 @torch.no_grad()

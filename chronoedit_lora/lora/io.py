@@ -43,8 +43,9 @@ def load_lora(path: str | Path) -> tuple[LoraWeights, dict[str, str]]:
     return weights, {**metadata, DETECTED_FORMAT: fmt}
 
 
-def parse_lora_spec(value: str) -> tuple[Path, float]:
+def parse_lora_spec(value: str, flag: str = "--lora") -> tuple[Path, float]:
     """``PATH[:SCALE]`` (as ``--lora`` takes it) -> (path, scale); the LoRA file must exist.
+    ``flag``: the option or setting named in errors.
 
     A path that itself holds a ``:`` is taken whole when no number follows its last ``:``.
     """
@@ -55,12 +56,12 @@ def parse_lora_spec(value: str) -> tuple[Path, float]:
             path, scale = head, float(tail)
         except ValueError:
             if Path(head).is_file() and not Path(value).is_file():
-                raise CheckpointError(f"--lora {value}: the scale {tail!r} is not a number; expected PATH[:SCALE], "
+                raise CheckpointError(f"{flag} {value}: the scale {tail!r} is not a number; expected PATH[:SCALE], "
                                       f"e.g. {head}:0.8.") from None
     if not math.isfinite(scale):
-        raise CheckpointError(f"--lora {value}: the scale must be a finite number; expected PATH[:SCALE], e.g. {path}:0.8.")
+        raise CheckpointError(f"{flag} {value}: the scale must be a finite number; expected PATH[:SCALE], e.g. {path}:0.8.")
     if not Path(path).is_file():
-        raise CheckpointError(f"--lora {path}: file not found.")
+        raise CheckpointError(f"{flag} {path}: file not found.")
     return Path(path), scale
 
 

@@ -18,8 +18,7 @@ from ..models.components import describe_path, discover_components
 from ..models.dit import DiTCheckpoint, inspect_dit, meta_dit, wan_names
 from ..models.loading import read_header, read_state_dict
 from ..models.quantized import stored_quantized
-from .apply import LoraMismatchError, check_finite, check_lora_matches
-from .io import load_lora
+from .apply import LoraMismatchError, check_lora_file
 from .weights import LoraWeights
 
 # The tensors of one shard by DiffSynth/Wan name -> the new values of those it changes (any dtype).
@@ -123,10 +122,5 @@ def merge_model(model_dir: Path | None, dit: str | Path | None, loras: list[tupl
     print(f"model: dit: {describe_path(dit_path)}", file=sys.stderr)
     ckpt = inspect_dit(dit_path)
     skeleton = meta_dit(ckpt)
-    weights = []
-    for path, scale in loras:
-        lora, _ = load_lora(path)
-        check_finite(lora, str(path))
-        check_lora_matches(lora, skeleton, str(path))
-        weights.append((lora, scale))
+    weights = [(check_lora_file(path, skeleton, str(path)), scale) for path, scale in loras]
     return write_model(model_dir, ckpt, lora_update(weights), output)

@@ -1,6 +1,6 @@
 """The Compare tab: one input, several variants in one click (LoRA off and on, a scale sweep, a
-run's checkpoints, two LoRAs side by side) as one labelled grid. LoRAs stay unfused hooks, so
-each variant only rescales or swaps them."""
+run's checkpoints, two LoRAs side by side) as one labelled grid, optionally each on top of one fixed
+LoRA (e.g. the distill LoRA). LoRAs stay unfused hooks, so each variant only rescales or swaps them."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ def build(session: Session) -> list[gr.Dropdown]:
             with gr.Row():
                 lora_b = gr.Dropdown(session.lora_choices(), value=None, label="LoRA B", elem_id="compare-lora-b")
                 scale_b = gr.Number(1.0, label="scale B")
+            with gr.Row():  # e.g. the distill LoRA a LoRA was trained on, under every variant
+                lora_base = gr.Dropdown(session.lora_choices(), value=None, label="under every variant",
+                                        elem_id="compare-lora-base")
+                scale_base = gr.Number(1.0, label="its scale", elem_id="compare-scale-base")
             scales = gr.Textbox("0, 0.5, 1", label="scales (sweep)", elem_id="compare-scales")
             run = gr.Dropdown(runs.list_runs(session.folders.runs), value=None, label="run (checkpoints)",
                               elem_id="compare-run")
@@ -89,8 +93,8 @@ def build(session: Session) -> list[gr.Dropdown]:
             status = gr.Markdown(elem_id="compare-status")
 
     @user_errors
-    def compare(request: gr.Request, image_path, instruction, chosen_mode, a, sa, b, sb, scale_text, run_folder, *form,
-                progress=gr.Progress()):
+    def compare(request: gr.Request, image_path, instruction, chosen_mode, a, sa, b, sb, base, sbase, scale_text,
+                run_folder, *form, progress=gr.Progress()):
         def report(number: int):
             return lambda i, n: progress((number * n + i, len(asked) * n), desc=f"variant {number + 1} of {len(asked)}")
 
@@ -100,14 +104,15 @@ def build(session: Session) -> list[gr.Dropdown]:
             asked = variants(chosen_mode, a, float(sa or 0), b, float(sb or 0), scale_text, run_folder)
             results = []
             for number, (label, loras) in enumerate(asked):
-                args = session.edit_args(prompt=instruction, lora=session.lora_specs(loras), **settings)
+                specs = session.lora_specs([(base, float(sbase or 0)), *loras])  # the fixed LoRA under every variant
+                args = session.edit_args(prompt=instruction, lora=specs, **settings)
                 results.append((label, session.edit(source, args, cancelled, report(number)).image))
         size = results[0][1].size
         picture = grid_image([(source.convert("RGB").resize(size), *(edit for _, edit in results))],
                              ("input", *(label for label, _ in results)))
         return picture, [(edit, label) for label, edit in results], f"{len(results)} variants, {size[0]}x{size[1]}"
 
-    event = go.click(compare, [image, prompt, mode, lora_a, scale_a, lora_b, scale_b, scales, run, *fields],
-                     [grid, cells, status], concurrency_limit=1, concurrency_id="model")
+    event = go.click(compare, [image, prompt, mode, lora_a, scale_a, lora_b, scale_b, lora_base, scale_base, scales, run,
+                               *fields], [grid, cells, status], concurrency_limit=1, concurrency_id="model")
     cancels_page_job(session, cancel, event)
-    return [lora_a, lora_b]
+    return [lora_a, lora_b, lora_base]

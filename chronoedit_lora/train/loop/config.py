@@ -31,6 +31,11 @@ class TrainConfig:
     batch_size: int = 1  # pairs per process per step (drawn within one bucket)
     allow_outside: bool = False  # allow dataset paths outside the CSV's folder
     prompt_column: str = ""  # CSV column trained on; "" -> a row's caption_cot (written by a captioner) if filled, else its prompt
+    # adapters under the trained one, and previews as the LoRA will be used
+    base_loras: list[str] = field(default_factory=list)  # "FILE:SCALE" adapters fused into the base DiT before training (hooks with fp8_base), e.g. the 8-step distill LoRA; must stay the same on --resume
+    sample_loras: list[str] = field(default_factory=list)  # "FILE:SCALE" adapters stacked (as hooks) under the trained one for samples and eval_every, e.g. the distill LoRA when base_loras is empty
+    sample_preset: str = ""  # "distill": samples and eval_every edit with 8 steps, cfg 1, shift 2 (as `edit --preset distill`) instead of sample_steps / eval_steps
+    datasets: list[dict] = field(default_factory=list)  # [[datasets]] tables instead of `dataset`: csv, weight (share of each epoch's items) or repeat, and optionally height, width, max_pixels, prompt_column, prompt_dropout (see docs/training.md)
     # model
     model: str | None = None  # ChronoEdit-14B-Diffusers folder or Wan2.1 file folder
     dit: str | None = None  # override: DiT shard folder, index JSON or single file
@@ -159,7 +164,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 FUTURE_ONLY = frozenset({
     "max_steps", "epochs", "save_every", "keep_checkpoints", "min_free_mb", "sample_every", "sample_dataset",
     "sample_count", "sample_steps", "check_sync_every", "output", "cache", "cache_dir", "log_with", "tracker_project",
-    "sample_ema", "eval_every", "block_swap"})
+    "sample_ema", "eval_every", "block_swap", "sample_loras", "sample_preset"})
 
 
 def validate(config: TrainConfig) -> None:
@@ -207,6 +212,8 @@ def validate(config: TrainConfig) -> None:
     check_range("sample_steps", config.sample_steps, 1, MAX_STEPS)
     check_range("eval_steps", config.eval_steps, 0, MAX_STEPS)
     validate_evaluation(config)
+    validate_stacked_loras(config)
+    dataset_specs(config)
     check_range("max_pixels", config.max_pixels, 16 * 16)
     if config.trajectory_max_pixels is not None:
         check_range("trajectory_max_pixels", config.trajectory_max_pixels, 16 * 16)
@@ -293,6 +300,89 @@ def validate_recipe(config: TrainConfig) -> None:
     if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
         raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
                               "metadata.csv of pairs (input_image, edited_image, prompt).")
+
+
+def validate_stacked_loras(config: TrainConfig) -> None:
+    """base_loras and sample_loras name existing files with finite scales; sample_preset is known."""
+    from ...lora.io import parse_lora_spec
+    from ...sampling import PRESETS
+    from ...settings import check_choice
+
+    for key in ("base_loras", "sample_loras"):
+        for spec in getattr(config, key):
+            if not isinstance(spec, str):
+                raise ChronoEditError(f"{key}: each entry is a \"FILE:SCALE\" string, got {spec!r}.")
+            parse_lora_spec(spec, key)
+    if config.sample_preset:
+        check_choice("sample_preset", config.sample_preset, sorted(PRESETS))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One training CSV and how it is read and mixed (a ``[[datasets]]`` table, or the plain ``dataset``)."""
+
+    csv: str
+    weight: float | None = None  # share of each epoch's items (relative to the other tables' weights)
+    repeat: int = 1  # times each row is listed per epoch (without weights)
+    height: int | None = None
+    width: int | None = None
+    max_pixels: int = 1024 * 1024
+    prompt_column: str = ""
+    prompt_dropout: float = 0.0  # fraction of its items trained with an empty instruction
+
+
+DATASET_KEYS = ("csv", "weight", "repeat", "height", "width", "max_pixels", "prompt_column", "prompt_dropout")
+
+
+def dataset_specs(config: TrainConfig) -> list[DatasetSpec]:
+    """The training CSVs, each checked (a table's size and prompt settings default to the top-level ones)."""
+    from ...settings import check_range, check_size, did_you_mean
+
+    common = dict(height=config.height, width=config.width, max_pixels=config.max_pixels,
+                  prompt_column=config.prompt_column)
+    if not config.datasets:
+        return [DatasetSpec(config.dataset, repeat=config.repeat, **common)] if config.dataset else []
+    if config.dataset:
+        raise ChronoEditError("both `dataset` and [[datasets]] are set: list the CSV as one more [[datasets]] table.")
+    if config.repeat != 1:
+        raise ChronoEditError("`repeat` with [[datasets]]: set repeat (or weight) in each table instead.")
+    specs = []
+    for number, table in enumerate(config.datasets, 1):
+        where = f"[[datasets]] table {number}"
+        if not isinstance(table, dict):
+            raise ChronoEditError(f"{where}: expected a TOML table (csv = \"...\", weight = ...), got {table!r}.")
+        for key in table:
+            if key not in DATASET_KEYS:
+                raise ChronoEditError(f"{where}: unknown key {key!r}{did_you_mean(key, DATASET_KEYS)}; the keys are "
+                                      f"{', '.join(DATASET_KEYS)}.")
+        values = {**common, **table}
+        for key, kind in (("csv", str), ("prompt_column", str), ("repeat", int), ("max_pixels", int),
+                          ("weight", (int, float)), ("prompt_dropout", (int, float)), ("height", int), ("width", int)):
+            value = values.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ChronoEditError(f"{where}: {key} = {value!r} is not a {getattr(kind, '__name__', 'number')}.")
+        if not values.get("csv"):
+            raise ChronoEditError(f"{where}: no csv; write csv = \"data/my_pairs/metadata.csv\".")
+        if not Path(values["csv"]).is_file():
+            raise ChronoEditError(f"{where}: csv {values['csv']} not found.")
+        if "weight" in table and "repeat" in table:
+            raise ChronoEditError(f"{where}: weight and repeat both set; a weighted table's repeats follow from its "
+                                  "weight. Keep one.")
+        spec = DatasetSpec(**{k: float(v) if k in ("weight", "prompt_dropout") else v for k, v in values.items()})
+        if spec.weight is not None:
+            check_range(f"{where}: weight", spec.weight, 0, low_inclusive=False)
+        check_range(f"{where}: repeat", spec.repeat, 1)
+        check_range(f"{where}: max_pixels", spec.max_pixels, 16 * 16)
+        check_range(f"{where}: prompt_dropout", spec.prompt_dropout, 0, 1)
+        if spec.prompt_dropout == 1:
+            raise ChronoEditError(f"{where}: prompt_dropout = 1 drops every instruction; use a fraction below 1.")
+        check_size(spec.height, spec.width, prefix=f"{where}: ")
+        specs.append(spec)
+    weighted = [spec.weight is not None for spec in specs]
+    if any(weighted) and not all(weighted):
+        raise ChronoEditError("[[datasets]]: some tables have a weight and some not; give every table a weight "
+                              "(shares of each epoch), or none (repeats).")
+    return specs
 
 
 # How a run was started, not what it trains: never a difference worth listing.

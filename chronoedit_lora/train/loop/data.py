@@ -2,33 +2,41 @@
 
 from __future__ import annotations
 
+import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ...data import EditPairDataset, bucket_batches, check_dataset, format_report, has_fatal
 from ...data.buckets import share_batches
 from ...data.metadata import PAIR, TRAJECTORY
+from ...data.mixing import MixedDataset, weighted_counts
 from ...errors import ChronoEditError
-from ...sampling import check_schedule, default_shift, read_scheduler_config, resolve_scheduler
+from ...sampling import PRESETS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
 from ..state.checkpoint import Progress
-from .config import TrainConfig
+from .config import DatasetSpec, TrainConfig, dataset_specs
 
 
 def preflight(config: TrainConfig, output: Path) -> None:
     """Everything that can be checked before loading models: the dataset and the output folder."""
-    if not config.dataset:
-        raise ChronoEditError("no dataset: set `dataset` in the config or pass --dataset CSV.")
-    for csv_path in filter(None, (config.dataset, config.sample_dataset, config.eval_dataset, config.preservation_dataset)):
-        problems = check_dataset(csv_path, config.height, config.width, config.max_pixels, config.allow_outside,
-                                 trajectory_max_pixels=config.trajectory_max_pixels, prompt_column=config.prompt_column)
+    specs = dataset_specs(config)
+    if not specs:
+        raise ChronoEditError("no dataset: set `dataset` (or [[datasets]] tables) in the config or pass --dataset CSV.")
+    held_out = [replace(specs[0], csv=csv_path) for csv_path in (config.sample_dataset, config.eval_dataset,
+                                                                              config.preservation_dataset) if csv_path]
+    for spec in specs + held_out:
+        problems = check_dataset(spec.csv, spec.height, spec.width, spec.max_pixels, config.allow_outside,
+                                 trajectory_max_pixels=config.trajectory_max_pixels, prompt_column=spec.prompt_column)
         if has_fatal(problems):
-            raise ChronoEditError(f"{csv_path} cannot be used for training:\n{format_report(problems)}")
+            raise ChronoEditError(f"{spec.csv} cannot be used for training:\n{format_report(problems)}")
         if problems:
             print(format_report(problems))
     if config.sample_every:  # sample edits use the model folder's sampler, as `edit` does
         scheduler = read_scheduler_config(config.model)
-        check_schedule(resolve_scheduler(None, scheduler), config.sample_steps, default_shift(scheduler), scheduler,
-                       "sample_steps")
+        preset = PRESETS.get(config.sample_preset, {})
+        check_schedule(resolve_scheduler(None, scheduler), preset.get("steps", config.sample_steps),
+                       preset.get("shift", default_shift(scheduler)), scheduler,
+                       "sample_preset" if preset else "sample_steps")
     check_output_folder(output, config.min_free_mb * 2**20)
 
 
@@ -49,29 +57,60 @@ def check_output_folder(output: Path, min_free: int) -> None:
         )
 
 
+def _open(config: TrainConfig, spec: DatasetSpec) -> EditPairDataset:
+    return EditPairDataset(spec.csv, spec.height, spec.width, spec.max_pixels, spec.repeat, config.allow_outside,
+                           config.trajectory_max_pixels, spec.prompt_column)
+
+
+def training_items(config: TrainConfig) -> EditPairDataset | MixedDataset:
+    """The training CSV as it always was, or the [[datasets]] tables as one :class:`MixedDataset`:
+    with weights, the shortest epoch in which each table's share is its weight and every row of
+    every table comes at least once; else each table's rows times its repeat."""
+    specs = dataset_specs(config)
+    if not config.datasets:
+        return _open(config, specs[0])
+    parts = [_open(config, replace(spec, repeat=1)) for spec in specs]
+    rows = [len(part.pairs) for part in parts]
+    weights = [spec.weight for spec in specs]
+    if weights[0] is not None:
+        total = max(math.ceil(r * sum(weights) / w - 1e-9) for r, w in zip(rows, weights))
+        counts = weighted_counts(weights, total)
+    else:
+        counts = [r * spec.repeat for r, spec in zip(rows, specs)]
+    return MixedDataset(parts, counts, [spec.prompt_dropout for spec in specs], config.seed)
+
+
 class TrainingData:
     """The dataset plus a deterministic, resumable split of each epoch's batches across processes."""
 
     def __init__(self, config: TrainConfig):
-        self.dataset = self._open(config, config.dataset, config.repeat)
+        self.dataset = training_items(config)
         self.batch_size = config.batch_size
         self.seed = config.seed
         self.trajectory_share = config.trajectory_share
         self._epochs: dict[int, list[list[int]]] = {}
-        self.samples = self._open(config, config.sample_dataset, 1) if config.sample_dataset else self.dataset
+        # by default the first rows of the (first) training CSV, with their prompts (never dropped ones)
+        self.samples = (self._open(config, config.sample_dataset, 1) if config.sample_dataset
+                        else getattr(self.dataset, "parts", [self.dataset])[0])
         self.held_out = self._open(config, config.eval_dataset, 1) if config.eval_dataset else None
         self.preservation = self._open(config, config.preservation_dataset, 1) if config.preservation_dataset else None
         share, kinds = self.trajectory_share, set(self.dataset.kinds)
         if share is not None:  # before any model loads (share_batches would refuse only at the first epoch)
             missing = [kind for kind, asked in ((TRAJECTORY, share > 0), (PAIR, share < 1)) if asked and kind not in kinds]
             if missing:
-                raise ChronoEditError(f"trajectory_share = {share:g} asks for {missing[0]} batches, but {config.dataset} "
+                names = ", ".join(spec.csv for spec in dataset_specs(config))
+                raise ChronoEditError(f"trajectory_share = {share:g} asks for {missing[0]} batches, but {names} "
                                       f"has no {missing[0]} rows; add some, or leave trajectory_share unset.")
+
+    @property
+    def rows(self) -> int:
+        """Rows of the training CSVs, each counted once."""
+        return sum(len(part.pairs) for part in getattr(self.dataset, "parts", [self.dataset]))
 
     @staticmethod
     def _open(config: TrainConfig, csv_path: str, repeat: int) -> EditPairDataset:
-        return EditPairDataset(csv_path, config.height, config.width, config.max_pixels, repeat, config.allow_outside,
-                               config.trajectory_max_pixels, config.prompt_column)
+        return _open(config, DatasetSpec(csv_path, repeat=repeat, height=config.height, width=config.width,
+                                         max_pixels=config.max_pixels, prompt_column=config.prompt_column))
 
     def sample_items(self, count: int) -> list[dict]:
         """The first ``count`` rows of the sample dataset (held-out rows if one is configured), the
@@ -115,12 +154,13 @@ class TrainingData:
         usable = len(batches) // world * world
         return batches[rank:usable:world]
 
-    def items_trained(self, positions: list[tuple[int, int, int]], world: int) -> list[int]:
+    def items_trained(self, positions: list[tuple[int, int, int]], world: int) -> list[int] | list[str]:
         """Every item that the ``world`` processes trained on at these (epoch, start, batch) positions
         of their shares (:meth:`.checkpoint.Progress.position`), computed from the deterministic split
-        (no communication between ranks)."""
-        return sorted(i for epoch, start, batch in positions for rank in range(world)
-                      for i in self.rank_batches(epoch, rank, world, start)[batch])
+        (no communication between ranks); with [[datasets]], as ``D:ITEM`` labels (:meth:`.MixedDataset.label`)."""
+        items = sorted(i for epoch, start, batch in positions for rank in range(world)
+                       for i in self.rank_batches(epoch, rank, world, start)[batch])
+        return [self.dataset.label(i) for i in items] if isinstance(self.dataset, MixedDataset) else items
 
     def total_steps(self, progress: Progress, world: int, accumulation: int, epochs: int) -> int:
         """Optimizer steps of an ``epochs``-long run continued from ``progress`` on ``world`` processes,

@@ -11,6 +11,7 @@ when a run resumes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
@@ -20,19 +21,25 @@ from ..state import lora_export
 from ..state.checkpoint import Progress
 from .config import TrainConfig
 
+if TYPE_CHECKING:
+    from .samples import Preview
+
 BEST_NAME = "lora-best.safetensors"
 PREFIX = "eval/"  # of the evaluation's columns in logs/metrics.csv and its TensorBoard tags
 
 
 class TrainingEvaluation:
-    """Scores the DiT as it is now on the first ``eval_count`` rows of ``eval_dataset``."""
+    """Scores the DiT as it is now on the first ``eval_count`` rows of ``eval_dataset``, edited as
+    ``preview`` says (steps, cfg, shift, adapters stacked beneath the trained one)."""
 
-    def __init__(self, config: TrainConfig, held_out):
+    def __init__(self, config: TrainConfig, held_out, preview: Preview):
         from ...eval.held_out import EditSettings
 
         self.config = config
+        self.preview = preview
         self.items = [held_out[i] for i in range(min(config.eval_count, len(held_out)))]
-        self.settings = EditSettings(steps=config.eval_steps, cfg=1.0, seed=config.seed) if config.eval_steps else None
+        self.settings = (EditSettings(steps=preview.steps, cfg=preview.cfg, shift=preview.shift, seed=config.seed)
+                         if preview.steps else None)
         self.pairs = None  # encoded at the first evaluation, reused by every later one
 
     def fields(self) -> list[str]:
@@ -54,7 +61,8 @@ class TrainingEvaluation:
         was_training = pipe.dit.training
         pipe.dit.eval()
         try:
-            values, _ = score_current(pipe, self.pairs, self.settings, None)
+            with self.preview.stacked(pipe.dit):
+                values, _ = score_current(pipe, self.pairs, self.settings, None)
         finally:
             pipe.dit.train(was_training)
         return summarise(values)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from ...data.metadata import TRAJECTORY
 from ...errors import ChronoEditError
 from ...files import WriteError
-from ...lora.weights import ADAPTER_NAMES
+from ...lora.weights import ADAPTER_NAMES, LoraWeights
 from ...models.dit import compile_blocks
 from ...models.loading import DTYPES
 from ...settings import MAX_TRAIN_SEED, check_targets
@@ -122,11 +122,13 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         check_trainable(config.trainable, [name for name, _ in _skeleton(paths["dit"]).named_parameters()])
     else:
         check_targets(config.targets, dit_linear_layers(paths["dit"]))
+    base_loras, sample_loras = _checked_loras(config, paths["dit"])
     resume = choose_checkpoint(config, output, report=accelerator.is_main_process)
 
     # 2. Models: encoders frozen; the DiT gets LoRA layers (same init on every rank), or its
     # `trainable` weights train.
     from ...pipeline import ChronoEditPipeline
+    from .samples import Preview
 
     dtype = DTYPES[config.dtype]
     cache = open_cache(config, output, dtype, paths) if config.cache else None
@@ -139,6 +141,10 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
         **paths)
     loaded_encoders = cache is None or filled > 0 or encoders
+    for path, _, scale in base_loras:  # the base trained on (fp8 weights cannot absorb them: hooks there)
+        pipe.load_lora(path, scale, fuse=not config.fp8_base)
+    stacked = [(weights, scale) for _, weights, scale in sample_loras]
+    sample_preview = Preview.of(config.sample_steps, config.sample_preset, stacked)
     pair_inputs = PairInputs(pipe, data.dataset, cache)
     preservation = PairInputs(pipe, data.preservation) if data.preservation is not None else None
     set_seed(config.seed)
@@ -196,7 +202,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         + (f" ({trajectories} of them trajectories)" if trajectories else "") + f" ({accelerator.num_processes} process(es) on "
         f"{accelerator.device}, batch {config.batch_size} x accumulation {config.gradient_accumulation}): "
         f"{steps_per_epoch} steps per epoch, {total_steps} steps, checkpoints every {config.save_every} in {output}")
-    evaluation = TrainingEvaluation(config, data.held_out) if config.eval_every else None
+    evaluation = (TrainingEvaluation(config, data.held_out, Preview.of(config.eval_steps, config.sample_preset, stacked))
+                  if config.eval_every else None)
     log = TrainingLog(accelerator, output, total_steps, progress.step, config.tracker_project, config.to_json(),
                       extra_fields=(evaluation.fields() if evaluation else []) + ([PRESERVATION] if preservation else []))
     stop = _StopRequest()
@@ -249,7 +256,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
                 validation = None
                 if config.sample_every and (progress.step % config.sample_every == 0 or last):
                     with ema.swapped_in() if config.sample_ema else contextlib.nullcontext():
-                        validation = _sample(accelerator, pipe, data, config, output, progress.step, log)
+                        validation = _sample(accelerator, pipe, data, config, sample_preview, output, progress.step, log)
                 evaluated = None
                 if evaluation and evaluation.due(progress.step, last):
                     evaluated = evaluate_step(accelerator, pipe, module, evaluation, progress, config, output)
@@ -277,7 +284,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         lora = trained_state.gather(accelerator, config, module, None, ema, output)
         if accelerator.is_main_process:
             trained_state.write(lora, output, config, progress.step)
-            write_model_card(output, config, progress.step, len(data.dataset.pairs), data.dataset.pairs[0].prompt)
+            write_model_card(output, config, progress.step, data.rows, data.dataset.pairs[0].prompt)
             log.finish(lora_path, ADAPTER_NAMES[config.adapter])
     accelerator.wait_for_everyone()
     interrupted = stop.signal if stop.requested and progress.step < total_steps else None
@@ -343,6 +350,19 @@ def _skeleton(dit: Path) -> torch.nn.Module:
     from ...models.dit import inspect_dit, meta_dit
 
     return meta_dit(inspect_dit(dit))
+
+
+def _checked_loras(config: TrainConfig, dit: Path) -> tuple[list[tuple[Path, LoraWeights, float]], ...]:
+    """base_loras and sample_loras as (file, weights, scale), each read and checked (finite, fitting
+    the DiT from its headers) before any model loads."""
+    from ...lora import check_lora_file, parse_lora_spec
+
+    skeleton = _skeleton(dit) if config.base_loras or config.sample_loras else None
+    found = {}
+    for key in ("base_loras", "sample_loras"):
+        specs = [parse_lora_spec(spec, key) for spec in getattr(config, key)]
+        found[key] = [(path, check_lora_file(path, skeleton, f"{key} {path}"), scale) for path, scale in specs]
+    return found["base_loras"], found["sample_loras"]
 
 
 def dit_linear_layers(dit: Path) -> list[str]:
@@ -431,7 +451,7 @@ def _save(accelerator: Accelerator, module, optimizer, scheduler, ema: Exponenti
                               f"({getattr(exc, 'strerror', None) or exc}); {kept}.") from None
 
 
-def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, output: Path,
+def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainConfig, preview, output: Path,
             step: int, log: TrainingLog) -> float | None:
     """Main process: sample edits with the live adapter (grid and rows to the trackers too) and
     return the validation loss; the others wait."""
@@ -441,7 +461,7 @@ def _sample(accelerator: Accelerator, pipe, data: TrainingData, config: TrainCon
 
         path = output / "samples" / f"step-{step:06d}.png"
         items = data.sample_items(config.sample_count)
-        loss = sample_grid(pipe, items, path, config.sample_steps, config.seed)
+        loss = sample_grid(pipe, items, path, preview, config.seed)
         log.samples(path, items, step)
         accelerator.print(f"\nstep {step}: validation loss {loss:.4f}, samples {path}")
     accelerator.wait_for_everyone()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from ...files import write_text
 from ...lora.weights import ADAPTER_NAMES
-from ..loop.config import TrainConfig
+from ..loop.config import TrainConfig, dataset_specs
 from .lora_export import FINAL_NAME
 
 BASE_MODEL = "nvidia/ChronoEdit-14B-Diffusers"
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!])")  # what both CommonMark and Python-Markdown unescape
+_PLAIN_NAME = re.compile(r"[\w.:+-]+")
 _ENTITIES = {"|": "&#124;", "~": "&#126;", "=": "&#61;", ":": "&#58;"}  # table pipes, strike-through, setext, autolinks
 
 
@@ -63,10 +64,10 @@ the input image is frame 0, the edit the last frame), trained with chronoedit-lo
 
 | | |
 |---|---|
-| data | {pairs} before/after pairs from {markdown_text(Path(config.dataset).name)}, {size} |
+| data | {pairs} before/after pairs from {", ".join(markdown_text(Path(spec.csv).name) for spec in dataset_specs(config))}, {size} |
 | adapter | {name}{_lokr_shape(config)}, rank {config.rank}, alpha {config.alpha:g}, targets `{",".join(config.targets)}` |
 | steps | {steps} (batch {config.batch_size} x accumulation {config.gradient_accumulation} per process), learning rate {config.learning_rate:g} |
-| RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
+{_base_row(config)}| RoPE | `{config.rope}` ({"ChronoEdit's temporal skip, positions [0, 7]" if config.rope == "skip" else "positions [0, 1], as the original scripts"}) |
 
 Prompts follow the training data's form, for example:
 
@@ -77,7 +78,7 @@ Prompts follow the training data's form, for example:
 **chronoedit-lora**
 
 ```bash
-chronoedit-lora edit --model ChronoEdit-14B-Diffusers --lora {FINAL_NAME} \\
+chronoedit-lora edit --model ChronoEdit-14B-Diffusers{_base_flags(config)} --lora {FINAL_NAME} \\
   --image input.png --prompt "..." --output edited.png
 ```
 
@@ -85,6 +86,22 @@ chronoedit-lora edit --model ChronoEdit-14B-Diffusers --lora {FINAL_NAME} \\
 **ComfyUI**: put `{FINAL_NAME}` in `models/loras/` and load it with a LoRA loader on the ChronoEdit
 model (its keys are `diffusion_model.blocks.N.…`, which ComfyUI maps{_comfy_keys(config.adapter)}).
 """
+
+
+def _base_row(config: TrainConfig) -> str:
+    """The table row naming the adapters the base was trained with (none: no row)."""
+    if not config.base_loras:
+        return ""
+    names = ", ".join(f"`{markdown_text(Path(spec).name)}`" for spec in config.base_loras)
+    return f"| base | trained on the base with {names} fused in (FILE:SCALE): load it with them, in this order |\n"
+
+
+def _base_flags(config: TrainConfig) -> str:
+    """``--lora`` flags for the base's adapters, and the distill preset where the run previewed with it."""
+    names = [Path(spec).name for spec in config.base_loras]  # a name with other characters is not put in a code block
+    flags = "".join(f" --lora {name if _PLAIN_NAME.fullmatch(name) else f'BASE_LORA_{i + 1}'}"
+                    for i, name in enumerate(names))
+    return flags + (f" --preset {config.sample_preset}" if config.sample_preset else "")
 
 
 def _lokr_shape(config: TrainConfig) -> str:

@@ -173,6 +173,11 @@ def choose_checkpoint(config: TrainConfig, output: Path, report: bool = True) ->
     if saved.get("finetune", "lora") != config.finetune:
         raise ChronoEditError(f"--resume: {chosen} is a finetune = {saved.get('finetune', 'lora')!r} run; this one is "
                               f"{config.finetune!r}. Resume it with its own mode, or start over with --overwrite.")
+    if saved.get("base_loras", []) != config.base_loras:
+        raise ChronoEditError(f"--resume: {chosen} was trained on the base with base_loras = {saved.get('base_loras', [])!r}; "
+                              f"this run has {config.base_loras!r}. The trained weights only fit the base they were "
+                              "trained on (even with --allow_changes): resume with the same base_loras, or start "
+                              "over with --overwrite.")
     allowed, refused = changed_settings(saved, config)
     if refused and not config.allow_changes:
         raise ChronoEditError(f"--resume: these settings differ from the run being resumed ({chosen}):\n  "
