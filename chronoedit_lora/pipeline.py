@@ -10,6 +10,7 @@ RoPE applied around the DiT call; the sampler is the model folder's UniPC or Dif
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
+from .models.context_cache import ContextCache, context_cache
 from .models.dit import compile_blocks
 from .models.rope import chronoedit_model_fn
 from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
@@ -219,18 +221,25 @@ class ChronoEditPipeline:
 
     def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                         context_neg: torch.Tensor | None, clip_feature: torch.Tensor, y: torch.Tensor,
-                        cfg: float, batched: bool = True) -> torch.Tensor:
+                        cfg: float, batched: bool = True, caches: Sequence[ContextCache] = ()) -> torch.Tensor:
         """The velocity with classifier-free guidance (none when ``context_neg`` is None): prompt and
-        negative prompt in one DiT call of batch 2 (``batched``), or in two calls."""
+        negative prompt in one DiT call of batch 2 (``batched``), or in two calls. Each call runs in
+        its guidance branch (``cond``, ``uncond`` or ``pair``) of every cache in ``caches``."""
+        def call(branch: str, *inputs: torch.Tensor) -> torch.Tensor:
+            with ExitStack() as stack:
+                for cache in caches:
+                    stack.enter_context(cache.branch(branch))
+                return self.predict_velocity(*inputs)
+
         if context_neg is None:
-            return self.predict_velocity(latents, timestep, context, clip_feature, y)
+            return call("cond", latents, timestep, context, clip_feature, y)
         if batched:
-            pair = self.predict_velocity(torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
-                                         torch.cat([clip_feature] * 2), torch.cat([y] * 2))
+            pair = call("pair", torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
+                        torch.cat([clip_feature] * 2), torch.cat([y] * 2))
             cond, uncond = pair.chunk(2)
         else:
-            cond = self.predict_velocity(latents, timestep, context, clip_feature, y)
-            uncond = self.predict_velocity(latents, timestep, context_neg, clip_feature, y)
+            cond = call("cond", latents, timestep, context, clip_feature, y)
+            uncond = call("uncond", latents, timestep, context_neg, clip_feature, y)
         return uncond + cfg * (cond - uncond)
 
     @torch.no_grad()
@@ -258,6 +267,7 @@ class ChronoEditPipeline:
         tile_stride: tuple[int, int] = TILE_STRIDE,
         chunk: int = 8,
         on_step: Callable[[int, int], None] | None = None,
+        context_cache: bool = True,
     ) -> Iterator[EditResult]:
         """Edit each request, yielding the results in order.
 
@@ -269,6 +279,8 @@ class ChronoEditPipeline:
         one DiT call of batch 2 per step instead of two. ``vae_tiling``: ``auto`` (tile frames above
         :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
         ``on_step(i, steps)`` is called before each denoising step (progress; raising in it stops the edit).
+        ``context_cache``: reuse the context's cross-attention K/V at every step (exact; see
+        :mod:`chronoedit_lora.models.context_cache`).
         """
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
@@ -282,7 +294,8 @@ class ChronoEditPipeline:
             clip_features = [self.encode_image(image) for image in images]
             ys = [self.condition_latents(image, num_frames, tile) for image, tile in zip(images, tiles)]
             denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
-                                     temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step)
+                                     temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step,
+                                     context_cache)
                         for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
             for request, (latents, reasoning_clip), tile in zip(group, denoised, tiles):
                 _refuse_non_finite(latents, "denoised latents", request)
@@ -304,8 +317,10 @@ class ChronoEditPipeline:
     def denoise(self, context: torch.Tensor, context_neg: torch.Tensor | None, clip_feature: torch.Tensor,
                 y: torch.Tensor, seed: int, steps: int, cfg: float, shift: float | None, temporal_reasoning_steps: int,
                 scheduler: str | None, batched_guidance: bool, progress: bool,
-                on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut."""
+                on_step: Callable[[int, int], None] | None = None,
+                reuse_context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut
+        (``reuse_context``: the context K/V computed once, see :meth:`edit_many`)."""
         sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
                                default_shift(self.scheduler_config) if shift is None else shift,
                                self.scheduler_config, self.device)
@@ -314,16 +329,19 @@ class ChronoEditPipeline:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
-        for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
-            if on_step is not None:
-                on_step(i, len(sampler.timesteps))
-            if temporal_reasoning_steps and i == temporal_reasoning_steps:
-                reasoning_clip = denoised
-                latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
-                sampler.keep_frames(EDIT_LATENTS)
-            velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg, batched_guidance)
-            denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
-            latents = sampler.step(velocity, i, latents)
+        with context_cache(self.dit, reuse_context) as kv:
+            caches = [kv] if kv is not None else []
+            for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
+                if on_step is not None:
+                    on_step(i, len(sampler.timesteps))
+                if temporal_reasoning_steps and i == temporal_reasoning_steps:
+                    reasoning_clip = denoised
+                    latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
+                    sampler.keep_frames(EDIT_LATENTS)
+                velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg,
+                                                batched_guidance, caches)
+                denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
+                latents = sampler.step(velocity, i, latents)
         return latents, reasoning_clip
 
     @torch.no_grad()
