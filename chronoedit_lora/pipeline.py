@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
 from .models.context_cache import ContextCache, context_cache
+from .step_cache import Calibration, StepCache, StepCacheSpec, check_step_cache
 from .models.dit import compile_blocks
 from .models.rope import chronoedit_model_fn
 from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
@@ -209,27 +210,30 @@ class ChronoEditPipeline:
                                                        **tiles.kwargs())["y"]
 
     # -- sampling -----------------------------------------------------------------------------
-    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One DiT evaluation with ChronoEdit's temporal positions."""
+    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor,
+                         stack: torch.nn.Module | None = None) -> torch.Tensor:
+        """One DiT evaluation with ChronoEdit's temporal positions (``stack``: in place of the block loop,
+        see :func:`~chronoedit_lora.models.rope.chronoedit_model_fn`)."""
         self.placement.use("dit")
         out = chronoedit_model_fn(
             self.dit, latents.to(self.dtype), timestep.to(self.dtype).reshape(1),
-            skip_len=self.components.temporal_skip_len, rope=self.rope,
+            skip_len=self.components.temporal_skip_len, rope=self.rope, stack=stack,
             context=context, clip_feature=clip_feature, y=y, use_unified_sequence_parallel=self.sequence_parallel,
         )
         return out.float()
 
     def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                         context_neg: torch.Tensor | None, clip_feature: torch.Tensor, y: torch.Tensor,
-                        cfg: float, batched: bool = True, caches: Sequence[ContextCache] = ()) -> torch.Tensor:
+                        cfg: float, batched: bool = True, kv: ContextCache | None = None,
+                        step_cache: StepCache | None = None) -> torch.Tensor:
         """The velocity with classifier-free guidance (none when ``context_neg`` is None): prompt and
         negative prompt in one DiT call of batch 2 (``batched``), or in two calls. Each call runs in
-        its guidance branch (``cond``, ``uncond`` or ``pair``) of every cache in ``caches``."""
+        its guidance branch (``cond``, ``uncond`` or ``pair``) of the context cache ``kv`` and the step cache."""
         def call(branch: str, *inputs: torch.Tensor) -> torch.Tensor:
-            with ExitStack() as stack:
-                for cache in caches:
-                    stack.enter_context(cache.branch(branch))
-                return self.predict_velocity(*inputs)
+            with ExitStack() as entered:
+                for cache in filter(None, (kv, step_cache)):
+                    entered.enter_context(cache.branch(branch))
+                return self.predict_velocity(*inputs, stack=step_cache.stack() if step_cache else None)
 
         if context_neg is None:
             return call("cond", latents, timestep, context, clip_feature, y)
@@ -268,6 +272,9 @@ class ChronoEditPipeline:
         chunk: int = 8,
         on_step: Callable[[int, int], None] | None = None,
         context_cache: bool = True,
+        step_cache: StepCacheSpec | None = None,
+        cache_calibration: Calibration | None = None,
+        step_caches: list[StepCache] | None = None,
     ) -> Iterator[EditResult]:
         """Edit each request, yielding the results in order.
 
@@ -280,8 +287,12 @@ class ChronoEditPipeline:
         :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
         ``on_step(i, steps)`` is called before each denoising step (progress; raising in it stops the edit).
         ``context_cache``: reuse the context's cross-attention K/V at every step (exact; see
-        :mod:`chronoedit_lora.models.context_cache`).
+        :mod:`chronoedit_lora.models.context_cache`). ``step_cache``: skip steps by reusing the block
+        stack's residual (:mod:`chronoedit_lora.step_cache`; ``cache_calibration`` its measurements);
+        each edit's :class:`~chronoedit_lora.step_cache.StepCache` is appended to ``step_caches`` if given
+        (its computed and skipped calls).
         """
+        check_step_cache(step_cache, steps, temporal_reasoning_steps, cache_calibration)
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
         for start in range(0, len(requests), chunk):
@@ -295,7 +306,8 @@ class ChronoEditPipeline:
             ys = [self.condition_latents(image, num_frames, tile) for image, tile in zip(images, tiles)]
             denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
                                      temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step,
-                                     context_cache)
+                                     context_cache, self._step_cache(step_cache, steps, temporal_reasoning_steps,
+                                                                     cache_calibration, step_caches))
                         for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
             for request, (latents, reasoning_clip), tile in zip(group, denoised, tiles):
                 _refuse_non_finite(latents, "denoised latents", request)
@@ -303,6 +315,19 @@ class ChronoEditPipeline:
                 _refuse_non_finite(video, "decoded frames", request)
                 frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
                 yield EditResult(image=frames[-1], frames=frames, video=video)
+
+    def _step_cache(self, spec: StepCacheSpec | None, steps: int, reasoning_steps: int,
+                    calibration: Calibration | None, kept: list[StepCache] | None) -> StepCache | None:
+        """A fresh step cache for one edit (kept in ``kept``), or None."""
+        if spec is None:
+            return None
+        if self.sequence_parallel:
+            raise ChronoEditError("--step-cache cannot be combined with --sequence-parallel: each rank would "
+                                  "decide its skips on its own share of the tokens; drop one of them.")
+        cache = StepCache(self.dit, spec, steps, reasoning_steps, calibration)
+        if kept is not None:
+            kept.append(cache)
+        return cache
 
     @staticmethod
     def _sized(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
@@ -318,9 +343,9 @@ class ChronoEditPipeline:
                 y: torch.Tensor, seed: int, steps: int, cfg: float, shift: float | None, temporal_reasoning_steps: int,
                 scheduler: str | None, batched_guidance: bool, progress: bool,
                 on_step: Callable[[int, int], None] | None = None,
-                reuse_context: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                reuse_context: bool = True, step_cache: StepCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut
-        (``reuse_context``: the context K/V computed once, see :meth:`edit_many`)."""
+        (``reuse_context``: the context K/V computed once; ``step_cache``: this edit's, see :meth:`edit_many`)."""
         sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
                                default_shift(self.scheduler_config) if shift is None else shift,
                                self.scheduler_config, self.device)
@@ -330,7 +355,6 @@ class ChronoEditPipeline:
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
         with context_cache(self.dit, reuse_context) as kv:
-            caches = [kv] if kv is not None else []
             for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
                 if on_step is not None:
                     on_step(i, len(sampler.timesteps))
@@ -338,8 +362,10 @@ class ChronoEditPipeline:
                     reasoning_clip = denoised
                     latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
                     sampler.keep_frames(EDIT_LATENTS)
+                if step_cache is not None:
+                    step_cache.step = i
                 velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg,
-                                                batched_guidance, caches)
+                                                batched_guidance, kv, step_cache)
                 denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
                 latents = sampler.step(velocity, i, latents)
         return latents, reasoning_clip
