@@ -87,23 +87,28 @@ def always_computed(method: str, step: int, steps: int, reasoning_steps: int) ->
     return step < warmup_steps(method, steps) or step <= reasoning_steps or step == steps - 1
 
 
+def check_skippable(spec: StepCacheSpec, steps: int, reasoning_steps: int, flag: str = "--step-cache") -> None:
+    """Refuse a step cache that could skip nothing (a schedule no longer than its warm-up plus the
+    steps always computed)."""
+    if all(always_computed(spec.method, i, steps, reasoning_steps) for i in range(steps)):
+        raise ChronoEditError(
+            f"{flag} {spec.method}: with {steps} steps every step must be computed (the first "
+            f"{warmup_steps(spec.method, steps)} as warm-up, the last, and temporal reasoning's steps 0-"
+            f"{reasoning_steps} if any); use more --steps, fewer --temporal-reasoning-steps, or drop {flag}.")
+
+
 def check_step_cache(spec: StepCacheSpec | None, steps: int, reasoning_steps: int,
                      calibration: Calibration | None = None, flag: str = "--step-cache") -> None:
-    """Refuse a step cache that could skip nothing (a schedule no longer than its warm-up plus the
-    steps always computed), and MagCache without a calibration of this step count."""
+    """:func:`check_skippable`, and MagCache without a calibration of this step count refused."""
     if spec is None:
         return
+    check_skippable(spec, steps, reasoning_steps, flag)
     if spec.method == "mag" and calibration is None:
         raise ChronoEditError(f"{flag} mag needs --cache-calibration FILE (its per-step ratios); write one "
                               "with `chronoedit-lora calibrate-cache`.")
     if spec.method == "mag" and calibration.steps != steps:
         raise ChronoEditError(f"--cache-calibration was measured with {calibration.steps} steps, the edit has "
                               f"{steps}: MagCache's ratios are per step; calibrate with --steps {steps}.")
-    if all(always_computed(spec.method, i, steps, reasoning_steps) for i in range(steps)):
-        raise ChronoEditError(
-            f"{flag} {spec.method}: with {steps} steps every step must be computed (the first "
-            f"{warmup_steps(spec.method, steps)} as warm-up, the last, and temporal reasoning's steps 0-"
-            f"{reasoning_steps} if any); use more --steps, fewer --temporal-reasoning-steps, or drop {flag}.")
 
 
 # -- calibration files ----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _check_settings(args: argparse.Namespace, settings: dict) -> None:
         raise ChronoEditError("eval runs in one process; drop --sequence-parallel (use --offload on a small GPU).")
 
 
-def _held_out_items(args: argparse.Namespace) -> list[dict]:
+def held_out_items(args: argparse.Namespace) -> list[dict]:
     """The held-out rows as training clips, every file checked first."""
     from ..data import EditPairDataset, check_dataset, format_report, has_fatal
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.loss_only and any((args.lpips, args.clip, args.dino, args.judge)):
         raise ChronoEditError("--loss-only makes no edits, so --lpips/--clip/--dino/--judge have nothing to score.")
     folders.check()
-    items = _held_out_items(args)
+    items = held_out_items(args)
     _check_loras(args, checkpoints)
 
     from ..eval.figures import write_figures
