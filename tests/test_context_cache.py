@@ -101,6 +101,16 @@ def test_lora_scale_changed_in_the_web_app_session_is_recomputed(tiny_diffusers,
     assert "--no-context-cache" in session.command(session.edit_args(context_cache=False))
 
 
+def test_the_web_app_step_cache_control_reaches_the_edit_and_its_command():
+    """The step-cache dropdown (beside steps and cfg, shared by Edit and Compare) becomes --step-cache."""
+    from chronoedit_lora.ui.edit import NO_STEP_CACHE, STEP_CACHES, SIDECAR_SETTINGS, form_settings
+
+    assert "mag:fast" in STEP_CACHES and "step_cache" in SIDECAR_SETTINGS
+    form = ("none", 8, 5, "first-block:fast", "", "model default", 0, 0, 0)
+    assert form_settings(*form)["step_cache"] == "first-block:fast"
+    assert form_settings(*form[:3], NO_STEP_CACHE, *form[4:])["step_cache"] is None
+
+
 def test_never_active_under_autograd(pipe):
     """Training's forward (gradients on) computes the projections as DiffSynth does, cache or not."""
     attention = pipe.dit.blocks[0].cross_attn

@@ -137,3 +137,21 @@ def test_calibration_round_trips(calibration, tmp_path):
     assert read_calibration(path) == calibration
     with pytest.raises(ChronoEditError, match="measured with 6 steps, the edit has 9"):
         StepCache(None, parse_step_cache("mag"), 9, calibration=calibration)
+
+
+def test_eval_scores_cached_edits_against_uncached(pipe):
+    """eval --step-cache: a pair row's cached edit scored against its uncached edit; a trajectory row
+    (temporal reasoning throughout) is edited uncached and not scored."""
+    from chronoedit_lora.data import EditPairDataset
+    from chronoedit_lora.eval.held_out import EditSettings, encode_pairs
+    from chronoedit_lora.eval.metrics import QUANTILES
+    from chronoedit_lora.eval.runner import score_current
+
+    from .test_train import EXAMPLE
+
+    dataset = EditPairDataset(EXAMPLE / "with_trajectories.csv", 32, 32)
+    pairs = encode_pairs(pipe, [dataset[0], dataset[12]], len(QUANTILES))
+    exact, _ = score_current(pipe, pairs, EditSettings(steps=4, step_cache=StepCacheSpec("first-block", 0.0)), None)
+    skipping, _ = score_current(pipe, pairs, EditSettings(steps=4, step_cache=StepCacheSpec("first-block", 1e9)), None)
+    assert exact["cache_psnr"] == [100.0] and exact["cache_saved"] == [0.0]
+    assert skipping["cache_saved"] == [0.5] and skipping["cache_psnr"][0] < 100.0  # steps 1 and 2 of 0-3 skipped

@@ -107,10 +107,11 @@ def check_sampling(args: argparse.Namespace, settings: dict) -> None:
 
 
 def step_cache_options(args: argparse.Namespace, settings: dict) -> dict:
-    """``--step-cache`` and ``--cache-calibration`` as ``edit_many`` arguments, checked (the file read)."""
+    """``--step-cache`` and ``--cache-calibration`` as ``edit_many`` arguments, checked (the file read;
+    ``eval`` has no --temporal-reasoning-steps: its trajectory rows are edited uncached)."""
     spec = parse_step_cache(args.step_cache)
     calibration = read_calibration(args.cache_calibration) if args.cache_calibration else None
-    check_step_cache(spec, settings["steps"], args.temporal_reasoning_steps, calibration)
+    check_step_cache(spec, settings["steps"], getattr(args, "temporal_reasoning_steps", 0), calibration)
     return {"step_cache": spec, "cache_calibration": calibration}
 
 

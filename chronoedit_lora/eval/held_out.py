@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..data.metadata import TRAJECTORY
 from ..pipeline import EDIT_LATENTS, ChronoEditPipeline
-from ..step_cache import StepCache
+from ..step_cache import Calibration, StepCache, StepCacheSpec
 from ..train.loop.inputs import encode_clip
 from ..video import tensor_to_pil
 
@@ -45,6 +45,8 @@ class EditSettings:
     seed: int = 0
     negative_prompt: str = ""
     batched_guidance: bool = True
+    step_cache: StepCacheSpec | None = None  # edits cached, and scored against uncached ones too
+    cache_calibration: Calibration | None = None
 
 
 @torch.no_grad()
