@@ -94,3 +94,13 @@ def test_edit_latency_bench_compares_the_caches(tmp_path):
     assert calls["uncached"] == calls["context + mag:0"] == {"dit_calls": 6, "stack_passes": 6}
     assert calls["context + first-block:1e9"] == {"dit_calls": 6, "stack_passes": 2}  # first and last computed
     assert difference["context + first-block:1e9"] > 0
+
+
+@pytest.mark.slow
+def test_vs_diffusers_edit_bench_adds_the_cached_kit_sides(tmp_path):
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--repeats", "1", "--caches", "--step-caches",
+                   "first-block:0", json_path=tmp_path / "edit.json")
+    assert set(figures["runs"]) == {"kit", "diffusers", "kit uncached", "kit first-block:0"}
+    caches = figures["summary"]["caches"]
+    assert caches["kit"]["png_difference_levels"] == caches["kit first-block:0"]["png_difference_levels"] == 0
+    assert caches["kit"]["vs_uncached"]["edit_s"]["median"] > 0
