@@ -146,11 +146,12 @@ def main() -> None:
     parser.add_argument("--model", help="an existing checkpoint folder (diffusers layout) instead of writing one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads in each child")
+    parser.add_argument("--steps", type=int, help="denoising steps instead of the size's (a step cache needs 3 or more)")
     parser.add_argument("--caches", action="store_true", help="also the uncached kit and the kit with step caches")
     parser.add_argument("--step-caches", default="first-block:fast,tea:fast", help="with --caches: --step-cache values")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    settings = SETTINGS[args.size]
+    settings = {**SETTINGS[args.size], **({"steps": args.steps} if args.steps else {})}
     extras = {"kit": (), "diffusers": None}
     if args.caches:
         extras |= {"kit uncached": ("--no-context-cache",)}

@@ -98,7 +98,7 @@ def test_edit_latency_bench_compares_the_caches(tmp_path):
 
 @pytest.mark.slow
 def test_vs_diffusers_edit_bench_adds_the_cached_kit_sides(tmp_path):
-    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--repeats", "1", "--caches", "--step-caches",
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--steps", "3", "--repeats", "1", "--caches", "--step-caches",
                    "first-block:0", json_path=tmp_path / "edit.json")
     assert set(figures["runs"]) == {"kit", "diffusers", "kit uncached", "kit first-block:0"}
     caches = figures["summary"]["caches"]

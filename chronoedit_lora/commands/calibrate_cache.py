@@ -18,10 +18,9 @@ from ..errors import ChronoEditError
 from ..files import atomic_write, check_writable
 from ..lora import parse_lora_spec
 from ..settings import check_range
-from ..sampling import SCHEDULERS
 from ..step_cache import METHODS, PRESETS, StepCacheSpec, check_skippable, parse_step_cache
-from .edit import DEFAULTS, check_sampling, sampling_settings
-from .eval import held_out_items
+from .edit import check_sampling, sampling_settings
+from .eval import add_sampling_arguments, held_out_items
 from .model_args import add_model_arguments, model_options
 
 
@@ -37,12 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pixel budget of the aspect buckets without --height/--width")
     parser.add_argument("--allow-outside", action="store_true", help="allow dataset paths outside the CSV's folder")
     parser.add_argument("--output", required=True, help="the calibration JSON to write")
-    parser.add_argument("--steps", type=int, help=f"denoising steps, as the edits will use (default {DEFAULTS['steps']})")
-    parser.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
-    parser.add_argument("--shift", type=float, help="flow shift (default: the model folder's scheduler config, else 5.0)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model folder's)")
-    parser.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every edit's initial noise")
+    add_sampling_arguments(parser)  # calibrate with the steps, cfg, shift and sampler the edits will use
     parser.add_argument("--check", nargs="?", const="presets", metavar="SETTINGS",
                         help="also score cached edits against the uncached ones: comma-separated --step-cache "
                              "values (default: " + ", ".join(f"{m}:{p}" for m in METHODS for p in PRESETS[m]) + ")")
@@ -61,7 +55,6 @@ def check_specs(value: str | None, steps: int) -> list[StepCacheSpec]:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.preset = None
     settings = sampling_settings(args)
     check_sampling(args, settings)
     check_range("--max-pixels", args.max_pixels, 16 * 16)

@@ -37,13 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--allow-outside", action="store_true", help="allow dataset paths outside the CSV's folder")
     edits = parser.add_argument_group("edits")
     edits.add_argument("--loss-only", action="store_true", help="the held-out loss only: no edits, no image metrics")
-    edits.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
-    edits.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
-    edits.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
-    edits.add_argument("--shift", type=float, help="flow shift (default: the model folder's scheduler config, else 5.0)")
-    edits.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model folder's)")
-    edits.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
-    edits.add_argument("--seed", type=int, default=0, help="seed of every edit's initial noise and of the loss noise")
+    add_sampling_arguments(edits)
     edits.add_argument("--offload", choices=OFFLOAD_MODES, default="auto", help="as for edit (no effect on a CPU)")
     edits.add_argument("--step-cache", metavar="METHOD[:LEVEL]",
                        help="edit with this step cache (as for edit) and also uncached: the cache_psnr, cache_ssim "
@@ -56,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scorers.add_argument("--dino", metavar="DIR", help="a transformers Dinov2Model folder: DINOv2 similarity")
     scorers.add_argument("--judge", metavar="DIR", help="a local vision-language model folder (Qwen2.5-VL, Qwen3-VL): "
                                                         "VIEScore-style 0-10 scores with reasons")
+
+
+def add_sampling_arguments(group: argparse._ActionsContainer) -> None:
+    """The held-out edits' sampling flags (``eval`` and ``calibrate-cache``)."""
+    group.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
+    group.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
+    group.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
+    group.add_argument("--shift", type=float, help="flow shift (default: the model folder's scheduler config, else 5.0)")
+    group.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model folder's)")
+    group.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of every edit's initial noise (and of eval's loss noise)")
 
 
 def _check_settings(args: argparse.Namespace, settings: dict) -> None:
