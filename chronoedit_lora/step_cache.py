@@ -213,13 +213,16 @@ class TeaDecision:
 
     def __init__(self, coefficients: list[float]) -> None:
         self.polynomial = np.poly1d(coefficients)
+        self.reset()
+
+    def reset(self) -> None:
         self.accumulated = 0.0
 
     def skip(self, change: float, threshold: float) -> bool:
         self.accumulated += float(self.polynomial(change))
         if self.accumulated < threshold:
             return True
-        self.accumulated = 0.0
+        self.reset()
         return False
 
 
@@ -234,10 +237,7 @@ def predicted_plan(spec: StepCacheSpec, calibration: Calibration, reasoning_step
     for i in range(steps):
         if always_computed(spec.method, i, steps, reasoning_steps):
             plan.append(True)
-            if spec.method == "mag":
-                decision.reset()
-            else:
-                decision.accumulated = 0.0
+            decision.reset()
         else:
             plan.append(not decision.skip(values[i], spec.threshold))
     return plan
@@ -245,6 +245,7 @@ def predicted_plan(spec: StepCacheSpec, calibration: Calibration, reasoning_step
 
 # -- the runtime ------------------------------------------------------------------------------------
 def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    """mean |new - old| / mean |old|."""
     return ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
 
 
@@ -310,10 +311,8 @@ class StepCache:
                 state.first_residual = first
             return skip
         if forced:
-            if isinstance(state.decision, MagDecision):
+            if state.decision is not None:
                 state.decision.reset()
-            elif isinstance(state.decision, TeaDecision):
-                state.decision.accumulated = 0.0
             return False
         if spec.method == "mag":
             return state.decision.skip(self.calibration.mag_ratios[step], spec.threshold)
