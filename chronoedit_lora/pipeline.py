@@ -292,7 +292,8 @@ class ChronoEditPipeline:
         each edit's :class:`~chronoedit_lora.step_cache.StepCache` is appended to ``step_caches`` if given
         (its computed and skipped calls).
         """
-        check_step_cache(step_cache, steps, temporal_reasoning_steps, cache_calibration)
+        check_step_cache(step_cache, steps, temporal_reasoning_steps, cache_calibration,
+                         sequence_parallel=self.sequence_parallel)
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
         for start in range(0, len(requests), chunk):
@@ -321,9 +322,6 @@ class ChronoEditPipeline:
         """A fresh step cache for one edit (kept in ``kept``), or None."""
         if spec is None:
             return None
-        if self.sequence_parallel:
-            raise ChronoEditError("--step-cache cannot be combined with --sequence-parallel: each rank would "
-                                  "decide its skips on its own share of the tokens; drop one of them.")
         cache = StepCache(self.dit, spec, steps, reasoning_steps, calibration)
         if kept is not None:
             kept.append(cache)

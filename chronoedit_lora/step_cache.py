@@ -98,10 +98,15 @@ def check_skippable(spec: StepCacheSpec, steps: int, reasoning_steps: int, flag:
 
 
 def check_step_cache(spec: StepCacheSpec | None, steps: int, reasoning_steps: int,
-                     calibration: Calibration | None = None, flag: str = "--step-cache") -> None:
-    """:func:`check_skippable`, and MagCache without a calibration of this step count refused."""
+                     calibration: Calibration | None = None, flag: str = "--step-cache",
+                     sequence_parallel: bool = False) -> None:
+    """:func:`check_skippable`; MagCache without a calibration of this step count, and any step cache
+    under sequence parallelism (each rank would decide on its own share of the tokens), refused."""
     if spec is None:
         return
+    if sequence_parallel:
+        raise ChronoEditError(f"{flag} cannot be combined with --sequence-parallel: each rank would decide its "
+                              "skips on its own share of the tokens; drop one of them.")
     check_skippable(spec, steps, reasoning_steps, flag)
     if spec.method == "mag" and calibration is None:
         raise ChronoEditError(f"{flag} mag needs --cache-calibration FILE (its per-step ratios); write one "

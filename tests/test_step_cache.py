@@ -102,13 +102,14 @@ def test_reasoning_steps_and_the_drop_are_never_skipped(pipe, request_):
     ("mag", 8, 0, "needs --cache-calibration"),
     ("pyramid", 8, 0, "must be one of first-block, mag, tea"),
     ("tea:-1", 8, 0, "a threshold >= 0"),
+    ("tea --sequence-parallel", 8, 0, "cannot be combined with --sequence-parallel"),
 ])
 def test_unsound_settings_are_refused_by_name(tiny_diffusers, input_image, tmp_path, capsys, value, steps, reasoning,
                                               message):
     input_image.save(tmp_path / "in.png")
     code = main(["edit", "--model", str(tiny_diffusers), "--image", str(tmp_path / "in.png"), "--prompt", "x",
                  "--output", str(tmp_path / "out.png"), "--steps", str(steps), "--temporal-reasoning-steps",
-                 str(reasoning), "--step-cache", value])
+                 str(reasoning), "--step-cache", *value.split()])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "--step-cache" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.png").exists()

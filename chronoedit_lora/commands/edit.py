@@ -111,7 +111,8 @@ def step_cache_options(args: argparse.Namespace, settings: dict) -> dict:
     ``eval`` has no --temporal-reasoning-steps: its trajectory rows are edited uncached)."""
     spec = parse_step_cache(args.step_cache)
     calibration = read_calibration(args.cache_calibration) if args.cache_calibration else None
-    check_step_cache(spec, settings["steps"], getattr(args, "temporal_reasoning_steps", 0), calibration)
+    check_step_cache(spec, settings["steps"], getattr(args, "temporal_reasoning_steps", 0), calibration,
+                     sequence_parallel=args.sequence_parallel)
     return {"step_cache": spec, "cache_calibration": calibration}
 
 
