@@ -156,3 +156,10 @@ def test_eval_scores_cached_edits_against_uncached(pipe):
     skipping, _ = score_current(pipe, pairs, EditSettings(steps=4, step_cache=StepCacheSpec("first-block", 1e9)), None)
     assert exact["cache_psnr"] == [100.0] and exact["cache_saved"] == [0.0]
     assert skipping["cache_saved"] == [0.5] and skipping["cache_psnr"][0] < 100.0  # steps 1 and 2 of 0-3 skipped
+
+
+def test_the_web_app_refuses_a_damaged_calibration_at_start(tiny_diffusers, tmp_path, capsys):
+    (tmp_path / "cal.json").write_text("[]")
+    code = main(["ui", "--model", str(tiny_diffusers), "--cache-calibration", str(tmp_path / "cal.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cal.json: it is not a step-cache calibration" in err and len(err.strip().splitlines()) == 1
