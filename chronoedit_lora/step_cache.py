@@ -186,6 +186,14 @@ def calibration_from(recorders: list[StepCache], about: dict | None = None) -> C
                        [mean(i, 2, 0.0) for i in range(steps)], fit_tea(inputs, outputs), dict(about or {}))
 
 
+def describe(spec: StepCacheSpec, calibration: Calibration | None) -> str:
+    """One line saying what a step cache runs on (the shipped TeaCache coefficients are marked)."""
+    if spec.method == "tea" and calibration is None:
+        return f"step cache {spec}: DiffSynth's Wan2.1-I2V-14B-720P TeaCache coefficients, {NOT_CALIBRATED}"
+    source = "" if spec.method == "first-block" else f", calibrated on {calibration.about.get('model', '?')}"
+    return f"step cache {spec}{source}"
+
+
 def shipped_tea_coefficients() -> list[float]:
     """DiffSynth's TeaCache coefficients for Wan2.1-I2V-14B-720P (not calibrated on ChronoEdit)."""
     from diffsynth.pipelines.wan_video import TeaCache

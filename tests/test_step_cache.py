@@ -163,3 +163,21 @@ def test_the_web_app_refuses_a_damaged_calibration_at_start(tiny_diffusers, tmp_
     code = main(["ui", "--model", str(tiny_diffusers), "--cache-calibration", str(tmp_path / "cal.json")])
     err = capsys.readouterr().err
     assert code == 2 and "cal.json: it is not a step-cache calibration" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_shipped_tea_coefficients_are_marked_not_calibrated(calibration):
+    from chronoedit_lora.step_cache import describe, shipped_tea_coefficients
+
+    assert describe(parse_step_cache("tea:fast"), None).endswith("not calibrated on ChronoEdit")
+    assert "not calibrated" not in describe(parse_step_cache("tea:fast"), calibration)
+    assert len(shipped_tea_coefficients()) == 5
+
+
+def test_edit_command_runs_a_step_cache_and_says_which(tiny_diffusers, input_image, tmp_path, capsys):
+    input_image.save(tmp_path / "in.png")
+    code = main(["edit", "--model", str(tiny_diffusers), "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                 "--output", str(tmp_path / "out.png"), "--steps", "4", "--height", "32", "--width", "32",
+                 "--step-cache", "tea:fast"])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "out.png").is_file()
+    assert "step cache tea:0.2: DiffSynth's Wan2.1-I2V-14B-720P TeaCache coefficients, not calibrated" in out

@@ -22,7 +22,7 @@ from ..lora import parse_lora_spec
 from ..offload import MODES as OFFLOAD_MODES
 from ..models.vae import AUTO_TILING_PIXELS, VAE_TILINGS
 from ..sampling import SCHEDULERS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
-from ..step_cache import check_step_cache, parse_step_cache, read_calibration
+from ..step_cache import check_step_cache, describe, parse_step_cache, read_calibration
 from ..settings import MAX_STEPS, check_device, check_range, check_seed, check_shift, check_size
 from .model_args import add_model_arguments, model_options
 
@@ -172,11 +172,14 @@ def run(args: argparse.Namespace) -> int:
     options = model_options(args)
     if world > 1 and str(options["device"]).startswith("cuda"):
         options["device"] = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    edit_kwargs = edit_options(args, settings)
+    if edit_kwargs["step_cache"] is not None and rank == 0:
+        print(describe(edit_kwargs["step_cache"], edit_kwargs["cache_calibration"]))
     pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload)
     for path, scale in loras:
         pipe.load_lora(path, scale, fuse=not (args.unfused or args.fp8_base))
     requests = [EditRequest(images[job.image], job.prompt, args.negative_prompt, job.seed) for job in todo]
-    results = pipe.edit_many(requests, progress=len(todo) == 1, **edit_options(args, settings))
+    results = pipe.edit_many(requests, progress=len(todo) == 1, **edit_kwargs)
     started = time.perf_counter()
     for job, result in zip(tqdm(todo, desc=f"edits (rank {rank})" if world > 1 else "edits", disable=len(todo) < 2),
                            results):
