@@ -3,6 +3,7 @@ side by side in one run.
 
     python bench/edit_latency.py [--steps 8] [--repeats 5] [--size 64] [--json bench/edit_latency.json]
     python bench/edit_latency.py --compile [--model-size mid] [--size 128] [...]
+    python bench/edit_latency.py --caches [--model-size mid] [--size 128] [--steps 50] [--cfg 5] [...]
 
 Uses the kit's tiny checkpoint and a random rank-32 LoRA on every default target. Prints medians
 and ratios to the base model; never asserts a time. On a CPU the offload variants move no bytes
@@ -12,6 +13,13 @@ and ratios to the base model; never asserts a time. On a CPU the offload variant
 regional ``torch.compile``) on ``--model-size`` (``mid``: ``make-tiny --size mid``, written once
 into a temporary folder): median edit time of each, and the first compiled edit's extra time
 (the compilation) separately.
+
+``--caches`` instead compares, on one pipeline and alternating edits, the uncached edit
+(``--no-context-cache``), the context K/V cache (the default) and each step cache on top of it
+(``--step-caches``; mag with a calibration recorded from one uncached edit of the same image and
+schedule): wall time per edit and its ratio to the uncached median, ratios of alternating pairs,
+DiT calls made and block-stack passes computed, peak CUDA memory (on a GPU; the CPU has none to
+report), and the largest difference of the decoded clip from the uncached one.
 """
 
 from __future__ import annotations
@@ -64,17 +72,88 @@ def compare_compile(args: argparse.Namespace) -> dict:
             "median": medians, "first": first, "compile_s": compile_s}
 
 
+def record_calibration(pipe, image, prompt: str, steps: int, cfg: float):
+    """The step-cache calibration of one uncached edit (what ``calibrate-cache`` records per row)."""
+    from chronoedit_lora.step_cache import StepCache, calibration_from
+
+    recorder = StepCache(pipe.dit, None, steps, record=True)
+    negative = pipe.encode_prompt("") if cfg > 1 else None
+    pipe.denoise(pipe.encode_prompt(prompt), negative, pipe.encode_image(image), pipe.condition_latents(image, 5), 0,
+                 steps, cfg, None, 0, None, True, False, step_cache=recorder)
+    return calibration_from([recorder], {"bench": "edit_latency --caches"})
+
+
+def compare_caches(args: argparse.Namespace) -> dict:
+    """Uncached vs context-cached vs each step cache, alternating edits on one pipeline."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from chronoedit_lora.pipeline import ChronoEditPipeline, EditRequest
+    from chronoedit_lora.step_cache import parse_step_cache
+
+    prompt = "The user wants to edit."
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / args.model_size
+        subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", args.model_size],
+                       check=True, capture_output=True)
+        pipe = ChronoEditPipeline.from_pretrained(model, dtype=torch.float32)
+        image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
+        calibration = record_calibration(pipe, image, prompt, args.steps, args.cfg)
+        variants = {"uncached": {"context_cache": False}, "context cache": {}}
+        variants |= {f"context + {spec}": {"step_cache": parse_step_cache(spec), "cache_calibration": calibration}
+                     for spec in args.step_caches.split(",")}
+        head_calls = [0]
+        pipe.dit.head.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
+        cuda = torch.device(pipe.device).type == "cuda"
+        times = {name: [] for name in variants}
+        calls, peak, difference, videos = {}, {}, {}, {}
+        for _ in range(args.repeats):
+            for name, settings in variants.items():
+                kept, head_calls[0] = [], 0
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                video = next(pipe.edit_many([EditRequest(image, prompt)], steps=args.steps, cfg=args.cfg,
+                                            height=args.size, width=args.size, progress=False, step_caches=kept,
+                                            **settings)).video
+                times[name].append(time.perf_counter() - start)
+                skipped = kept[0].calls()[1] if kept else 0
+                calls[name] = {"dit_calls": head_calls[0], "stack_passes": head_calls[0] - skipped}
+                peak[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                videos.setdefault(name, video)
+        for name, video in videos.items():
+            difference[name] = (video - videos["uncached"]).abs().max().item()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    paired = {name: statistics.median(a / b for a, b in zip(t, times["uncached"])) for name, t in times.items()}
+    print(f"{args.model_size} model, {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, fp32, "
+          f"median of {args.repeats} alternating edits")
+    print(f"{'variant':<28}{'s/edit':>9}{'ratio':>8}{'paired':>8}{'calls':>7}{'passes':>8}{'max diff':>10}")
+    for name in variants:
+        print(f"{name:<28}{medians[name]:>9.3f}{medians[name] / medians['uncached']:>8.3f}{paired[name]:>8.3f}"
+              f"{calls[name]['dit_calls']:>7}{calls[name]['stack_passes']:>8}{difference[name]:>10.2e}"
+              + (f"  peak {peak[name]:.2f} GiB" if peak[name] is not None else ""))
+    return {"model_size": args.model_size, "size": args.size, "steps": args.steps, "cfg": args.cfg,
+            "seconds": times, "median": medians, "paired": paired, "calls": calls, "peak_gib": peak,
+            "max_difference": difference}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="eager vs compiled DiT blocks instead")
-    parser.add_argument("--model-size", choices=("tiny", "mid"), default="tiny", help="with --compile")
+    parser.add_argument("--model-size", choices=("tiny", "mid"), default="tiny", help="with --compile or --caches")
+    parser.add_argument("--caches", action="store_true", help="uncached vs context cache vs step caches instead")
+    parser.add_argument("--cfg", type=float, default=5.0, help="with --caches")
+    parser.add_argument("--step-caches", default="first-block:fast,tea:fast,mag:fast",
+                        help="with --caches: the step caches compared (comma-separated --step-cache values)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if args.compile:
-        figures = compare_compile(args)
+    if args.compile or args.caches:
+        figures = compare_caches(args) if args.caches else compare_compile(args)
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return

@@ -7,6 +7,9 @@ make-tiny DIR --size mid``: a DiT in Wan2.1-1.3B's shapes, the real Wan2.1 VAE, 
 widths with a few layers), then runs, each in its own process through the CLI:
 
 * one edit per offload mode (``chronoedit-lora edit ... --offload none|model|blocks``);
+* the edit caches side by side (``--offload none``): uncached (``--no-context-cache``), the context
+  K/V cache (the default) and each step cache of :data:`STEP_CACHES`: pipeline seconds, peak memory,
+  the ratio to uncached and the largest PNG difference from the uncached edit (:func:`cache_rows`);
 * 20 training steps with ``--cache true --fp8_base true --activation_offload true``.
 
 Each process is a small ``python -c`` wrapper around ``chronoedit_lora.cli.main`` that prints
@@ -35,6 +38,9 @@ COMPUTED_MODE = {"none": "none", "model": "model", "blocks": "blocks"}  # CLI --
 TRAIN_MODE = "cached + fp8 base + activation offload"  # bench/memory_14b.py's row for the training flags
 TRAIN_FLAGS = ("--cache", "true", "--fp8_base", "true", "--activation_offload", "true")
 MARKER = "GPU_CHECK "
+STEP_CACHES = ("first-block:fast", "tea:fast")  # mag needs a calibration of this checkpoint: calibrate-cache
+CACHE_VARIANTS = {"uncached": ("--no-context-cache",), "context cache": (),
+                  **{f"context + {spec}": ("--step-cache", spec) for spec in STEP_CACHES}}
 PROMPT = "The user wants to turn the photo into a watercolor painting, keeping the composition."
 NO_CUDA = ("gpu_check.py needs a CUDA GPU, and torch.cuda.is_available() is False here; nothing was run. "
            "For the computed figures without a GPU run: python bench/memory_edit_14b.py")
@@ -97,11 +103,37 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def edit_argv(model: Path, image: Path, output: Path, mode: str, args: argparse.Namespace) -> list[str]:
-    """``chronoedit-lora edit`` arguments for one offload mode."""
+def edit_argv(model: Path, image: Path, output: Path, mode: str, args: argparse.Namespace,
+              extra: tuple[str, ...] = ()) -> list[str]:
+    """``chronoedit-lora edit`` arguments for one offload mode (``extra``: more edit flags)."""
     return ["edit", "--model", str(model), "--image", str(image), "--prompt", PROMPT, "--output", str(output),
             "--offload", mode, "--height", str(args.height), "--width", str(args.width),
-            "--steps", str(args.steps), "--device", "cuda"]
+            "--steps", str(args.steps), "--device", "cuda", *extra]
+
+
+def png_difference(a: Path, b: Path) -> int | None:
+    """The largest difference of two PNGs in 8-bit levels (None if either is missing)."""
+    import numpy as np
+    from PIL import Image
+
+    if not (a.is_file() and b.is_file()):
+        return None
+    return int(np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)).max())
+
+
+def cache_rows(measured: dict[str, dict], outputs: dict[str, Path]) -> dict[str, dict]:
+    """Each cache variant's pipeline seconds, peak GiB, ratio to the uncached edit and PNG difference from it."""
+    def seconds(name: str) -> float | None:
+        calls = measured[name].get("pipeline_seconds") or []
+        return calls[0] if calls else None
+
+    base = seconds("uncached")
+    return {name: {"pipeline_s": seconds(name),
+                   "ratio_to_uncached": seconds(name) / base if base and seconds(name) is not None else None,
+                   "max_memory_allocated_GiB": m["max_memory_allocated"] / GIB if "max_memory_allocated" in m else None,
+                   "png_difference_levels": png_difference(outputs[name], outputs["uncached"]),
+                   "returncode": m.get("returncode"), **({"error": m["error"]} if "error" in m else {})}
+            for name, m in measured.items()}
 
 
 def train_argv(model: Path, output: Path, args: argparse.Namespace) -> list[str]:
@@ -230,12 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     image = make_image(work / "input.png", args.height, args.width)
     edits = {mode: run_measured(edit_argv(model, image, work / f"edit_{mode}.png", mode, args),
                                 work / f"edit_{mode}.log") for mode in OFFLOAD_MODES}
+    outputs = {name: work / f"cache_{name.replace(' ', '_').replace(':', '_').replace('+', '')}.png"
+               for name in CACHE_VARIANTS}
+    caches = cache_rows({name: run_measured(edit_argv(model, image, outputs[name], "none", args, extra),
+                                            outputs[name].with_suffix(".log"))
+                         for name, extra in CACHE_VARIANTS.items()}, outputs)
     train_dir = work / "train"
     train = run_measured(train_argv(model, train_dir, args), work / "train.log")
     report = assemble(edits, train, computed_figures(model, args), args, train_seconds_per_step(train_dir))
+    report["edit_caches"] = caches
     print_report(report)
+    print("| cache | pipeline s | / uncached | peak GiB | PNG diff |\n|---|---|---|---|---|")
+    for name, row in caches.items():
+        print(f"| {name} | {row['pipeline_s']} | {row['ratio_to_uncached']} | {row['max_memory_allocated_GiB']} | "
+              f"{row['png_difference_levels']} |")
     Path(args.json).write_text(json.dumps(report, indent=2))
-    failed = [name for name, r in (*report["edit"].items(), ("train", report["train"])) if r["returncode"]]
+    failed = [name for name, r in (*report["edit"].items(), *caches.items(), ("train", report["train"]))
+              if r["returncode"]]
     if failed:
         print(f"failed: {', '.join(failed)} (see the logs in {work})", file=sys.stderr)
     return 1 if failed else 0

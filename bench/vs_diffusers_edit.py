@@ -2,6 +2,7 @@
 each edit a whole process, the two alternating.
 
     python bench/vs_diffusers_edit.py [--size tiny|mid] [--model DIR] [--repeats 3] [--threads 1] [--json out.json]
+    python bench/vs_diffusers_edit.py --caches [--step-caches first-block:fast,tea:fast] [...]
 
 Both sides edit the same input image (already at the edit size, so neither resizes it) with the
 same instruction, an empty negative prompt, the folder's scheduler (UniPC, as both load it), the
@@ -17,6 +18,12 @@ as a check that both did the same work (they agree to a level or so, tests/test_
 --size mid``, 128x128, 8 steps, cfg 5; ``tiny``: 32x32, 2 steps), unless ``--model`` names one.
 Prints medians, ranges, the ratio of the medians and the paired ratios (each repeat's own
 kit/diffusers ratio); never asserts a time.
+
+``--caches`` adds kit sides to the same alternation: ``kit uncached`` (``--no-context-cache``; the
+plain ``kit`` side has the context cache, the default) and ``kit SPEC`` for each ``--step-caches``
+value (``--step-cache SPEC``; mag needs a calibration file, so it is left to ``edit_latency.py
+--caches``). Each kit side's edit call is then given against diffusers' and against the uncached kit
+(paired), with the largest PNG difference from the uncached kit's edit.
 """
 
 from __future__ import annotations
@@ -76,11 +83,11 @@ frames = timed("edit_s", pipe)(image=Image.open(image).convert("RGB"), prompt=pr
 frames[-1].save(output)""" + DONE
 
 
-def kit_command(model: Path, image: Path, output: Path, settings: dict, threads: int) -> list[str]:
+def kit_command(model: Path, image: Path, output: Path, settings: dict, threads: int, extra: tuple = ()) -> list[str]:
     args = ["edit", "--model", str(model), "--image", str(image), "--prompt", PROMPT, "--output", str(output),
             "--height", str(settings["side"]), "--width", str(settings["side"]), "--steps", str(settings["steps"]),
             "--cfg", str(settings["cfg"]), "--seed", str(SEED), "--scheduler", "unipc", "--dtype", "float32",
-            "--device", "cpu"]
+            "--device", "cpu", *extra]
     return [sys.executable, "-c", KIT_CHILD.format(threads=threads, args=args)]
 
 
@@ -139,10 +146,17 @@ def main() -> None:
     parser.add_argument("--model", help="an existing checkpoint folder (diffusers layout) instead of writing one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP/MKL threads in each child")
+    parser.add_argument("--steps", type=int, help="denoising steps instead of the size's (a step cache needs 3 or more)")
+    parser.add_argument("--caches", action="store_true", help="also the uncached kit and the kit with step caches")
+    parser.add_argument("--step-caches", default="first-block:fast,tea:fast", help="with --caches: --step-cache values")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
-    settings = SETTINGS[args.size]
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    settings = {**SETTINGS[args.size], **({"steps": args.steps} if args.steps else {})}
+    extras = {"kit": (), "diffusers": None}
+    if args.caches:
+        extras |= {"kit uncached": ("--no-context-cache",)}
+        extras |= {f"kit {spec}": ("--step-cache", spec) for spec in args.step_caches.split(",")}
+    runs: dict[str, list[dict]] = {side: [] for side in extras}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = Path(args.model) if args.model else tmp / args.size
@@ -150,18 +164,29 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", args.size],
                            check=True, capture_output=True)
         image = make_input(tmp / "input.png", settings["side"])
-        commands = {"kit": kit_command, "diffusers": diffusers_command}
         for repeat in range(args.repeats):
-            for side in SIDES:
-                output = tmp / f"{side}-{repeat}.png"
-                runs[side].append(timed_edit(commands[side](model, image, output, settings, args.threads), args.threads))
+            for side, extra in extras.items():
+                output = tmp / f"{side.replace(' ', '_')}-{repeat}.png"
+                command = diffusers_command(model, image, output, settings, args.threads) if extra is None else \
+                    kit_command(model, image, output, settings, args.threads, extra)
+                runs[side].append(timed_edit(command, args.threads))
                 print(f"repeat {repeat} {side:<10}" + "  ".join(f"{k}={runs[side][-1][k]:.2f}" for k in METRICS),
                       flush=True)
         levels = png_difference(tmp / "kit-0.png", tmp / "diffusers-0.png")
-    summary: dict = {side: summarise(runs[side], METRICS) for side in SIDES}
+        cache_levels = {side: png_difference(tmp / f"{side.replace(' ', '_')}-0.png", tmp / "kit_uncached-0.png")
+                        for side in extras if side.startswith("kit") and args.caches}
+    summary: dict = {side: summarise(runs[side], METRICS) for side in extras}
     summary["ratio"] = {k: summary["kit"][k]["median"] / summary["diffusers"][k]["median"] for k in METRICS}
     summary["paired"] = paired_ratios(runs["kit"], runs["diffusers"], METRICS)
     print_table(args.size, settings, args.repeats, args.threads, summary, levels)
+    if args.caches:
+        summary["caches"] = {side: {"vs_diffusers": paired_ratios(runs[side], runs["diffusers"], METRICS),
+                                    "vs_uncached": paired_ratios(runs[side], runs["kit uncached"], METRICS),
+                                    "png_difference_levels": cache_levels[side]} for side in cache_levels}
+        print(f"\n{'kit side':<26}{'edit call s':>12}{'/diffusers':>12}{'/uncached kit':>15}{'PNG diff':>10}")
+        for side, figures in summary["caches"].items():
+            print(f"{side:<26}{summary[side]['edit_s']['median']:>12.2f}{figures['vs_diffusers']['edit_s']['median']:>11.2f}x"
+                  f"{figures['vs_uncached']['edit_s']['median']:>14.2f}x{figures['png_difference_levels']:>10}")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "settings": settings, "repeats": args.repeats,
                                                "threads": args.threads, "runs": runs, "summary": summary,

@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "export",
     "eval": "eval",
     "ui": "ui",
+    "calibrate-cache": "calibrate_cache",
 }
 # commands that accept free-form `--key value` settings after their own flags
 OPEN_ENDED = {"train", "cache"}

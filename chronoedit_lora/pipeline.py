@@ -10,6 +10,7 @@ RoPE applied around the DiT call; the sampler is the model folder's UniPC or Dif
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
+from .models.context_cache import ContextCache, context_cache
+from .step_cache import Calibration, StepCache, StepCacheSpec, check_step_cache
 from .models.dit import compile_blocks
 from .models.rope import chronoedit_model_fn
 from .models.vae import TILE_SIZE, TILE_STRIDE, use_tiling
@@ -207,30 +210,40 @@ class ChronoEditPipeline:
                                                        **tiles.kwargs())["y"]
 
     # -- sampling -----------------------------------------------------------------------------
-    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One DiT evaluation with ChronoEdit's temporal positions."""
+    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor, y: torch.Tensor,
+                         stack: torch.nn.Module | None = None) -> torch.Tensor:
+        """One DiT evaluation with ChronoEdit's temporal positions (``stack``: in place of the block loop,
+        see :func:`~chronoedit_lora.models.rope.chronoedit_model_fn`)."""
         self.placement.use("dit")
         out = chronoedit_model_fn(
             self.dit, latents.to(self.dtype), timestep.to(self.dtype).reshape(1),
-            skip_len=self.components.temporal_skip_len, rope=self.rope,
+            skip_len=self.components.temporal_skip_len, rope=self.rope, stack=stack,
             context=context, clip_feature=clip_feature, y=y, use_unified_sequence_parallel=self.sequence_parallel,
         )
         return out.float()
 
     def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                         context_neg: torch.Tensor | None, clip_feature: torch.Tensor, y: torch.Tensor,
-                        cfg: float, batched: bool = True) -> torch.Tensor:
+                        cfg: float, batched: bool = True, kv: ContextCache | None = None,
+                        step_cache: StepCache | None = None) -> torch.Tensor:
         """The velocity with classifier-free guidance (none when ``context_neg`` is None): prompt and
-        negative prompt in one DiT call of batch 2 (``batched``), or in two calls."""
+        negative prompt in one DiT call of batch 2 (``batched``), or in two calls. Each call runs in
+        its guidance branch (``cond``, ``uncond`` or ``pair``) of the context cache ``kv`` and the step cache."""
+        def call(branch: str, *inputs: torch.Tensor) -> torch.Tensor:
+            with ExitStack() as entered:
+                for cache in filter(None, (kv, step_cache)):
+                    entered.enter_context(cache.branch(branch))
+                return self.predict_velocity(*inputs, stack=step_cache.stack() if step_cache else None)
+
         if context_neg is None:
-            return self.predict_velocity(latents, timestep, context, clip_feature, y)
+            return call("cond", latents, timestep, context, clip_feature, y)
         if batched:
-            pair = self.predict_velocity(torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
-                                         torch.cat([clip_feature] * 2), torch.cat([y] * 2))
+            pair = call("pair", torch.cat([latents] * 2), timestep, torch.cat([context, context_neg]),
+                        torch.cat([clip_feature] * 2), torch.cat([y] * 2))
             cond, uncond = pair.chunk(2)
         else:
-            cond = self.predict_velocity(latents, timestep, context, clip_feature, y)
-            uncond = self.predict_velocity(latents, timestep, context_neg, clip_feature, y)
+            cond = call("cond", latents, timestep, context, clip_feature, y)
+            uncond = call("uncond", latents, timestep, context_neg, clip_feature, y)
         return uncond + cfg * (cond - uncond)
 
     @torch.no_grad()
@@ -258,6 +271,10 @@ class ChronoEditPipeline:
         tile_stride: tuple[int, int] = TILE_STRIDE,
         chunk: int = 8,
         on_step: Callable[[int, int], None] | None = None,
+        context_cache: bool = True,
+        step_cache: StepCacheSpec | None = None,
+        cache_calibration: Calibration | None = None,
+        step_caches: list[StepCache] | None = None,
     ) -> Iterator[EditResult]:
         """Edit each request, yielding the results in order.
 
@@ -269,7 +286,14 @@ class ChronoEditPipeline:
         one DiT call of batch 2 per step instead of two. ``vae_tiling``: ``auto`` (tile frames above
         :data:`~chronoedit_lora.models.vae.AUTO_TILING_PIXELS`), ``on`` or ``off``; tiles in latent units.
         ``on_step(i, steps)`` is called before each denoising step (progress; raising in it stops the edit).
+        ``context_cache``: reuse the context's cross-attention K/V at every step (exact; see
+        :mod:`chronoedit_lora.models.context_cache`). ``step_cache``: skip steps by reusing the block
+        stack's residual (:mod:`chronoedit_lora.step_cache`; ``cache_calibration`` its measurements);
+        each edit's :class:`~chronoedit_lora.step_cache.StepCache` is appended to ``step_caches`` if given
+        (its computed and skipped calls).
         """
+        check_step_cache(step_cache, steps, temporal_reasoning_steps, cache_calibration,
+                         sequence_parallel=self.sequence_parallel)
         reasoning = temporal_reasoning_steps > 0
         num_frames = REASONING_FRAMES if reasoning else EDIT_FRAMES
         for start in range(0, len(requests), chunk):
@@ -282,7 +306,9 @@ class ChronoEditPipeline:
             clip_features = [self.encode_image(image) for image in images]
             ys = [self.condition_latents(image, num_frames, tile) for image, tile in zip(images, tiles)]
             denoised = [self.denoise(context, negative, clip_feature, y, request.seed, steps, cfg, shift,
-                                     temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step)
+                                     temporal_reasoning_steps, scheduler, batched_guidance, progress, on_step,
+                                     context_cache, self._step_cache(step_cache, steps, temporal_reasoning_steps,
+                                                                     cache_calibration, step_caches))
                         for request, context, negative, clip_feature, y in zip(group, contexts, negatives, clip_features, ys)]
             for request, (latents, reasoning_clip), tile in zip(group, denoised, tiles):
                 _refuse_non_finite(latents, "denoised latents", request)
@@ -290,6 +316,16 @@ class ChronoEditPipeline:
                 _refuse_non_finite(video, "decoded frames", request)
                 frames = [tensor_to_pil(video[0, :, i]) for i in range(video.shape[2])]
                 yield EditResult(image=frames[-1], frames=frames, video=video)
+
+    def _step_cache(self, spec: StepCacheSpec | None, steps: int, reasoning_steps: int,
+                    calibration: Calibration | None, kept: list[StepCache] | None) -> StepCache | None:
+        """A fresh step cache for one edit (kept in ``kept``), or None."""
+        if spec is None:
+            return None
+        cache = StepCache(self.dit, spec, steps, reasoning_steps, calibration)
+        if kept is not None:
+            kept.append(cache)
+        return cache
 
     @staticmethod
     def _sized(image: Image.Image, height: int | None, width: int | None) -> Image.Image:
@@ -304,8 +340,10 @@ class ChronoEditPipeline:
     def denoise(self, context: torch.Tensor, context_neg: torch.Tensor | None, clip_feature: torch.Tensor,
                 y: torch.Tensor, seed: int, steps: int, cfg: float, shift: float | None, temporal_reasoning_steps: int,
                 scheduler: str | None, batched_guidance: bool, progress: bool,
-                on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut."""
+                on_step: Callable[[int, int], None] | None = None,
+                reuse_context: bool = True, step_cache: StepCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoising loop: final latents, and the clean-clip estimate of the reasoning clip if it was cut
+        (``reuse_context``: the context K/V computed once; ``step_cache``: this edit's, see :meth:`edit_many`)."""
         sampler = make_sampler(resolve_scheduler(scheduler, self.scheduler_config), steps,
                                default_shift(self.scheduler_config) if shift is None else shift,
                                self.scheduler_config, self.device)
@@ -314,16 +352,20 @@ class ChronoEditPipeline:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         reasoning_clip = None  # x0 estimate of the full reasoning clip when it is cut to [input, edit]
         denoised = latents
-        for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
-            if on_step is not None:
-                on_step(i, len(sampler.timesteps))
-            if temporal_reasoning_steps and i == temporal_reasoning_steps:
-                reasoning_clip = denoised
-                latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
-                sampler.keep_frames(EDIT_LATENTS)
-            velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg, batched_guidance)
-            denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
-            latents = sampler.step(velocity, i, latents)
+        with context_cache(self.dit, reuse_context) as kv:
+            for i, t in enumerate(tqdm(sampler.timesteps, desc="editing", disable=not progress)):
+                if on_step is not None:
+                    on_step(i, len(sampler.timesteps))
+                if temporal_reasoning_steps and i == temporal_reasoning_steps:
+                    reasoning_clip = denoised
+                    latents, y = latents[:, :, EDIT_LATENTS], y[:, :, EDIT_LATENTS]
+                    sampler.keep_frames(EDIT_LATENTS)
+                if step_cache is not None:
+                    step_cache.step = i
+                velocity = self.guided_velocity(latents, t, context, context_neg, clip_feature, y, cfg,
+                                                batched_guidance, kv, step_cache)
+                denoised = latents - sampler.sigmas[i] * velocity  # the active sampler's sigma of this step
+                latents = sampler.step(velocity, i, latents)
         return latents, reasoning_clip
 
     @torch.no_grad()

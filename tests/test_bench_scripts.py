@@ -82,3 +82,25 @@ def test_vs_diffusers_edit_bench_pairs_whole_processes(tmp_path):
     kit, diffusers = (figures["runs"][side][0]["edit_s"] for side in ("kit", "diffusers"))
     assert figures["summary"]["paired"]["edit_s"]["median"] == pytest.approx(kit / diffusers)
     assert figures["png_difference_levels"] <= 2  # the same edit on both sides
+
+
+@pytest.mark.slow
+def test_edit_latency_bench_compares_the_caches(tmp_path):
+    figures = _run("edit_latency.py", "--caches", "--repeats", "1", "--steps", "6", "--size", "32",
+                   "--step-caches", "first-block:1e9,mag:0", json_path=tmp_path / "caches.json")
+    calls, difference = figures["calls"], figures["max_difference"]
+    assert set(figures["median"]) == {"uncached", "context cache", "context + first-block:1e9", "context + mag:0"}
+    assert difference["context cache"] <= 1e-6 and difference["context + mag:0"] <= 1e-6  # exact variants
+    assert calls["uncached"] == calls["context + mag:0"] == {"dit_calls": 6, "stack_passes": 6}
+    assert calls["context + first-block:1e9"] == {"dit_calls": 6, "stack_passes": 2}  # first and last computed
+    assert difference["context + first-block:1e9"] > 0
+
+
+@pytest.mark.slow
+def test_vs_diffusers_edit_bench_adds_the_cached_kit_sides(tmp_path):
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--steps", "3", "--repeats", "1", "--caches", "--step-caches",
+                   "first-block:0", json_path=tmp_path / "edit.json")
+    assert set(figures["runs"]) == {"kit", "diffusers", "kit uncached", "kit first-block:0"}
+    caches = figures["summary"]["caches"]
+    assert caches["kit"]["png_difference_levels"] == caches["kit first-block:0"]["png_difference_levels"] == 0
+    assert caches["kit"]["vs_uncached"]["edit_s"]["median"] > 0

@@ -110,3 +110,28 @@ def test_computed_figures_for_a_checkpoint_folder(tiny_diffusers):
     edit = computed["edit_GiB"]
     # (with 2 blocks, block offload saves nothing here: its resident non-block weights even add a little)
     assert 0 < edit["model"] <= edit["none"] and edit["blocks"] > 0 and computed["train_GiB"] > 0
+
+
+def test_cache_variants_are_edit_flags_and_rows_compare_to_uncached(tmp_path):
+    """The cache comparison: each variant's flags parse as edit flags, and its row holds the ratio to the
+    uncached edit and the PNG difference from it (fabricated measurements, real PNGs)."""
+    from PIL import Image
+
+    bench = _bench()
+    args = bench.parse_args(["--json", "x.json"])
+    for name, extra in bench.CACHE_VARIANTS.items():
+        parsed = build_parser().parse_args(bench.edit_argv(tmp_path / "mid", tmp_path / "in.png", tmp_path / "o.png",
+                                                           "none", args, extra))
+        assert parsed.context_cache == (name != "uncached")
+        assert (parsed.step_cache is None) == (name in ("uncached", "context cache"))
+    outputs = {name: tmp_path / f"{i}.png" for i, name in enumerate(("uncached", "context cache", "context + tea:fast"))}
+    for level, path in zip((10, 10, 13), outputs.values()):
+        Image.new("RGB", (4, 4), (level, 0, 0)).save(path)
+    measured = {"uncached": {"returncode": 0, "pipeline_seconds": [4.0], "max_memory_allocated": 2 * GIB},
+                "context cache": {"returncode": 0, "pipeline_seconds": [3.0], "max_memory_allocated": 3 * GIB},
+                "context + tea:fast": {"returncode": 1, "error": ["boom"]}}
+    rows = bench.cache_rows(measured, outputs)
+    assert rows["context cache"] == {"pipeline_s": 3.0, "ratio_to_uncached": 0.75, "max_memory_allocated_GiB": 3.0,
+                                     "png_difference_levels": 0, "returncode": 0}
+    assert rows["context + tea:fast"]["ratio_to_uncached"] is None
+    assert rows["context + tea:fast"]["png_difference_levels"] == 3 and rows["context + tea:fast"]["error"] == ["boom"]

@@ -17,7 +17,7 @@ from ..files import check_writable
 from ..offload import MODES as OFFLOAD_MODES
 from ..sampling import SCHEDULERS
 from ..settings import check_range
-from .edit import DEFAULTS, PRESETS, check_sampling, sampling_settings
+from .edit import DEFAULTS, PRESETS, check_sampling, sampling_settings, step_cache_options
 from .model_args import COMPONENTS, add_model_arguments, model_options
 
 
@@ -41,14 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--allow-outside", action="store_true", help="allow dataset paths outside the CSV's folder")
     edits = parser.add_argument_group("edits")
     edits.add_argument("--loss-only", action="store_true", help="the held-out loss only: no edits, no image metrics")
-    edits.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
-    edits.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
-    edits.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
-    edits.add_argument("--shift", type=float, help="flow shift (default: the model folder's scheduler config, else 5.0)")
-    edits.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model folder's)")
-    edits.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
-    edits.add_argument("--seed", type=int, default=0, help="seed of every edit's initial noise and of the loss noise")
+    add_sampling_arguments(edits)
     edits.add_argument("--offload", choices=OFFLOAD_MODES, default="auto", help="as for edit (no effect on a CPU)")
+    edits.add_argument("--step-cache", metavar="METHOD[:LEVEL]",
+                       help="edit with this step cache (as for edit) and also uncached: the cache_psnr, cache_ssim "
+                            "and cache_saved columns compare the two")
+    edits.add_argument("--cache-calibration", metavar="JSON", help="the step cache's calibration (as for edit)")
     scorers = parser.add_argument_group("metric models (local folders; nothing is downloaded)")
     scorers.add_argument("--lpips", metavar="DIR", help="LPIPS: alex.pth (from the lpips package) and torchvision's "
                                                         "alexnet-owt-7be5be79.pth")
@@ -58,6 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "VIEScore-style 0-10 scores with reasons")
 
 
+def add_sampling_arguments(group: argparse._ActionsContainer) -> None:
+    """The held-out edits' sampling flags (``eval`` and ``calibrate-cache``)."""
+    group.add_argument("--preset", choices=sorted(PRESETS), help="distill: 8 steps, cfg 1.0, shift 2.0 (explicit flags win)")
+    group.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS['steps']})")
+    group.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
+    group.add_argument("--shift", type=float, help="flow shift (default: the model folder's scheduler config, else 5.0)")
+    group.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (default: the model folder's)")
+    group.add_argument("--negative-prompt", default="", help="negative prompt (used when cfg > 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of every edit's initial noise (and of eval's loss noise)")
+
+
 def _check_settings(args: argparse.Namespace, settings: dict) -> None:
     check_sampling(args, settings)
     check_range("--max-pixels", args.max_pixels, 16 * 16)
@@ -65,9 +74,11 @@ def _check_settings(args: argparse.Namespace, settings: dict) -> None:
         check_range("--count", args.count, 1)
     if args.sequence_parallel:
         raise ChronoEditError("eval runs in one process; drop --sequence-parallel (use --offload on a small GPU).")
+    if args.step_cache and args.loss_only:
+        raise ChronoEditError("--loss-only makes no edits, so --step-cache has nothing to cache; drop one of them.")
 
 
-def _held_out_items(args: argparse.Namespace) -> list[dict]:
+def held_out_items(args: argparse.Namespace) -> list[dict]:
     """The held-out rows as training clips, every file checked first."""
     from ..data import EditPairDataset, check_dataset, format_report, has_fatal
 
@@ -142,11 +153,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable(output / "metrics.csv", (".csv",))
     settings = sampling_settings(args)
     _check_settings(args, settings)
+    cache_settings = step_cache_options(args, settings)
     folders = MetricFolders(*(Path(v) if v else None for v in (args.lpips, args.clip, args.dino, args.judge)))
     if args.loss_only and any((args.lpips, args.clip, args.dino, args.judge)):
         raise ChronoEditError("--loss-only makes no edits, so --lpips/--clip/--dino/--judge have nothing to score.")
     folders.check()
-    items = _held_out_items(args)
+    items = held_out_items(args)
     _warn_training_rows(args, checkpoints)
     base_loras = _check_loras(args, checkpoints)
 
@@ -167,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = encode_pairs(pipe, items, len(QUANTILES), args.seed)
     edit_settings = None if args.loss_only else EditSettings(
         steps=settings["steps"], cfg=settings["cfg"], shift=settings["shift"], scheduler=args.scheduler, seed=args.seed,
-        negative_prompt=args.negative_prompt)
+        negative_prompt=args.negative_prompt, **cache_settings)
     evaluation = evaluate_checkpoints(pipe, checkpoints, pairs, edit_settings)
     pipe.placement.release()
     del pipe  # the metric models and the judge load one at a time after the DiT is gone

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..step_cache import read_calibration
 from ..offload import MODES as OFFLOAD_MODES
 from .model_args import add_model_arguments
 
@@ -29,10 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the weights live on a GPU (as for edit)")
     parser.add_argument("--prompt-enhancer", metavar="MODULE:CALLABLE",
                         help="offer to rewrite instructions first: f(image, instruction) -> str")
+    parser.add_argument("--cache-calibration", metavar="JSON",
+                        help="the step cache's calibration (from calibrate-cache), for the step-cache control's mag")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..ui.app import serve
+
+    if args.cache_calibration:
+        read_calibration(args.cache_calibration)  # a bad file is one line before the model loads
 
     serve(args)
     return 0

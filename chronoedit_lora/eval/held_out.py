@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..data.metadata import TRAJECTORY
 from ..pipeline import EDIT_LATENTS, ChronoEditPipeline
+from ..step_cache import Calibration, StepCache, StepCacheSpec
 from ..train.loop.inputs import encode_clip
 from ..video import tensor_to_pil
 
@@ -44,6 +45,8 @@ class EditSettings:
     seed: int = 0
     negative_prompt: str = ""
     batched_guidance: bool = True
+    step_cache: StepCacheSpec | None = None  # edits cached, and scored against uncached ones too
+    cache_calibration: Calibration | None = None
 
 
 @torch.no_grad()
@@ -60,15 +63,19 @@ def encode_pairs(pipe: ChronoEditPipeline, items: list[dict], timesteps: int, se
     return pairs
 
 
+def reasoning_steps(pair: HeldOutPair, settings: EditSettings) -> int:
+    """A trajectory row is edited in the temporal-reasoning mode throughout, a pair row without it."""
+    return settings.steps if pair.kind == TRAJECTORY else 0
+
+
 @torch.no_grad()
 def edit_pair(pipe: ChronoEditPipeline, pair: HeldOutPair, settings: EditSettings,
-              negative: torch.Tensor | None) -> Image.Image:
+              negative: torch.Tensor | None, step_cache: StepCache | None = None) -> Image.Image:
     """The edit of ``pair``'s input with the DiT as it is now (``negative``: the negative prompt's
-    embedding when cfg > 1, else None)."""
-    reasoning = settings.steps if pair.kind == TRAJECTORY else 0
+    embedding when cfg > 1, else None; ``step_cache``: this edit's, see :mod:`chronoedit_lora.step_cache`)."""
     latents, _ = pipe.denoise(pair.inputs["context"], negative, pair.inputs["clip_feature"], pair.inputs["y"],
-                              settings.seed, settings.steps, settings.cfg, settings.shift, reasoning, settings.scheduler,
-                              settings.batched_guidance, progress=False)
+                              settings.seed, settings.steps, settings.cfg, settings.shift, reasoning_steps(pair, settings),
+                              settings.scheduler, settings.batched_guidance, progress=False, step_cache=step_cache)
     edit_latents = latents[:, :, EDIT_LATENTS] if latents.shape[2] > 2 else latents
     return tensor_to_pil(pipe.decode(edit_latents)[0, :, -1])
 

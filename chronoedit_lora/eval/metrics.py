@@ -29,6 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "judge_quality": (HIGHER, "VLM judge: perceptual quality, 0-10"),
     "judge_overall": (HIGHER, "VLM judge: sqrt(instruction x quality), 0-10"),
     "judge_unparsed": (NEUTRAL, "VLM judge: answers without a readable score (count)"),
+    "cache_psnr": (NEUTRAL, "with --step-cache: PSNR of the cached edit to the uncached one, dB"),
+    "cache_ssim": (NEUTRAL, "with --step-cache: SSIM of the cached edit to the uncached one"),
+    "cache_saved": (NEUTRAL, "with --step-cache: share of DiT calls skipped"),
 }
 COUNTED = ("judge_unparsed",)  # summed over the pairs, not averaged
 # The overall pick ranks the checkpoints on each of these that was measured (one per kind of evidence).

@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from ..pipeline import ChronoEditPipeline
 from .checkpoints import Checkpoint
+from ..step_cache import StepCache
 from .embeddings import ClipScorer, DinoScorer, check_model_kind, cosine
-from .held_out import EditSettings, HeldOutPair, edit_pair, negative_embedding
+from .held_out import EditSettings, HeldOutPair, edit_pair, negative_embedding, reasoning_steps
 from .image_metrics import psnr, ssim
 from .judge import Judge, Judgement
 from .lpips import Lpips, lpips_files
@@ -73,6 +74,22 @@ def pixel_scores(edit: Image.Image, pair: HeldOutPair) -> dict[str, float]:
     return {"psnr": psnr(edit, pair.target), "ssim": ssim(edit, pair.target), "source_ssim": ssim(edit, pair.source)}
 
 
+def step_cache(pipe: ChronoEditPipeline, pair: HeldOutPair, settings: EditSettings) -> StepCache | None:
+    """A fresh step cache for one held-out edit, if ``settings`` asks for one (never for a trajectory row,
+    which reasons throughout: no step of it may be skipped)."""
+    if settings.step_cache is None or reasoning_steps(pair, settings):
+        return None
+    return StepCache(pipe.dit, settings.step_cache, settings.steps, reasoning_steps(pair, settings),
+                     settings.cache_calibration)
+
+
+def cache_scores(cache: StepCache, cached: Image.Image, uncached: Image.Image) -> dict[str, float]:
+    """The cached edit against the uncached one, and the share of DiT calls the cache skipped."""
+    computed, skipped = cache.calls()
+    return {"cache_psnr": psnr(cached, uncached), "cache_ssim": ssim(cached, uncached),
+            "cache_saved": skipped / (computed + skipped)}
+
+
 @torch.no_grad()
 def score_current(pipe: ChronoEditPipeline, pairs: list[HeldOutPair], settings: EditSettings | None,
                   negative: torch.Tensor | None, advance: Callable[[int], object] = lambda n: None,
@@ -85,8 +102,12 @@ def score_current(pipe: ChronoEditPipeline, pairs: list[HeldOutPair], settings: 
         advance(len(pairs))
         return values, edits
     for pair in pairs:
-        edits.append(edit_pair(pipe, pair, settings, negative))
-        for metric, value in pixel_scores(edits[-1], pair).items():
+        cache = step_cache(pipe, pair, settings)
+        edits.append(edit_pair(pipe, pair, settings, negative, cache))
+        scores = pixel_scores(edits[-1], pair)
+        if cache is not None:
+            scores.update(cache_scores(cache, edits[-1], edit_pair(pipe, pair, settings, negative)))
+        for metric, value in scores.items():
             values.setdefault(metric, []).append(value)
         advance(1)
     return values, edits

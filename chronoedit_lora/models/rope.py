@@ -105,11 +105,20 @@ def chronoedit_model_fn(
     timestep: torch.Tensor,
     skip_len: int = 8,
     rope: str = "skip",
+    stack: torch.nn.Module | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """DiffSynth's Wan model function with ChronoEdit's RoPE and the lean block ops of
-    :mod:`.lean_ops` (``kwargs``: its other arguments)."""
+    :mod:`.lean_ops` (``kwargs``: its other arguments). ``stack``: a module called once as
+    ``stack(x, context, t_mod, freqs)`` in place of the block loop (the step cache's
+    :class:`~chronoedit_lora.step_cache.CachedStack`), lent as ``dit.blocks`` for this call."""
     use_lean_ops(dit)
     real = not kwargs.get("use_unified_sequence_parallel", False)
     with chronoedit_rope(dit, latents.shape[2], skip_len, rope, real):
-        return model_fn_wan_video(dit=dit, latents=latents, timestep=timestep, **kwargs)
+        if stack is None:
+            return model_fn_wan_video(dit=dit, latents=latents, timestep=timestep, **kwargs)
+        blocks, dit.blocks = dit.blocks, torch.nn.ModuleList([stack])
+        try:
+            return model_fn_wan_video(dit=dit, latents=latents, timestep=timestep, **kwargs)
+        finally:
+            dit.blocks = blocks

@@ -11,6 +11,7 @@ import gradio as gr
 
 from ..commands.edit import DEFAULTS, PRESETS
 from ..errors import ChronoEditError
+from ..step_cache import METHODS, PRESETS as CACHE_PRESETS
 from . import history
 from .safety import user_errors
 from .session import Session
@@ -18,9 +19,12 @@ from .session import Session
 LORA_SLOTS = 3
 AUTO_SCHEDULER = "model default"
 NO_PRESET = "none"
+NO_STEP_CACHE = "off"
+STEP_CACHES = [NO_STEP_CACHE] + [f"{method}:{level}" for method in METHODS for level in CACHE_PRESETS[method]]
 # edit settings written to each history entry's settings.json (beside the full command)
 SIDECAR_SETTINGS = ("preset", "steps", "cfg", "shift", "scheduler", "seed", "height", "width",
-                    "temporal_reasoning_steps", "negative_prompt", "guidance", "vae_tiling", "dtype", "rope")
+                    "temporal_reasoning_steps", "negative_prompt", "guidance", "vae_tiling", "dtype", "rope",
+                    "step_cache", "cache_calibration", "context_cache")
 
 
 def number(value: float | str | None, name: str, integer: bool = False, optional: bool = False) -> float | int | None:
@@ -38,9 +42,10 @@ def number(value: float | str | None, name: str, integer: bool = False, optional
     return int(parsed) if integer else parsed
 
 
-def form_settings(preset: str, steps, cfg, shift, scheduler: str, seed, height, width) -> dict:
+def form_settings(preset: str, steps, cfg, step_cache: str, shift, scheduler: str, seed, height, width) -> dict:
     """Edit-command settings (argparse names) from the fields Edit and Compare share."""
     return {"preset": None if preset == NO_PRESET else preset, "steps": number(steps, "steps", integer=True),
+            "step_cache": None if step_cache == NO_STEP_CACHE else step_cache,
             "cfg": number(cfg, "cfg"), "shift": number(shift, "shift", optional=True),
             "scheduler": None if scheduler == AUTO_SCHEDULER else scheduler, "seed": number(seed, "seed", integer=True),
             "height": number(height, "height", integer=True) or None,
@@ -48,11 +53,13 @@ def form_settings(preset: str, steps, cfg, shift, scheduler: str, seed, height, 
 
 
 def settings_fields(prefix: str) -> list[gr.components.Component]:
-    """preset, steps, cfg, shift, scheduler, seed, height, width: the shared sampling fields."""
+    """preset, steps, cfg, step cache, shift, scheduler, seed, height, width: the shared sampling fields."""
     preset = gr.Dropdown([NO_PRESET, *PRESETS], value=NO_PRESET, label="preset", elem_id=f"{prefix}-preset")
     with gr.Row():
         steps = gr.Number(DEFAULTS["steps"], precision=0, label="steps", elem_id=f"{prefix}-steps")
         cfg = gr.Number(DEFAULTS["cfg"], label="cfg", elem_id=f"{prefix}-cfg")
+        step_cache = gr.Dropdown(STEP_CACHES, value=NO_STEP_CACHE, label="step cache (mag: ui --cache-calibration)",
+                                 elem_id=f"{prefix}-step-cache")
         shift = gr.Textbox("", label="shift (empty: the model's)", elem_id=f"{prefix}-shift")
         scheduler = gr.Dropdown([AUTO_SCHEDULER, "unipc", "euler"], value=AUTO_SCHEDULER, label="scheduler",
                                 elem_id=f"{prefix}-scheduler")
@@ -66,7 +73,7 @@ def settings_fields(prefix: str) -> list[gr.components.Component]:
         return values["steps"], values["cfg"], "" if values["shift"] is None else values["shift"]
 
     preset.change(apply_preset, preset, [steps, cfg, shift])
-    return [preset, steps, cfg, shift, scheduler, seed, height, width]
+    return [preset, steps, cfg, step_cache, shift, scheduler, seed, height, width]
 
 
 def input_image(**options) -> gr.Image:
@@ -138,8 +145,8 @@ def build(session: Session) -> list[gr.Dropdown]:
         details = gr.JSON(label="settings of the chosen edit", elem_id="edit-history-settings")
 
     @user_errors
-    def run_edit(request: gr.Request, image_path, instruction, rewrite, preset, steps, cfg, shift, scheduler, seed,
-                 height, width, reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
+    def run_edit(request: gr.Request, image_path, instruction, rewrite, preset, steps, cfg, step_cache, shift,
+                 scheduler, seed, height, width, reasoning_steps, negative_prompt, *lora_values, progress=gr.Progress()):
         with session.job(request.session_hash) as cancelled:
             source = session.start(image_path, instruction)
             text = session.enhancer(source, instruction) if rewrite and session.enhancer else instruction
@@ -147,7 +154,8 @@ def build(session: Session) -> list[gr.Dropdown]:
             reasoning_count = number(reasoning_steps, "temporal reasoning steps", integer=True)
             args = session.edit_args(prompt=text, negative_prompt=negative_prompt or "", lora=loras,
                                      temporal_reasoning_steps=reasoning_count,
-                                     **form_settings(preset, steps, cfg, shift, scheduler, seed, height, width))
+                                     **form_settings(preset, steps, cfg, step_cache, shift, scheduler, seed, height,
+                                                     width))
             started = time.perf_counter()
             result = session.edit(source, args, cancelled,
                                   lambda i, n: progress((i, n), desc="denoising", unit="steps"))
