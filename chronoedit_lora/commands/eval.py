@@ -168,14 +168,15 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.report import remove_earlier, summary, write_tables
     from ..eval.runner import evaluate_checkpoints, score_with_models
     from ..eval.image_metrics import ssim
+    from ..models.quantized import is_quantized
     from ..pipeline import ChronoEditPipeline
     from ..train.state.model_card import add_evaluation
 
     print(f"evaluating {len(checkpoints)} checkpoints ({', '.join(c.label for c in checkpoints)}) "
           f"on {len(items)} held-out pairs from {args.dataset}")
     pipe = ChronoEditPipeline.from_pretrained(**model_options(args), offload=args.offload)
-    for path, scale in base_loras:  # under every checkpoint: hooks on fp8 weights, else fused
-        pipe.load_lora(path, scale, fuse=not args.fp8_base)
+    for path, scale in base_loras:  # under every checkpoint: hooks on quantized (fp8, GGUF) weights, else fused
+        pipe.load_lora(path, scale, fuse=not is_quantized(pipe.dit))
     pairs = encode_pairs(pipe, items, len(QUANTILES), args.seed)
     edit_settings = None if args.loss_only else EditSettings(
         steps=settings["steps"], cfg=settings["cfg"], shift=settings["shift"], scheduler=args.scheduler, seed=args.seed,

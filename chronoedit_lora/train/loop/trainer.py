@@ -31,6 +31,7 @@ from ...files import WriteError
 from ...lora.weights import ADAPTER_NAMES, LoraWeights
 from ...models.dit import compile_blocks
 from ...models.loading import DTYPES
+from ...models.quantized import is_quantized
 from ...settings import MAX_TRAIN_SEED, check_targets
 from ..state import checkpoint as ckpt
 from .config import TrainConfig
@@ -141,8 +142,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
         encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
         **paths)
     loaded_encoders = cache is None or filled > 0 or encoders
-    for path, _, scale in base_loras:  # the base trained on (fp8 weights cannot absorb them: hooks there)
-        pipe.load_lora(path, scale, fuse=not config.fp8_base)
+    for path, _, scale in base_loras:  # the base trained on (quantized weights cannot absorb them: hooks there)
+        pipe.load_lora(path, scale, fuse=not is_quantized(pipe.dit))
     stacked = [(weights, scale) for _, weights, scale in sample_loras]
     sample_preview = Preview.of(config.sample_steps, config.sample_preset, stacked)
     pair_inputs = PairInputs(pipe, data.dataset, cache)
