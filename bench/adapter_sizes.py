@@ -36,9 +36,10 @@ def adapter_parameters(kwargs: dict, overrides: dict[str, str]) -> int:
     from chronoedit_lora.train.objective.adapter_config import peft_config
     from chronoedit_lora.train.loop.config import load_config
 
+    config = peft_config(load_config(None, overrides))  # checked on the CPU: the recipe's checks build tensors
     with torch.device("meta"):
         dit = WanModel(**kwargs)
-        inject_adapter_in_model(peft_config(load_config(None, overrides)), dit)
+        inject_adapter_in_model(config, dit)
     return sum(p.numel() for name, p in dit.named_parameters() if is_adapter_parameter(name))
 
 
