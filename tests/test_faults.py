@@ -24,7 +24,7 @@ from chronoedit_lora.data.checked_files import CheckedFiles
 from chronoedit_lora.data.metadata import read_metadata
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import save_lora
-from chronoedit_lora.train.loop.cache import CacheEntryError
+from chronoedit_lora.train.loop.cache import CACHE_VERSION, CacheEntryError
 from chronoedit_lora.train.loop.trainer import train
 from chronoedit_lora.train.state.checkpoint import checkpoint_dir
 
@@ -168,9 +168,9 @@ def test_damaged_and_foreign_cache_entries_are_named_dropped_and_encoded_again(t
     truncated, reshaped, retyped, foreign = entries
     truncated.write_bytes(truncated.read_bytes()[:-100])
     tensors = dict(good[reshaped], input_latents=torch.zeros(1, 16, 2, 3, 3))
-    save_file(tensors, str(reshaped), metadata={"chronoedit_lora_cache": "2", "key": reshaped.stem})
+    save_file(tensors, str(reshaped), metadata={"chronoedit_lora_cache": str(CACHE_VERSION), "key": reshaped.stem})
     save_file({k: v.double() for k, v in good[retyped].items()}, str(retyped),
-              metadata={"chronoedit_lora_cache": "2", "key": retyped.stem})
+              metadata={"chronoedit_lora_cache": str(CACHE_VERSION), "key": retyped.stem})
     save_file(good[foreign], str(foreign))  # no kit version in its header
     capsys.readouterr()
     result = train(tiny_config(tiny_diffusers, dataset, tmp_path / "first", **config, overwrite=True))
@@ -190,7 +190,7 @@ def test_a_non_finite_cache_entry_stops_the_run_naming_it(tiny_diffusers, tmp_pa
     (entry,) = (tmp_path / "run" / "cache").rglob("*.safetensors")
     tensors = load_file(str(entry))
     tensors["context"][0, 0, 0] = float("nan")
-    save_file(tensors, str(entry), metadata={"chronoedit_lora_cache": "2", "key": entry.stem})
+    save_file(tensors, str(entry), metadata={"chronoedit_lora_cache": str(CACHE_VERSION), "key": entry.stem})
     with pytest.raises(CacheEntryError, match=rf"{entry} holds NaN or inf in context; delete it"):
         train(tiny_config(tiny_diffusers, dataset, tmp_path / "run", cache=True, max_steps=2, save_every=1, resume=True))
 
