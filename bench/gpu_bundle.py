@@ -60,6 +60,7 @@ WHEELS = {
     "cffi==2.1.1": "cffi",
     "pycparser==3.12": "pycparser",
     "sniffio==1.3.1": "sniffio",
+    "gguf==0.19.0": "gguf",  # GGUF DiT files, read wherever weights are identified
 }
 # The check's own imports, tried after installing (a missing or broken wheel fails here, in seconds).
 CHECK_IMPORTS = ("chronoedit_lora.cli", "chronoedit_lora.pipeline", "chronoedit_lora.train.loop.trainer",

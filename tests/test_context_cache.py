@@ -91,7 +91,8 @@ def test_lora_scale_changed_in_the_web_app_session_is_recomputed(tiny_diffusers,
 
     def edit(scale: float, **values) -> torch.Tensor:
         settings = dict(prompt="add a hat", steps=3, height=32, width=32, cfg=3.0, lora=[f"{lora}:{scale}"])
-        return session.edit(input_image, session.edit_args(**settings, **values)).video
+        with session.job("page") as cancelled:  # one page's edit, as the app runs it
+            return session.edit(input_image, session.edit_args(**settings, **values), cancelled).video
 
     first = edit(1.0)
     second = edit(0.25)
