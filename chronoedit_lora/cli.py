@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import os
 import sys
@@ -80,8 +81,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nchronoedit-lora{' ' + command if command else ''}: interrupted.", file=sys.stderr)
-        return 130
+        report_unraisable, sys.unraisablehook = sys.unraisablehook, _ignore_unraisable
+    # Ctrl-C. Leaving the except block freed the traceback, and the frames it held are finalized now,
+    # not at exit, so that "interrupted." is the last line: an open progress bar prints its closing line;
+    # a bar the signal caught half-built (inside tqdm's constructor) raises from its finalizer, an error
+    # not worth a traceback when the command is stopping because the user asked it to.
+    gc.collect()
+    sys.unraisablehook = report_unraisable
+    print(f"\nchronoedit-lora{' ' + command if command else ''}: interrupted.", file=sys.stderr)
+    return 130
+
+
+def _ignore_unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Drops an error raised by a finalizer while an interrupted command stops."""
 
 
 if __name__ == "__main__":

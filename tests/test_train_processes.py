@@ -171,8 +171,38 @@ def test_ctrl_c_during_an_edit_is_one_line_and_exit_130(tiny_diffusers, input_im
     _, rest = process.communicate(timeout=300)  # the step under way finishes first (seconds on a busy machine)
     err = (seen + rest).decode()
     assert process.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "chronoedit-lora edit: interrupted."
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "chronoedit-lora edit: interrupted.", err[-2000:]
     assert not (tmp_path / "o.png").exists()
+
+
+# Ctrl-C caught at the worst moments, made certain: inside the denoising loop's body (its progress bar
+# closes only when the frames are freed) and inside a progress bar's constructor (its finalizer raises)
+INTERRUPTED_MIDWAY = '''
+import sys
+from chronoedit_lora import cli
+from chronoedit_lora.commands import edit
+from tqdm import tqdm
+
+class HalfBuilt:
+    def __del__(self):
+        raise AttributeError("no start_t: built up to where the signal came")
+
+def run(args):
+    half = HalfBuilt()
+    for _ in tqdm(range(3), desc="editing"):
+        raise KeyboardInterrupt
+
+edit.run = run
+sys.exit(cli.main(["edit"]))
+'''
+
+
+def test_an_interrupt_anywhere_ends_with_the_interrupted_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_MIDWAY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and lines[-1] == "chronoedit-lora edit: interrupted.", result.stderr
+    assert any(line.startswith("editing:") for line in lines[:-1]), result.stderr  # the bar closed before it
 
 
 def test_readme_demo_command():
