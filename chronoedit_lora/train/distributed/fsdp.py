@@ -45,20 +45,25 @@ def requested() -> bool:
 
 
 def prepare(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            place_model: bool = True):
+            place_model: bool = True, whole_step: bool = False):
     """``accelerator.prepare(module, optimizer)``, sharding the DiT per block under FSDP
-    (``place_model=False``: the module stays where it is, as block swap needs)."""
+    (``place_model=False``: the module stays where it is, as block swap needs; ``whole_step``: the
+    optimizer cannot step on shards, see :func:`step_on_whole_tensors`)."""
     if not requested() or accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.FSDP:
-        return accelerator.prepare(module, optimizer, device_placement=[place_model, None])
-    plugin = FullyShardedDataParallelPlugin()  # the launch's fsdp_config, read from its environment
-    if accelerator.mixed_precision != "no":  # what AcceleratorState does for a GPU FSDP run
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    before = [p for p in module.parameters() if p.requires_grad]
-    _shard_per_block(module, plugin)
-    after = {id(old): new for old, new in zip(before, (p for p in module.parameters() if p.requires_grad))}
-    for group in optimizer.param_groups:  # fully_shard replaced every Parameter by a DTensor one
-        group["params"] = [after[id(p)] for p in group["params"]]
-    return module, accelerator.prepare(optimizer)
+        module, optimizer = accelerator.prepare(module, optimizer, device_placement=[place_model, None])
+    else:
+        plugin = FullyShardedDataParallelPlugin()  # the launch's fsdp_config, read from its environment
+        if accelerator.mixed_precision != "no":  # what AcceleratorState does for a GPU FSDP run
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        before = [p for p in module.parameters() if p.requires_grad]
+        _shard_per_block(module, plugin)
+        after = {id(old): new for old, new in zip(before, (p for p in module.parameters() if p.requires_grad))}
+        for group in optimizer.param_groups:  # fully_shard replaced every Parameter by a DTensor one
+            group["params"] = [after[id(p)] for p in group["params"]]
+        optimizer = accelerator.prepare(optimizer)
+    if whole_step and sharded(module):
+        step_on_whole_tensors(optimizer.optimizer)
+    return module, optimizer
 
 
 def _shard_per_block(module: torch.nn.Module, plugin: FullyShardedDataParallelPlugin) -> None:
@@ -72,6 +77,43 @@ def _shard_per_block(module: torch.nn.Module, plugin: FullyShardedDataParallelPl
         if type(child).__name__ in classes:
             fully_shard(child, **kwargs)
     fully_shard(module, **kwargs)
+
+
+def step_on_whole_tensors(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer`` step on whole copies of its sharded parameters, for an optimizer whose step
+    cannot run on DTensor shards (``WHOLE_STEP`` in :mod:`..loop.optimizer` says which and why).
+
+    Its parameter groups get a whole copy of each sharded parameter; before each step the gradients
+    are all-gathered into the copies (the shards' gradients are dropped), and after it every rank cuts
+    its shard out of the stepped copies, without communication. Every rank runs the same step on the
+    same whole tensors, so the step is the single-process one, and the optimizer's state is whole and
+    the same on every rank: it is saved and loaded as a DDP run's. The base stays sharded; the trained
+    tensors and their optimizer state are held whole on every rank, as under DDP.
+    """
+    pairs = []
+    for group in optimizer.param_groups:
+        copies = []
+        for param in group["params"]:
+            copy = param
+            if isinstance(param, DTensor):
+                copy = torch.nn.Parameter(param.detach().full_tensor())
+                pairs.append((param, copy))
+            copies.append(copy)
+        group["params"] = copies
+
+    def gather(*_) -> None:
+        for shard, copy in pairs:  # every rank in the same order: the collectives match
+            copy.grad = None if shard.grad is None else shard.grad.full_tensor()
+            shard.grad = None
+
+    @torch.no_grad()
+    def scatter(*_) -> None:
+        for shard, copy in pairs:
+            shard.to_local().copy_(distribute_tensor(copy, shard.device_mesh, shard.placements,
+                                                     src_data_rank=None).to_local())
+
+    optimizer.register_step_pre_hook(gather)
+    optimizer.register_step_post_hook(scatter)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ sampling or evaluating during FSDP training (the main process alone cannot run a
 and FSDP1 (the kit gathers FSDP2's per-parameter shards; FSDP1 flattens them), and a full
 fine-tune under DeepSpeed (its state is saved with torch.distributed.checkpoint from FSDP2 shards),
 and block swap on more than one process (DDP, FSDP and DeepSpeed need the weights on the GPU), and an
-optimizer that does not step or save FSDP2's sharded parameters (:mod:`..loop.optimizer`).
+8-bit AdamW under FSDP (bitsandbytes is not a test dependency, so it is untested there; :mod:`..loop.optimizer`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Optimizers: torch's AdamW (the default), bitsandbytes' 8-bit AdamW (an optional 
 bitsandbytes logs warnings into every command's output on some CPUs), prodigyopt's Prodigy (it
 estimates the step size itself: set learning_rate to about 1.0) and transformers' Adafactor (with
 the given learning rate, not its relative step). Their state is saved whole in each checkpoint
-(gathered under FSDP) and loaded back on ``--resume``.
+(gathered under FSDP) and loaded back on ``--resume``. Under FSDP, Prodigy and Adafactor step on
+whole copies of the trained tensors (``WHOLE_STEP`` below says why).
 
 LR schedules are diffusers' (``diffusers.optimization.get_scheduler``), counted in optimizer steps
 and stepped once per optimizer step by the trainer (never through ``accelerator.prepare``, which
@@ -26,12 +27,18 @@ from .config import TrainConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial")
-# Optimizers whose step runs on FSDP2's sharded (DTensor) parameters and whose state the kit gathers
-# and cuts back into shards (tested). Seen on CPU with 2 processes: Adafactor's step fails on DTensor
-# shards (aten.add_ mixes Tensor and DTensor); Prodigy's step runs, but its p0 state is stored
-# flattened, which the kit's loader does not reshard; bitsandbytes nests its state in a dict it
-# does not gather.
-FSDP_OPTIMIZERS = ("adamw",)
+# Optimizers the kit runs under FSDP. AdamW steps on FSDP2's sharded (DTensor) parameters, and the kit
+# gathers its state into whole tensors and cuts it back into shards. Prodigy and Adafactor cannot step
+# on shards (seen with 2 processes on CPU, torch 2.14.1): Prodigy flattens every parameter, which
+# DTensor refuses for a shard of uneven size ("Cannot flatten unevenly sharded tensor"), and where it
+# runs, the sums its step size d comes from are read with .item(), which on a DTensor reads this rank's
+# shard only (d was about half the single-process one, each rank its own); Adafactor keeps its factored
+# second moment in plain tensors shaped like the whole matrix's rows and columns, which DTensor refuses
+# to mix with shards ("aten.add_.Tensor got mixed torch.Tensor and DTensor"). They step on whole copies
+# of the trained tensors instead (fsdp.step_on_whole_tensors), the single-process step. bitsandbytes'
+# 8-bit AdamW is not a test dependency, so it is not run under FSDP.
+FSDP_OPTIMIZERS = ("adamw", "prodigy", "adafactor")
+WHOLE_STEP = ("prodigy", "adafactor")
 POLYNOMIAL_END = 1e-7  # diffusers' default end of the polynomial decay
 # optimizer -> (module, the pinned package that provides it)
 PACKAGES = {"adamw8bit": ("bitsandbytes", "bitsandbytes==0.50.2"), "prodigy": ("prodigyopt", "prodigyopt==1.1.2")}
@@ -49,8 +56,9 @@ def check_optimizer(config: TrainConfig, fsdp: bool) -> None:
     """Refuse an optimizer the run cannot use (under FSDP; a full fine-tune's DCP state), naming the fix."""
     if fsdp and config.optimizer not in FSDP_OPTIMIZERS:
         raise ChronoEditError(
-            f"optimizer = {config.optimizer!r} cannot be used with an FSDP launch: its step and state are not made for "
-            f"FSDP2's sharded parameters. Use {' or '.join(FSDP_OPTIMIZERS)}, or configs/accelerate/multi_gpu_ddp.yaml.")
+            f"optimizer = {config.optimizer!r} cannot be used with an FSDP launch: bitsandbytes' 8-bit step is not "
+            f"tested on FSDP2's sharded parameters. Use {', '.join(FSDP_OPTIMIZERS)}, or "
+            "configs/accelerate/multi_gpu_ddp.yaml.")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, fused: bool | None) -> torch.optim.Optimizer:

@@ -47,7 +47,7 @@ from ..distributed.launch import check_launch
 from ..state.logs import PRESERVATION, TrainingLog
 from ..state.model_card import write_model_card
 from ..state.trackers import end_trackers
-from .optimizer import make_optimizer, make_schedule
+from .optimizer import WHOLE_STEP, make_optimizer, make_schedule
 from .prefetch import Prefetcher
 from ..state.run_folder import RunFolder, choose_checkpoint
 from ..distributed.sync import assert_ranks_in_sync
@@ -170,7 +170,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     if resume is not None and config.finetune == "lora":  # the full LoRA goes in before FSDP (if any) splits it
         lora_export.load_into(module, resume.folder / "lora.safetensors", config)
     # under block_swap the module spans both devices: accelerate must not move it whole onto the GPU
-    module, optimizer = fsdp.prepare(accelerator, module, optimizer, place_model=not config.block_swap)
+    module, optimizer = fsdp.prepare(accelerator, module, optimizer, place_model=not config.block_swap,
+                                     whole_step=config.optimizer in WHOLE_STEP)
     trained_parameters = accelerator.unwrap_model(module).trained_parameters()
     ema = ExponentialMovingAverage.maybe(config, accelerator.unwrap_model(module).named_trained())
     if fsdp.sharded(module):  # every rank reports its own share, measured from its local shards
