@@ -12,6 +12,8 @@ every parameter, LoRA included, is a ``DTensor`` holding 1/N of it on each rank.
   the same per-parameter full tensors a DDP run saves, and :func:`load_optimizer_state` cuts each
   rank's shard back out. A checkpoint therefore has the same files and format under DDP and FSDP
   (one ``optimizer.pt``), and ``--resume`` continues exactly;
+* an optimizer whose step cannot run on shards (Prodigy, Adafactor) steps on whole copies of the
+  trained tensors (:func:`step_on_whole_tensors`): its state is whole already;
 * a gradient's norm is known per shard only, so :func:`step_status` adds the shards' squared
   norms across ranks: every rank then sees the same norm, so all stop together on a NaN (otherwise
   one rank would stop and the others would hang) and :func:`clip_gradients` scales every shard

@@ -283,6 +283,9 @@ def validate_recipe(config: TrainConfig) -> None:
                               f"(shift {config.shift:g}); widen it.")
 
     check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    if config.finetune == "full" and config.optimizer == "adamw8bit":
+        raise ChronoEditError("optimizer = 'adamw8bit' with finetune = \"full\": bitsandbytes' 8-bit state is not "
+                              "tested in a full fine-tune's sharded checkpoints; use adamw, prodigy or adafactor.")
     check_package(config.optimizer)
     check_choice("lr_scheduler", config.lr_scheduler, LR_SCHEDULERS)
     check_range("lr_cycles", config.lr_cycles, 1)
@@ -290,9 +293,6 @@ def validate_recipe(config: TrainConfig) -> None:
     if config.lr_scheduler == "polynomial":
         check_range("learning_rate (with lr_scheduler = \"polynomial\", which decays to 1e-7)", config.learning_rate,
                     POLYNOMIAL_END, low_inclusive=False)
-    if config.finetune == "full" and config.optimizer != "adamw":
-        raise ChronoEditError(f"optimizer = {config.optimizer!r} with finetune = \"full\": a full fine-tune's sharded "
-                              "checkpoints hold AdamW's moments only; use optimizer = \"adamw\" (or train a LoRA).")
 
     if config.preservation_dataset and config.finetune == "full":
         raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "

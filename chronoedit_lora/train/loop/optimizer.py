@@ -53,7 +53,12 @@ def check_package(optimizer: str) -> None:
 
 
 def check_optimizer(config: TrainConfig, fsdp: bool) -> None:
-    """Refuse an optimizer the run cannot use (under FSDP; a full fine-tune's DCP state), naming the fix."""
+    """Refuse an optimizer the run cannot use under FSDP, naming the fix."""
+    if fsdp and config.finetune == "full" and config.optimizer in WHOLE_STEP:
+        raise ChronoEditError(
+            f"optimizer = {config.optimizer!r} with finetune = \"full\" cannot be used with an FSDP launch: under FSDP "
+            "it steps on whole copies of the trained tensors, so every rank would hold all the trained weights and "
+            "their optimizer state. Use adamw, or configs/accelerate/multi_gpu_ddp.yaml.")
     if fsdp and config.optimizer not in FSDP_OPTIMIZERS:
         raise ChronoEditError(
             f"optimizer = {config.optimizer!r} cannot be used with an FSDP launch: bitsandbytes' 8-bit step is not "

@@ -1,14 +1,17 @@
 """Sharded training state of a full fine-tune with ``torch.distributed.checkpoint`` (DCP).
 
-Every rank writes its own shards of the trained weights, AdamW's moments and the EMA (if any) into
+Every rank writes its own shards of the trained weights, the optimizer's state and the EMA (if any) into
 ``state/`` of the checkpoint being staged, as safetensors files whose headers record each shard's
 offset in the whole tensor (DCP's Hugging Face storage: no pickle to read back). Loading asks DCP
 for each tensor in this run's layout, and DCP reads the pieces that overlap each rank's shard from
 whichever files hold them: a checkpoint resumes on any process count, and a single process without
 a process group (``export``) reads whole tensors.
 
-Keys: ``model.<name>``, ``exp_avg.<name>``, ``exp_avg_sq.<name>``, ``ema.<name>`` for every
-trained parameter (DiffSynth/Wan names, ``blocks.0.self_attn.q.weight``) and ``optimizer.step``.
+Keys: ``model.<name>``, ``ema.<name>`` and ``<key>.<name>`` for each tensor the optimizer keeps per
+parameter (AdamW's ``exp_avg``, ``exp_avg_sq``; Prodigy's ``s``, ``p0`` too; Adafactor's
+``exp_avg_sq_row``, ``exp_avg_sq_col``, ``RMS``) for every trained parameter (DiffSynth/Wan names,
+``blocks.0.self_attn.q.weight``), and ``optimizer.step``. The optimizer's per-group numbers
+(Prodigy's step size ``d``) are in the checkpoint's ``optimizer.pt``.
 """
 
 from __future__ import annotations
@@ -30,20 +33,22 @@ from ...user_files import read_json
 from .ema import ExponentialMovingAverage
 
 STATE = "state"
-MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "optimizer.step"
 # DCP warns on every single-process save/load (a 1-process run, `export`), which is the intent here
 _SINGLE_PROCESS_WARNING = r"torch\.distributed is (disabled, )?unavailable or uninitialized"
+_OWN = ("model", "ema")  # key prefixes that are not optimizer state
 
 
 def _state(named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
            ema: ExponentialMovingAverage | None) -> dict[str, torch.Tensor]:
     state = {f"model.{name}": p.detach() for name, p in named.items()}
-    for name, p in named.items():
-        state.update({f"{moment}.{name}": optimizer.state[p][moment] for moment in MOMENTS})
+    for name, p in named.items():  # every tensor the optimizer keeps per parameter, by its own key
+        state.update({f"{key}.{name}": value for key, value in optimizer.state[p].items()
+                      if key != "step" and torch.is_tensor(value)})
     if ema is not None:
         state.update({f"ema.{name}": tensor for name, tensor in ema.average.items()})
-    state[STEP] = optimizer.state[next(iter(named.values()))]["step"]
+    step = optimizer.state[next(iter(named.values()))]["step"]  # AdamW's is a tensor; Prodigy's, Adafactor's a count
+    state[STEP] = step if torch.is_tensor(step) else torch.tensor(float(step))
     return state
 
 
@@ -57,16 +62,31 @@ def save(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torc
 
 def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
          ema: ExponentialMovingAverage | None) -> None:
-    """Fill the trained weights, AdamW's state and the EMA from ``checkpoint/state``, each rank its
-    shards, whatever process count wrote it (every rank must call it)."""
-    for p in named.values():  # AdamW creates its state at the first step; make it now, to be filled
-        optimizer.state[p].update({moment: torch.zeros_like(p, memory_format=torch.preserve_format) for moment in MOMENTS})
-        optimizer.state[p]["step"] = torch.zeros((), dtype=torch.float32, device=p.device if _fused(optimizer) else "cpu")
+    """Fill the trained weights, the optimizer's state and the EMA from ``checkpoint/state``, each
+    rank its shards, whatever process count wrote it (every rank must call it).
+
+    An optimizer creates its state at its first step; here it is made first, to be filled, from
+    the checkpoint's keys: shaped like its parameter (sharded like it), or whole (a flattened or
+    factored statistic, a scalar), as the checkpoint's header records it.
+    """
+    adamw = isinstance(optimizer, torch.optim.AdamW)
+    for key, (shape, dtype) in saved_tensors(checkpoint).items():
+        kind, _, name = key.partition(".")
+        if kind not in _OWN and name in named:
+            p = named[name]
+            optimizer.state[p][kind] = (torch.zeros_like(p, memory_format=torch.preserve_format)
+                                        if list(shape) == list(p.shape) else torch.zeros(shape, dtype=dtype, device=p.device))
+    for p in named.values():
+        optimizer.state[p]["step"] = (torch.zeros((), dtype=torch.float32, device=p.device if _fused(optimizer) else "cpu")
+                                      if adamw else torch.zeros(()))
     state = _state(named, optimizer, ema)
     with _quiet():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=not dist.is_initialized())
     for p in named.values():
-        optimizer.state[p]["step"].copy_(state[STEP])
+        if adamw:
+            optimizer.state[p]["step"].copy_(state[STEP])
+        else:
+            optimizer.state[p]["step"] = round(state[STEP].item())
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ from .run_folder import EMA_NAME, SETTINGS, ResumePoint
 
 @dataclass
 class Gathered:
-    """What the main process writes into a checkpoint: the whole LoRA, its EMA and AdamW's state
-    (all None for a full fine-tune, whose ranks wrote their shards themselves)."""
+    """What the main process writes into a checkpoint: the whole LoRA, its EMA and the optimizer's
+    state (for a full fine-tune, whose ranks wrote their shards themselves, its per-group numbers
+    only, or None)."""
 
     lora: dict[str, torch.Tensor] | None = None
     ema: dict[str, torch.Tensor] | None = None
@@ -38,7 +39,7 @@ def gather(accelerator: Accelerator, config: TrainConfig, module, optimizer: tor
     keep = accelerator.is_main_process
     if config.finetune == "full":
         dcp.save(staging, accelerator.unwrap_model(module).named_trained(), optimizer, ema)
-        return Gathered()
+        return Gathered(optimizer=_group_numbers(optimizer, config))
     return Gathered(fsdp.full_lora(accelerator.unwrap_model(module), keep=keep), ema.full(keep) if ema else None,
                     fsdp.optimizer_state(optimizer) if optimizer is not None else None)
 
@@ -60,6 +61,8 @@ def load(resume: ResumePoint, accelerator: Accelerator, config: TrainConfig, mod
     state = resume.optimizer_state
     if config.finetune == "full":
         dcp.load(resume.folder, accelerator.unwrap_model(module).named_trained(), optimizer, ema)
+        for group, saved in zip(optimizer.param_groups, (state["optimizer"] or {}).get("param_groups", [])):
+            group.update({key: value for key, value in saved.items() if key != "params"})
     else:
         fsdp.load_optimizer_state(optimizer, state["optimizer"])
         if ema is not None and (resume.folder / EMA_NAME).is_file():  # else the EMA starts here
@@ -67,3 +70,12 @@ def load(resume: ResumePoint, accelerator: Accelerator, config: TrainConfig, mod
     scheduler.load_state_dict(state["scheduler"])
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # what the optimizer's saved param groups restore for a LoRA run
+
+
+def _group_numbers(optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict | None:
+    """A full fine-tune's optimizer numbers kept per parameter group (Prodigy's step size ``d`` and
+    its running sums), for ``optimizer.pt``; None for AdamW, whose groups hold settings only."""
+    if config.optimizer == "adamw":
+        return None
+    return {"param_groups": [{key: value for key, value in group.items() if key != "params"}
+                             for group in optimizer.param_groups]}
