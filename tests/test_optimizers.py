@@ -245,6 +245,22 @@ def test_8bit_adamw_is_refused_under_an_fsdp_launch_and_the_others_pass(monkeypa
         check_launch(config)
 
 
+@pytest.mark.parametrize("optimizer", ["prodigy", "adafactor"])
+def test_a_full_fine_tune_under_fsdp_refuses_the_whole_copy_optimizers(monkeypatch, optimizer):
+    from chronoedit_lora.train.distributed.launch import check_launch
+
+    config = load_config(None, {"finetune": "full", "optimizer": optimizer})
+    check_launch(config)  # one process or DDP: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ChronoEditError) as error:
+        check_launch(config)
+    assert str(error.value) == (
+        f"optimizer = '{optimizer}' with finetune = \"full\" cannot be used with an FSDP launch: under FSDP it steps "
+        "on whole copies of the trained tensors, so every rank would hold all the trained weights and their optimizer "
+        "state. Use adamw, or configs/accelerate/multi_gpu_ddp.yaml.")
+
+
 # Prodigy and Adafactor under FSDP (fsdp.step_on_whole_tensors): rank 3, so each LoRA A matrix (3 rows)
 # is split unevenly over the 2 processes (where Prodigy's own step on the shards is refused).
 # One process accumulating two batches sums their gradients where 2 FSDP processes reduce-scatter them:
