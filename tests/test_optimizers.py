@@ -261,6 +261,20 @@ def test_a_full_fine_tune_under_fsdp_refuses_the_whole_copy_optimizers(monkeypat
         "state. Use adamw, or configs/accelerate/multi_gpu_ddp.yaml.")
 
 
+def test_fp16_with_a_whole_copy_optimizer_is_refused_under_fsdp(monkeypatch):
+    from chronoedit_lora.train.distributed.launch import check_launch
+
+    config = load_config(None, {"optimizer": "prodigy", "mixed_precision": "fp16"})
+    check_launch(config)  # one process or DDP: the scaler unscales the parameters' own gradients
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ChronoEditError, match=r"^optimizer = 'prodigy' with mixed_precision = \"fp16\" cannot be used "
+                                              r"with an FSDP launch: .* Use mixed_precision = \"bf16\""):
+        check_launch(config)
+    config.mixed_precision = "bf16"
+    check_launch(config)
+
+
 # Prodigy and Adafactor under FSDP (fsdp.step_on_whole_tensors): rank 3, so each LoRA A matrix (3 rows)
 # is split unevenly over the 2 processes (where Prodigy's own step on the shards is refused).
 # One process accumulating two batches sums their gradients where 2 FSDP processes reduce-scatter them:

@@ -59,6 +59,11 @@ def check_optimizer(config: TrainConfig, fsdp: bool) -> None:
             f"optimizer = {config.optimizer!r} with finetune = \"full\" cannot be used with an FSDP launch: under FSDP "
             "it steps on whole copies of the trained tensors, so every rank would hold all the trained weights and "
             "their optimizer state. Use adamw, or configs/accelerate/multi_gpu_ddp.yaml.")
+    if fsdp and config.optimizer in WHOLE_STEP and config.mixed_precision == "fp16":
+        raise ChronoEditError(
+            f"optimizer = {config.optimizer!r} with mixed_precision = \"fp16\" cannot be used with an FSDP launch: "
+            "under FSDP it steps on whole copies of the trained tensors, and fp16's loss scaling would unscale the "
+            "copies' gradients, not the shards'. Use mixed_precision = \"bf16\" (configs/accelerate/fsdp.yaml's).")
     if fsdp and config.optimizer not in FSDP_OPTIMIZERS:
         raise ChronoEditError(
             f"optimizer = {config.optimizer!r} cannot be used with an FSDP launch: bitsandbytes' 8-bit step is not "
