@@ -69,7 +69,7 @@ def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torc
     the checkpoint's keys: shaped like its parameter (sharded like it), or whole (a flattened or
     factored statistic, a scalar), as the checkpoint's header records it.
     """
-    adamw = isinstance(optimizer, torch.optim.AdamW)
+    adamw = isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.AdamW)  # accelerate wraps it
     for key, (shape, dtype) in saved_tensors(checkpoint).items():
         kind, _, name = key.partition(".")
         if kind not in _OWN and name in named:
