@@ -74,11 +74,12 @@ def load(checkpoint: Path, named: dict[str, torch.nn.Parameter], optimizer: torc
         kind, _, name = key.partition(".")
         if kind not in _OWN and name in named:
             p = named[name]
-            optimizer.state[p][kind] = (torch.zeros_like(p, memory_format=torch.preserve_format)
-                                        if list(shape) == list(p.shape) else torch.zeros(shape, dtype=dtype, device=p.device))
+            like_p = list(shape) == list(p.shape)
+            optimizer.state[p][kind] = (torch.zeros_like(p, memory_format=torch.preserve_format) if like_p
+                                        else torch.zeros(shape, dtype=dtype, device=p.device))
     for p in named.values():
-        optimizer.state[p]["step"] = (torch.zeros((), dtype=torch.float32, device=p.device if _fused(optimizer) else "cpu")
-                                      if adamw else torch.zeros(()))
+        step_device = p.device if adamw and _fused(optimizer) else "cpu"
+        optimizer.state[p]["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
     state = _state(named, optimizer, ema)
     with _quiet():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(checkpoint / STATE)), no_dist=not dist.is_initialized())
