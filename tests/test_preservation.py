@@ -235,3 +235,42 @@ def test_a_preservation_folder_is_cached_and_resumes_exactly(tiny_diffusers, tmp
     assert column("uncached") == pytest.approx(column("straight"), abs=RESUME_ATOL)
     assert _max_diff(resumed.lora, straight.lora) <= RESUME_ATOL
     assert _max_diff(uncached.lora, straight.lora) <= RESUME_ATOL
+
+
+@pytest.mark.slow
+def test_preservation_under_fsdp_equals_one_process_and_resumes_exactly(tiny_diffusers, tmp_path):
+    """2-process FSDP (gloo, CPU): the base's prediction with the adapters off runs on the same
+    sharded blocks (every rank joins its all-gathers). The run equals one process accumulating the
+    same two batches per step, and a stopped FSDP run resumed continues exactly."""
+    import subprocess
+
+    from .test_fsdp import ACCUMULATION_ATOL, CHECKPOINTING, _launch
+    from .test_train_processes import _train_cmd
+
+    dataset, folder = make_subset(tmp_path / "train", 4), image_folder(tmp_path / "keep", 2)
+    flags = ["--seed", "3", "--save_every", "2", "--preservation_dataset", str(folder), "--preservation_weight", "10",
+             *CHECKPOINTING]
+    fsdp = _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, tmp_path / "fsdp", "--max_steps", "4", *flags)
+    assert "FSDP rank 1: holds" in fsdp.stdout
+    one = subprocess.run(_train_cmd(tiny_diffusers, dataset, tmp_path / "one", "--max_steps", "4", *flags,
+                                    "--gradient_accumulation", "2"), capture_output=True, text=True, timeout=480)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, tmp_path / "split", "--max_steps", "2", *flags)
+    _launch("cpu_2proc_fsdp.yaml", tiny_diffusers, dataset, tmp_path / "split", "--max_steps", "4", *flags, "--resume")
+
+    def columns(run: str) -> dict[str, list[float]]:
+        rows = list(csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open()))
+        return {key: [float(r[key]) for r in rows] for key in ("loss", "preservation")}
+
+    sharded = columns("fsdp")
+    assert len(sharded["loss"]) == 4 and sharded["preservation"][0] == 0.0 and max(sharded["preservation"]) > 0
+    # measured: the columns (written to 6 digits) equal, the LoRA within 3.2e-5 (one process sums two
+    # half-weighted gradients where FSDP reduce-scatters them: test_fsdp's ACCUMULATION_ATOL)
+    for key, values in columns("one").items():
+        assert values == pytest.approx(sharded[key], rel=1e-5, abs=1e-7), key
+    diff = _max_diff(tmp_path / "fsdp" / "lora.safetensors", tmp_path / "one" / "lora.safetensors")
+    print(f"preservation: 2-process FSDP vs 1 process x accumulation 2, LoRA max |diff| {diff:.3g}")
+    assert diff <= ACCUMULATION_ATOL
+    for key, values in columns("split").items():
+        assert values == pytest.approx(sharded[key], abs=RESUME_ATOL), key
+    assert _max_diff(tmp_path / "fsdp" / "lora.safetensors", tmp_path / "split" / "lora.safetensors") <= RESUME_ATOL
