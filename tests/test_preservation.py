@@ -273,4 +273,6 @@ def test_preservation_under_fsdp_equals_one_process_and_resumes_exactly(tiny_dif
     assert diff <= ACCUMULATION_ATOL
     for key, values in columns("split").items():
         assert values == pytest.approx(sharded[key], abs=RESUME_ATOL), key
-    assert _max_diff(tmp_path / "fsdp" / "lora.safetensors", tmp_path / "split" / "lora.safetensors") <= RESUME_ATOL
+    resumed = _max_diff(tmp_path / "fsdp" / "lora.safetensors", tmp_path / "split" / "lora.safetensors")
+    print(f"preservation: FSDP stopped at step 2 and resumed vs uninterrupted, LoRA max |diff| {resumed:.3g}")
+    assert resumed <= RESUME_ATOL
