@@ -211,30 +211,29 @@ def test_dataset_check_of_a_config_checks_its_preservation_folder(tmp_path, caps
 
 
 def test_a_preservation_folder_is_cached_and_resumes_exactly(tiny_diffusers, tmp_path):
-    """A folder's identity pairs go through the conditioning cache like the training pairs (a rerun
-    loads no encoder), train as encoding them each step does, and a stopped run resumed continues
-    with the same preservation items: the `preservation` column and the LoRA equal the straight run's."""
+    """A folder's identity pairs go through the conditioning cache like the training pairs (the
+    resumed run loads no encoder), and a cached run stopped and resumed continues with the same
+    preservation items: its `preservation` column and LoRA equal those of a straight, uncached run."""
     from chronoedit_lora.train.loop.trainer import train
 
     dataset, folder = make_subset(tmp_path / "train", 2), image_folder(tmp_path / "keep", 3)
     common = dict(preservation_dataset=folder, preservation_weight=10.0, save_every=2, seed=5)
-    uncached = train(tiny_config(tiny_diffusers, dataset, tmp_path / "uncached", max_steps=4, **common))
-    straight = train(tiny_config(tiny_diffusers, dataset, tmp_path / "straight", max_steps=4, cache=True, **common))
-    assert len(list((tmp_path / "straight" / "cache").rglob("*.safetensors"))) == 2 + 3  # training pairs + images
+    straight = train(tiny_config(tiny_diffusers, dataset, tmp_path / "straight", max_steps=4, **common))
     train(tiny_config(tiny_diffusers, dataset, tmp_path / "split", max_steps=2, cache=True, **common))
+    assert len(list((tmp_path / "split" / "cache").rglob("*.safetensors"))) == 2 + 3  # training pairs + images
     resumed = train(tiny_config(tiny_diffusers, dataset, tmp_path / "split", max_steps=4, cache=True, resume=True,
                                 **common))
-    assert not resumed.loaded_encoders  # every pair, the preservation images too, came from the cache
+    assert not resumed.loaded_encoders  # every item, the preservation images too, came from the cache
 
     def column(run: str) -> list[float]:
         return [float(r["preservation"]) for r in csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open())]
 
-    assert column("straight")[0] == 0.0 and max(column("straight")) > 0
+    assert len(column("straight")) == 4 and column("straight")[0] == 0.0 and max(column("straight")) > 0
     # float32 on CPU, same ops in the same order: equal up to float noise (RESUME_ATOL, the resume tests')
     assert column("split") == pytest.approx(column("straight"), abs=RESUME_ATOL)
-    assert column("uncached") == pytest.approx(column("straight"), abs=RESUME_ATOL)
-    assert _max_diff(resumed.lora, straight.lora) <= RESUME_ATOL
-    assert _max_diff(uncached.lora, straight.lora) <= RESUME_ATOL
+    diff = _max_diff(resumed.lora, straight.lora)
+    print(f"cached, stopped and resumed vs straight uncached, LoRA max |diff|: {diff:.3g}")
+    assert diff <= RESUME_ATOL
 
 
 @pytest.mark.slow

@@ -189,6 +189,7 @@ def served(session, tmp_path):
     ("--dataset {datasets}/link/metadata.csv", "--dataset"),
     ("--eval_dataset {elsewhere}/data/metadata.csv --eval_every 2", "--eval_dataset"),
     ("--sample_dataset {elsewhere}/data/metadata.csv", "--sample_dataset"),
+    ("--preservation_dataset {elsewhere}/data", "--preservation_dataset"),
     ("--cache true --cache_dir {elsewhere}/cache", "--cache_dir"),
     ("--resume_from {elsewhere}/run/checkpoints/step-000002", "--resume_from"),
     ("--model {elsewhere}", "--model"),
