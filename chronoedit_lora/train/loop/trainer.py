@@ -392,7 +392,7 @@ def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: Trai
                   dtype: torch.dtype) -> int:
     """Encode the entries the cache lacks with the encoders alone (each process its share; everyone
     waits for the rest); returns how many were missing."""
-    missing = cache.missing(data.dataset, report=accelerator.is_main_process)
+    missing, distinct = cache.missing(data.dataset, report=accelerator.is_main_process)
     if missing:
         from ...pipeline import ChronoEditPipeline
 
@@ -400,8 +400,7 @@ def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: Trai
         share = missing[accelerator.process_index::accelerator.num_processes]
         fill(cache, encoders, data.dataset, share, show=accelerator.is_main_process)
         accelerator.wait_for_everyone()
-    accelerator.print(f"conditioning cache {cache.folder}: {len(missing)} new, "
-                      f"{len(data.dataset.pairs) - len(missing)} reused")
+    accelerator.print(f"conditioning cache {cache.folder}: {len(missing)} new, {distinct - len(missing)} reused")
     return len(missing)
 
 
