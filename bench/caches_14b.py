@@ -24,14 +24,14 @@ from chronoedit_lora.models.context_cache import dit_cache_bytes
 from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS, DiTCheckpoint
 from chronoedit_lora.offload import GIB, needs
 from chronoedit_lora.pipeline import ChronoEditPipeline
-from chronoedit_lora.step_cache import parse_step_cache
+from chronoedit_lora.step_cache import StepCache, parse_step_cache
 from chronoedit_lora.video import EDIT_FRAMES, latent_frames, latent_tokens
 
 BLOCKS_14B = CHRONOEDIT_14B_KWARGS["num_layers"]
 TEMPORAL_SKIP_LEN = 8  # ChronoEdit's (the released checkpoints' default)
 
 
-def meta_dit(blocks: int, kwargs: dict = CHRONOEDIT_14B_KWARGS, dtype: torch.dtype = torch.bfloat16) -> WanModel:
+def meta_model(blocks: int, kwargs: dict = CHRONOEDIT_14B_KWARGS, dtype: torch.dtype = torch.bfloat16) -> WanModel:
     """A weightless DiT of ``kwargs``'s shapes with ``blocks`` blocks, on the meta device."""
     with torch.device("meta"):
         return WanModel(**{**kwargs, "num_layers": blocks}).to(dtype)
@@ -40,7 +40,7 @@ def meta_dit(blocks: int, kwargs: dict = CHRONOEDIT_14B_KWARGS, dtype: torch.dty
 def plan(free_bytes: float, height: int, width: int, branches: int = 2) -> dict:
     """The most of 14B's blocks whose bf16 weights, step working memory and context cache fit ``free_bytes``."""
     tokens = latent_tokens(width, height)
-    dit = meta_dit(BLOCKS_14B)
+    dit = meta_model(BLOCKS_14B)
     for blocks in range(BLOCKS_14B, 0, -1):
         dit.blocks = dit.blocks[:blocks]
         need = needs({"text_encoder": None, "image_encoder": None, "vae": None, "dit": dit}, tokens, 0,
@@ -57,7 +57,7 @@ def random_pipeline(blocks: int, device: str | torch.device, dtype: torch.dtype 
                     kwargs: dict = CHRONOEDIT_14B_KWARGS, seed: int = 0) -> ChronoEditPipeline:
     """The kit's pipeline around a DiT of ``kwargs``'s shapes with ``blocks`` blocks and seeded random
     weights made on ``device`` (matrices N(0, 0.02), norm weights 1, biases 0); no encoders, no VAE."""
-    dit = meta_dit(blocks, kwargs, dtype).to_empty(device=device)
+    dit = meta_model(blocks, kwargs, dtype).to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     for name, parameter in dit.named_parameters():
         if parameter.dim() > 1:
@@ -99,7 +99,7 @@ def time_variants(pipe: ChronoEditPipeline, height: int, width: int, steps: int,
     figures: dict[str, dict] = {}
     for repeat in range(repeats + 1):
         for name, (context, spec) in variants(step_caches).items():
-            cache = pipe._step_cache(parse_step_cache(spec), steps, 0, None, None) if spec else None
+            cache = StepCache(pipe.dit, parse_step_cache(spec), steps, 0) if spec else None
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

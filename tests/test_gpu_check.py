@@ -150,7 +150,7 @@ def test_dit_14b_plan_fits_what_offload_auto_counts():
     assert planned["tokens"] == 2 * 45 * 80 and 0 < planned["blocks"] < 40
 
     def need(blocks: int) -> float:
-        dit = caches_14b.meta_dit(blocks)
+        dit = caches_14b.meta_model(blocks)
         return needs({"text_encoder": None, "image_encoder": None, "vae": None, "dit": dit}, planned["tokens"], 0,
                      dit_cache_bytes(dit, 2, torch.bfloat16))["none"]
 
