@@ -12,7 +12,6 @@ from chronoedit_lora.data import EditPairDataset
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import load_lora, save_lora
 from chronoedit_lora.lora.merge import merge_model
-from chronoedit_lora.tiny import write_tiny_diffusers_checkpoint
 from chronoedit_lora.train.loop.samples import CELL, LABEL_HEIGHT
 from chronoedit_lora.train.loop.trainer import train
 from chronoedit_lora.video import tensor_to_pil
@@ -24,18 +23,6 @@ from .test_train import make_subset, tiny_config
 BASE_ATOL = 1e-6
 # Pixel difference (of 255) between a training sample and the same edit made by `edit`.
 SAMPLE_MAX, SAMPLE_MEAN = 4, 1.0
-
-
-@pytest.fixture(scope="module")
-def float32_model(tmp_path_factory):
-    """The tiny model stored in float32, so a merged copy of it is not rounded to bf16."""
-    return write_tiny_diffusers_checkpoint(tmp_path_factory.mktemp("f32") / "tiny", seed=0, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def distill_like(random_lora, tmp_path_factory):
-    """A rank-4 LoRA on every linear layer of the tiny DiT, standing in for the distill LoRA."""
-    return save_lora(random_lora, tmp_path_factory.mktemp("distill") / "distill.safetensors")
 
 
 @pytest.fixture(scope="module")
