@@ -228,3 +228,24 @@ def test_a_base_lora_on_a_quantized_base_trains_as_if_merged_into_its_decoded_we
     torch.testing.assert_close(loss, ref_loss, rtol=BASE_LORA_LOSS_RTOL, atol=0)
     assert worst <= BASE_LORA_GRAD_ATOL_OF_MAX and all(g.abs().max() > 0 for g in grads.values())
     assert abs(without - loss).item() > 1e-3 * loss.item()  # the base LoRA does change what is trained
+
+
+def test_samples_and_eval_on_a_gguf_base_with_a_base_lora(tiny_wan, quantized_files, distill_like, tmp_path):
+    """Training on a Q8_0 base with base_loras (hooks): the distill-preset samples equal `edit` on that
+    GGUF with the base LoRA and the step-1 LoRA stacked, and eval_every scores the edits."""
+    import csv
+
+    from .test_base_loras import SAMPLE_MAX, SAMPLE_MEAN, sample_against_edit
+
+    pairs, run = make_subset(tmp_path / "pairs", 2), tmp_path / "run"
+    gguf_file = str(quantized_files["Q8_0"])
+    train(tiny_config(tiny_wan, pairs, run, dit=gguf_file, max_steps=1, save_every=1, sample_every=1, sample_count=1,
+                      sample_preset="distill", base_loras=f"{distill_like}:0.7", eval_every=1, eval_dataset=pairs,
+                      eval_count=1, eval_steps=2))
+    _, difference = sample_against_edit(run, ["--model", str(tiny_wan), "--dit", gguf_file], [f"{distill_like}:0.7"],
+                                        pairs, tmp_path)
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    print(f"GGUF + base LoRA: sample vs edit max {difference.max().item()}, mean {difference.mean().item():.3f}; "
+          f"eval psnr {rows[-1]['eval/psnr']}")
+    assert difference.max().item() <= SAMPLE_MAX and difference.mean().item() <= SAMPLE_MEAN
+    assert float(rows[-1]["eval/psnr"]) > 0 and float(rows[-1]["val_loss"]) > 0
