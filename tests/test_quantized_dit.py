@@ -67,6 +67,22 @@ def _quantized_and_reference(tiny_wan, path):
     return quantized, reference
 
 
+def _first_step(pipe: ChronoEditPipeline) -> tuple[LoraTrainingModule, torch.Tensor, dict[str, torch.Tensor]]:
+    """A rank-4 LoRA on ``pipe`` with fixed nonzero weights: its module, first loss and gradients
+    (checked to reach the adapter only)."""
+    torch.manual_seed(0)
+    module = LoraTrainingModule(pipe, rank=4, alpha=4.0, targets=DEFAULT_TARGETS, gradient_checkpointing=True)
+    with torch.no_grad():
+        for param in module.lora_parameters():
+            param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
+    torch.manual_seed(1)
+    loss = module(_train_inputs())
+    loss.backward()
+    adapter = {id(p) for p in module.lora_parameters()}
+    assert all(p.grad is None for p in module.dit.parameters() if id(p) not in adapter)  # the adapter only
+    return module, loss.detach(), {n: p.grad for n, p in module.named_trained().items()}
+
+
 @pytest.mark.parametrize("base", ["Q8_0", "Q4_0", "fp8_scaled"])
 def test_lora_first_step_matches_the_dequantized_weights(tiny_wan, quantized_files, base):
     quantized, reference = _quantized_and_reference(tiny_wan, quantized_files[base])
@@ -87,20 +103,7 @@ def test_lora_first_step_matches_the_dequantized_weights(tiny_wan, quantized_fil
     assert held == dequantized - linears + expected
     print(f"{base}: block linears {expected} B kept vs {linears} B float32")
 
-    results = []
-    for pipe in (quantized, reference):
-        torch.manual_seed(0)
-        module = LoraTrainingModule(pipe, rank=4, alpha=4.0, targets=DEFAULT_TARGETS, gradient_checkpointing=True)
-        with torch.no_grad():
-            for param in module.lora_parameters():
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
-        torch.manual_seed(1)
-        loss = module(_train_inputs())
-        loss.backward()
-        adapter = {id(p) for p in module.lora_parameters()}
-        assert all(p.grad is None for p in module.dit.parameters() if id(p) not in adapter)  # the adapter only
-        results.append((loss.detach(), {n: p.grad for n, p in module.named_trained().items()}))
-    (loss, grads), (ref_loss, ref_grads) = results
+    (_, loss, grads), (_, ref_loss, ref_grads) = (_first_step(pipe) for pipe in (quantized, reference))
     torch.testing.assert_close(loss, ref_loss, rtol=LOSS_RTOL, atol=0)
     worst = max((grads[k] - ref_grads[k]).abs().max().item() / ref_grads[k].abs().max().item() for k in grads)
     print(f"{base}: loss {loss.item():.6f} vs {ref_loss.item():.6f}; largest gradient difference {worst:.2e} of the max")
@@ -207,18 +210,7 @@ def test_a_base_lora_on_a_quantized_base_trains_as_if_merged_into_its_decoded_we
     reference = _decoded_reference(tiny_wan, quantized)
     hooks = quantized.load_lora(distill_like, 0.7, fuse=not is_quantized(quantized.dit))
     assert hooks is not None and reference.load_lora(distill_like, 0.7) is None  # hooks there, merged here
-    results = []
-    for pipe in (quantized, reference):
-        torch.manual_seed(0)
-        module = LoraTrainingModule(pipe, rank=4, alpha=4.0, targets=DEFAULT_TARGETS, gradient_checkpointing=True)
-        with torch.no_grad():
-            for param in module.lora_parameters():
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
-        torch.manual_seed(1)
-        loss = module(_train_inputs())
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in module.named_trained().items()}, module))
-    (loss, grads, module), (ref_loss, ref_grads, _) = results
+    (module, loss, grads), (_, ref_loss, ref_grads) = (_first_step(pipe) for pipe in (quantized, reference))
     worst = max((grads[k] - ref_grads[k]).abs().max().item() / ref_grads[k].abs().max().item() for k in grads)
     hooks.remove()
     torch.manual_seed(1)
