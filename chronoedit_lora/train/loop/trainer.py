@@ -393,7 +393,8 @@ def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: Trai
     """Encode the entries the cache lacks (the training items', then the preservation set's) with the
     encoders alone (each process its share; everyone waits for the rest); returns how many were missing."""
     datasets = [data.dataset] + ([data.preservation] if data.preservation is not None else [])
-    missing = [cache.missing(dataset, report=accelerator.is_main_process) for dataset in datasets]
+    found = [cache.missing(dataset, report=accelerator.is_main_process) for dataset in datasets]
+    missing = [todo for todo, _ in found]
     if any(missing):
         from ...pipeline import ChronoEditPipeline
 
@@ -402,9 +403,8 @@ def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: Trai
             share = todo[accelerator.process_index::accelerator.num_processes]
             fill(cache, encoders, dataset, share, show=accelerator.is_main_process)
         accelerator.wait_for_everyone()
-    new = sum(len(todo) for todo in missing)
-    accelerator.print(f"conditioning cache {cache.folder}: {new} new, "
-                      f"{sum(len(dataset.pairs) for dataset in datasets) - new} reused")
+    new, distinct = sum(len(todo) for todo in missing), sum(distinct for _, distinct in found)
+    accelerator.print(f"conditioning cache {cache.folder}: {new} new, {distinct - new} reused")
     return new
 
 
