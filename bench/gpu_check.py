@@ -1,6 +1,7 @@
 """Measure GPU memory and speed on a real CUDA GPU, beside the figures memory_edit_14b.py computes.
 
     python bench/gpu_check.py --json out.json [--workdir runs/gpu_check] [--height 720 --width 1280]
+    python bench/gpu_check.py --json out.json --dit-14b [--height 720 --width 1280] [--steps 8]
 
 For the day a CUDA machine is at hand. It builds the mid-size checkpoint (``chronoedit-lora
 make-tiny DIR --size mid``: a DiT in Wan2.1-1.3B's shapes, the real Wan2.1 VAE, umT5-XXL / ViT-H
@@ -11,6 +12,10 @@ widths with a few layers), then runs, each in its own process through the CLI:
   K/V cache (the default) and each step cache of :data:`STEP_CACHES`: pipeline seconds, peak memory,
   the ratio to uncached and the largest PNG difference from the uncached edit (:func:`cache_rows`);
 * 20 training steps with ``--cache true --fp8_base true --activation_offload true``.
+
+``--dit-14b`` runs instead the cache comparison on ChronoEdit-14B's shapes: a random bf16 DiT of as
+many of its 40 blocks as fit the free memory (stated in the report), the kit's denoising loop
+uncached, with the context cache and with each step cache (``bench/caches_14b.py``).
 
 Each process is a small ``python -c`` wrapper around ``chronoedit_lora.cli.main`` that prints
 ``torch.cuda.max_memory_allocated()`` (and the time of the pipeline call) as one JSON line. The
@@ -87,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-height", type=int, default=512)
     parser.add_argument("--train-width", type=int, default=512)
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank for training")
+    parser.add_argument("--dit-14b", action="store_true", help="instead: the edit caches on a random DiT of "
+                        "ChronoEdit-14B's shapes, as many of its 40 blocks as fit (bench/caches_14b.py)")
     args = parser.parse_args(argv)
     for name in ("height", "width", "train_height", "train_width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:
@@ -248,11 +255,33 @@ def make_image(path: Path, height: int, width: int) -> Path:
     return path
 
 
+def check_14b(args: argparse.Namespace) -> int:
+    """``--dit-14b``: uncached vs context cache vs each step cache on 14B's shapes (bench/caches_14b.py)."""
+    import caches_14b
+    import torch
+
+    planned = caches_14b.plan(torch.cuda.mem_get_info()[0], args.height, args.width)
+    pipe = caches_14b.random_pipeline(planned["blocks"], "cuda")
+    rows = caches_14b.time_variants(pipe, args.height, args.width, args.steps, STEP_CACHES)
+    report = {"device": torch.cuda.get_device_name(), "plan": planned, "height": args.height, "width": args.width,
+              "steps": args.steps, "caches": rows}
+    print(f"GPU: {report['device']}; ChronoEdit-14B shapes, {planned['blocks']} of {planned['of']} blocks, bf16, random "
+          f"weights, {args.width}x{args.height} ({planned['tokens']} tokens), {args.steps} steps, cfg 5, batched guidance")
+    print("| cache | denoising s | / uncached | DiT calls | stack passes | peak GiB | max abs diff |\n|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['seconds']:.2f} | {row['ratio_to_uncached']:.3f} | {row['dit_calls']} | "
+              f"{row['stack_passes']} | {row['peak_GiB']:.1f} | {row['max_abs_difference']:.2e} |")
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not cuda_available():
         print(NO_CUDA, file=sys.stderr)
         return 2
+    if args.dit_14b:
+        return check_14b(args)
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = work / "mid"

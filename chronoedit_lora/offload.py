@@ -47,13 +47,16 @@ def weight_bytes(module: torch.nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def needs(components: dict[str, torch.nn.Module | None], tokens: int, pixels: int) -> dict[str, float]:
+def needs(components: dict[str, torch.nn.Module | None], tokens: int, pixels: int,
+          context_bytes: int = 0) -> dict[str, float]:
     """Peak bytes of an edit per offload mode: the largest stage of (what is resident + its working
-    memory), plus a margin."""
+    memory), plus a margin. ``context_bytes``: the context K/V cache, on the compute device for the whole
+    denoising loop in every mode (:func:`~chronoedit_lora.models.context_cache.dit_cache_bytes`)."""
     sizes = {name: weight_bytes(module) for name, module in components.items()}
     dit = components["dit"]
     block = max((weight_bytes(b) for b in dit.blocks), default=0)
-    dit_working, vae_working = DIT_WORKING_PER_KTOKEN * tokens / 1000, VAE_WORKING_PER_PIXEL * pixels
+    dit_working = DIT_WORKING_PER_KTOKEN * tokens / 1000 + context_bytes
+    vae_working = VAE_WORKING_PER_PIXEL * pixels
     encoders = max(sizes["text_encoder"], sizes["image_encoder"])
     streamed = sizes["dit"] - weight_bytes(dit.blocks) + 2 * block
     return {"none": sum(sizes.values()) + max(dit_working, vae_working) + AUTO_MARGIN,
@@ -62,12 +65,12 @@ def needs(components: dict[str, torch.nn.Module | None], tokens: int, pixels: in
 
 
 def choose_mode(components: dict[str, torch.nn.Module | None], device: torch.device, tokens: int, pixels: int,
-                free_bytes: int | None = None) -> tuple[str, str]:
+                free_bytes: int | None = None, context_bytes: int = 0) -> tuple[str, str]:
     """``--offload auto``: the least offloading that fits the free GPU memory; returns (mode, why)."""
     if device.type != "cuda":
         return "none", f"{device.type}: no GPU memory to save"
     free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-    need = needs(components, tokens, pixels)
+    need = needs(components, tokens, pixels, context_bytes)
     for mode in ("none", "model", "blocks"):
         if need[mode] <= free:
             return mode, (f"{free / GIB:.1f} GiB free on {device}; {mode} needs about {need[mode] / GIB:.1f} GiB"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import ChronoEditError
 from .models.components import LoadedComponents, load_components
-from .models.context_cache import ContextCache, context_cache
+from .models.context_cache import ContextCache, context_cache, dit_cache_bytes
 from .step_cache import Calibration, StepCache, StepCacheSpec, check_step_cache
 from .models.dit import compile_blocks
 from .models.rope import chronoedit_model_fn
@@ -113,12 +113,14 @@ class ChronoEditPipeline:
                         rope: str = "skip", sequence_parallel: bool = False, encoders: bool = True,
                         with_dit: bool = True, fp8_base: bool = False, offload: str = "none",
                         compile: bool = False, dit_device: str | torch.device | None = None,
-                        **overrides: str | Path | None) -> "ChronoEditPipeline":
+                        context_branches: int = 2, **overrides: str | Path | None) -> "ChronoEditPipeline":
         """Load the components from ``model_dir`` (diffusers or Wan layout) plus overrides
         (``encoders=False``: the DiT only, for training from cached conditioning; ``with_dit=False``:
         the encoders only, for filling that cache; ``fp8_base``: the DiT blocks' linear weights in
         float8, see :mod:`chronoedit_lora.models.fp8`; ``offload``: none, model, blocks or auto,
-        see :mod:`chronoedit_lora.offload`; ``dit_device``: the DiT's device if not ``device``, as FSDP
+        see :mod:`chronoedit_lora.offload`; ``context_branches``: the guidance branches whose context K/V
+        the edits will cache, which ``offload="auto"`` counts (2 with guidance, 1 without, 0 with the context
+        cache off; see :func:`~chronoedit_lora.models.context_cache.guidance_branches`); ``dit_device``: the DiT's device if not ``device``, as FSDP
         training loads it into CPU RAM to shard it). ``model_dir``'s scheduler config, if any, is the default
         sampler (see :mod:`chronoedit_lora.sampling`)."""
         if offload not in OFFLOAD_MODES:
@@ -142,7 +144,8 @@ class ChronoEditPipeline:
         if offload == "auto":
             modules = components.modules()
             width, height = default_size(1280, 720)  # the official output area, as a typical edit
-            offload, why = choose_mode(modules, device, tokens=latent_tokens(width, height), pixels=width * height)
+            offload, why = choose_mode(modules, device, tokens=latent_tokens(width, height), pixels=width * height,
+                                       context_bytes=dit_cache_bytes(components.dit, context_branches, dtype))
             print(f"--offload auto: {offload} ({why})")
             if offload == "none" and offloaded:  # loaded into CPU RAM, but everything fits on the device
                 for module in filter(None, modules.values()):

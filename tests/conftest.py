@@ -59,6 +59,22 @@ def random_lora(dit):
     return weights
 
 
+@pytest.fixture(scope="module")
+def float32_model(tmp_path_factory):
+    """The tiny model stored in float32, so a merged copy of it is not rounded to bf16."""
+    from chronoedit_lora.tiny import write_tiny_diffusers_checkpoint
+
+    return write_tiny_diffusers_checkpoint(tmp_path_factory.mktemp("f32") / "tiny", seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def distill_like(random_lora, tmp_path_factory):
+    """A rank-4 LoRA on every linear layer of the tiny DiT, standing in for the distill LoRA (base_loras)."""
+    from chronoedit_lora.lora import save_lora
+
+    return save_lora(random_lora, tmp_path_factory.mktemp("distill") / "distill.safetensors")
+
+
 @pytest.fixture(scope="session")
 def input_image() -> Image.Image:
     """A 32x32 RGB test image with structure (gradients + a square), deterministic."""

@@ -3,6 +3,8 @@ previews made as the trained LoRA will be used (stacked on the distill LoRA, its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +14,6 @@ from chronoedit_lora.data import EditPairDataset
 from chronoedit_lora.errors import ChronoEditError
 from chronoedit_lora.lora import load_lora, save_lora
 from chronoedit_lora.lora.merge import merge_model
-from chronoedit_lora.tiny import write_tiny_diffusers_checkpoint
 from chronoedit_lora.train.loop.samples import CELL, LABEL_HEIGHT
 from chronoedit_lora.train.loop.trainer import train
 from chronoedit_lora.video import tensor_to_pil
@@ -24,18 +25,6 @@ from .test_train import make_subset, tiny_config
 BASE_ATOL = 1e-6
 # Pixel difference (of 255) between a training sample and the same edit made by `edit`.
 SAMPLE_MAX, SAMPLE_MEAN = 4, 1.0
-
-
-@pytest.fixture(scope="module")
-def float32_model(tmp_path_factory):
-    """The tiny model stored in float32, so a merged copy of it is not rounded to bf16."""
-    return write_tiny_diffusers_checkpoint(tmp_path_factory.mktemp("f32") / "tiny", seed=0, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def distill_like(random_lora, tmp_path_factory):
-    """A rank-4 LoRA on every linear layer of the tiny DiT, standing in for the distill LoRA."""
-    return save_lora(random_lora, tmp_path_factory.mktemp("distill") / "distill.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +68,30 @@ def test_resume_refuses_changed_base_loras(tiny_diffusers, distill_like, two_pai
                              base_loras=f"{distill_like}:1.0")).steps == 2
 
 
+def sample_against_edit(run: Path, model: list[str], loras: list[str], pairs: Path, folder: Path,
+                        unfused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first sample of ``run``'s step 1 (made with ``sample_preset = "distill"``) and its pixel
+    differences to `edit --preset distill` of the same input on ``model`` (its flags) with ``loras``,
+    then the step-1 adapter, stacked (``unfused``: as hooks; else fused in that order)."""
+    item = EditPairDataset(pairs, 32, 32)[0]
+    tensor_to_pil(item["video"][:, 0]).save(folder / "input.png")
+    stacked = [flag for lora in [*loras, str(run / "lora-step000001.safetensors")] for flag in ("--lora", lora)]
+    stacked += ["--unfused"] if unfused else []
+    assert main(["edit", *model, "--dtype", "float32", "--device", "cpu", "--preset", "distill", *stacked,
+                 "--image", str(folder / "input.png"), "--prompt", item["prompt"], "--height", "32", "--width", "32",
+                 "--output", str(folder / "edited.png")]) == 0
+    cell = _cell(Image.open(run / "samples" / "step-000001.png"))
+    edited = Image.open(folder / "edited.png").convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
+    return cell, (cell - torch.tensor(list(edited.getdata()), dtype=torch.float32)).abs()
+
+
 def test_distill_preset_samples_equal_edit_with_the_same_loras_stacked(tiny_diffusers, distill_like, two_pairs,
                                                                       tmp_path):
     run = tmp_path / "run"
     train(tiny_config(tiny_diffusers, two_pairs, run, max_steps=1, save_every=1, sample_every=1, sample_count=1,
                       sample_preset="distill", sample_loras=f"{distill_like}:0.8"))
-    item = EditPairDataset(two_pairs, 32, 32)[0]
-    tensor_to_pil(item["video"][:, 0]).save(tmp_path / "input.png")
-    assert main(["edit", "--model", str(tiny_diffusers), "--dtype", "float32", "--device", "cpu", "--preset", "distill",
-                 "--lora", f"{distill_like}:0.8", "--lora", str(run / "lora-step000001.safetensors"), "--unfused",
-                 "--image", str(tmp_path / "input.png"), "--prompt", item["prompt"], "--height", "32", "--width", "32",
-                 "--output", str(tmp_path / "edited.png")]) == 0
-    cell = _cell(Image.open(run / "samples" / "step-000001.png"))
-    edited = Image.open(tmp_path / "edited.png").convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
-    difference = (cell - torch.tensor(list(edited.getdata()), dtype=torch.float32)).abs()
+    cell, difference = sample_against_edit(run, ["--model", str(tiny_diffusers)], [f"{distill_like}:0.8"], two_pairs,
+                                           tmp_path)
     # A training sample and `edit` with the saved LoRA differ slightly even without these options (on
     # main: max 4, mean 0.65 of 255 for a plain sample; see the report); measured here: max 3, mean 0.61.
     assert difference.max().item() <= SAMPLE_MAX and difference.mean().item() <= SAMPLE_MEAN
@@ -103,6 +102,25 @@ def test_distill_preset_samples_equal_edit_with_the_same_loras_stacked(tiny_diff
     print("sample vs edit", difference.max().item(), difference.mean().item(), "plain sample vs preset sample",
           (other - cell).abs().max().item(), (other - cell).abs().mean().item())
     assert (other - cell).abs().mean().item() > 5 * SAMPLE_MEAN
+
+
+@pytest.mark.parametrize("adapter, base, sample, unfused", [
+    ("loha", 0.5, 0.8, True), ("lokr", 0.5, 0.8, True),
+    # a DoRA's row norms are those of the base it trained on: base_loras fused in (so the edit fuses
+    # them first, the default), sample_loras not (hooks beneath it, as the edit's --unfused stack)
+    ("dora", None, 0.8, True), ("dora", 0.5, None, False)])
+def test_other_adapters_sample_as_edit_stacks_them(tiny_diffusers, distill_like, two_pairs, tmp_path, adapter, base,
+                                                    sample, unfused):
+    """A DoRA, LoHa or LoKr trained with base_loras and/or sample_loras: its samples equal `edit` with
+    the base LoRA, the sample LoRA and the adapter stacked in that order."""
+    run = tmp_path / "run"
+    loras = [f"{distill_like}:{scale}" for scale in (base, sample) if scale is not None]
+    train(tiny_config(tiny_diffusers, two_pairs, run, max_steps=1, save_every=1, sample_every=1, sample_count=1,
+                      sample_preset="distill", adapter=adapter, rank=4, alpha=4,
+                      base_loras=loras[0] if base else "", sample_loras=loras[-1] if sample else ""))
+    _, difference = sample_against_edit(run, ["--model", str(tiny_diffusers)], loras, two_pairs, tmp_path, unfused)
+    print(f"{adapter}: sample vs edit max {difference.max().item()}, mean {difference.mean().item():.3f}")
+    assert difference.max().item() <= SAMPLE_MAX and difference.mean().item() <= SAMPLE_MEAN
 
 
 @pytest.mark.parametrize("key, value, message", [

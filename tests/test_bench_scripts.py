@@ -104,3 +104,21 @@ def test_vs_diffusers_edit_bench_adds_the_cached_kit_sides(tmp_path):
     caches = figures["summary"]["caches"]
     assert caches["kit"]["png_difference_levels"] == caches["kit first-block:0"]["png_difference_levels"] == 0
     assert caches["kit"]["vs_uncached"]["edit_s"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_vs_diffusers_edit_bench_gives_cache_dit_the_kits_computed_steps(tmp_path):
+    """cache-dit's DBCache on diffusers' pipeline computes the whole block stack at the steps the kit's
+    step cache computed: the same DiT calls and block passes, counted by hooks in each child."""
+    figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--steps", "6", "--repeats", "1",
+                   "--step-cache", "first-block:1e9", json_path=tmp_path / "peer.json")
+    assert set(figures["runs"]) == {"kit", "diffusers", "kit first-block:1e9", "cache-dit first-block:1e9"}
+    peer = figures["summary"]["step_cache"]
+    kit, cache_dit = peer["kit first-block:1e9"], peer["cache-dit first-block:1e9"]
+    assert kit["computed_steps"] == cache_dit["computed_steps"] == [0, 5]  # first and last: a threshold nothing stays under
+    for side in (kit, cache_dit):  # 6 steps x 2 guidance branches; block 0 runs at every step on both sides
+        assert side["dit_passes"] == side["first_block_passes"] == 12 and side["stack_passes"] == 4
+    assert figures["runs"]["diffusers"][0]["stack_passes"] == 12  # uncached: every step
+    runs = figures["runs"]
+    assert peer["paired"]["edit_s"]["median"] == pytest.approx(
+        runs["kit first-block:1e9"][0]["edit_s"] / runs["cache-dit first-block:1e9"][0]["edit_s"])

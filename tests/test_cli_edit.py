@@ -160,3 +160,17 @@ def test_bad_scheduler_config_is_one_line_before_loading(image_file, tmp_path, c
     err = capsys.readouterr().err
     assert "Traceback" not in err and "components not found" not in err
     assert re.search(message, err), err
+
+
+def test_sequence_parallel_refusal_is_the_same_with_the_context_cache(tiny_diffusers, image_file, tmp_path, capsys):
+    """The context cache stays on under --sequence-parallel (exact per rank, tests/test_context_cache.py):
+    it adds no refusal of its own, while a step cache is refused by name before the hardware is checked."""
+    edit = ["edit", "--model", str(tiny_diffusers), "--image", str(image_file), "--prompt", "x",
+            "--output", str(tmp_path / "o.png"), "--sequence-parallel", *FAST]
+    refusals = []
+    for extra in ((), ("--no-context-cache",), ("--step-cache", "first-block")):
+        assert main(edit + list(extra)) == 2
+        refusals.append(capsys.readouterr().err.strip())
+    assert refusals[0] == refusals[1] and len(refusals[0].splitlines()) == 1
+    assert "--step-cache cannot be combined with --sequence-parallel" in refusals[2]
+    assert not (tmp_path / "o.png").exists()

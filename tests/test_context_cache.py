@@ -129,3 +129,31 @@ def test_memory_at_14b():
     """The figure docs/performance.md states: 14B (dim 5120, 40 blocks), bf16, two branches."""
     assert cache_bytes(5120, 1, 1) / 2**20 == pytest.approx(15.02, abs=0.01)
     assert cache_bytes(5120, 40, 2) / 2**30 == pytest.approx(1.17, abs=0.01)
+
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@torch.no_grad()
+def test_sequence_parallel_shares_reuse_the_context_exactly(pipe, ranks):
+    """--sequence-parallel keeps the context cache on (DiffSynth's USP replaces only the self-attention):
+    each rank's blocks see its padded share of the tokens and the whole context, split as
+    model_fn_wan_video splits them. Each rank's cache (one per rank, as each is its own process) over two
+    steps: the shares' cached cross-attention, gathered and unpadded as DiffSynth does, equals DiffSynth's
+    uncached one over the whole sequence, and each rank projects the context once."""
+    from diffsynth.models.wan_video_dit import CrossAttention
+
+    attention = pipe.dit.blocks[-1].cross_attn
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(1, 257 + 16, attention.dim, generator=generator)
+    xs = [torch.randn(1, 25, attention.dim, generator=generator) for _ in range(2)]  # 25 tokens: the last share is padded
+    shares: list[list[torch.Tensor]] = [[] for _ in xs]
+    for rank in range(ranks):
+        with context_cache(pipe.dit) as cache, cache.branch("pair"):
+            for step, x in enumerate(xs):
+                chunks = torch.chunk(x, ranks, dim=1)
+                share = torch.nn.functional.pad(chunks[rank], (0, 0, 0, chunks[0].shape[1] - chunks[rank].shape[1]))
+                shares[step].append(attention(share, y))
+        assert cache.computed == 1
+    for x, step_shares in zip(xs, shares):
+        gathered = torch.cat(step_shares, dim=1)[:, :x.shape[1]]
+        assert (gathered - CrossAttention.forward(attention, x, y)).abs().max().item() <= ATOL

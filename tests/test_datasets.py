@@ -133,6 +133,17 @@ def test_training_on_two_datasets_logs_each_item_and_checks_each(tiny_diffusers,
     assert f"{a}:" in out and f"{b}:" in out
 
 
+def test_the_cache_counts_each_distinct_item_once(tiny_diffusers, csvs, tmp_path, capsys):
+    """4 rows repeated 3 times and 3 rows: 7 entries to encode, then 7 to reuse (not 15 items)."""
+    a, b = csvs
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        train(_config(tmp_path / run, [{"csv": str(a), "repeat": 3}, {"csv": str(b)}], model=tiny_diffusers,
+                      max_steps=1, save_every=100, cache=True, cache_dir=str(tmp_path / "cache")))
+    out = capsys.readouterr().out
+    assert out.count(": 7 new, 0 reused") == 1 and out.count(": 0 new, 7 reused") == 1, out
+
+
 @pytest.mark.slow
 def test_a_resume_on_another_process_count_trains_each_item_as_planned(tiny_diffusers, csvs, tmp_path):
     import subprocess

@@ -1,16 +1,19 @@
 """FSDP on CPU, two processes over gloo (configs/accelerate/cpu_2proc_fsdp.yaml): each rank holds half
-of the frozen DiT, the LoRA (and a LoKr) equals the DDP run's, and --resume continues exactly."""
+of the frozen DiT, the LoRA (and a LoKr) equals the DDP run's, --resume continues exactly, and
+base_loras train on the base they name."""
 
 from __future__ import annotations
 
 import csv
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .test_base_loras import BASE_ATOL
 from .test_train import RESUME_ATOL, make_subset
 from .test_train_processes import ROOT, _max_diff, _train_cmd
 
@@ -138,3 +141,30 @@ def test_a_two_process_lora_checkpoint_continues_on_one_training_every_pair_once
     assert [len(rows[s]) for s in range(1, 6)] == [2, 2, 2, 1, 1]
     assert sorted(int(i) for s in range(1, 6) for i in rows[s]) == list(range(8))
     assert _max_diff(one / "lora.safetensors", folder / "fsdp" / "lora-step000003.safetensors") > 1e-4
+
+
+def test_base_loras_under_fsdp_equal_the_merged_base_and_resume(float32_model, distill_like, tmp_path):
+    """base_loras are fused into the base before FSDP shards it: training on base + LoRA under FSDP
+    equals FSDP training on the merged base, and a stop after step 2 resumed under FSDP (same
+    base_loras) ends where the uninterrupted run did."""
+    from chronoedit_lora.lora.merge import merge_model
+
+    dataset = make_subset(tmp_path / "data", 4)
+    merged, _ = merge_model(float32_model, None, [(distill_like, 0.7)], tmp_path / "merged")
+    flags = ["--max_steps", "4", "--save_every", "2", "--keep_checkpoints", "2", "--seed", "3"]
+    base = ["--base_loras", f"{distill_like}:0.7"]
+    stacked = tmp_path / "stacked"
+    _launch("cpu_2proc_fsdp.yaml", float32_model, dataset, stacked, *flags, *base)
+    _launch("cpu_2proc_fsdp.yaml", merged.parent, dataset, tmp_path / "plain", *flags)
+    diff = _max_diff(stacked / "lora.safetensors", tmp_path / "plain" / "lora.safetensors")
+    moved = _max_diff(stacked / "lora.safetensors", stacked / "lora-step000002.safetensors")
+    print(f"FSDP on base + LoRA vs on the merged base, max |diff| after 4 steps: {diff:.3g} (steps 3-4 moved it {moved:.3g})")
+    assert diff <= BASE_ATOL and moved > 1e-4
+    # the same run stopped after step 2: its folder as it was then (the step-2 checkpoint the newest)
+    shutil.copytree(stacked, tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step-000004")
+    resumed = _launch("cpu_2proc_fsdp.yaml", float32_model, dataset, tmp_path / "split", *flags, *base, "--resume")
+    assert "at step 2" in resumed.stdout and "FSDP rank 1" in resumed.stdout
+    diff = _max_diff(stacked / "lora.safetensors", tmp_path / "split" / "lora.safetensors")
+    print(f"FSDP with base_loras resumed vs uninterrupted max |diff|: {diff:.3g}")
+    assert diff <= RESUME_ATOL

@@ -25,10 +25,11 @@ def _bench():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_refuses_at_once_without_cuda(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--dit-14b",)], ids=["mid", "dit-14b"])
+def test_refuses_at_once_without_cuda(tmp_path, extra):
     out = tmp_path / "out.json"
     result = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--json", str(out),
-                             "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
+                             "--workdir", str(tmp_path / "work"), *extra], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "work").exists()
@@ -135,3 +136,42 @@ def test_cache_variants_are_edit_flags_and_rows_compare_to_uncached(tmp_path):
                                      "png_difference_levels": 0, "returncode": 0}
     assert rows["context + tea:fast"]["ratio_to_uncached"] is None
     assert rows["context + tea:fast"]["png_difference_levels"] == 3 and rows["context + tea:fast"]["error"] == ["boom"]
+
+
+def test_dit_14b_plan_fits_what_offload_auto_counts():
+    """--dit-14b keeps as many of 14B's 40 blocks as fit: its need is offload.needs of that many bf16 blocks
+    with the two-branch context cache, within the free memory, and one block more would not fit."""
+    from chronoedit_lora.models.context_cache import dit_cache_bytes
+    from chronoedit_lora.offload import needs
+
+    caches_14b = load_bench("caches_14b")
+    assert caches_14b.plan(80 * GIB, 720, 1280)["blocks"] == 40
+    planned = caches_14b.plan(30 * GIB, 720, 1280)
+    assert planned["tokens"] == 2 * 45 * 80 and 0 < planned["blocks"] < 40
+
+    def need(blocks: int) -> float:
+        dit = caches_14b.meta_model(blocks)
+        return needs({"text_encoder": None, "image_encoder": None, "vae": None, "dit": dit}, planned["tokens"], 0,
+                     dit_cache_bytes(dit, 2, torch.bfloat16))["none"]
+
+    assert planned["needs_GiB"] * GIB == pytest.approx(need(planned["blocks"])) and need(planned["blocks"]) <= 30 * GIB
+    assert need(planned["blocks"] + 1) > 30 * GIB
+    with pytest.raises(SystemExit, match="not even one of ChronoEdit-14B's blocks fits"):
+        caches_14b.plan(2 * GIB, 720, 1280)
+
+
+def test_dit_14b_variants_on_a_small_random_dit(tiny_diffusers):
+    """The timing loop of --dit-14b, run on the CPU with the tiny checkpoint's shapes: the context cache is
+    exact, a threshold nothing stays under computes only the first and last step, threshold 0 skips none."""
+    from chronoedit_lora.models.dit import inspect_dit
+
+    caches_14b = load_bench("caches_14b")
+    kwargs = inspect_dit(tiny_diffusers / "transformer").kwargs
+    pipe = caches_14b.random_pipeline(2, "cpu", torch.float32, kwargs)
+    rows = caches_14b.time_variants(pipe, 32, 32, steps=4, step_caches=("first-block:1e9", "tea:0"), repeats=1)
+    assert list(rows) == ["uncached", "context cache", "context + first-block:1e9", "context + tea:0"]
+    assert all(row["dit_calls"] == 4 and row["peak_GiB"] is None and row["seconds"] > 0 for row in rows.values())
+    assert [row["stack_passes"] for row in rows.values()] == [4, 4, 2, 4]
+    assert rows["context cache"]["max_abs_difference"] <= 1e-6 and rows["context + tea:0"]["max_abs_difference"] <= 1e-6
+    assert rows["context + first-block:1e9"]["max_abs_difference"] > 1e-6  # random weights: skipping changes the result
+    assert rows["uncached"]["ratio_to_uncached"] == 1.0

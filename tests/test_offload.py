@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,46 @@ def test_a_batch_moves_each_component_once_per_chunk(pipes, input_image, monkeyp
     assert [stage for stage, _ in seen] == ["text_encoder", "image_encoder", "vae", "dit", "vae"]  # not 3 x 5
     singles = [pipes["none"](input_image, r.prompt, seed=r.seed, **settings).video for r in requests]
     assert all(torch.equal(a, b) for a, b in zip(batch, singles))
+
+
+@pytest.mark.parametrize("settings", [dict(cfg=4.0), dict(cfg=4.0, batched_guidance=False), dict(cfg=1.0)],
+                         ids=["batched", "separate", "no-guidance"])
+def test_auto_counts_the_context_cache_it_will_hold(pipes, input_image, monkeypatch, settings):
+    """--offload auto adds the context cache's bytes: the estimate equals the K/V tensors an edit holds."""
+    from chronoedit_lora import pipeline
+    from chronoedit_lora.models.context_cache import dit_cache_bytes, guidance_branches
+    from chronoedit_lora.offload import needs
+
+    pipe, held = pipes["none"], []
+    real = pipeline.context_cache
+
+    def measuring(dit, enabled=True):
+        with real(dit, enabled) as cache:
+            yield cache
+            held.append(sum(t.numel() * t.element_size() for entry in cache.entries.values() for t in entry))
+
+    monkeypatch.setattr(pipeline, "context_cache", contextmanager(measuring))
+    pipe(input_image, **{**EDIT, **settings})
+    estimate = dit_cache_bytes(pipe.dit, guidance_branches(settings["cfg"]), pipe.dtype)
+    assert held == [estimate] and estimate > 0
+    assert dit_cache_bytes(pipe.dit, guidance_branches(settings["cfg"], enabled=False), pipe.dtype) == 0
+
+    modules = {"text_encoder": pipe.components.text_encoder, "image_encoder": pipe.components.image_encoder,
+               "vae": pipe.components.vae, "dit": pipe.dit}
+    # small frame: the DiT stage is the largest in every mode, so the cache adds to each peak in full
+    plain, cached = needs(modules, 1000, 16 * 16), needs(modules, 1000, 16 * 16, context_bytes=estimate)
+    assert {mode: cached[mode] - plain[mode] for mode in plain} == pytest.approx(dict.fromkeys(plain, estimate))
+
+
+def test_context_cache_at_14b_is_the_documented_figure():
+    """14B's own shapes (a meta-device DiT), bf16, guidance: the 1.17 GiB docs/performance.md states."""
+    from diffsynth.models.wan_video_dit import WanModel
+
+    from chronoedit_lora.models.context_cache import dit_cache_bytes
+    from chronoedit_lora.models.dit import CHRONOEDIT_14B_KWARGS
+
+    with torch.device("meta"):
+        dit = WanModel(**CHRONOEDIT_14B_KWARGS)
+    assert dit_cache_bytes(dit, 2, torch.bfloat16) / GIB == pytest.approx(1.17, abs=0.005)
+    docs = (Path(__file__).parents[1] / "docs" / "performance.md").read_text()
+    assert "**1.17 GiB with guidance's two branches**" in docs

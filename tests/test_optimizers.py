@@ -351,3 +351,44 @@ def test_a_stopped_fsdp_run_resumes_exactly_on_two_or_one_process(tiny_diffusers
           f"LoRA {lora:.3g}, state {state:.3g}")
     # on 2 processes the same ops in the same order; on 1, accumulation's float order (ACCUMULATION_RTOL)
     assert max(lora, state) <= (RESUME_RTOL if processes == 2 else ACCUMULATION_RTOL)
+
+
+def _old_kit_scheduler_state(lr: float, warmup: int, steps: int) -> dict:
+    """The LR scheduler's state as the kit wrote it before lr_scheduler existed (its code, verbatim):
+    torch's LambdaLR built at last_epoch -1, stepped once per optimizer step, ``steps`` steps in."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler.state_dict()
+
+
+def test_a_checkpoint_from_before_lr_scheduler_resumes_at_the_uninterrupted_runs_lr(tiny_diffusers, tmp_path):
+    """A checkpoint written mid-warm-up by the kit before lr_scheduler existed (its scheduler counted
+    steps from 0, today's from 1, and it carries no schedule marker) resumes with every step's LR and
+    the LoRA equal to the uninterrupted run's."""
+    from chronoedit_lora.lora import load_lora
+    from chronoedit_lora.train.state import checkpoint as ckpt
+
+    dataset = make_subset(tmp_path / "data", 4)
+    common = dict(learning_rate=5e-3, warmup_steps=5, save_every=2, keep_checkpoints=3, seed=3)
+    straight = train(tiny_config(tiny_diffusers, dataset, tmp_path / "straight", max_steps=6, **common))
+    shutil.copytree(tmp_path / "straight", tmp_path / "old")
+    for step in (4, 6):
+        shutil.rmtree(tmp_path / "old" / "checkpoints" / f"step-00000{step}")
+    saved = tmp_path / "old" / "checkpoints" / "step-000002" / "optimizer.pt"
+    state = torch.load(saved, weights_only=True)
+    old = {"optimizer": state["optimizer"], "scheduler": _old_kit_scheduler_state(5e-3, 5, 2)}
+    assert set(state) - set(old) == {ckpt.SCHEDULER_COUNT}  # the one key an old kit did not write
+    assert old["scheduler"]["last_epoch"] == state["scheduler"]["last_epoch"] - 1  # what the key tells apart
+    torch.save(old, saved)
+    resumed = train(tiny_config(tiny_diffusers, dataset, tmp_path / "old", max_steps=6, resume=True, **common))
+    assert straight.steps == resumed.steps == 6
+    logged = [[float(r["lr"]) for r in csv.DictReader((tmp_path / run / "logs" / "metrics.csv").open())]
+              for run in ("straight", "old")]
+    # logged after each step: the next step's lr, so steps 2 .. 7 of the warm-up 1/5, 2/5, ..., 5/5, 5/5
+    assert logged[0] == logged[1] == pytest.approx([5e-3 * min(1.0, (k + 1) / 5) for k in range(1, 7)], rel=1e-5)
+    a, b = load_lora(straight.lora)[0], load_lora(resumed.lora)[0]
+    size = max(a[k].up.abs().max().item() for k in a)
+    assert max((a[k].up - b[k].up).abs().max().item() for k in a) <= RESUME_RTOL * size

@@ -189,6 +189,7 @@ def served(session, tmp_path):
     ("--dataset {datasets}/link/metadata.csv", "--dataset"),
     ("--eval_dataset {elsewhere}/data/metadata.csv --eval_every 2", "--eval_dataset"),
     ("--sample_dataset {elsewhere}/data/metadata.csv", "--sample_dataset"),
+    ("--preservation_dataset {elsewhere}/data", "--preservation_dataset"),
     ("--cache true --cache_dir {elsewhere}/cache", "--cache_dir"),
     ("--resume_from {elsewhere}/run/checkpoints/step-000002", "--resume_from"),
     ("--model {elsewhere}", "--model"),
@@ -240,8 +241,14 @@ def test_switching_loras_needs_no_reload_and_leaves_no_trace(session, random_lor
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)  # fp32 matmul order
     session.use_loras([])
     assert torch.equal(layer(x), base)
-    with pytest.raises(ChronoEditError, match="chosen twice"):
-        session.use_loras([(path, 1.0), (path, 0.5)])
+    # one file chosen twice (Compare's fixed LoRA and a variant) is stacked, as `edit --lora A:1 --lora A:0.5`
+    session.use_loras([(path, 1.0), (path, 0.5)])
+    stacked = base + 1.5 * lora.scale * (x @ lora.down.T @ lora.up.T)
+    torch.testing.assert_close(layer(x), stacked, rtol=1e-5, atol=1e-6)
+    session.use_loras([(path, 0.25)])  # back to one use: the second hook is gone
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-6)
+    session.use_loras([])
+    assert torch.equal(layer(x), base)
 
 
 def test_an_edit_reports_each_step_and_cancel_stops_it_between_steps(session, input_image):

@@ -313,7 +313,7 @@ def test_compare_grid_has_the_asked_cells(page, folders, tmp_path):
     cells = [np.asarray(grid.convert("RGB").crop((i * CELL, LABEL_HEIGHT, (i + 1) * CELL, LABEL_HEIGHT + CELL)))
              for i in range(4)]
     assert not np.array_equal(cells[1], cells[3])  # scale 0 and scale 1 differ: each variant has its own scale
-    # the fixed LoRA under every variant (a copy of style, as one file cannot be chosen twice):
+    # the fixed LoRA under every variant (here a copy of style):
     # style x0 on top of it is style x1 alone
     choose(page, "compare-lora-base", "runs/logged/lora-step000002.safetensors")
     page.locator("#compare-scales textarea, #compare-scales input").first.fill("0")

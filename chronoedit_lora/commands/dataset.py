@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     check = sub.add_parser("check", help="report every problem (row, column, reason, fix); exit 1 if any is fatal")
     check.add_argument("dataset", help="metadata.csv, or the folder holding it, or a training config (.toml): every "
-                                       "dataset it trains on, each with its own size and prompt settings")
+                                       "dataset it trains on, each with its own size and prompt settings, and its "
+                                       "preservation_dataset")
     check.add_argument("--height", type=int)
     check.add_argument("--width", type=int)
     check.add_argument("--max-pixels", type=int, help="aspect-bucket pixel budget (default 1024x1024)")
@@ -125,12 +126,17 @@ def _check(args: argparse.Namespace) -> int:
         checks = [(spec.csv, spec.height, spec.width, spec.max_pixels, config.allow_outside,
                    config.trajectory_max_pixels, spec.prompt_column) for spec in dataset_specs(config)]
     else:
-        checks = [(resolve_csv(args.dataset), args.height, args.width, args.max_pixels, args.allow_outside,
-                   args.trajectory_max_pixels, args.prompt_column)]
+        checks, config = [(resolve_csv(args.dataset), args.height, args.width, args.max_pixels, args.allow_outside,
+                           args.trajectory_max_pixels, args.prompt_column)], None
+    reports = [(csv_path, check_dataset(csv_path, height, width, max_pixels, allow_outside,
+                                        trajectory_max_pixels=trajectory_max_pixels, prompt_column=prompt_column))
+               for csv_path, height, width, max_pixels, allow_outside, trajectory_max_pixels, prompt_column in checks]
+    if config is not None and config.preservation_dataset:  # a CSV, or a folder of images as identity pairs
+        from ..train.loop.data import preservation_problems
+
+        reports.append((config.preservation_dataset, preservation_problems(config)))
     fatal = False
-    for csv_path, height, width, max_pixels, allow_outside, trajectory_max_pixels, prompt_column in checks:
-        problems = check_dataset(csv_path, height, width, max_pixels, allow_outside,
-                                 trajectory_max_pixels=trajectory_max_pixels, prompt_column=prompt_column)
+    for csv_path, problems in reports:
         print(f"{csv_path}:")
         print(format_report(problems))
         fatal = fatal or has_fatal(problems)

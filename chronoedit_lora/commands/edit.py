@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.batch}: {len(jobs)} edits, {plan.done} already done, {len(jobs) - plan.done} to do"
               + (f" across {world} processes" if world > 1 else ""))
 
-    from ..pipeline import ChronoEditPipeline, EditRequest  # heavy imports only once the inputs are known good
+    from ..models.context_cache import guidance_branches  # heavy imports only once the inputs are known good
+    from ..pipeline import ChronoEditPipeline, EditRequest
 
     options = model_options(args)
     if world > 1 and str(options["device"]).startswith("cuda"):
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     edit_kwargs = edit_options(args, settings)
     if edit_kwargs["step_cache"] is not None and rank == 0:
         print(describe(edit_kwargs["step_cache"], edit_kwargs["cache_calibration"]))
-    pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload)
+    pipe = ChronoEditPipeline.from_pretrained(**options, offload=args.offload,
+                                              context_branches=guidance_branches(settings["cfg"], args.context_cache))
     from ..models.quantized import is_quantized
 
     for path, scale in loras:  # quantized weights (fp8_base, a GGUF or fp8 file) cannot absorb a LoRA

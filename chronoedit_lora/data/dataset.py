@@ -13,7 +13,8 @@ from ..errors import ChronoEditError
 from ..video import edit_clip, to_tensor
 from .buckets import SizePolicy, plan_pair
 from .images import load_pair, read_source_size
-from .metadata import EditPair, read_metadata
+from .identity import read_rows
+from .metadata import EditPair
 from .problems import Problem, format_report
 from .trajectories import first_frame_size, load_trajectory
 
@@ -30,18 +31,19 @@ class EditPairDataset(Dataset):
     quarter of the pairs' budget, see :meth:`SizePolicy.for_trajectories`). ``repeat`` lists every
     row that many times per epoch. Fatal problems in the CSV raise :class:`ChronoEditError` here; a
     row whose files turn out unreadable raises when it is loaded (``check_dataset`` finds both up front).
-    ``prompt_column``: see :func:`.metadata.read_metadata`.
+    ``prompt_column``: see :func:`.metadata.read_metadata`; ``keep_prompt``: ``csv_path`` may be a folder
+    of images instead, each trained as an identity pair with that instruction (:mod:`.identity`).
     """
 
     def __init__(self, csv_path: str | Path, height: int | None = None, width: int | None = None,
                  max_pixels: int | None = None, repeat: int = 1, allow_outside: bool = False,
-                 trajectory_max_pixels: int | None = None, prompt_column: str = ""):
+                 trajectory_max_pixels: int | None = None, prompt_column: str = "", keep_prompt: str | None = None):
         if repeat < 1:
             raise ChronoEditError(f"repeat must be at least 1, got {repeat}.")
         self.policy = SizePolicy.create(height, width, max_pixels)
         self.trajectory_policy = SizePolicy.for_trajectories(height, width, max_pixels, trajectory_max_pixels)
         self.csv_path = Path(csv_path)
-        pairs, problems = read_metadata(csv_path, allow_outside, prompt_column)
+        pairs, problems = read_rows(csv_path, allow_outside, prompt_column, keep_prompt)
         _raise_if_fatal(self.csv_path, problems)
         self.pairs: list[EditPair] = pairs
         self.repeat = repeat

@@ -55,6 +55,8 @@ def load_pair(pair: EditPair) -> PairImages:
             return PairImages(None, None, problems)
         return PairImages(frames[pair.input_frame], frames[pair.edited_frame], problems)
     source, problems = read_image(pair.input_image, pair.row, source_column)
+    if pair.edited_image == pair.input_image:  # an identity pair: one file, decoded and reported once
+        return PairImages(source, source, problems)
     edited, edited_problems = read_image(pair.edited_image, pair.row, edited_column)
     return PairImages(source, edited, problems + edited_problems)
 

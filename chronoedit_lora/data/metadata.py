@@ -47,12 +47,13 @@ CSV_FIX = ('Check the quotes (a value that starts with " must end with ", and a 
 class EditPair:
     """One training row. For the ``video,prompt`` layout both paths name the same MP4 and the
     frame fields say which frame is which (0 = source, 1 = edited); for a trajectory row both
-    paths name its video or frame folder and ``kind`` is ``"trajectory"``."""
+    paths name its video or frame folder and ``kind`` is ``"trajectory"``; for an identity pair
+    (:mod:`.identity`) both paths name the one image."""
 
     input_image: Path
     edited_image: Path
     prompt: str
-    row: int
+    row: int | None  # None: an image of a folder (:mod:`.identity`), not a CSV row
     input_frame: int | None = None
     edited_frame: int | None = None
     kind: str = PAIR

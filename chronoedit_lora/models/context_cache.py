@@ -115,3 +115,14 @@ def cache_bytes(dim: int, blocks: int, branches: int, dtype: torch.dtype = torch
     """Bytes the context cache holds: K and V of the text (and CLIP) tokens, per block and branch."""
     tokens = TEXT_TOKENS + (IMAGE_TOKENS if image_input else 0)
     return 2 * tokens * dim * dtype.itemsize * blocks * branches
+
+
+def guidance_branches(cfg: float, enabled: bool = True) -> int:
+    """Guidance branches whose context the cache holds in an edit: two with guidance (``cfg`` > 1, batched
+    as one batch-2 ``pair`` or as ``cond`` and ``uncond``), one without, none when the cache is off."""
+    return 0 if not enabled else 2 if cfg > 1.0 else 1
+
+
+def dit_cache_bytes(dit: WanModel, branches: int, dtype: torch.dtype) -> int:
+    """:func:`cache_bytes` of ``dit``'s shapes, with its activations in ``dtype``."""
+    return cache_bytes(dit.dim, len(dit.blocks), branches, dtype, dit.has_image_input)

@@ -70,8 +70,9 @@ class GGUFTensor:
         return _PLAIN.get(self.qtype, torch.float32)
 
     def raw(self) -> torch.Tensor:
-        """The stored bytes as a uint8 tensor (rows of blocks for quantized types), not copied."""
-        return torch.from_numpy(np.ascontiguousarray(self.data).view(np.uint8))
+        """The stored bytes as a uint8 tensor (rows of blocks for quantized types), copied out of the
+        file's read-only mapping."""
+        return torch.from_numpy(np.array(self.data, order="C").view(np.uint8))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor's values in ``dtype`` and torch-order shape, decoded by ``gguf.quants``."""

@@ -122,7 +122,7 @@ def _read(path: Path, dtype: torch.dtype):
     if path.suffix == ".gguf":
         for key, tensor in read_gguf(path)[0].items():
             if tensor.qtype in GGUF_TYPES:
-                yield key, tensor.shape, ("gguf", tensor.raw().clone(), tensor.qtype)
+                yield key, tensor.shape, ("gguf", tensor.raw(), tensor.qtype)
             else:
                 stored = tensor.stored_dtype
                 yield key, tensor.dequantize(dtype if stored.is_floating_point else stored), None

@@ -81,7 +81,7 @@ class Session:
         self._pages = threading.Lock()  # guards the two above
         self._busy = threading.Lock()  # one edit at a time, even if a cancelled one is still ending its step
         self._parser = edit_parser()
-        self._loras: dict[Path, tuple[float | None, UnfusedLora]] = {}  # path -> (file mtime, its hooks)
+        self._loras: dict[Path, tuple[float | None, list[UnfusedLora]]] = {}  # path -> (file mtime, its hooks per use)
 
     # -- LoRAs --------------------------------------------------------------------------------
     def lora_choices(self) -> list[tuple[str, str]]:
@@ -108,22 +108,23 @@ class Session:
         return specs
 
     def use_loras(self, loras: list[tuple[Path, float]]) -> None:
-        """Make exactly ``loras`` active at their scales; files already hooked (and unchanged on
-        disk) are only rescaled."""
-        wanted = {}
+        """Make exactly ``loras`` active at their scales, stacked as `edit` stacks its ``--lora`` flags
+        (a file chosen twice, as Compare's fixed LoRA and as a variant, is applied twice); files
+        already hooked as often (and unchanged on disk) are only rescaled."""
+        wanted: dict[Path, list[float]] = {}
         for path, scale in loras:
-            if path in wanted:
-                raise ChronoEditError(f"LoRA {path} is chosen twice; choose it once with the scale you want.")
-            wanted[path] = scale
+            wanted.setdefault(path, []).append(scale)
         for path in list(self._loras):
             mtime, hooks = self._loras[path]
-            if path not in wanted or modified(path) != mtime:  # unwanted, rewritten or removed
-                hooks.remove()
+            if len(wanted.get(path, [])) != len(hooks) or modified(path) != mtime:  # unwanted, rewritten or removed
+                for hook in hooks:
+                    hook.remove()
                 del self._loras[path]
-        for path, scale in wanted.items():
+        for path, scales in wanted.items():
             if path not in self._loras:
-                self._loras[path] = (modified(path), self.pipe.load_lora(path, scale, fuse=False))
-            self._loras[path][1].scale = scale
+                self._loras[path] = (modified(path), [self.pipe.load_lora(path, scale, fuse=False) for scale in scales])
+            for hook, scale in zip(self._loras[path][1], scales):
+                hook.scale = scale
 
     # -- page jobs ----------------------------------------------------------------------------
     @contextmanager

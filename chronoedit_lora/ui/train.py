@@ -128,13 +128,14 @@ def train_command(session: Session, name: str, dataset: str | None, preset: str 
 def check_paths(config: TrainConfig, session: Session) -> None:
     """Refuse a training that would read or write outside the folders the app serves for it (links
     resolved): the run folder (which ``overwrite`` clears), its cache and the checkpoint it resumes
-    from under ``--runs``, every dataset under ``--datasets``, and no model but the app's own."""
+    from under ``--runs``, every dataset (the preservation set too) under ``--datasets``, and no
+    model but the app's own."""
     runs, datasets = session.folders.runs, session.folders.datasets
     if within(config.output, [runs], "--output") == runs:
         raise ChronoEditError(f"--output {config.output} is the --runs folder itself; give the run its own folder "
                               "under it (the run name).")
     for key, folder in (("cache_dir", runs), ("resume_from", runs), ("dataset", datasets),
-                        ("sample_dataset", datasets), ("eval_dataset", datasets)):
+                        ("sample_dataset", datasets), ("eval_dataset", datasets), ("preservation_dataset", datasets)):
         if getattr(config, key):
             within(getattr(config, key), [folder], f"--{key}")
     if config.allow_outside:

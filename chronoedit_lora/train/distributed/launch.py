@@ -47,10 +47,6 @@ def check_launch(config: TrainConfig) -> None:
             f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; the kit trains with "
             "FSDP2 only (its LoRA and optimizer-state gathering work on FSDP2's per-parameter shards). Set "
             "fsdp_version: 2 under fsdp_config, as in configs/accelerate/fsdp.yaml.")
-    if fsdp.requested() and config.preservation_dataset:
-        raise ChronoEditError(
-            "preservation_dataset cannot be used with an FSDP launch yet (the base's prediction with the adapter turned "
-            "off is untested on sharded blocks). Drop it, or use configs/accelerate/multi_gpu_ddp.yaml.")
     for key, fix in (("sample_every", "sample the saved lora-stepNNNNNN.safetensors with `chronoedit-lora edit --lora`"),
                      ("eval_every", "evaluate the saved LoRAs afterwards with `chronoedit-lora eval --run`")):
         if fsdp.requested() and getattr(config, key):

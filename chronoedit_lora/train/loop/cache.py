@@ -140,8 +140,9 @@ class ConditioningCache:
                     f"{width}x{height} {'trajectory' if trajectory else 'pair'}")
         return None
 
-    def missing(self, dataset: EditPairDataset, report: bool = True) -> list[int]:
-        """Indices (first of each distinct pair) whose entry is not there yet or cannot be used; an
+    def missing(self, dataset: EditPairDataset, report: bool = True) -> tuple[list[int], int]:
+        """Indices (first of each distinct pair) whose entry is not there yet or cannot be used, and
+        how many distinct entries the dataset has (an item repeated or listed twice is one); an
         unusable one is named (``report``) and deleted, so that it is encoded again."""
         seen, todo = set(), []
         for index in range(len(dataset.pairs)):
@@ -157,7 +158,7 @@ class ConditioningCache:
                 path.unlink(missing_ok=True)
             if problem or not path.is_file():
                 todo.append(index)
-        return todo
+        return todo, len(seen)
 
 
 @torch.no_grad()

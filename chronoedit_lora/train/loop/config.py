@@ -90,8 +90,9 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # after warm-up: "constant", "cosine", "linear", "cosine_with_restarts" or "polynomial" (diffusers' schedules, over the run's optimizer steps)
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles (hard restarts)
     lr_power: float = 1.0  # polynomial: power of the decay (1: linear)
-    preservation_dataset: str | None = None  # CSV of pairs the LoRA should leave alone: each step also pulls its prediction on one of them toward the frozen base's (same noise and timestep)
+    preservation_dataset: str | None = None  # CSV of pairs, or a folder of images (identity pairs), the LoRA should leave alone: each step also pulls its prediction on one of them toward the frozen base's (same noise and timestep)
     preservation_weight: float = 1.0  # weight of that preservation term (logged as the `preservation` column)
+    preservation_prompt: str = "Keep the image unchanged."  # the instruction of a preservation folder's identity pairs
     # outputs
     output: str = "runs/lora"  # folder for LoRAs, checkpoints, logs, samples
     save_every: int = 500  # optimizer steps between checkpoints (and at the end)
@@ -296,10 +297,15 @@ def validate_recipe(config: TrainConfig) -> None:
 
     if config.preservation_dataset and config.finetune == "full":
         raise ChronoEditError("preservation_dataset compares the adapted DiT with its base with the adapter turned off; a "
-                              "full fine-tune has no adapter to turn off. Drop preservation_dataset, or train a LoRA.")
-    if config.preservation_dataset and not Path(config.preservation_dataset).is_file():
+                              "full fine-tune has no adapter to turn off, and a frozen copy of the base would double "
+                              "the DiT's memory (about 33 GB more for the 14B model in bf16). Drop preservation_dataset, "
+                              "or train a LoRA (finetune = \"lora\").")
+    if config.preservation_dataset and not Path(config.preservation_dataset).exists():
         raise ChronoEditError(f"preservation_dataset {config.preservation_dataset} not found: give the path of a "
-                              "metadata.csv of pairs (input_image, edited_image, prompt).")
+                              "metadata.csv of pairs (input_image, edited_image, prompt) or of a folder of images.")
+    if not config.preservation_prompt.strip():
+        raise ChronoEditError("preservation_prompt is empty: give the instruction a preservation folder's images are "
+                              "trained with, such as \"Keep the image unchanged.\"")
 
 
 def validate_stacked_loras(config: TrainConfig) -> None:

@@ -11,6 +11,7 @@ from ...data import EditPairDataset, bucket_batches, check_dataset, format_repor
 from ...data.buckets import share_batches
 from ...data.metadata import PAIR, TRAJECTORY
 from ...data.mixing import MixedDataset, weighted_counts
+from ...data.problems import Problem
 from ...errors import ChronoEditError
 from ...sampling import PRESETS, check_schedule, default_shift, read_scheduler_config, resolve_scheduler
 from ..state.checkpoint import Progress
@@ -22,8 +23,7 @@ def preflight(config: TrainConfig, output: Path) -> None:
     specs = dataset_specs(config)
     if not specs:
         raise ChronoEditError("no dataset: set `dataset` (or [[datasets]] tables) in the config or pass --dataset CSV.")
-    held_out = [replace(specs[0], csv=csv_path) for csv_path in (config.sample_dataset, config.eval_dataset,
-                                                                              config.preservation_dataset) if csv_path]
+    held_out = [replace(specs[0], csv=csv_path) for csv_path in (config.sample_dataset, config.eval_dataset) if csv_path]
     for spec in specs + held_out:
         problems = check_dataset(spec.csv, spec.height, spec.width, spec.max_pixels, config.allow_outside,
                                  trajectory_max_pixels=config.trajectory_max_pixels, prompt_column=spec.prompt_column)
@@ -31,6 +31,8 @@ def preflight(config: TrainConfig, output: Path) -> None:
             raise ChronoEditError(f"{spec.csv} cannot be used for training:\n{format_report(problems)}")
         if problems:
             print(format_report(problems))
+    if config.preservation_dataset:
+        check_preservation(config)
     if config.sample_every:  # sample edits use the model folder's sampler, as `edit` does
         scheduler = read_scheduler_config(config.model)
         preset = PRESETS.get(config.sample_preset, {})
@@ -38,6 +40,31 @@ def preflight(config: TrainConfig, output: Path) -> None:
                        preset.get("shift", default_shift(scheduler)), scheduler,
                        "sample_preset" if preset else "sample_steps")
     check_output_folder(output, config.min_free_mb * 2**20)
+
+
+def preservation_problems(config: TrainConfig) -> list[Problem]:
+    """Every problem of the preservation set as training reads it (``dataset check CONFIG.toml`` too)."""
+    return check_dataset(config.preservation_dataset, config.height, config.width, config.max_pixels,
+                         config.allow_outside, trajectory_max_pixels=config.trajectory_max_pixels,
+                         prompt_column=config.prompt_column, keep_prompt=config.preservation_prompt)
+
+
+def check_preservation(config: TrainConfig) -> None:
+    """The preservation set, checked like a training CSV; a folder of images (identity pairs) is
+    refused in one line naming its first bad image (or that it holds none)."""
+    folder = Path(config.preservation_dataset).is_dir()
+    problems = preservation_problems(config)
+    fatal = [problem for problem in problems if problem.fatal]
+    if fatal and folder:
+        first = fatal[0]
+        more = f" ({len(fatal) - 1} more problems in the folder)" if len(fatal) > 1 else ""
+        # an image's problem (read as a CSV row's input_image) has a CSV's fix; the folder's own, its own
+        fix = "Re-export the image, or move it out of the folder." if first.column == "input_image" else first.fix
+        raise ChronoEditError(f"preservation_dataset {config.preservation_dataset}: {first.reason}{more} {fix}")
+    if fatal:
+        raise ChronoEditError(f"{config.preservation_dataset} cannot be used for training:\n{format_report(problems)}")
+    if problems:
+        print(format_report(problems))
 
 
 def check_output_folder(output: Path, min_free: int) -> None:
@@ -57,9 +84,9 @@ def check_output_folder(output: Path, min_free: int) -> None:
         )
 
 
-def _open(config: TrainConfig, spec: DatasetSpec) -> EditPairDataset:
+def _open(config: TrainConfig, spec: DatasetSpec, keep_prompt: str | None = None) -> EditPairDataset:
     return EditPairDataset(spec.csv, spec.height, spec.width, spec.max_pixels, spec.repeat, config.allow_outside,
-                           config.trajectory_max_pixels, spec.prompt_column)
+                           config.trajectory_max_pixels, spec.prompt_column, keep_prompt)
 
 
 def training_items(config: TrainConfig) -> EditPairDataset | MixedDataset:
@@ -93,7 +120,8 @@ class TrainingData:
         self.samples = (self._open(config, config.sample_dataset, 1) if config.sample_dataset
                         else getattr(self.dataset, "parts", [self.dataset])[0])
         self.held_out = self._open(config, config.eval_dataset, 1) if config.eval_dataset else None
-        self.preservation = self._open(config, config.preservation_dataset, 1) if config.preservation_dataset else None
+        self.preservation = (self._open(config, config.preservation_dataset, 1, config.preservation_prompt)
+                             if config.preservation_dataset else None)
         share, kinds = self.trajectory_share, set(self.dataset.kinds)
         if share is not None:  # before any model loads (share_batches would refuse only at the first epoch)
             missing = [kind for kind, asked in ((TRAJECTORY, share > 0), (PAIR, share < 1)) if asked and kind not in kinds]
@@ -108,9 +136,9 @@ class TrainingData:
         return sum(len(part.pairs) for part in getattr(self.dataset, "parts", [self.dataset]))
 
     @staticmethod
-    def _open(config: TrainConfig, csv_path: str, repeat: int) -> EditPairDataset:
+    def _open(config: TrainConfig, csv_path: str, repeat: int, keep_prompt: str | None = None) -> EditPairDataset:
         return _open(config, DatasetSpec(csv_path, repeat=repeat, height=config.height, width=config.width,
-                                         max_pixels=config.max_pixels, prompt_column=config.prompt_column))
+                                         max_pixels=config.max_pixels, prompt_column=config.prompt_column), keep_prompt)
 
     def sample_items(self, count: int) -> list[dict]:
         """The first ``count`` rows of the sample dataset (held-out rows if one is configured), the

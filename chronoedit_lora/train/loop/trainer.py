@@ -135,8 +135,8 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     cache = open_cache(config, output, dtype, paths) if config.cache else None
     # the encoders alone fill the cache, so they and the DiT are never in memory together
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
-    # sampling, evaluation and preservation pairs are encoded as they come
-    encoders = config.sample_every > 0 or config.eval_every > 0 or data.preservation is not None
+    # sampling and evaluation pairs are encoded as they come (preservation pairs, uncached, too)
+    encoders = config.sample_every > 0 or config.eval_every > 0 or (cache is None and data.preservation is not None)
     pipe = ChronoEditPipeline.from_pretrained(
         device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
         encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
@@ -147,7 +147,7 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     stacked = [(weights, scale) for _, weights, scale in sample_loras]
     sample_preview = Preview.of(config.sample_steps, config.sample_preset, stacked)
     pair_inputs = PairInputs(pipe, data.dataset, cache)
-    preservation = PairInputs(pipe, data.preservation) if data.preservation is not None else None
+    preservation = PairInputs(pipe, data.preservation, cache) if data.preservation is not None else None
     set_seed(config.seed)
     module = training_module(pipe, config)
     if config.compile:  # after the LoRA layers are in place, so they are compiled with their blocks
@@ -391,19 +391,22 @@ def open_cache(config: TrainConfig, output: Path, dtype: torch.dtype, paths: dic
 
 def _fill_missing(accelerator: Accelerator, cache: ConditioningCache, data: TrainingData, paths: dict[str, Path],
                   dtype: torch.dtype) -> int:
-    """Encode the entries the cache lacks with the encoders alone (each process its share; everyone
-    waits for the rest); returns how many were missing."""
-    missing = cache.missing(data.dataset, report=accelerator.is_main_process)
-    if missing:
+    """Encode the entries the cache lacks (the training items', then the preservation set's) with the
+    encoders alone (each process its share; everyone waits for the rest); returns how many were missing."""
+    datasets = [data.dataset] + ([data.preservation] if data.preservation is not None else [])
+    found = [cache.missing(dataset, report=accelerator.is_main_process) for dataset in datasets]
+    missing = [todo for todo, _ in found]
+    if any(missing):
         from ...pipeline import ChronoEditPipeline
 
         encoders = ChronoEditPipeline.from_pretrained(device=accelerator.device, dtype=dtype, with_dit=False, **paths)
-        share = missing[accelerator.process_index::accelerator.num_processes]
-        fill(cache, encoders, data.dataset, share, show=accelerator.is_main_process)
+        for dataset, todo in zip(datasets, missing):
+            share = todo[accelerator.process_index::accelerator.num_processes]
+            fill(cache, encoders, dataset, share, show=accelerator.is_main_process)
         accelerator.wait_for_everyone()
-    accelerator.print(f"conditioning cache {cache.folder}: {len(missing)} new, "
-                      f"{len(data.dataset.pairs) - len(missing)} reused")
-    return len(missing)
+    new, distinct = sum(len(todo) for todo in missing), sum(distinct for _, distinct in found)
+    accelerator.print(f"conditioning cache {cache.folder}: {new} new, {distinct - new} reused")
+    return new
 
 
 def cache_conditioning(config: TrainConfig) -> int:

@@ -27,6 +27,10 @@ from ...user_files import read_text
 
 CHECKPOINTS = "checkpoints"
 _PREFIX = "step-"
+# optimizer.pt's marker of today's LR-scheduler count: its position (``last_epoch``) is the number of
+# the optimizer step about to train (the schedule is built at step 1, :mod:`..loop.optimizer`). The
+# kit before lr_scheduler existed wrote no marker, and counted the steps done: one less.
+SCHEDULER_COUNT = "scheduler_counts_next_step"
 
 
 @dataclass
@@ -112,7 +116,7 @@ def finalize(staging: Path, final: Path, progress: Progress, optimizer_state: di
     """Rank 0: write the shared state (``optimizer_state`` None: it is in ``state/``), rename the folder
     into place, prune old checkpoints."""
     with atomic_write(staging / "optimizer.pt") as f:
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, f)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, SCHEDULER_COUNT: True}, f)
     write_text(staging / "progress.json", json.dumps(asdict(progress)))
     replace_folder(staging, final)
     old = sorted(p for p in final.parent.iterdir() if p.name.startswith(_PREFIX))[:-keep] if keep > 0 else []
@@ -139,6 +143,16 @@ def load_progress(folder: Path) -> Progress:
 
 def load_optimizer_state(folder: Path) -> dict:
     return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def scheduler_state(saved: dict) -> dict:
+    """The LR-scheduler state in ``saved`` (optimizer.pt's contents) in today's count. An old kit's
+    (no :data:`SCHEDULER_COUNT`) is moved one step on; its learning rate for the next step is
+    already the one today's schedule gives there, so only the position changes."""
+    state = dict(saved["scheduler"])
+    if not saved.get(SCHEDULER_COUNT):
+        state["last_epoch"] += 1
+    return state
 
 
 def load_rank_state(folder: Path, rank: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from ...files import write_text
-from . import dcp, lora_export
+from . import checkpoint as ckpt, dcp, lora_export
 from ..distributed import fsdp
 from ..loop.config import TrainConfig
 from .ema import ExponentialMovingAverage
@@ -67,7 +67,7 @@ def load(resume: ResumePoint, accelerator: Accelerator, config: TrainConfig, mod
         fsdp.load_optimizer_state(optimizer, state["optimizer"])
         if ema is not None and (resume.folder / EMA_NAME).is_file():  # else the EMA starts here
             ema.load_full(lora_export.peft_named(resume.folder / EMA_NAME, config))
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(ckpt.scheduler_state(state))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # what the optimizer's saved param groups restore for a LoRA run
 
