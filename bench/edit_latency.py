@@ -4,6 +4,7 @@ side by side in one run.
     python bench/edit_latency.py [--steps 8] [--repeats 5] [--size 64] [--json bench/edit_latency.json]
     python bench/edit_latency.py --compile [--model-size mid] [--size 128] [...]
     python bench/edit_latency.py --caches [--model-size mid] [--size 128] [--steps 50] [--cfg 5] [...]
+    python bench/edit_latency.py --caches --loop-only [--model-size mid] [--size 128] [--steps 6] [...]
 
 Uses the kit's tiny checkpoint and a random rank-32 LoRA on every default target. Prints medians
 and ratios to the base model; never asserts a time. On a CPU the offload variants move no bytes
@@ -19,7 +20,9 @@ into a temporary folder): median edit time of each, and the first compiled edit'
 (``--step-caches``; mag with a calibration recorded from one uncached edit of the same image and
 schedule): wall time per edit and its ratio to the uncached median, ratios of alternating pairs,
 DiT calls made and block-stack passes computed, peak CUDA memory (on a GPU; the CPU has none to
-report), and the largest difference of the decoded clip from the uncached one.
+report), and the largest difference of the decoded clip from the uncached one. With ``--loop-only``
+it times the denoising loop alone, uncached against the context cache (the inputs encoded once
+beforehand): the measure of the context cache's own saving, without the encoders and the VAE.
 """
 
 from __future__ import annotations
@@ -36,17 +39,12 @@ import torch
 
 def compare_compile(args: argparse.Namespace) -> dict:
     """Eager vs compiled blocks on one checkpoint, alternating edits; the first compiled edit apart."""
-    import subprocess
-    import sys
-
     from PIL import Image
 
     from chronoedit_lora.pipeline import ChronoEditPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / args.model_size
-        subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", args.model_size],
-                       check=True, capture_output=True)
+        model = _write_checkpoint(Path(tmp), args.model_size)
         pipes = {name: ChronoEditPipeline.from_pretrained(model, dtype=torch.float32, compile=name == "compiled")
                  for name in ("eager", "compiled")}
         image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
@@ -85,9 +83,6 @@ def record_calibration(pipe, image, prompt: str, steps: int, cfg: float):
 
 def compare_caches(args: argparse.Namespace) -> dict:
     """Uncached vs context-cached vs each step cache, alternating edits on one pipeline."""
-    import subprocess
-    import sys
-
     from PIL import Image
 
     from chronoedit_lora.pipeline import ChronoEditPipeline, EditRequest
@@ -95,10 +90,7 @@ def compare_caches(args: argparse.Namespace) -> dict:
 
     prompt = "The user wants to edit."
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / args.model_size
-        subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(model), "--size", args.model_size],
-                       check=True, capture_output=True)
-        pipe = ChronoEditPipeline.from_pretrained(model, dtype=torch.float32)
+        pipe = ChronoEditPipeline.from_pretrained(_write_checkpoint(Path(tmp), args.model_size), dtype=torch.float32)
         image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
         calibration = record_calibration(pipe, image, prompt, args.steps, args.cfg)
         variants = {"uncached": {"context_cache": False}, "context cache": {}}
@@ -139,6 +131,47 @@ def compare_caches(args: argparse.Namespace) -> dict:
             "max_difference": difference}
 
 
+def compare_context_loop(args: argparse.Namespace) -> dict:
+    """The denoising loop alone, uncached vs context cache (batched guidance), alternating."""
+    from PIL import Image
+
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = ChronoEditPipeline.from_pretrained(_write_checkpoint(Path(tmp), args.model_size), dtype=torch.float32)
+        image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
+        with torch.no_grad():
+            inputs = (pipe.encode_prompt("The user wants to edit."), pipe.encode_prompt("") if args.cfg > 1 else None,
+                      pipe.encode_image(image), pipe.condition_latents(image, 5))
+        times, latents = {"uncached": [], "context cache": []}, {}
+        for _ in range(args.repeats):
+            for name, reuse in (("uncached", False), ("context cache", True)):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    latents[name] = pipe.denoise(*inputs, 0, args.steps, args.cfg, None, 0, None, True, False,
+                                                 reuse_context=reuse)[0]
+                times[name].append(time.perf_counter() - start)
+    paired = [cached / uncached for cached, uncached in zip(times["context cache"], times["uncached"])]
+    difference = (latents["context cache"] - latents["uncached"]).abs().max().item()
+    print(f"{args.model_size} model, {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, fp32, denoising loop only")
+    for name, seconds in times.items():
+        print(f"{name:<15}" + " ".join(f"{t:9.2f}" for t in seconds) + f"   median {statistics.median(seconds):.2f} s")
+    print(f"paired ratios {' '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}; "
+          f"max difference of the latents {difference:.2e}")
+    return {"model_size": args.model_size, "size": args.size, "steps": args.steps, "cfg": args.cfg, "seconds": times,
+            "paired": paired, "paired_median": statistics.median(paired), "max_difference": difference}
+
+
+def _write_checkpoint(folder: Path, size: str) -> Path:
+    """``make-tiny --size SIZE`` into ``folder``."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "chronoedit_lora.cli", "make-tiny", str(folder / size), "--size", size],
+                   check=True, capture_output=True)
+    return folder / size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -150,10 +183,13 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=5.0, help="with --caches")
     parser.add_argument("--step-caches", default="first-block:fast,tea:fast,mag:fast",
                         help="with --caches: the step caches compared (comma-separated --step-cache values)")
+    parser.add_argument("--loop-only", action="store_true",
+                        help="with --caches: the denoising loop alone, uncached vs context cache")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.compile or args.caches:
-        figures = compare_caches(args) if args.caches else compare_compile(args)
+        figures = (compare_context_loop(args) if args.caches and args.loop_only else compare_caches(args) if args.caches
+                   else compare_compile(args))
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
         return

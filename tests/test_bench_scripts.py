@@ -97,6 +97,14 @@ def test_edit_latency_bench_compares_the_caches(tmp_path):
 
 
 @pytest.mark.slow
+def test_edit_latency_bench_times_the_denoising_loop_with_and_without_the_context_cache(tmp_path):
+    figures = _run("edit_latency.py", "--caches", "--loop-only", "--repeats", "2", "--steps", "3", "--size", "32",
+                   json_path=tmp_path / "loop.json")
+    assert [len(figures["seconds"][name]) for name in ("uncached", "context cache")] == [2, 2]
+    assert len(figures["paired"]) == 2 and figures["max_difference"] == 0  # the context cache is exact
+
+
+@pytest.mark.slow
 def test_vs_diffusers_edit_bench_adds_the_cached_kit_sides(tmp_path):
     figures = _run("vs_diffusers_edit.py", "--size", "tiny", "--steps", "3", "--repeats", "1", "--caches", "--step-caches",
                    "first-block:0", json_path=tmp_path / "edit.json")
