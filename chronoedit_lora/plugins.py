@@ -4,7 +4,10 @@ so that a plugin's failure is one message naming the plugin and what it was work
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from PIL import Image
 
@@ -49,13 +52,16 @@ class Plugin:
 
     def _called(self, function: Callable, args: tuple, about: str | None):
         """``function(*args)``, any failure a :class:`PluginError` naming the plugin and ``about``."""
-        try:
-            return function(*args)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - any way user code can end
-            said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
-            where = f" on {about}" if about else ""
-            raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}. "
-                              "Nothing was written.") from exc
+        with _ctrl_c_noted() as pressed:
+            try:
+                return function(*args)
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001 - any way user code can end
+                if pressed:  # the user's Ctrl-C, not the plugin's doing: the command stops as interrupted
+                    raise
+                said = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+                where = f" on {about}" if about else ""
+                raise PluginError(f"{self.option} {self.spec} failed{where}: {type(exc).__name__}: {said}. "
+                                  "Nothing was written.") from exc
 
     def _checked(self, function: Callable, args: tuple, about: str | None, many: bool = False) -> list:
         where = f" on {about}" if about else ""
@@ -72,6 +78,28 @@ class Plugin:
                 raise PluginError(f"{self.option} {self.spec} returned text that {problem}{where}; a prompt must be "
                                   "plain text under that cap. Nothing was written.")
         return [item.strip() if isinstance(item, str) else item for item in answers]
+
+
+@contextmanager
+def _ctrl_c_noted() -> Iterator[list[int]]:
+    """A list that a SIGINT arriving inside the block is added to (it still raises KeyboardInterrupt), so
+    that the user's Ctrl-C is told from a plugin raising KeyboardInterrupt itself. Only where Python's
+    own handler is in place, in the main thread (signals are not handled elsewhere)."""
+    pressed: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield pressed
+        return
+
+    def note(signum: int, frame) -> None:
+        pressed.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def load_callable(spec: str, option: str = "--captioner") -> Plugin:

@@ -4,6 +4,7 @@ a CSV cannot hold)."""
 from __future__ import annotations
 
 import sys
+import time
 
 from PIL import Image
 
@@ -26,6 +27,12 @@ def exiting(before: Image.Image, after: Image.Image, hint: str | None) -> str:
 
 def interrupted(before: Image.Image, after: Image.Image, hint: str | None) -> str:
     raise KeyboardInterrupt
+
+
+def slow(before: Image.Image, after: Image.Image, hint: str | None) -> str:
+    print("slow captioner: started", file=sys.stderr, flush=True)
+    time.sleep(300)
+    return "make it red"
 
 
 def huge(before: Image.Image, after: Image.Image, hint: str | None) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from chronoedit_lora.lora import load_lora
 
@@ -173,6 +174,24 @@ def test_ctrl_c_during_an_edit_is_one_line_and_exit_130(tiny_diffusers, input_im
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "chronoedit-lora edit: interrupted.", err[-2000:]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_ctrl_c_in_a_captioner_plugin_is_an_interrupt_not_the_plugins_failure(tmp_path):
+    """The user's Ctrl-C while a plugin runs exits 130 as anywhere else; a plugin raising KeyboardInterrupt
+    itself is its failure (tests/test_faults.py)."""
+    for side in ("before", "after"):
+        (tmp_path / side).mkdir()
+        Image.new("RGB", (32, 32)).save(tmp_path / side / "000.png")
+    process = subprocess.Popen([sys.executable, "-m", "chronoedit_lora.cli", "dataset", "prepare", str(tmp_path),
+                                "--captioner", "tests.faulty_plugins:slow"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = _read_until(process, b"slow captioner: started")
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    err = (seen + rest).decode()
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "chronoedit-lora dataset: interrupted.", err[-2000:]
+    assert not (tmp_path / "metadata.csv").exists()
 
 
 # Ctrl-C caught at the worst moments, made certain: inside the denoising loop's body (its progress bar
