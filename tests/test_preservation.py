@@ -162,6 +162,11 @@ def test_a_folder_of_images_is_read_as_identity_pairs_with_the_keep_prompt(tmp_p
         item = dataset[i]
         # the clip [input, edited x 4] is the one image five times, trained with the keep instruction
         assert item["prompt"] == KEEP and torch.equal(item["video"], item["video"][:, :1].expand_as(item["video"]))
+    image = folder / "001.png"  # damaged after the check: loading it names the file and the command that checks a folder
+    image.write_bytes(image.read_bytes()[:300])
+    with pytest.raises(ChronoEditError, match="001.png") as raised:
+        dataset[1]
+    assert "dataset check YOUR_CONFIG.toml` (it checks its preservation_dataset folder)" in str(raised.value)
 
 
 @pytest.mark.parametrize("damage, says", [

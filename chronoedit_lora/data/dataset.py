@@ -104,5 +104,8 @@ class EditPairDataset(Dataset):
 def _raise_if_fatal(csv_path: Path, problems: list[Problem]) -> None:
     fatal = [p for p in problems if p.fatal]
     if fatal:
+        # a folder of images (identity pairs) is checked through the training config that names it
+        check = "YOUR_CONFIG.toml` (it checks its preservation_dataset folder)" if csv_path.is_dir() and not \
+            (csv_path / "metadata.csv").is_file() else f"{csv_path}`"
         raise ChronoEditError(f"{csv_path}: the dataset has problems:\n{format_report(fatal)}\n"
-                              f"Run `chronoedit-lora dataset check {csv_path}` for the full report.")
+                              f"Run `chronoedit-lora dataset check {check} for the full report.")
