@@ -46,6 +46,12 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300, lines
         time.sleep(0.02)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A child's SIGINT as a terminal leaves it (Popen's preexec_fn): a suite started in the background
+    (``cmd &``, nohup) hands its children SIGINT ignored, and Python then keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _read_until(process: subprocess.Popen, text: bytes, timeout: float = 300) -> bytes:
     """The process's stderr (a binary pipe) read as it comes, up to where ``text`` appears: a state
     the process reached, whatever the machine's load (tqdm's bars end in \\r, not a line end)."""
@@ -165,7 +171,8 @@ def test_ctrl_c_during_an_edit_is_one_line_and_exit_130(tiny_diffusers, input_im
     process = subprocess.Popen([sys.executable, "-m", "chronoedit_lora.cli", "edit", "--model", str(tiny_diffusers),
                                 "--image", str(tmp_path / "in.png"), "--prompt", "x", "--output", str(tmp_path / "o.png"),
                                 "--steps", "1000", "--scheduler", "euler", "--height", "32", "--width", "32",
-                                "--dtype", "float32", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                "--dtype", "float32", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=_sigint_as_in_a_terminal)
     # Euler: UniPC's 1000-step schedule repeats timesteps and is refused
     seen = _read_until(process, b"editing:")  # the denoising loop's bar: the models are loaded, the edit runs
     process.send_signal(signal.SIGINT)
@@ -184,7 +191,7 @@ def test_ctrl_c_in_a_captioner_plugin_is_an_interrupt_not_the_plugins_failure(tm
         Image.new("RGB", (32, 32)).save(tmp_path / side / "000.png")
     process = subprocess.Popen([sys.executable, "-m", "chronoedit_lora.cli", "dataset", "prepare", str(tmp_path),
                                 "--captioner", "tests.faulty_plugins:slow"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_sigint_as_in_a_terminal)
     seen = _read_until(process, b"slow captioner: started")
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=120)
