@@ -13,7 +13,7 @@ from ..errors import ChronoEditError
 from ..video import edit_clip, to_tensor
 from .buckets import SizePolicy, plan_pair
 from .images import load_pair, read_source_size
-from .identity import read_rows
+from .identity import is_image_folder, read_rows
 from .metadata import EditPair
 from .problems import Problem, format_report
 from .trajectories import first_frame_size, load_trajectory
@@ -43,8 +43,9 @@ class EditPairDataset(Dataset):
         self.policy = SizePolicy.create(height, width, max_pixels)
         self.trajectory_policy = SizePolicy.for_trajectories(height, width, max_pixels, trajectory_max_pixels)
         self.csv_path = Path(csv_path)
+        self.image_folder = is_image_folder(csv_path, keep_prompt)
         pairs, problems = read_rows(csv_path, allow_outside, prompt_column, keep_prompt)
-        _raise_if_fatal(self.csv_path, problems)
+        self._raise_if_fatal(problems)
         self.pairs: list[EditPair] = pairs
         self.repeat = repeat
 
@@ -76,7 +77,7 @@ class EditPairDataset(Dataset):
                 size, found = read_source_size(pair)
             problems += found
             sizes.append(self.policy_for(pair).target(size) if size else None)
-        _raise_if_fatal(self.csv_path, problems)
+        self._raise_if_fatal(problems)
         return sizes * self.repeat
 
     def policy_for(self, pair: EditPair) -> SizePolicy:
@@ -87,25 +88,24 @@ class EditPairDataset(Dataset):
         pair = self.pair(index)
         if pair.is_trajectory:
             frames, problems = load_trajectory(pair.input_image, pair.row, pair.columns[0])
-            _raise_if_fatal(self.csv_path, problems)
+            self._raise_if_fatal(problems)
             plan, _ = plan_pair(frames[0].size, frames[-1].size, self.trajectory_policy.target(frames[0].size),
                                 pair.row, pair.columns)
             video = torch.stack([to_tensor(plan.apply(frame)) for frame in frames], dim=1)
         else:
             images = load_pair(pair)
-            _raise_if_fatal(self.csv_path, images.problems)
+            self._raise_if_fatal(images.problems)
             plan, _ = plan_pair(images.source.size, images.edited.size, self.policy.target(images.source.size),
                                 pair.row, pair.columns)
             video = edit_clip(to_tensor(plan.apply(images.source)), to_tensor(plan.apply(images.edited)))
         return {"video": video, "input_image": video[:, 0], "prompt": pair.prompt, "kind": pair.kind,
                 "index": index, "row": pair.row}
 
-
-def _raise_if_fatal(csv_path: Path, problems: list[Problem]) -> None:
-    fatal = [p for p in problems if p.fatal]
-    if fatal:
-        # a folder of images (identity pairs) is checked through the training config that names it
-        check = "YOUR_CONFIG.toml` (it checks its preservation_dataset folder)" if csv_path.is_dir() and not \
-            (csv_path / "metadata.csv").is_file() else f"{csv_path}`"
-        raise ChronoEditError(f"{csv_path}: the dataset has problems:\n{format_report(fatal)}\n"
-                              f"Run `chronoedit-lora dataset check {check} for the full report.")
+    def _raise_if_fatal(self, problems: list[Problem]) -> None:
+        fatal = [p for p in problems if p.fatal]
+        if fatal:
+            # a folder of images (identity pairs) is checked through the training config that names it
+            check = ("YOUR_CONFIG.toml` (it checks its preservation_dataset folder)" if self.image_folder
+                     else f"{self.csv_path}`")
+            raise ChronoEditError(f"{self.csv_path}: the dataset has problems:\n{format_report(fatal)}\n"
+                                  f"Run `chronoedit-lora dataset check {check} for the full report.")

@@ -40,10 +40,15 @@ def identity_pairs(folder: Path, prompt: str, allow_outside: bool = False) -> tu
     return pairs, problems
 
 
+def is_image_folder(path: str | Path, keep_prompt: str | None) -> bool:
+    """Whether :func:`read_rows` reads ``path`` as a folder of images (not a ``metadata.csv``)."""
+    return keep_prompt is not None and Path(path).is_dir()
+
+
 def read_rows(path: str | Path, allow_outside: bool = False, prompt_column: str = "",
               keep_prompt: str | None = None) -> tuple[list[EditPair], list[Problem]]:
     """The pairs of a ``metadata.csv`` (:func:`.metadata.read_metadata`), or, given ``keep_prompt``,
     those of a folder of images (:func:`identity_pairs`)."""
-    if keep_prompt is not None and Path(path).is_dir():
+    if is_image_folder(path, keep_prompt):
         return identity_pairs(Path(path).absolute(), keep_prompt, allow_outside)
     return read_metadata(path, allow_outside, prompt_column)
