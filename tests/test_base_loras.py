@@ -23,8 +23,10 @@ from .test_train import make_subset, tiny_config
 # Fused at load (float32) vs merged on disk (float32): the same weights, so the same numbers up to
 # float noise.
 BASE_ATOL = 1e-6
-# Pixel difference (of 255) between a training sample and the same edit made by `edit`.
-SAMPLE_MAX, SAMPLE_MEAN = 4, 1.0
+# Pixel difference (of 255) between a training sample and the same edit made by `edit`: the same
+# sampler and float32 weights, so at most a rare one-level rounding flip (measured: 0). The bound was
+# 4 while training sampled with Euler and `edit` with the model folder's UniPC.
+SAMPLE_MAX, SAMPLE_MEAN = 1, 0.05
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,6 @@ def test_distill_preset_samples_equal_edit_with_the_same_loras_stacked(tiny_diff
                       sample_preset="distill", sample_loras=f"{distill_like}:0.8"))
     cell, difference = sample_against_edit(run, ["--model", str(tiny_diffusers)], [f"{distill_like}:0.8"], two_pairs,
                                            tmp_path)
-    # A training sample and `edit` with the saved LoRA differ slightly even without these options (on
-    # main: max 4, mean 0.65 of 255 for a plain sample; see the report); measured here: max 3, mean 0.61.
     assert difference.max().item() <= SAMPLE_MAX and difference.mean().item() <= SAMPLE_MEAN
     # without the preset and the stacked LoRA the sample is another picture
     train(tiny_config(tiny_diffusers, two_pairs, tmp_path / "plain", max_steps=1, save_every=1, sample_every=1,
@@ -101,7 +101,7 @@ def test_distill_preset_samples_equal_edit_with_the_same_loras_stacked(tiny_diff
     other = _cell(Image.open(tmp_path / "plain" / "samples" / "step-000001.png"))
     print("sample vs edit", difference.max().item(), difference.mean().item(), "plain sample vs preset sample",
           (other - cell).abs().max().item(), (other - cell).abs().mean().item())
-    assert (other - cell).abs().mean().item() > 5 * SAMPLE_MEAN
+    assert (other - cell).abs().mean().item() > 5.0
 
 
 @pytest.mark.parametrize("adapter, base, sample, unfused", [

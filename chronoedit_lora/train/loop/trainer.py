@@ -137,8 +137,9 @@ def _train(accelerator: Accelerator, config: TrainConfig, output: Path, run: Run
     filled = _fill_missing(accelerator, cache, data, paths, dtype) if cache else 0
     # sampling and evaluation pairs are encoded as they come (preservation pairs, uncached, too)
     encoders = config.sample_every > 0 or config.eval_every > 0 or (cache is None and data.preservation is not None)
+    # config.model for its scheduler config: samples and eval_every edits sample as `edit --model` does
     pipe = ChronoEditPipeline.from_pretrained(
-        device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
+        config.model, device=accelerator.device, dit_device="cpu" if fsdp.requested() else None, dtype=dtype, rope=config.rope,
         encoders=cache is None or encoders, fp8_base=config.fp8_base, offload="blocks" if config.block_swap else "none",
         **paths)
     loaded_encoders = cache is None or filled > 0 or encoders
