@@ -20,11 +20,16 @@ def pipe(tiny_diffusers):
 
 
 def count_context_projections(pipe: ChronoEditPipeline) -> tuple[list[int], list]:
-    """Calls of every block's cross_attn.k (the text K projection), counted by forward hooks."""
-    calls = [0]
-    handles = [block.cross_attn.k.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-               for block in pipe.dit.blocks]
-    return calls, handles
+    """Calls of every block's cross_attn.k (the text K projection), then of the text and the CLIP
+    context embeddings' first layers, counted by forward hooks."""
+    calls = [0, 0, 0]
+
+    def counter(index: int):
+        return lambda *_: calls.__setitem__(index, calls[index] + 1)
+
+    layers = [(block.cross_attn.k, 0) for block in pipe.dit.blocks]
+    layers += [(pipe.dit.text_embedding[0], 1), (pipe.dit.img_emb.proj[1], 2)]
+    return calls, [layer.register_forward_hook(counter(index)) for layer, index in layers]
 
 
 def edits(pipe: ChronoEditPipeline, requests: list[EditRequest], **settings) -> list[torch.Tensor]:
@@ -42,15 +47,16 @@ def test_cached_edit_equals_uncached_and_projects_once(pipe, input_image, settin
     calls, handles = count_context_projections(pipe)
     try:
         uncached = edits(pipe, request, context_cache=False, **settings)[0]
-        per_edit_uncached, calls[0] = calls[0], 0
+        per_edit_uncached, calls[:] = list(calls), [0, 0, 0]
         cached = edits(pipe, request, **settings)[0]
     finally:
         for handle in handles:
             handle.remove()
     blocks = len(pipe.dit.blocks)
-    assert per_edit_uncached == blocks * branches * EDIT["steps"]
-    assert calls[0] == blocks * branches  # once per block and branch
+    assert per_edit_uncached == [blocks * branches * EDIT["steps"]] + [branches * EDIT["steps"]] * 2
+    assert calls == [blocks * branches, branches, branches]  # once per block (embedding) and branch
     assert (cached - uncached).abs().max().item() <= ATOL
+    assert not any("forward" in vars(module) for module in (pipe.dit.text_embedding, pipe.dit.img_emb))  # restored
 
 
 def test_batch_and_unfused_lora_edits_equal_uncached(pipe, input_image, random_lora):
@@ -123,6 +129,13 @@ def test_never_active_under_autograd(pipe):
         trained = attention(x, y)
     assert cache.computed == 1 and trained.requires_grad
     torch.testing.assert_close(trained.detach(), cached, rtol=0, atol=ATOL)
+    text = torch.randn(1, 16, pipe.dit.text_embedding[0].in_features)
+    with context_cache(pipe.dit) as cache, cache.branch("cond"):
+        with torch.no_grad():
+            embedded = pipe.dit.text_embedding(text)
+            assert pipe.dit.text_embedding(text) is embedded  # the edit's context, embedded once
+        trained = pipe.dit.text_embedding(text)
+    assert trained.requires_grad and trained is not embedded
 
 
 def test_memory_at_14b():
