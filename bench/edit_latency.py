@@ -4,7 +4,7 @@ side by side in one run.
     python bench/edit_latency.py [--steps 8] [--repeats 5] [--size 64] [--json bench/edit_latency.json]
     python bench/edit_latency.py --compile [--model-size mid] [--size 128] [...]
     python bench/edit_latency.py --caches [--model-size mid] [--size 128] [--steps 50] [--cfg 5] [...]
-    python bench/edit_latency.py --caches --loop-only [--model-size mid] [--size 128] [--steps 6] [...]
+    python bench/edit_latency.py --caches --loop-only [--model-size mid | --model DIR] [--size 128] [--steps 50] [...]
 
 Uses the kit's tiny checkpoint and a random rank-32 LoRA on every default target. Prints medians
 and ratios to the base model; never asserts a time. On a CPU the offload variants move no bytes
@@ -21,8 +21,9 @@ into a temporary folder): median edit time of each, and the first compiled edit'
 schedule): wall time per edit and its ratio to the uncached median, ratios of alternating pairs,
 DiT calls made and block-stack passes computed, peak CUDA memory (on a GPU; the CPU has none to
 report), and the largest difference of the decoded clip from the uncached one. With ``--loop-only``
-it times the denoising loop alone, uncached against the context cache (the inputs encoded once
-beforehand): the measure of the context cache's own saving, without the encoders and the VAE.
+it times the denoising loop alone (the inputs encoded once beforehand), uncached, with the context
+cache and with each ``--step-caches`` value on top of it: the caches' own saving, without the
+encoders and the VAE. ``--model DIR`` uses an existing checkpoint folder instead of writing one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+PROMPT = "The user wants to edit."  # the --caches edits' instruction
 
 
 def compare_compile(args: argparse.Namespace) -> dict:
@@ -85,12 +88,12 @@ def compare_caches(args: argparse.Namespace) -> dict:
     """Uncached vs context-cached vs each step cache, alternating edits on one pipeline."""
     from PIL import Image
 
-    from chronoedit_lora.pipeline import ChronoEditPipeline, EditRequest
+    from chronoedit_lora.pipeline import EditRequest
     from chronoedit_lora.step_cache import parse_step_cache
 
-    prompt = "The user wants to edit."
+    prompt = PROMPT
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = ChronoEditPipeline.from_pretrained(_write_checkpoint(Path(tmp), args.model_size), dtype=torch.float32)
+        pipe = _pipeline(args, Path(tmp))
         image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
         calibration = record_calibration(pipe, image, prompt, args.steps, args.cfg)
         variants = {"uncached": {"context_cache": False}, "context cache": {}}
@@ -132,34 +135,52 @@ def compare_caches(args: argparse.Namespace) -> dict:
 
 
 def compare_context_loop(args: argparse.Namespace) -> dict:
-    """The denoising loop alone, uncached vs context cache (batched guidance), alternating."""
+    """The denoising loop alone (batched guidance), alternating: uncached, the context cache, and each
+    ``--step-caches`` value on top of it; paired ratios to the uncached loop of the same repeat."""
     from PIL import Image
 
-    from chronoedit_lora.pipeline import ChronoEditPipeline
+    from chronoedit_lora.step_cache import StepCache, parse_step_cache
 
+    specs = {text: parse_step_cache(text) for text in args.step_caches.split(",") if text}
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = ChronoEditPipeline.from_pretrained(_write_checkpoint(Path(tmp), args.model_size), dtype=torch.float32)
+        pipe = _pipeline(args, Path(tmp))
         image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
         with torch.no_grad():
-            inputs = (pipe.encode_prompt("The user wants to edit."), pipe.encode_prompt("") if args.cfg > 1 else None,
+            calibration = record_calibration(pipe, image, PROMPT, args.steps, args.cfg) \
+                if any(spec.method == "mag" for spec in specs.values()) else None
+            inputs = (pipe.encode_prompt(PROMPT), pipe.encode_prompt("") if args.cfg > 1 else None,
                       pipe.encode_image(image), pipe.condition_latents(image, 5))
-        times, latents = {"uncached": [], "context cache": []}, {}
+        variants = {"uncached": (False, None), "context cache": (True, None)}
+        variants |= {f"context + {text}": (True, spec) for text, spec in specs.items()}
+        times, latents, passes = {name: [] for name in variants}, {}, {}
         for _ in range(args.repeats):
-            for name, reuse in (("uncached", False), ("context cache", True)):
+            for name, (reuse, spec) in variants.items():
+                cache = StepCache(pipe.dit, spec, args.steps, calibration=calibration) if spec else None
                 start = time.perf_counter()
                 with torch.no_grad():
                     latents[name] = pipe.denoise(*inputs, 0, args.steps, args.cfg, None, 0, None, True, False,
-                                                 reuse_context=reuse)[0]
+                                                 reuse_context=reuse, step_cache=cache)[0]
                 times[name].append(time.perf_counter() - start)
-    paired = [cached / uncached for cached, uncached in zip(times["context cache"], times["uncached"])]
-    difference = (latents["context cache"] - latents["uncached"]).abs().max().item()
-    print(f"{args.model_size} model, {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, fp32, denoising loop only")
+                passes[name] = cache.calls()[0] if cache else args.steps  # block-stack passes (batch-2 calls)
+    paired = {name: [a / b for a, b in zip(seconds, times["uncached"])] for name, seconds in times.items()}
+    difference = {name: (value - latents["uncached"]).abs().max().item() for name, value in latents.items()}
+    print(f"{args.model_size} model, {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, fp32, "
+          f"denoising loop only, {args.repeats} alternating repeats")
     for name, seconds in times.items():
-        print(f"{name:<15}" + " ".join(f"{t:9.2f}" for t in seconds) + f"   median {statistics.median(seconds):.2f} s")
-    print(f"paired ratios {' '.join(f'{r:.3f}' for r in paired)}, median {statistics.median(paired):.3f}; "
-          f"max difference of the latents {difference:.2e}")
+        print(f"{name:<30}" + " ".join(f"{t:8.2f}" for t in seconds) + f"  median {statistics.median(seconds):8.2f} s"
+              f"  paired {' '.join(f'{r:.3f}' for r in paired[name])} (median {statistics.median(paired[name]):.3f})"
+              f"  passes {passes[name]}/{args.steps}  max diff {difference[name]:.2e}")
     return {"model_size": args.model_size, "size": args.size, "steps": args.steps, "cfg": args.cfg, "seconds": times,
-            "paired": paired, "paired_median": statistics.median(paired), "max_difference": difference}
+            "paired": paired, "paired_median": {name: statistics.median(r) for name, r in paired.items()},
+            "stack_passes": passes, "max_difference": difference}
+
+
+def _pipeline(args: argparse.Namespace, tmp: Path):
+    """The float32 pipeline of ``--model``, else of ``make-tiny --size MODEL_SIZE`` written into ``tmp``."""
+    from chronoedit_lora.pipeline import ChronoEditPipeline
+
+    model = Path(args.model) if args.model else _write_checkpoint(tmp, args.model_size)
+    return ChronoEditPipeline.from_pretrained(model, dtype=torch.float32)
 
 
 def _write_checkpoint(folder: Path, size: str) -> Path:
@@ -184,7 +205,8 @@ def main() -> None:
     parser.add_argument("--step-caches", default="first-block:fast,tea:fast,mag:fast",
                         help="with --caches: the step caches compared (comma-separated --step-cache values)")
     parser.add_argument("--loop-only", action="store_true",
-                        help="with --caches: the denoising loop alone, uncached vs context cache")
+                        help="with --caches: the denoising loop alone, uncached vs context cache vs --step-caches")
+    parser.add_argument("--model", help="with --caches: an existing checkpoint folder instead of make-tiny's")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.compile or args.caches:

@@ -99,9 +99,13 @@ def test_edit_latency_bench_compares_the_caches(tmp_path):
 @pytest.mark.slow
 def test_edit_latency_bench_times_the_denoising_loop_with_and_without_the_context_cache(tmp_path):
     figures = _run("edit_latency.py", "--caches", "--loop-only", "--repeats", "2", "--steps", "3", "--size", "32",
-                   json_path=tmp_path / "loop.json")
-    assert [len(figures["seconds"][name]) for name in ("uncached", "context cache")] == [2, 2]
-    assert len(figures["paired"]) == 2 and figures["max_difference"] == 0  # the context cache is exact
+                   "--step-caches", "first-block:1e9", json_path=tmp_path / "loop.json")
+    names = ("uncached", "context cache", "context + first-block:1e9")
+    assert [len(figures["seconds"][name]) for name in names] == [2, 2, 2]
+    assert figures["paired"]["uncached"] == [1.0, 1.0] and len(figures["paired"][names[2]]) == 2
+    assert figures["max_difference"]["context cache"] == 0  # the context cache is exact
+    assert figures["stack_passes"] == dict(zip(names, (3, 3, 2)))  # the step cache skipped the middle step
+    assert figures["max_difference"][names[2]] > 0
 
 
 @pytest.mark.slow
