@@ -21,7 +21,8 @@ into a temporary folder): median edit time of each, and the first compiled edit'
 schedule): wall time per edit and its ratio to the uncached median, ratios of alternating pairs,
 DiT calls made and block-stack passes computed, peak CUDA memory (on a GPU; the CPU has none to
 report), and the largest difference of the decoded clip from the uncached one. With ``--loop-only``
-it times the denoising loop alone (the inputs encoded once beforehand), uncached, with the context
+it times the denoising loop alone (the inputs, vs_diffusers_edit.py's image and instruction, encoded
+once beforehand), uncached, with the context
 cache and with each ``--step-caches`` value on top of it: the caches' own saving, without the
 encoders and the VAE. ``--model DIR`` uses an existing checkpoint folder instead of writing one.
 """
@@ -31,11 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_diffusers_edit import PROMPT as EDIT_PROMPT, make_input  # noqa: E402  (bench/ is not a package)
 
 PROMPT = "The user wants to edit."  # the --caches edits' instruction
 
@@ -144,11 +149,11 @@ def compare_context_loop(args: argparse.Namespace) -> dict:
     specs = {text: parse_step_cache(text) for text in args.step_caches.split(",") if text}
     with tempfile.TemporaryDirectory() as tmp:
         pipe = _pipeline(args, Path(tmp))
-        image = Image.new("RGB", (args.size, args.size), (120, 80, 200))
+        image = Image.open(make_input(Path(tmp) / "input.png", args.size)).convert("RGB")  # as vs_diffusers_edit.py's
         with torch.no_grad():
-            calibration = record_calibration(pipe, image, PROMPT, args.steps, args.cfg) \
+            calibration = record_calibration(pipe, image, EDIT_PROMPT, args.steps, args.cfg) \
                 if any(spec.method == "mag" for spec in specs.values()) else None
-            inputs = (pipe.encode_prompt(PROMPT), pipe.encode_prompt("") if args.cfg > 1 else None,
+            inputs = (pipe.encode_prompt(EDIT_PROMPT), pipe.encode_prompt("") if args.cfg > 1 else None,
                       pipe.encode_image(image), pipe.condition_latents(image, 5))
         variants = {"uncached": (False, None), "context cache": (True, None)}
         variants |= {f"context + {text}": (True, spec) for text, spec in specs.items()}
