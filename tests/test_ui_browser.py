@@ -25,6 +25,7 @@ from chronoedit_lora.cli import build_parser, main
 from chronoedit_lora.files import save_image
 from chronoedit_lora.lora import save_lora
 from chronoedit_lora.train.loop.samples import CELL, COLUMNS, LABEL_HEIGHT, grid_image
+from chronoedit_lora.ui.runs import REFRESH_SECONDS
 
 from .test_data_images import png_header
 from .test_train import EXAMPLE, make_subset
@@ -358,10 +359,10 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tiny_run, tmp_pat
     assert shown == expected
     assert "step-000002" in page.locator("#runs-checkpoints").inner_text()
 
-    # the real run: its own sample grids and logged metrics (the screenshot in docs/web_app.md), in a
-    # fresh page (the plot keeps the legend of the run it showed first)
-    page.reload()
-    page.get_by_role("tab", name="Runs").click()
+    wait_for_legend(page, {"loss", "val_loss", "lr", "eval: clip_score"})  # the checked metric joins the legend
+
+    # the real run, chosen on the same page: its own sample grids, logged metrics and legend (the
+    # screenshot in docs/web_app.md)
     page.get_by_role("button", name="Refresh run list").click()  # trained after the page was built
     choose(page, "runs-run", "tiny-cpu")
     grids = len(list((tiny_run / "samples").glob("*.png")))
@@ -370,11 +371,25 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tiny_run, tmp_pat
     page.wait_for_selector("#runs-plot [aria-label^='step: 12']", state="attached")
     page.wait_for_function("() => document.querySelector('#runs-newest-sample img')?.naturalWidth > 0")
     assert "step-000008" in page.locator("#runs-checkpoints").inner_text()
+    with (tiny_run / "logs" / "metrics.csv").open() as f:
+        columns = next(csv.reader(f))
+    # the new run's default metrics, not the legend of the run shown before (it had lr and eval: clip_score)
+    wait_for_legend(page, {c for c in columns if c in ("loss", "val_loss") or c.startswith("eval/")})
+    page.evaluate("document.querySelector('#runs-plot svg').dataset.drawn = 'once'")
+    page.wait_for_timeout(2 * REFRESH_SECONDS * 1000)  # two live refreshes: new data, the same drawing
+    assert page.evaluate("document.querySelector('#runs-plot svg')?.dataset.drawn") == "once"
     page.wait_for_timeout(1500)  # the gallery fades its images in: only for the screenshot
     screenshot(page, "runs", tmp_path)
     page.click("#runs-use")
     page.wait_for_function("document.querySelector('#edit-lora-0 input').value == "
                            "'runs/tiny-cpu/lora.safetensors'")
+
+
+def wait_for_legend(page, labels: set[str]) -> None:
+    """Wait until the Runs plot's legend shows exactly ``labels``."""
+    page.wait_for_function("expected => { const shown = [...document.querySelectorAll("
+                           "'#runs-plot .role-legend-label text')].map(e => e.textContent).sort(); "
+                           "return JSON.stringify(shown) === JSON.stringify(expected); }", arg=sorted(labels))
 
 
 def wait_for(condition, seconds: float, what: str):

@@ -139,7 +139,7 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
     timer = gr.Timer(REFRESH_SECONDS)
 
     @user_errors
-    def show(folder: str | None, chosen: list[str] | None, new_run: bool):
+    def show(folder: str | None, chosen: list[str] | None, new_run: bool, legend: bool = True):
         if not folder:
             return gr.CheckboxGroup(), None, None, gr.Dropdown(), None, []
         path = within(folder, [runs_root], "run")
@@ -149,14 +149,20 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
         loras = checkpoint_loras(path)
         last_lora = {"value": str(loras[-1][1]) if loras else None} if new_run else {}
         samples = sample_grids(path)
-        return (gr.CheckboxGroup(choices=names, value=selected), points[points["metric"].isin(selected)],
+        # The plot draws its legend when a setting changes, not with new data: a new run or selection sets
+        # colors_in_legend (a redraw); the timer's refresh sends the data alone (setting it every 3 s would
+        # redraw the plot every 3 s).
+        plotted = points[points["metric"].isin(selected)]
+        plotted = gr.LinePlot(plotted, colors_in_legend=selected) if legend else plotted
+        return (gr.CheckboxGroup(choices=names, value=selected), plotted,
                 checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras], **last_lora),
                 samples[-1][0] if samples else None, samples)
 
     outputs = [metrics, plot, table, checkpoint, newest, grids]
     run.change(lambda folder: show(folder, None, True), run, outputs)
     metrics.input(lambda folder, chosen: show(folder, chosen, False), [run, metrics], outputs)
-    timer.tick(lambda folder, chosen, on: show(folder, chosen, False) if on and folder else [gr.skip()] * len(outputs),
+    timer.tick(lambda folder, chosen, on: show(folder, chosen, False, legend=False) if on and folder
+               else [gr.skip()] * len(outputs),
                [run, metrics, live], outputs)
     refresh.click(lambda: gr.Dropdown(choices=list_runs(runs_root)), None, run)
 
