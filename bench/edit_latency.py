@@ -22,9 +22,8 @@ schedule): wall time per edit and its ratio to the uncached median, ratios of al
 DiT calls made and block-stack passes computed, peak CUDA memory (on a GPU; the CPU has none to
 report), and the largest difference of the decoded clip from the uncached one. With ``--loop-only``
 it times the denoising loop alone (the inputs, vs_diffusers_edit.py's image and instruction, encoded
-once beforehand), uncached, with the context
-cache and with each ``--step-caches`` value on top of it: the caches' own saving, without the
-encoders and the VAE. ``--model DIR`` uses an existing checkpoint folder instead of writing one.
+once beforehand), uncached, with the context cache and with each ``--step-caches`` value on top of
+it: the caches' own saving, without the encoders and the VAE. ``--model DIR`` uses an existing checkpoint folder instead of writing one.
 """
 
 from __future__ import annotations
