@@ -386,10 +386,14 @@ def test_runs_plot_shows_what_metrics_csv_holds(page, folders, tiny_run, tmp_pat
 
 
 def wait_for_legend(page, labels: set[str]) -> None:
-    """Wait until the Runs plot's legend shows exactly ``labels``."""
+    """Wait until the Runs plot's legend shows exactly ``labels``, each with a coloured symbol (a metric
+    outside the plot's colour domain gets a label but no symbol, and its line no colour)."""
     page.wait_for_function("expected => { const shown = [...document.querySelectorAll("
                            "'#runs-plot .role-legend-label text')].map(e => e.textContent).sort(); "
-                           "return JSON.stringify(shown) === JSON.stringify(expected); }", arg=sorted(labels))
+                           "const coloured = [...document.querySelectorAll('#runs-plot .role-legend-symbol path')]"
+                           ".filter(e => (e.getAttribute('stroke') || 'none') !== 'none').length; "
+                           "return JSON.stringify(shown) === JSON.stringify(expected) && coloured === expected.length; }",
+                           arg=sorted(labels))
 
 
 def wait_for(condition, seconds: float, what: str):

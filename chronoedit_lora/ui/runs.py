@@ -139,7 +139,7 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
     timer = gr.Timer(REFRESH_SECONDS)
 
     @user_errors
-    def show(folder: str | None, chosen: list[str] | None, new_run: bool, legend: bool = True):
+    def show(folder: str | None, chosen: list[str] | None, new_run: bool):
         if not folder:
             return gr.CheckboxGroup(), None, None, gr.Dropdown(), None, []
         path = within(folder, [runs_root], "run")
@@ -149,20 +149,20 @@ def build(session: Session, tabs: gr.Tabs, edit_lora: gr.Dropdown) -> None:
         loras = checkpoint_loras(path)
         last_lora = {"value": str(loras[-1][1]) if loras else None} if new_run else {}
         samples = sample_grids(path)
-        # The plot draws its legend when a setting changes, not with new data: a new run or selection sets
-        # colors_in_legend (a redraw); the timer's refresh sends the data alone (setting it every 3 s would
-        # redraw the plot every 3 s).
-        plotted = points[points["metric"].isin(selected)]
-        plotted = gr.LinePlot(plotted, colors_in_legend=selected) if legend else plotted
-        return (gr.CheckboxGroup(choices=names, value=selected), plotted,
+        return (gr.CheckboxGroup(choices=names, value=selected), points[points["metric"].isin(selected)],
                 checkpoint_table(path), gr.Dropdown(choices=[(label, str(p)) for label, p in loras], **last_lora),
                 samples[-1][0] if samples else None, samples)
 
+    # The plot takes its colours and legend from the data when one of its settings changes, not when
+    # new data arrives: after a new run or selection has landed, setting colors_in_legend redraws it.
+    # The live refresh sends the data alone (a setting every 3 s would redraw the plot every 3 s).
+    def redraw(chosen: list[str] | None):
+        return gr.LinePlot(colors_in_legend=chosen or [])
+
     outputs = [metrics, plot, table, checkpoint, newest, grids]
-    run.change(lambda folder: show(folder, None, True), run, outputs)
-    metrics.input(lambda folder, chosen: show(folder, chosen, False), [run, metrics], outputs)
-    timer.tick(lambda folder, chosen, on: show(folder, chosen, False, legend=False) if on and folder
-               else [gr.skip()] * len(outputs),
+    run.change(lambda folder: show(folder, None, True), run, outputs).then(redraw, metrics, plot)
+    metrics.input(lambda folder, chosen: show(folder, chosen, False), [run, metrics], outputs).then(redraw, metrics, plot)
+    timer.tick(lambda folder, chosen, on: show(folder, chosen, False) if on and folder else [gr.skip()] * len(outputs),
                [run, metrics, live], outputs)
     refresh.click(lambda: gr.Dropdown(choices=list_runs(runs_root)), None, run)
 
